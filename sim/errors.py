@@ -1,0 +1,22 @@
+"""User-facing error types. Each message is one line that names the file, row and field, or the parameter.
+
+The CLI prints ``tiersim: error: <message>`` for these and exits with status 2, without a traceback
+(set ``TIERSIM_DEBUG=1`` to see one). Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class TiersimError(Exception):
+    """Base class for errors caused by user input (configs, traces, tables, policy names)."""
+
+
+class ConfigError(TiersimError, ValueError):
+    """An invalid configuration key or value, or an impossible configuration."""
+
+
+class PolicyError(ConfigError):
+    """An unknown policy name, a duplicate registration, or bad policy parameters."""
+
+
+class CostTableError(TiersimError, ValueError):
+    """A missing or malformed calibration table, or a lookup the table cannot serve."""
