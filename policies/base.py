@@ -1,0 +1,275 @@
+"""One Protocol per policy kind, the plans policies return, and the read-only views they see.
+
+Policies are pure deciders: each call is a function of a read-only view and ``now`` and returns a plan.
+A policy never yields, never reads a wall clock, never mutates a pool or a request; the replica applies
+the plan. Views expose live simulator objects for speed — treat everything reachable from a view as
+read-only (the property tests run every policy against views that check this).
+
+Kinds and what each decides:
+
+=============  ==================================================================================
+scheduling     which requests run this step and how many tokens each; preemptions; swap-ins
+eviction       which cached HBM blocks to evict; which swapped requests' DRAM copies to drop
+speculation    how many draft tokens each decode proposes (draft/verify/rollback is applied by sim)
+execution      how a step's kernels are launched: host launches, CUDA graphs, persistent kernels;
+               SMs it reserves
+routing        which replica an arriving request joins
+sparsity       how many KV tokens each decode query reads, and the selection cost of choosing them
+residency      where blocks go when they leave HBM (drop, DRAM, NVMe) and what to prefetch back
+=============  ==================================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+class RequestState(IntEnum):
+    WAITING = 0        # queued for (re)admission; holds no HBM blocks
+    RUNNING = 1        # admitted: prefilling or decoding; holds HBM blocks
+    SWAPPING_OUT = 2   # preempted; its KV is on the way to DRAM (HBM blocks locked)
+    SWAPPED = 3        # preempted; its KV lives in DRAM
+    SWAPPING_IN = 4    # its KV is on the way back to HBM (HBM blocks allocated and locked)
+    FINISHED = 5
+    REJECTED = 6
+
+
+@runtime_checkable
+class RequestLike(Protocol):
+    """The fields of a request a policy may read (see ``sim.request.Request``)."""
+
+    idx: int
+    req_id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    num_computed: int        # tokens whose KV is in cache
+    num_generated: int       # output tokens produced so far
+    num_prefix_hit: int      # prompt tokens served from the prefix cache at the last admission
+    num_preemptions: int
+    state: int
+    priority: int
+
+
+# ---------------------------------------------------------------------------------------- plans
+@dataclass(slots=True)
+class StepPlan:
+    """What one engine step runs.
+
+    ``prefill``: (request, new tokens) chunks, for requests with more than one token lacking KV (new,
+    partially prefilled, or recomputing after preemption). ``decode``: requests that process their last
+    sampled token. ``preempt``: running requests to stop before this step (the replica recomputes or
+    swaps them out per ``replica.preemption_mode``). ``swap_in``: swapped requests to bring back; they
+    rejoin ``running`` when their transfer completes.
+    """
+
+    prefill: list = field(default_factory=list)
+    decode: list = field(default_factory=list)
+    preempt: list = field(default_factory=list)
+    swap_in: list = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.prefill or self.decode or self.preempt or self.swap_in)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.prefill) + len(self.decode)
+
+
+# ---------------------------------------------------------------------------------------- views
+class SchedulerView(Protocol):
+    """What a scheduler sees of one replica (live, read-only)."""
+
+    waiting: Sequence[RequestLike]   # FCFS order; recompute-preempted requests at the front
+    running: Sequence[RequestLike]   # admission order (the last is the first preemption victim)
+    swapped: Sequence[RequestLike]   # swap-out order
+    num_swapping_in: int
+    block_size: int
+    num_blocks: int                  # HBM KV blocks in total
+    max_model_len: int
+
+    @property
+    def num_free_blocks(self) -> int:
+        """HBM blocks an allocation can get now: free plus evictable cached blocks."""
+
+    def blocks_needed(self, req: RequestLike, new_tokens: int) -> int:
+        """New HBM blocks ``req`` needs to compute ``new_tokens`` more tokens (prefix hits counted for
+        a request not yet admitted)."""
+
+    def prefix_hit_tokens(self, req: RequestLike) -> int:
+        """Prompt tokens a waiting request would find in the HBM prefix cache if admitted now."""
+
+    def tokens_to_compute(self, req: RequestLike) -> int:
+        """Tokens ``req`` still has to process before it samples its next token (after prefix hits
+        for a request not yet admitted)."""
+
+    def swap_in_blocks(self, req: RequestLike) -> int:
+        """HBM blocks a swapped request needs to come back."""
+
+    def blocks_freed_by_release(self, req: RequestLike) -> int:
+        """HBM blocks that preempting ``req`` would make available (its unshared blocks)."""
+
+    def block_slack_tokens(self, req: RequestLike) -> int:
+        """Token slots left unused in the request's last allocated block."""
+
+
+class CacheView(Protocol):
+    """Evictable (cached, unreferenced) blocks of one tier, for eviction policies."""
+
+    tier: str
+    num_cached: int
+
+    def lru_order(self, limit: int) -> list[int]:
+        """Up to ``limit`` evictable block ids, least recently used first."""
+
+    def last_access_s(self, block: int) -> float: ...
+
+    def hits(self, block: int) -> int: ...
+
+
+class SwapView(Protocol):
+    """Swapped requests holding DRAM blocks, for eviction policies."""
+
+    swapped: Sequence[RequestLike]   # swap-out order (oldest first)
+
+    def dram_blocks(self, req: RequestLike) -> int: ...
+
+
+class ReplicaView(Protocol):
+    """What a router sees of a replica."""
+
+    replica_id: int
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_blocks: int
+
+
+# ---------------------------------------------------------------------------------------- kinds
+class SchedulingPolicy(Protocol):
+    name: ClassVar[str]
+
+    def schedule(self, view: SchedulerView, now: float) -> StepPlan: ...
+
+    def steady_decode(self, view: SchedulerView) -> bool:
+        """True if, while no request arrives or finishes, no transfer completes and free HBM blocks
+        only shrink, every following step's plan would be exactly "decode all running requests".
+        The replica then advances those steps together (exactly; see ``sim.replica``). Returning False
+        is always correct, only slower."""
+
+
+class EvictionPolicy(Protocol):
+    name: ClassVar[str]
+
+    def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> Sequence[int]:
+        """Choose ``num_blocks`` cached blocks to evict (fewer only if fewer exist)."""
+
+    def drop_swapped(self, view: SwapView, num_blocks: int, now: float) -> Sequence[RequestLike]:
+        """Choose swapped requests whose DRAM copies to drop (they will recompute) to free at least
+        ``num_blocks`` DRAM blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class DraftPlan:
+    """Speculation for one step: draft tokens per decode request (same order as the plan's decodes),
+    the drafter (``"none"``, ``"ngram"``, or a model preset name whose step is priced like the target's),
+    and the tree width for tree speculation (1 = a chain)."""
+
+    draft_tokens: tuple[int, ...] = ()
+    drafter: str = "none"
+    tree_width: int = 1
+
+
+class SpeculationPolicy(Protocol):
+    name: ClassVar[str]
+
+    def propose(self, decodes: Sequence[RequestLike], now: float) -> DraftPlan: ...
+
+    def accepted(self, rng: np.random.Generator, req: RequestLike, num_draft: int) -> int:
+        """Draft tokens the verifier accepts (0..num_draft); the step emits accepted + 1 tokens and
+        the replica rolls back the KV slots of the rejected ones. Randomness comes from ``rng``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchCosts:
+    """Host/launch constants that execution policies combine with kernel times (seconds).
+
+    ``dispatch_s``: host time to launch one kernel from the serving framework (eager);
+    ``graph_launch_s``: launching one CUDA graph; ``graph_kernel_s``: extra time per kernel node inside
+    a graph; ``sync_s``: a host↔device synchronisation round trip; ``doorbell_s`` and
+    ``persistent_item_s``: persistent-kernel host→device doorbell latency and per-work-item dispatch.
+    """
+
+    dispatch_s: float
+    graph_launch_s: float
+    graph_kernel_s: float
+    sync_s: float
+    doorbell_s: float = 5e-6
+    persistent_item_s: float = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSequence:
+    """The kernels of one step in launch order.
+
+    ``gpu_s[j]``: GPU time of kernel j from the fixed ops; kernels of variable ops (attention, whose
+    time changes from step to step in a decode run) add ``var_s[:, var_index[j]] * var_share[j]``
+    (``var_index`` is -1 for fixed kernels).
+    """
+
+    gpu_s: np.ndarray
+    var_index: np.ndarray
+    var_share: np.ndarray
+
+    @property
+    def num_kernels(self) -> int:
+        return int(self.gpu_s.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    duration_s: np.ndarray    # (K,) wall time of each step, launch and sync included
+    launches: int             # host launches per step (kernels, or graphs)
+    syncs: int                # host↔device syncs per step
+
+
+class ExecutionPolicy(Protocol):
+    name: ClassVar[str]
+
+    def reserved_sms(self, sm_count: int) -> int:
+        """SMs held back from the model's kernels (e.g. a persistent scheduler's own SMs)."""
+
+    def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
+        """Durations of K steps that share ``seq``, with ``var_s`` (K, num_variable_ops)."""
+
+
+class RoutingPolicy(Protocol):
+    name: ClassVar[str]
+    needs_state: ClassVar[bool]      # True: replicas are brought up to ``now`` before route() runs
+
+    def route(self, request: RequestLike, replicas: Sequence[ReplicaView], now: float) -> int: ...
+
+
+class SparsityPolicy(Protocol):
+    name: ClassVar[str]
+
+    def attended_tokens(self, context: np.ndarray) -> np.ndarray:
+        """KV tokens each decode query reads, given each sequence's context length (vectorised)."""
+
+    def selection_tokens(self, context: np.ndarray) -> np.ndarray:
+        """Per-sequence scored units (e.g. blocks) the selection step ranks; 0 when there is none."""
+
+
+class ResidencyPolicy(Protocol):
+    """Tiered KV residency (later issues): where HBM-evicted blocks go, and what to prefetch."""
+
+    name: ClassVar[str]
+
+    def demote_to(self, view: CacheView, blocks: Sequence[int], now: float) -> str:
+        """'drop', 'dram' or 'nvme' for blocks leaving HBM."""
+
+    def prefetch(self, view: SchedulerView, now: float) -> Sequence[RequestLike]:
+        """Waiting requests whose lower-tier KV to start bringing into HBM now."""

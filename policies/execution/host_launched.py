@@ -1,0 +1,67 @@
+"""``host-launched``: the host launches every kernel of the step, then synchronises once.
+
+The host spends ``cpu_overhead_s`` on scheduling and input preparation, then issues kernel j at
+``cpu_overhead_s + (j+1)·dispatch_s``; the GPU starts a kernel when it is issued and the previous one
+has finished. So a step is launch-bound where kernels are shorter than their dispatch and GPU-bound
+where they are longer, with queued work draining through short kernels. The step ends when both the
+host has issued everything and the GPU has finished, plus one synchronisation round trip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from policies.base import KernelSequence, LaunchCosts, StepTiming
+from policies.registry import register
+
+
+@numba.njit(cache=True, nogil=True)
+def _pipeline(gpu_s, var_index, var_share, var_s, cpu0, dispatch, sync):
+    k_steps = var_s.shape[0]
+    n = gpu_s.shape[0]
+    out = np.empty(k_steps)
+    for k in range(k_steps):
+        t_gpu = 0.0
+        issue = cpu0
+        for j in range(n):
+            issue += dispatch
+            g = gpu_s[j]
+            v = var_index[j]
+            if v >= 0:
+                g += var_s[k, v] * var_share[j]
+            start = issue if issue > t_gpu else t_gpu
+            t_gpu = start + g
+        end = t_gpu if t_gpu > issue else issue
+        out[k] = end + sync
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostLaunchedParams:
+    cpu_overhead_s: float = 0.0   # engine host work per step before the first launch
+    dispatch_s: float = -1.0      # per-kernel host launch cost; < 0: the cost table's measured value
+
+    def __post_init__(self) -> None:
+        if self.cpu_overhead_s < 0:
+            raise ValueError(f"cpu_overhead_s must be >= 0 (got {self.cpu_overhead_s})")
+
+
+@register("execution", "host-launched")
+class HostLaunched:
+    """Eager execution: one host launch per kernel, one sync per step (launch/GPU overlap modelled)."""
+
+    Params = HostLaunchedParams
+
+    def __init__(self, params: HostLaunchedParams | None = None) -> None:
+        self.p = params or HostLaunchedParams()
+
+    def reserved_sms(self, sm_count: int) -> int:
+        return 0
+
+    def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
+        dispatch = self.p.dispatch_s if self.p.dispatch_s >= 0 else launch.dispatch_s
+        d = _pipeline(seq.gpu_s, seq.var_index, seq.var_share, np.ascontiguousarray(var_s, dtype=np.float64),
+                      self.p.cpu_overhead_s, dispatch, launch.sync_s)
+        return StepTiming(duration_s=d, launches=seq.num_kernels, syncs=1)

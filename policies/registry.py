@@ -1,0 +1,133 @@
+"""Policy registry: short names → classes, one namespace per policy kind, filled by decorators.
+
+    @register("scheduling", "fcfs")
+    class FCFS: ...
+
+A duplicate name is an error; an unknown name gets an error that lists the known ones. User policies
+register the same way from their own module (``import mymodule`` before building the simulation, or
+``tiersim run --plugin mymodule``) or through the ``tiersim.policies`` entry-point group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from importlib import metadata
+from typing import Any, Mapping
+
+from sim.errors import PolicyError
+
+KINDS = ("scheduling", "eviction", "speculation", "execution", "routing", "sparsity")
+_REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
+_BUILTINS_LOADED = False
+_ENTRY_POINTS_LOADED = False
+
+_BUILTIN_MODULES = (
+    "policies.scheduling.fcfs", "policies.scheduling.chunked_prefill",
+    "policies.eviction.lru",
+    "policies.speculation.none",
+    "policies.execution.host_launched", "policies.execution.cuda_graph",
+    "policies.routing.round_robin",
+    "policies.sparsity.dense",
+)
+
+
+def register(kind: str, name: str):
+    """Class decorator: make a policy available under ``name`` for ``kind``."""
+    if kind not in _REGISTRY:
+        raise PolicyError(f"unknown policy kind {kind!r} (known: {', '.join(KINDS)})")
+
+    def deco(cls: type) -> type:
+        existing = _REGISTRY[kind].get(name)
+        if existing is not None and existing is not cls:
+            raise PolicyError(f"{kind} policy {name!r} is already registered by "
+                              f"{existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        cls.kind = kind
+        _REGISTRY[kind][name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED, _ENTRY_POINTS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        for mod in _BUILTIN_MODULES:
+            importlib.import_module(mod)
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        for ep in metadata.entry_points(group="tiersim.policies"):
+            ep.load()
+
+
+def load_plugin(module: str) -> None:
+    """Import a user module whose decorators register policies."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise PolicyError(f"--plugin {module}: cannot import ({exc})") from None
+
+
+def known(kind: str) -> list[str]:
+    _load_builtins()
+    if kind not in _REGISTRY:
+        raise PolicyError(f"unknown policy kind {kind!r} (known: {', '.join(KINDS)})")
+    return sorted(_REGISTRY[kind])
+
+
+def lookup(kind: str, name: str) -> type:
+    _load_builtins()
+    table = _REGISTRY.get(kind)
+    if table is None:
+        raise PolicyError(f"unknown policy kind {kind!r} (known: {', '.join(KINDS)})")
+    try:
+        return table[name]
+    except KeyError:
+        raise PolicyError(f"policies.{kind}.name: unknown {kind} policy {name!r} "
+                          f"(known: {', '.join(sorted(table))})") from None
+
+
+def build(kind: str, name: str, params: Mapping[str, Any] | None = None):
+    """Instantiate policy ``name`` of ``kind`` with its parameters from the config section.
+
+    A policy declares its parameters as a frozen dataclass ``Params`` nested in its class; unknown keys
+    and bad values are errors that name the key.
+    """
+    cls = lookup(kind, name)
+    params = dict(params or {})
+    param_cls = getattr(cls, "Params", None)
+    if param_cls is None:
+        if params:
+            raise PolicyError(f"policies.{kind}: {kind} policy {name!r} takes no parameters "
+                              f"(got {', '.join(sorted(params))})")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(param_cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise PolicyError(f"policies.{kind}.{unknown[0]}: unknown parameter of {kind} policy {name!r} "
+                          f"(known: {', '.join(sorted(fields)) or 'none'})")
+    for key, value in params.items():
+        ftype = str(fields[key].type).replace("Optional[", "").rstrip("]")
+        ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}.get(ftype.split(" ")[0])
+        if ok is not None and not ok(value):
+            raise PolicyError(f"policies.{kind}.{key}: expected {ftype}, got {value!r}")
+    try:
+        p = param_cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"policies.{kind} ({name}): {exc}") from None
+    return cls(p)
+
+
+def all_policies() -> dict[str, list[str]]:
+    _load_builtins()
+    return {kind: sorted(table) for kind, table in _REGISTRY.items()}
+
+
+def describe(kind: str, name: str) -> str:
+    cls = lookup(kind, name)
+    doc = (cls.__doc__ or "").strip().split("\n")[0]
+    return doc

@@ -1,0 +1,116 @@
+"""``chunked-prefill``: Sarathi-Serve-style stall-free batching (Agrawal et al., OSDI 2024).
+
+Every step has a token budget. Running decodes go first (one token each); then partially prefilled
+requests continue with chunks; then swapped requests come back; then waiting requests are admitted
+with a first chunk of whatever budget is left. Prefills never stall decodes, and long prompts are cut
+into chunks. Preemption on block shortage takes the most recently admitted request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.base import SchedulerView, StepPlan
+from policies.registry import register
+from policies.scheduling.fcfs import plan_decodes, plan_swap_ins
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkedPrefillParams:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048   # the per-step token budget (Sarathi-Serve's chunk size)
+    watermark: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens})")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1) (got {self.watermark})")
+
+
+@register("scheduling", "chunked-prefill")
+class ChunkedPrefill:
+    """Token-budgeted steps: decodes first, then prefill chunks fill the rest (Sarathi-Serve)."""
+
+    Params = ChunkedPrefillParams
+
+    def __init__(self, params: ChunkedPrefillParams | None = None) -> None:
+        self.p = params or ChunkedPrefillParams()
+
+    def max_prompt_tokens(self, max_model_len: int) -> int:
+        return max_model_len
+
+    def schedule(self, view: SchedulerView, now: float) -> StepPlan:
+        plan = StepPlan()
+        budget = self.p.max_num_batched_tokens
+        free = view.num_free_blocks
+        watermark = int(self.p.watermark * view.num_blocks)
+        decoding = [r for r in view.running if view.tokens_to_compute(r) == 1]
+        prefilling = [r for r in view.running if view.tokens_to_compute(r) > 1]
+        free = plan_decodes(view, decoding + prefilling, free, plan, min(budget, len(decoding)))
+        # plan_decodes stops before the prefilling requests (its budget is the decode count); the ones
+        # it preempted from the tail may include them.
+        preempted = set(map(id, plan.preempt))
+        budget -= len(plan.decode)
+        for req in prefilling:
+            if budget <= 0:
+                break
+            if id(req) in preempted:
+                continue
+            n = min(view.tokens_to_compute(req), budget)
+            need = view.blocks_needed(req, n)
+            if need > free:
+                # shrink the chunk to what the free blocks hold
+                room = free * view.block_size + view.block_slack_tokens(req)
+                n = min(n, room)
+                if n <= 0:
+                    continue
+                need = view.blocks_needed(req, n)
+            plan.prefill.append((req, n))
+            free -= need
+            budget -= n
+        seats = self.p.max_num_seqs - len(view.running) - view.num_swapping_in + len(plan.preempt)
+        if plan.preempt:
+            return plan
+        if view.swapped:
+            before = len(plan.swap_in)
+            free = plan_swap_ins(view, free, watermark, seats, plan)
+            seats -= len(plan.swap_in) - before
+            return plan
+        for req in view.waiting:
+            if seats <= 0 or budget <= 0:
+                break
+            n = min(view.tokens_to_compute(req), budget)
+            need = view.blocks_needed(req, n)
+            if free - need < watermark:
+                break
+            plan.prefill.append((req, n))
+            free -= need
+            budget -= n
+            seats -= 1
+        return plan
+
+    def steady_decode(self, view: SchedulerView) -> bool:
+        running = view.running
+        if not running or len(running) > self.p.max_num_batched_tokens:
+            return False
+        for r in running:
+            if view.tokens_to_compute(r) != 1:
+                return False
+        free = view.num_free_blocks
+        watermark = int(self.p.watermark * view.num_blocks)
+        seats = self.p.max_num_seqs - len(running) - view.num_swapping_in
+        if seats <= 0:
+            return True
+        if view.swapped:
+            return view.swap_in_blocks(view.swapped[0]) > free - watermark
+        if not view.waiting:
+            return True
+        left = self.p.max_num_batched_tokens - len(running)
+        if left <= 0:
+            return True
+        head = view.waiting[0]
+        n = min(view.tokens_to_compute(head), left)
+        return view.blocks_needed(head, n) > free - watermark
+

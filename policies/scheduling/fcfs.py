@@ -1,0 +1,141 @@
+"""``fcfs``: vLLM-style continuous batching (vLLM v0's default scheduler without chunked prefill).
+
+Each step is either a prefill step or a decode step. Waiting requests are admitted in arrival order
+while the step's token budget, the sequence limit and free HBM blocks (above a small watermark) allow;
+a whole prompt runs in one step, and a step that admits anything runs only prefills (prefill first).
+Otherwise every running request decodes one token; when a decode needs a block and none is free, the
+most recently admitted request is preempted (recompute or swap, per ``replica.preemption_mode``).
+Swapped requests come back before new ones are admitted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.base import SchedulerView, StepPlan
+from policies.registry import register
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FCFSParams:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 0   # 0: the model context window (a whole prompt fits one step)
+    watermark: float = 0.01           # fraction of HBM blocks kept free at admission
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
+        if self.max_num_batched_tokens < 0:
+            raise ValueError(f"max_num_batched_tokens must be >= 0 (got {self.max_num_batched_tokens})")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1) (got {self.watermark})")
+
+
+def plan_decodes(view: SchedulerView, candidates: list, free: int, plan: StepPlan, budget: int) -> int:
+    """Give each candidate (in order) one decode token, preempting from the tail of ``candidates``
+    when blocks run out; returns the free blocks left. Shared by the schedulers in this package."""
+    pending = list(candidates)
+    i = 0
+    while i < len(pending):
+        req = pending[i]
+        if budget <= 0:
+            break
+        need = view.blocks_needed(req, 1)
+        while need > free and len(pending) - 1 > i:
+            victim = pending.pop()
+            plan.preempt.append(victim)
+            free += view.blocks_freed_by_release(victim)
+        if need > free:
+            plan.preempt.append(req)
+            free += view.blocks_freed_by_release(req)
+            pending.pop(i)
+            continue
+        free -= need
+        budget -= 1
+        plan.decode.append(req)
+        i += 1
+    return free
+
+
+def plan_swap_ins(view: SchedulerView, free: int, watermark: int, seats: int, plan: StepPlan) -> int:
+    for req in view.swapped:
+        if seats <= 0:
+            break
+        need = view.swap_in_blocks(req)
+        if free - need < watermark:
+            break
+        plan.swap_in.append(req)
+        free -= need
+        seats -= 1
+    return free
+
+
+@register("scheduling", "fcfs")
+class FCFS:
+    """Continuous batching, prefill-first, FCFS admission (vLLM default without chunked prefill)."""
+
+    Params = FCFSParams
+
+    def __init__(self, params: FCFSParams | None = None) -> None:
+        self.p = params or FCFSParams()
+
+    def token_budget(self, view: SchedulerView) -> int:
+        return self.p.max_num_batched_tokens or view.max_model_len
+
+    def max_prompt_tokens(self, max_model_len: int) -> int:
+        """Longest prompt this scheduler can ever run (a whole prompt must fit one step)."""
+        return self.p.max_num_batched_tokens or max_model_len
+
+    def schedule(self, view: SchedulerView, now: float) -> StepPlan:
+        plan = StepPlan()
+        free = view.num_free_blocks
+        watermark = int(self.p.watermark * view.num_blocks)
+        seats = self.p.max_num_seqs - len(view.running) - view.num_swapping_in
+        if not view.swapped:
+            budget = self.token_budget(view)
+            # a running request may still lack part of its prompt (its prefix hits shrank at admission)
+            for req in view.running:
+                n = view.tokens_to_compute(req)
+                if n > 1 and n <= budget and view.blocks_needed(req, n) <= free:
+                    plan.prefill.append((req, n))
+                    free -= view.blocks_needed(req, n)
+                    budget -= n
+            for req in view.waiting:
+                if seats <= 0:
+                    break
+                n = view.tokens_to_compute(req)
+                if n > budget:
+                    break
+                need = view.blocks_needed(req, n)
+                if free - need < watermark:
+                    break
+                plan.prefill.append((req, n))
+                free -= need
+                budget -= n
+                seats -= 1
+            if plan.prefill:
+                return plan
+        decoding = [r for r in view.running if view.tokens_to_compute(r) == 1]
+        free = plan_decodes(view, decoding, free, plan, len(decoding))
+        if not plan.preempt and view.swapped:
+            plan_swap_ins(view, free, watermark, seats, plan)
+        return plan
+
+    def steady_decode(self, view: SchedulerView) -> bool:
+        running = view.running
+        if not running:
+            return False
+        for r in running:
+            if view.tokens_to_compute(r) != 1:
+                return False
+        free = view.num_free_blocks
+        watermark = int(self.p.watermark * view.num_blocks)
+        seats = self.p.max_num_seqs - len(running) - view.num_swapping_in
+        if view.swapped:
+            if seats <= 0:
+                return True
+            return view.swap_in_blocks(view.swapped[0]) > free - watermark
+        if not view.waiting or seats <= 0:
+            return True
+        head = view.waiting[0]
+        n = view.tokens_to_compute(head)
+        return n > self.token_budget(view) or view.blocks_needed(head, n) > free - watermark

@@ -1,0 +1,356 @@
+"""The ``tiersim`` command.
+
+    tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
+    tiersim trace describe FILE [--format F] [--json]
+    tiersim list [policies|gpus|models|servers|traces|tables]
+    tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
+    tiersim calibrate --out DIR [--quick] [--parts ...]
+    tiersim validate [--measurements FILE] [--out DIR]
+
+User errors print one line, ``tiersim: error: ...``, and exit with status 2 (``TIERSIM_DEBUG=1``
+shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from sim.errors import TiersimError
+
+
+def _fmt_s(x, scale=1.0, digits=3) -> str:
+    return "-" if x is None else f"{x * scale:,.{digits}f}"
+
+
+def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> str:
+    cfg = summary["config"]
+    tr = summary.get("trace", {})
+    pol = cfg["policies"]
+    lines = []
+    ct = summary.get("cost_table", {})
+    table = ct.get("table") or ct.get("backend", "?")
+    lines.append(f"tiersim run: {tr.get('name', '?')} ({summary['requests']['total']:,} requests) | "
+                 f"{cfg['model']['name']} on {cfg['hardware']['gpu']} x{cfg['cluster']['num_replicas']}"
+                 f"{' TP' + str(cfg['replica']['tensor_parallel_size']) if cfg['replica']['tensor_parallel_size'] > 1 else ''}"
+                 f" | {pol['scheduling']['name']}, {pol['execution']['name']} | costs: {table}")
+    lines.append(f"{'':16}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
+    for label, key, scale in (("TTFT (s)", "ttft_s", 1.0), ("ITL (ms)", "itl_s", 1e3), ("TPOT (ms)", "tpot_s", 1e3),
+                              ("E2E (s)", "e2e_s", 1.0), ("queueing (s)", "queueing_s", 1.0)):
+        d = summary[key]
+        lines.append(f"{label:16}" + "".join(f"{_fmt_s(d[q], scale):>10}" for q in ("mean", "p50", "p90", "p99", "max")))
+    th, gp = summary["throughput"], summary["goodput"]
+    lines.append(f"throughput: {th['requests_per_s']:.2f} req/s, {th['output_tokens_per_s']:,.0f} output tok/s, "
+                 f"{th['total_tokens_per_s']:,.0f} total tok/s | goodput (TTFT <= {gp['slo_ttft_s']:g} s, "
+                 f"TPOT <= {gp['slo_tpot_s'] * 1e3:g} ms): {gp['requests_per_s']:.2f} req/s "
+                 f"({100 * gp['fraction']:.1f} % of requests)")
+    rq, en, kv, ln = summary["requests"], summary["engine"], summary["kv"], summary["links"]
+    rej = f"{rq['rejected']:,} rejected" + (f" ({', '.join(f'{v} {k}' for k, v in rq['rejected_by_reason'].items())})"
+                                          if rq["rejected"] else "")
+    lines.append(f"requests: {rq['finished']:,} finished, {rej} | preemptions {en['preemptions']:,}"
+                 f" (swaps out {en['swaps_out']:,}) | steps {en['steps']:,}"
+                 f" | launches {en['launches']:,}, syncs {en['syncs']:,}")
+    if "hbm_peak_active_bytes" in kv:
+        hit = kv.get("hbm_prefix_hit_rate")
+        lines.append(f"KV: HBM peak {kv['hbm_peak_active_bytes'] / 1e9:.1f} of {kv['hbm_kv_bytes_per_gpu'] / 1e9:.1f} GB"
+                     f" per GPU, cached peak {kv['hbm_peak_cached_bytes'] / 1e9:.1f} GB, DRAM peak "
+                     f"{kv['dram_peak_used_bytes'] / 1e9:.1f} GB | prefix hit rate "
+                     f"{'-' if hit is None else f'{100 * hit:.1f} %'} | PCIe H2D {ln['pcie_h2d_bytes'] / 1e9:.2f} GB,"
+                     f" D2H {ln['pcie_d2h_bytes'] / 1e9:.2f} GB")
+    ext = summary.get("costs", {}).get("extrapolated_lookups") or {}
+    if ext:
+        lines.append("cost table extrapolated beyond its grid for: " +
+                     ", ".join(f"{k} ({v:,} lookups)" for k, v in ext.items()))
+    tail = []
+    if out_dir:
+        tail.append(f"results: {out_dir}/ (summary.json, requests.parquet, steps.parquet)")
+    if wall_s is not None:
+        tail.append(f"wall {wall_s:.2f} s")
+    if tail:
+        lines.append(" | ".join(tail))
+    return "\n".join(lines)
+
+
+class _ProgressPrinter:
+    """A one-line progress bar on stderr (a line every 10 s when stderr is not a terminal)."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, p) -> None:
+        if p.wall_s < 1.0 and p.finished < p.total:
+            return
+        if not self.tty and p.wall_s - self.last < 10.0 and p.finished < p.total:
+            return
+        self.last = p.wall_s
+        frac = p.finished / p.total if p.total else 1.0
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        msg = (f"[{bar}] {100 * frac:5.1f}% {p.finished:,}/{p.total:,} done | simulated "
+               f"{p.sim_time_s:,.0f} s of a {p.trace_span_s:,.0f} s trace | wall {p.wall_s:.1f} s")
+        if self.tty:
+            self.stream.write("\r" + msg)
+            if p.finished >= p.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+        self.shown = True
+
+
+# ====================================================================== commands
+def cmd_run(args) -> int:
+    from policies import registry
+    from sim.config import SimConfig, load_config, with_overrides
+    from sim.engine import Simulation
+
+    for mod in args.plugin or []:
+        registry.load_plugin(mod)
+    config = load_config(args.config) if args.config else SimConfig()
+    overrides = list(args.set or [])
+    if args.trace:
+        overrides += [f"trace.path={json.dumps(args.trace)}"]
+    if args.format:
+        overrides += [f"trace.format={json.dumps(args.format)}"]
+    if args.seed is not None:
+        overrides += [f"seed={args.seed}"]
+    if args.out:
+        overrides += [f"output.dir={json.dumps(args.out)}"]
+    if overrides:
+        config = with_overrides(config, overrides)
+    t0 = time.perf_counter()
+    progress = None if args.quiet or args.no_progress else _ProgressPrinter()
+    sim = Simulation(config, progress=progress)
+    results = sim.run()
+    out = Path(config.output.dir)
+    results.write(out)
+    (out / "config.toml").write_text(config.to_toml())
+    wall = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(results.summary, indent=2, sort_keys=True))
+    elif not args.quiet:
+        print(format_summary(results.summary, str(out), wall))
+    return 0
+
+
+def cmd_trace(args) -> int:
+    import traces
+
+    if args.trace_cmd != "describe":
+        raise TiersimError("usage: tiersim trace describe FILE")
+    trace = traces.load_trace(args.file, format=args.format)
+    d = traces.describe(trace)
+    if args.json:
+        print(json.dumps(d, indent=2, default=float))
+    else:
+        print(traces.format_description(d))
+        dropped = trace.meta.get("dropped_failed")
+        if dropped:
+            print(f"(dropped {dropped:,} failed requests with zero response tokens)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from policies import registry
+    from sim.costs.table import shipped_tables
+    from sim.specs import available_presets
+
+    what = args.what
+    if what in (None, "policies"):
+        print("policies:")
+        for kind, names in registry.all_policies().items():
+            for name in names:
+                print(f"  {kind:12} {name:18} {registry.describe(kind, name)}")
+    if what in (None, "gpus"):
+        print("gpus:    " + ", ".join(available_presets("gpus")))
+    if what in (None, "models"):
+        print("models:  " + ", ".join(available_presets("models")))
+    if what in (None, "servers"):
+        print("servers: " + ", ".join(available_presets("servers")))
+    if what in (None, "traces"):
+        import traces
+
+        print("traces (bundled):")
+        for name, b in traces.BUNDLED.items():
+            print(f"  {name:24} {getattr(b, 'description', '')}")
+    if what in (None, "tables"):
+        print("cost tables: " + (", ".join(shipped_tables()) or "none shipped"))
+    return 0
+
+
+def cmd_predict_step(args) -> int:
+    import numpy as np
+
+    from policies import registry
+    from sim.costs.model import StepShape, TransformerOps
+    from sim.costs.roofline import RooflineBackend
+    from sim.costs.step import StepCostModel
+    from sim.costs.table import CostTable, TableBackend, resolve_table_dir
+    from sim.specs import load_gpu, load_model
+
+    gpu, model = load_gpu(args.gpu), load_model(args.model)
+    ops = TransformerOps(model, args.tp)
+    roof = RooflineBackend(ops, gpu)
+    if args.backend == "roofline":
+        backend = roof
+    else:
+        table = CostTable(resolve_table_dir(args.table or gpu.name))
+        backend = TableBackend(ops, gpu, table, roof if args.fallback == "roofline" else None)
+    execution = registry.build("execution", args.mode, {})
+    cost = StepCostModel(ops, backend, execution)
+    B = args.batch
+    if B < 1:
+        raise TiersimError(f"--batch must be >= 1 (got {B})")
+    empty = np.empty(0, np.int64)
+    if args.phase == "prefill":
+        if args.tokens < 1:
+            raise TiersimError("--tokens (each request's prompt length) must be >= 1 for --phase prefill")
+        shape = StepShape(prefill_q=np.full(B, args.tokens, np.int64), prefill_c=np.zeros(B, np.int64),
+                          num_decode=0, decode_ctx_sum=0, num_sampled=B)
+    elif args.phase == "decode":
+        if args.context < 0:
+            raise TiersimError("--context must be >= 0")
+        shape = StepShape(prefill_q=empty, prefill_c=empty, num_decode=B,
+                          decode_ctx_sum=B * (args.context + 1), num_sampled=B)
+    else:
+        if args.tokens < 1:
+            raise TiersimError("--tokens (the prefill chunk) must be >= 1 for --phase mixed")
+        shape = StepShape(prefill_q=np.array([args.tokens], np.int64), prefill_c=np.array([args.chunk_context], np.int64),
+                          num_decode=B, decode_ctx_sum=B * (args.context + 1), num_sampled=B + 1)
+    before = dict(backend.extrapolations)
+    duration, rows, overhead, launches, syncs = cost.breakdown(shape)
+    extrapolated = sorted(k for k, v in backend.extrapolations.items() if v != before.get(k, 0))
+    result = {
+        "gpu": gpu.name, "model": model.name, "phase": args.phase, "batch": B, "tokens": args.tokens,
+        "context": args.context, "mode": args.mode, "tensor_parallel_size": args.tp,
+        "step_ms": duration * 1e3, "overhead_ms": overhead * 1e3, "launches": launches, "syncs": syncs,
+        "extrapolated": extrapolated, "cost_table": backend.identity,
+        "ops": [{"name": r.name, "table_op": r.table_op, "count": r.count, "time_ms": r.time_s * 1e3,
+                 "flops": r.flops, "bytes": r.bytes, "kernels": r.kernels, "bound": r.bound} for r in rows],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{model.name} on {gpu.name} | {args.phase}, batch {B}"
+          + (f", {args.tokens} tokens each" if args.phase == "prefill" else "")
+          + (f", context {args.context}" if args.phase != "prefill" else "")
+          + (f" + a {args.tokens}-token prefill chunk" if args.phase == "mixed" else "")
+          + f" | {args.mode} | costs: {backend.identity.get('table', backend.identity.get('backend'))}")
+    print(f"{'op':16}{'count':>6}{'time ms':>10}{'share':>8}{'GFLOP':>10}{'MB':>10}{'kernels':>9}  bound")
+    for r in rows:
+        print(f"{r.name:16}{r.count:>6}{r.time_s * 1e3:>10.4f}{100 * r.time_s / duration:>7.1f}%"
+              f"{r.flops / 1e9:>10.2f}{r.bytes / 1e6:>10.2f}{r.kernels:>9}  {r.bound}")
+    print(f"{'launch/sync/idle':16}{'':>6}{overhead * 1e3:>10.4f}{100 * overhead / duration:>7.1f}%"
+          f"{'':>10}{'':>10}{'':>9}  {launches} launch(es), {syncs} sync(s)")
+    print(f"{'step':16}{'':>6}{duration * 1e3:>10.4f}{100.0:>7.1f}%")
+    if extrapolated:
+        print("note: extrapolated beyond the measured grid for " + ", ".join(extrapolated))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from calibration import cli as calibration_cli
+
+    return calibration_cli.run(args)
+
+
+def cmd_validate(args) -> int:
+    from calibration import validate
+
+    return validate.main(args)
+
+
+# ====================================================================== parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tiersim", description="Trace-driven simulator for LLM-inference "
+                                "scheduling, KV tiering and execution-mode research.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="replay a trace through a configured cluster")
+    r.add_argument("--config", help="TOML config file (defaults reproduce the bundled Azure conv run)")
+    r.add_argument("--trace", help="trace file (overrides the config's trace)")
+    r.add_argument("--format", choices=["azure", "mooncake", "burstgpt", "csv", "parquet"],
+                   help="trace format (detected from the file when omitted)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set policies.scheduling.name=chunked-prefill")
+    r.add_argument("--out", help="output directory (default: tiersim-results)")
+    r.add_argument("--seed", type=int, help="random seed")
+    r.add_argument("--plugin", action="append", metavar="MODULE", help="import a module that registers policies")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--quiet", action="store_true", help="print nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("trace", help="trace tools")
+    tsub = t.add_subparsers(dest="trace_cmd", required=True)
+    d = tsub.add_parser("describe", help="rate, burstiness, lengths and prefix reuse of a trace")
+    d.add_argument("file", help="trace file or bundled trace name (see tiersim list traces)")
+    d.add_argument("--format", choices=["azure", "mooncake", "burstgpt", "csv", "parquet"])
+    d.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_trace)
+
+    li = sub.add_parser("list", help="registered policies, presets, bundled traces, shipped cost tables")
+    li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables"])
+    li.set_defaults(func=cmd_list)
+
+    ps = sub.add_parser("predict-step", help="predicted time of one engine step, with its per-op breakdown")
+    ps.add_argument("--gpu", default="h100-sxm-80gb")
+    ps.add_argument("--model", default="llama-3.1-8b")
+    ps.add_argument("--phase", choices=["prefill", "decode", "mixed"], required=True)
+    ps.add_argument("--batch", type=int, default=1, help="requests in the step (decodes for --phase mixed)")
+    ps.add_argument("--tokens", type=int, default=0, help="prefill: each request's prompt length; "
+                    "mixed: the prefill chunk's length")
+    ps.add_argument("--context", type=int, default=0, help="decode: each request's cached context (the step "
+                    "attends context + 1 keys)")
+    ps.add_argument("--chunk-context", type=int, default=0, help="mixed: tokens already cached before the chunk")
+    ps.add_argument("--mode", default="cuda-graph", help="execution policy (host-launched, cuda-graph, ...)")
+    ps.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ps.add_argument("--backend", choices=["table", "roofline"], default="table")
+    ps.add_argument("--table", help="cost table name or directory (default: the GPU's shipped table)")
+    ps.add_argument("--fallback", choices=["error", "roofline"], default="error")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_predict_step)
+
+    ca = sub.add_parser("calibrate", help="measure this machine's GPU and fit a cost table")
+    try:
+        from calibration import cli as calibration_cli
+
+        calibration_cli.add_arguments(ca)
+    except ImportError as exc:  # pragma: no cover - the package ships with tiersim
+        ca.add_argument("--out", required=True)
+        ca.set_defaults(_calibration_missing=str(exc))
+    ca.set_defaults(func=cmd_calibrate)
+
+    va = sub.add_parser("validate", help="compare predicted step times with measured ones")
+    try:
+        from calibration import validate
+
+        validate.add_arguments(va)
+    except ImportError:
+        pass
+    va.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TiersimError as exc:
+        if os.environ.get("TIERSIM_DEBUG"):
+            raise
+        print(f"tiersim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tiersim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

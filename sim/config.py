@@ -1,0 +1,349 @@
+"""Run configuration: frozen, slotted, keyword-only dataclasses loaded from TOML; validated, no I/O.
+
+A config file mirrors these sections (every key optional; defaults reproduce ``tiersim run``)::
+
+    seed = 0
+    [trace]      bundled = "azure-conv" | path = "..." + format = "azure"; rate_scale, max_requests, ...
+    [model]      name = "llama-3.1-8b"
+    [hardware]   gpu = "h100-sxm-80gb", server = "dgx-h100"
+    [cluster]    num_replicas = 1
+    [replica]    block_size_tokens, gpu_memory_utilization, preemption_mode, tensor_parallel_size, ...
+    [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory
+    [policies.scheduling] name = "fcfs", plus that policy's own keys (and likewise for every kind)
+    [metrics]    SLO thresholds for goodput, step log on/off
+    [output]     dir
+
+Sweeps derive variants with :func:`with_overrides` (dotted keys) or ``dataclasses.replace``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from sim.errors import ConfigError
+
+POLICY_KINDS = ("scheduling", "eviction", "speculation", "execution", "routing", "sparsity")
+DEFAULT_POLICIES = {"scheduling": "fcfs", "eviction": "lru", "speculation": "none",
+                    "execution": "cuda-graph", "routing": "round-robin", "sparsity": "dense"}
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TraceConfig:
+    """Which requests to replay. ``bundled`` names a trace shipped with tiersim; ``path`` overrides it."""
+
+    bundled: str = "azure-conv"
+    path: str = ""
+    format: str = ""
+    rate_scale: float = 1.0          # time compression: 8.0 replays the trace at 8x its rate
+    max_requests: int = 0            # 0 = all
+    start_s: float = 0.0             # time window [start_s, end_s) of the trace; end 0 = to the end
+    end_s: float = 0.0
+    repeat: int = 1                  # concatenate the trace this many times, shifted in time
+    synthetic: str = ""              # e.g. "poisson rate=5 n=1000 prompt=lognormal:1024:0.8 output=fixed:128"
+
+    def __post_init__(self) -> None:
+        _check(self.rate_scale > 0, "trace.rate_scale", f"must be > 0 (got {self.rate_scale})")
+        _check(self.max_requests >= 0, "trace.max_requests", f"must be >= 0 (got {self.max_requests})")
+        _check(self.start_s >= 0, "trace.start_s", f"must be >= 0 (got {self.start_s})")
+        _check(self.end_s >= 0, "trace.end_s", f"must be >= 0 (got {self.end_s})")
+        _check(self.end_s == 0 or self.end_s > self.start_s, "trace.end_s",
+               f"must be > trace.start_s ({self.start_s}) (got {self.end_s})")
+        _check(self.repeat >= 1, "trace.repeat", f"must be >= 1 (got {self.repeat})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    name: str = "llama-3.1-8b"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HardwareConfig:
+    gpu: str = "h100-sxm-80gb"
+    server: str = "dgx-h100"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    num_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_replicas >= 1, "cluster.num_replicas", f"must be >= 1 (got {self.num_replicas})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaConfig:
+    """One serving instance: memory layout and engine limits.
+
+    HBM left for KV = hbm_bytes * gpu_memory_utilization - weights/tp - activation_reserve_bytes.
+    ``dram_kv_bytes``/``nvme_kv_bytes`` size the lower KV tiers (swap space, offload targets).
+    """
+
+    tensor_parallel_size: int = 1
+    block_size_tokens: int = 16
+    gpu_memory_utilization: float = 0.90
+    activation_reserve_bytes: int = 2 * 1024**3
+    max_model_len: int = 0                  # 0 = the model's context window
+    preemption_mode: str = "recompute"      # or "swap" (to DRAM over PCIe)
+    prefix_caching: bool = True             # needs block hashes in the trace to hit
+    dram_kv_bytes: int = 64 * 1024**3
+    nvme_kv_bytes: int = 0
+    bulk_decode: bool = True                # advance predictable decode steps together (exact)
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1, "replica.tensor_parallel_size",
+               f"must be >= 1 (got {self.tensor_parallel_size})")
+        _check(self.block_size_tokens >= 1, "replica.block_size_tokens",
+               f"must be >= 1 (got {self.block_size_tokens})")
+        _check(0 < self.gpu_memory_utilization <= 1, "replica.gpu_memory_utilization",
+               f"must be in (0, 1] (got {self.gpu_memory_utilization})")
+        _check(self.activation_reserve_bytes >= 0, "replica.activation_reserve_bytes",
+               f"must be >= 0 (got {self.activation_reserve_bytes})")
+        _check(self.max_model_len >= 0, "replica.max_model_len", f"must be >= 0 (got {self.max_model_len})")
+        _check(self.preemption_mode in ("recompute", "swap"), "replica.preemption_mode",
+               f"must be 'recompute' or 'swap' (got {self.preemption_mode!r})")
+        _check(self.dram_kv_bytes >= 0, "replica.dram_kv_bytes", f"must be >= 0 (got {self.dram_kv_bytes})")
+        _check(self.nvme_kv_bytes >= 0, "replica.nvme_kv_bytes", f"must be >= 0 (got {self.nvme_kv_bytes})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostsConfig:
+    """Where step costs come from. ``table`` is a shipped table name or a directory made by calibrate."""
+
+    backend: str = "table"                  # "table" | "roofline"
+    table: str = "h100-sxm-80gb"
+    fallback: str = "error"                 # what a table does for an op it lacks: "error" | "roofline"
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("table", "roofline"), "costs.backend",
+               f"must be 'table' or 'roofline' (got {self.backend!r})")
+        _check(self.fallback in ("error", "roofline"), "costs.fallback",
+               f"must be 'error' or 'roofline' (got {self.fallback!r})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    """One policy choice: its registered name and its own parameters (validated by the policy)."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dict(self.params)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoliciesConfig:
+    scheduling: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["scheduling"])
+    eviction: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["eviction"])
+    speculation: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["speculation"])
+    execution: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["execution"])
+    routing: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["routing"])
+    sparsity: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["sparsity"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """SLOs for goodput: a request is good when TTFT <= ttft and its mean inter-token time <= tpot."""
+
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.1
+    step_log: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.slo_ttft_s > 0, "metrics.slo_ttft_s", f"must be > 0 (got {self.slo_ttft_s})")
+        _check(self.slo_tpot_s > 0, "metrics.slo_tpot_s", f"must be > 0 (got {self.slo_tpot_s})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputConfig:
+    dir: str = "tiersim-results"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    seed: int = 0
+    trace: TraceConfig = TraceConfig()
+    model: ModelConfig = ModelConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    replica: ReplicaConfig = ReplicaConfig()
+    costs: CostsConfig = CostsConfig()
+    policies: PoliciesConfig = PoliciesConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    output: OutputConfig = OutputConfig()
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"seed": self.seed}
+        for f in dataclasses.fields(self):
+            if f.name == "seed":
+                continue
+            section = getattr(self, f.name)
+            if f.name == "policies":
+                out["policies"] = {k: getattr(section, k).to_dict() for k in POLICY_KINDS}
+            else:
+                out[f.name] = dataclasses.asdict(section)
+        return out
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of everything that affects results (not the output dir)."""
+        d = self.to_dict()
+        d.pop("output", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def to_toml(self) -> str:
+        return _dump_toml(self.to_dict()) + "\n"
+
+
+SECTIONS = {"trace": TraceConfig, "model": ModelConfig, "hardware": HardwareConfig,
+            "cluster": ClusterConfig, "replica": ReplicaConfig, "costs": CostsConfig,
+            "metrics": MetricsConfig, "output": OutputConfig}
+
+
+def _coerce(cls, key: str, name: str, value: Any) -> Any:
+    """Check one value against the dataclass field's type; ints are accepted for floats."""
+    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(ftype))
+    if expected is None:
+        return value
+    if isinstance(value, bool) and str(ftype) != "bool":
+        raise ConfigError(f"{key}: expected {ftype}, got a boolean ({value!r})")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {ftype}, got {type(value).__name__} ({value!r})")
+    return float(value) if str(ftype) == "float" else value
+
+
+def _section(cls, data: Any, where: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a table of keys, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys of [{where}]: {', '.join(names)})")
+    values = {k: _coerce(cls, f"{where}.{k}", k, v) for k, v in data.items()}
+    return cls(**values)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "config") -> SimConfig:
+    """Build and validate a SimConfig from nested mappings (a parsed TOML file)."""
+    known = {"seed", "policies", *SECTIONS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section or key {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    if "seed" in data:
+        seed = data["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed: expected a non-negative integer (got {seed!r})")
+        kwargs["seed"] = seed
+    for name, cls in SECTIONS.items():
+        if name in data:
+            kwargs[name] = _section(cls, data[name], name)
+    if "policies" in data:
+        pol = data["policies"]
+        if not isinstance(pol, Mapping):
+            raise ConfigError("policies: expected [policies.<kind>] tables")
+        bad = sorted(set(pol) - set(POLICY_KINDS))
+        if bad:
+            raise ConfigError(f"policies.{bad[0]}: unknown policy kind (known: {', '.join(POLICY_KINDS)})")
+        chosen = {}
+        for kind, section in pol.items():
+            if isinstance(section, str):
+                section = {"name": section}
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"policies.{kind}: expected a table with 'name' and parameters")
+            params = dict(section)
+            name = params.pop("name", DEFAULT_POLICIES[kind])
+            if not isinstance(name, str):
+                raise ConfigError(f"policies.{kind}.name: expected a string (got {name!r})")
+            chosen[kind] = PolicyConfig(name=name, params=MappingProxyType(params))
+        kwargs["policies"] = PoliciesConfig(**chosen)
+    return SimConfig(**kwargs)
+
+
+def load_config(path: str | Path) -> SimConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, str(path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], value); the value is read as a TOML literal, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. replica.block_size_tokens=32")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def with_overrides(config: SimConfig, overrides: Mapping[str, Any] | list[str]) -> SimConfig:
+    """A new config with dotted-key overrides applied (``{"replica.block_size_tokens": 32}`` or
+    ``["replica.block_size_tokens=32"]``); validated like a file."""
+    data = config.to_dict()
+    items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else \
+        [(k.split("."), v) for k, v in overrides.items()]
+    for parts, value in items:
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return from_dict(data, "--set")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Scalars of a table under its ``[dotted.header]``, then its sub-tables; round-trips via tomllib."""
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, Mapping)]
+    chunks = []
+    if scalars:
+        head = [f"[{prefix}]"] if prefix else []
+        chunks.append("\n".join(head + [f"{k} = {_toml_value(v)}" for k, v in scalars]))
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            sub = _dump_toml(v, f"{prefix}.{k}" if prefix else k)
+            if sub:
+                chunks.append(sub)
+    return "\n\n".join(chunks)

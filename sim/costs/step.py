@@ -1,0 +1,154 @@
+"""Step cost: per-op GPU times from a backend, laid out as the step's kernel sequence, turned into a
+wall-clock step time by the execution policy (host launches, CUDA graphs, persistent kernels).
+
+Hot path: the kernel sequence of a step depends only on (tokens, sampled rows, has prefill, has
+decode) and is cached; only attention changes from one decode step to the next, so a run of K decode
+steps is priced with one vectorised call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.base import KernelSequence
+from sim.costs.model import StepShape, TransformerOps
+
+VAR_PREFILL, VAR_DECODE = 0, 1
+
+
+@dataclass(frozen=True, slots=True)
+class OpCost:
+    name: str
+    table_op: str
+    key: str
+    count: int          # instances per step (layers for per-layer ops)
+    time_s: float       # all instances together
+    flops: float
+    bytes: float
+    kernels: int        # all instances together
+    bound: str          # "compute" | "memory" | "latency"
+
+
+class StepCostModel:
+    """Prices engine steps of one model on one replica."""
+
+    def __init__(self, ops: TransformerOps, backend, execution) -> None:
+        self.ops = ops
+        self.backend = backend
+        self.execution = execution
+        self.launch = backend.launch
+        self.num_layers = ops.model.num_layers
+        self.kernels = np.asarray(backend.kernels, dtype=np.int64)
+        per_layer = [op.per_layer for op in ops.ops]
+        first = per_layer.index(True)
+        last = len(per_layer) - 1 - per_layer[::-1].index(True)
+        self._head = list(range(0, first))
+        self._layer = list(range(first, last + 1))
+        self._tail = list(range(last + 1, len(ops.ops)))
+        self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
+        self._seq_cache: dict[tuple[int, int, bool, bool], KernelSequence] = {}
+        self.steps_priced = 0
+
+    # ---------------------------------------------------------------- kernel layout
+    def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
+        key = (tokens, sampled, has_prefill, has_decode)
+        seq = self._seq_cache.get(key)
+        if seq is not None:
+            return seq
+        fixed = self.backend.fixed_times(tokens, sampled)
+
+        def layout(indices: list[int]):
+            g, vi, vs = [], [], []
+            for i in indices:
+                k = int(self.kernels[i])
+                v = self._var.get(i)
+                if v is not None:
+                    if (v == VAR_PREFILL and not has_prefill) or (v == VAR_DECODE and not has_decode):
+                        continue
+                    g += [0.0] * k
+                    vi += [v] * k
+                    vs += [1.0 / k] * k
+                elif fixed[i] > 0:
+                    g += [fixed[i] / k] * k
+                    vi += [-1] * k
+                    vs += [0.0] * k
+            return g, vi, vs
+
+        hg, hv, hs = layout(self._head)
+        lg, lv, ls = layout(self._layer)
+        tg, tv, ts = layout(self._tail)
+        L = self.num_layers
+        seq = KernelSequence(
+            gpu_s=np.array(hg + lg * L + tg, dtype=np.float64),
+            var_index=np.array(hv + lv * L + tv, dtype=np.int64),
+            var_share=np.array(hs + ls * L + ts, dtype=np.float64))
+        self._seq_cache[key] = seq
+        return seq
+
+    # ---------------------------------------------------------------- pricing
+    def step(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
+             num_sampled: int, decode_query_tokens: int = 1) -> tuple[float, int, int]:
+        """(duration_s, launches, syncs) of one step."""
+        has_p = prefill_q.size > 0
+        dtok = num_decode * decode_query_tokens
+        tokens = int(prefill_q.sum()) + dtok if has_p else dtok
+        seq = self.sequence(tokens, num_sampled, has_p, num_decode > 0)
+        var = np.zeros((1, 2))
+        if has_p:
+            var[0, VAR_PREFILL] = self.backend.prefill_attention_time(prefill_q, prefill_c)
+        if num_decode:
+            var[0, VAR_DECODE] = self.backend.decode_attention_times(
+                num_decode, np.array([decode_ctx_sum], dtype=np.float64), decode_query_tokens)[0]
+        timing = self.execution.step_times(seq, var, self.launch)
+        self.steps_priced += 1
+        return float(timing.duration_s[0]), timing.launches, timing.syncs
+
+    def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """Durations of consecutive decode-only steps of ``batch`` sequences whose attended context
+        totals are ``ctx_sums`` (one per step); plus launches and syncs per step."""
+        seq = self.sequence(batch, batch, False, True)
+        k = ctx_sums.shape[0]
+        var = np.zeros((k, 2))
+        var[:, VAR_DECODE] = self.backend.decode_attention_times(batch, ctx_sums)
+        timing = self.execution.step_times(seq, var, self.launch)
+        self.steps_priced += k
+        return timing.duration_s, timing.launches, timing.syncs
+
+    # ---------------------------------------------------------------- explanation
+    def breakdown(self, shape: StepShape) -> tuple[float, list[OpCost], float, int, int]:
+        """(step duration, per-op costs, launch/sync/idle overhead, launches, syncs). The op times
+        plus the overhead add up to the duration."""
+        ops = self.ops
+        has_p = shape.prefill_q.size > 0
+        has_d = shape.num_decode > 0
+        duration, launches, syncs = self.step(shape.prefill_q, shape.prefill_c, shape.num_decode,
+                                              shape.decode_ctx_sum, shape.num_sampled,
+                                              max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))
+        fixed = self.backend.fixed_times(shape.num_tokens, shape.num_sampled)
+        flops, nbytes = ops.flops_bytes(shape)
+        gpu = getattr(self.backend, "gpu", None)
+        rows: list[OpCost] = []
+        for i, op in enumerate(ops.ops):
+            count = self.num_layers if op.per_layer else 1
+            v = self._var.get(i)
+            if v == VAR_PREFILL:
+                t = self.backend.prefill_attention_time(shape.prefill_q, shape.prefill_c) if has_p else 0.0
+            elif v == VAR_DECODE:
+                t = float(self.backend.decode_attention_times(
+                    shape.num_decode, np.array([shape.decode_ctx_sum], float),
+                    max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))[0]) if has_d else 0.0
+            else:
+                t = float(fixed[i])
+            if t <= 0:
+                continue
+            bound = "latency"
+            if gpu is not None and t > 0:
+                compute = flops[i] / t / gpu.peak_bf16_flops
+                memory = nbytes[i] / t / gpu.hbm_bandwidth_bytes_per_s
+                if max(compute, memory) >= 0.25:
+                    bound = "compute" if compute >= memory else "memory"
+            rows.append(OpCost(op.name, op.table_op, op.key, count, t * count, flops[i] * count,
+                               nbytes[i] * count, int(self.kernels[i]) * count, bound))
+        overhead = duration - sum(r.time_s for r in rows)
+        return duration, rows, overhead, launches, syncs

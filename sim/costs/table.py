@@ -1,0 +1,367 @@
+"""Measured cost tables and the table backend that prices steps from them.
+
+A table is a directory written by ``tiersim calibrate`` (``calibration.fit``)::
+
+    ops.parquet   one row per measured grid point: op, key, x, y, z, time_s, p10_s, p90_s, variant
+    table.json    format, GPU fingerprint, provenance, per-(op, key) roofline-shaped tail fits,
+                  kernels per op call, launch constants, link fits
+    raw/          the raw measurements the table was fitted from
+
+Inside a grid, times are interpolated; beyond it, the fitted ``overhead + x · per_x`` line (fixed
+overhead plus bytes over bandwidth or FLOPs over rate, whichever bound the largest points) continues
+the curve from the last grid point. Extrapolation is never silent: every lookup reports it, and the
+backend counts extrapolated lookups per op for the run summary.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from policies.base import LaunchCosts
+from sim.costs.model import StepShape, TransformerOps
+from sim.costs.roofline import RooflineBackend
+from sim.errors import CostTableError
+from sim.specs import GPUSpec
+
+TABLE_FORMAT = "tiersim-cost-table/1"
+ELEMENTWISE = ("rms_norm", "rope", "kv_write", "act", "add", "embed", "sample", "allreduce")
+
+
+def shipped_tables_dir() -> Path:
+    spec = importlib.util.find_spec("calibration")
+    if spec is None or not spec.submodule_search_locations:
+        raise CostTableError("the calibration package (which holds the shipped tables) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "tables"
+
+
+def shipped_tables() -> list[str]:
+    root = shipped_tables_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "table.json").exists()) if root.exists() else []
+
+
+def resolve_table_dir(name_or_dir: str) -> Path:
+    path = Path(name_or_dir)
+    if (path / "table.json").exists():
+        return path
+    candidate = shipped_tables_dir() / name_or_dir
+    if (candidate / "table.json").exists():
+        return candidate
+    if path.exists():
+        raise CostTableError(f"{path}: not a cost table (no table.json); make one with "
+                             f"`tiersim calibrate --out {path}`")
+    raise CostTableError(f"costs.table: unknown cost table {name_or_dir!r} (shipped: "
+                         f"{', '.join(shipped_tables()) or 'none'}; or a directory made by tiersim calibrate)")
+
+
+@dataclass(frozen=True, slots=True)
+class TailFit:
+    """``time = overhead_s + per_x_s * x`` (per_y_s * x * y for 2-D grids) beyond the grid."""
+
+    overhead_s: float
+    per_x_s: float
+    per_xy_s: float = 0.0
+
+
+class CostTable:
+    """A loaded table: grid points per (op, key), tail fits, constants and identity."""
+
+    def __init__(self, directory: Path) -> None:
+        import pandas as pd
+
+        self.dir = directory
+        meta_path, ops_path = directory / "table.json", directory / "ops.parquet"
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CostTableError(f"{meta_path}: cannot read ({exc})") from None
+        if self.meta.get("format") != TABLE_FORMAT:
+            raise CostTableError(f"{meta_path}: format {self.meta.get('format')!r}, expected {TABLE_FORMAT!r}")
+        if not ops_path.exists():
+            raise CostTableError(f"{ops_path}: missing (the table's grid points)")
+        frame = pd.read_parquet(ops_path)
+        missing = {"op", "key", "x", "y", "z", "time_s"} - set(frame.columns)
+        if missing:
+            raise CostTableError(f"{ops_path}: missing column(s) {', '.join(sorted(missing))}")
+        bad = frame[~np.isfinite(frame["time_s"]) | (frame["time_s"] <= 0)]
+        if len(bad):
+            row = bad.index[0]
+            raise CostTableError(f"{ops_path}: row {row}, field 'time_s': not a positive time "
+                                 f"({bad['time_s'].iloc[0]!r})")
+        self.frame = frame
+        self.groups = {k: g.reset_index(drop=True) for k, g in frame.groupby(["op", "key"], sort=True)}
+        digest = hashlib.sha256(meta_path.read_bytes() + ops_path.read_bytes()).hexdigest()
+        gpu = self.meta.get("gpu", {})
+        self.identity = {"backend": "table", "table": directory.name, "path": str(directory),
+                         "sha256": digest, "gpu": gpu.get("name", ""), "gpu_fingerprint": gpu.get("fingerprint", ""),
+                         "created_utc": self.meta.get("created_utc", ""), "source": self.meta.get("source", "")}
+
+    def has(self, op: str, key: str) -> bool:
+        return (op, key) in self.groups
+
+    def points(self, op: str, key: str):
+        return self.groups[(op, key)]
+
+    def tail(self, op: str, key: str) -> TailFit | None:
+        f = self.meta.get("fits", {}).get(op, {}).get(key)
+        return TailFit(f["overhead_s"], f["per_x_s"], f.get("per_xy_s", 0.0)) if f else None
+
+    def kernels(self, op: str, default: int = 1) -> int:
+        return int(self.meta.get("kernels", {}).get(op, default))
+
+    def launch(self, fallback: LaunchCosts) -> LaunchCosts:
+        got = self.meta.get("launch", {})
+        return LaunchCosts(**{f: float(got.get(f, getattr(fallback, f))) for f in LaunchCosts.__dataclass_fields__})
+
+    def link(self, name: str) -> tuple[float, float] | None:
+        """(latency_s, bandwidth_bytes_per_s) of a measured link, e.g. 'pcie_h2d', or None."""
+        got = self.meta.get("links", {}).get(name)
+        return (float(got["latency_s"]), float(got["bandwidth_bytes_per_s"])) if got else None
+
+
+class Curve1D:
+    """time(x): piecewise-linear on the grid, clamped below, fitted line beyond (flagged)."""
+
+    __slots__ = ("xs", "ts", "slope")
+
+    def __init__(self, xs: np.ndarray, ts: np.ndarray, tail: TailFit | None) -> None:
+        order = np.argsort(xs, kind="stable")
+        xs, ts = np.asarray(xs, float)[order], np.asarray(ts, float)[order]
+        ux, inv = np.unique(xs, return_inverse=True)
+        self.xs = ux
+        self.ts = np.array([np.median(ts[inv == i]) for i in range(ux.size)])
+        if tail is not None:
+            self.slope = max(tail.per_x_s, 0.0)
+        elif ux.size >= 2:
+            self.slope = max((self.ts[-1] - self.ts[-2]) / (ux[-1] - ux[-2]), 0.0)
+        else:
+            self.slope = 0.0
+
+    def __call__(self, x: float) -> tuple[float, bool]:
+        xs = self.xs
+        if x > xs[-1]:
+            return float(self.ts[-1] + self.slope * (x - xs[-1])), True
+        return float(np.interp(x, xs, self.ts)), bool(x < xs[0])
+
+    def many(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        x = np.asarray(x, float)
+        out = np.interp(x, self.xs, self.ts)
+        above = x > self.xs[-1]
+        if above.any():
+            out[above] = self.ts[-1] + self.slope * (x[above] - self.xs[-1])
+        return out, int(above.sum() + (x < self.xs[0]).sum())
+
+
+class DecodeGrid:
+    """Decode attention time(batch, ctx) for uniform contexts; a batch with mixed contexts is priced
+    at its mean context (attention over paged KV is memory-bound: time follows total KV read)."""
+
+    def __init__(self, points, tail: TailFit | None) -> None:
+        self.batches = np.unique(points["x"].to_numpy(float))
+        self.rows = []
+        for b in self.batches:
+            sel = points[points["x"] == b]
+            self.rows.append(Curve1D(sel["y"].to_numpy(), sel["time_s"].to_numpy(),
+                                     TailFit(0.0, tail.per_xy_s * b, 0.0) if tail else None))
+        self.tail = tail
+
+    def many(self, batch: int, ctx_mean: np.ndarray) -> tuple[np.ndarray, int]:
+        bs = self.batches
+        if batch >= bs[-1]:
+            t, n = self.rows[-1].many(ctx_mean)
+            if batch > bs[-1]:
+                # more sequences than measured: the extra ones add their KV read at the fitted rate
+                per_seq_token = self.tail.per_xy_s if self.tail else (t / np.maximum(ctx_mean * bs[-1], 1))
+                t = t + per_seq_token * (batch - bs[-1]) * ctx_mean
+                n = int(np.size(ctx_mean))
+            return t, n
+        hi = int(np.searchsorted(bs, batch))
+        if bs[hi] == batch:
+            return self.rows[hi].many(ctx_mean)
+        lo = hi - 1
+        t_lo, n_lo = self.rows[lo].many(ctx_mean)
+        t_hi, n_hi = self.rows[hi].many(ctx_mean)
+        w = (batch - bs[lo]) / (bs[hi] - bs[lo])
+        return t_lo + w * (t_hi - t_lo), max(n_lo, n_hi)
+
+
+class PrefillGrid:
+    """Prefill attention time(q, c, seqs). Per sequence: power-law interpolation in q within each
+    measured c, linear in c between them; several sequences in one launch run at the batching
+    efficiency measured for equal-length sequences."""
+
+    def __init__(self, points, tail: TailFit | None) -> None:
+        one = points[points["z"] <= 1]
+        if one.empty:
+            raise CostTableError("attn_prefill grid has no single-sequence (z=1) points")
+        self.cs = np.unique(one["y"].to_numpy(float))
+        self.rows = []
+        for c in self.cs:
+            sel = one[one["y"] == c].sort_values("x")
+            self.rows.append((np.log(sel["x"].to_numpy(float)), np.log(sel["time_s"].to_numpy(float))))
+        # batching efficiency at c = 0: t(q, 0, n) / (n * t(q, 0, 1))
+        base = points[points["y"] == self.cs[0]]
+        self.eff_q, self.eff_n, self.eff = [], [], {}
+        for (q, n), g in base.groupby(["x", "z"]):
+            self.eff[(q, n)] = float(g["time_s"].median())
+        self.eff_qs = np.unique([q for q, _ in self.eff])
+        self.eff_ns = np.unique([n for _, n in self.eff])
+
+    def _row(self, i: int, q: float) -> tuple[float, bool]:
+        lq, lt = self.rows[i]
+        x = np.log(max(q, 1.0))
+        if x <= lq[-1]:
+            return float(np.exp(np.interp(x, lq, lt))), bool(x < lq[0])
+        k = min((lt[-1] - lt[-2]) / (lq[-1] - lq[-2]), 2.0) if lq.size >= 2 else 1.0
+        return float(np.exp(lt[-1] + k * (x - lq[-1]))), True
+
+    def single(self, q: float, c: float) -> tuple[float, bool]:
+        cs = self.cs
+        if c <= cs[0] or cs.size == 1:
+            t, ext = self._row(0, q)
+            return t, ext or (cs.size == 1 and c > cs[0])
+        hi = int(np.searchsorted(cs, c))
+        if hi >= cs.size:
+            t1, e1 = self._row(cs.size - 2, q)
+            t2, e2 = self._row(cs.size - 1, q)
+            slope = max((t2 - t1) / (cs[-1] - cs[-2]), 0.0)
+            return t2 + slope * (c - cs[-1]), True
+        lo = hi - 1
+        t1, e1 = self._row(lo, q)
+        t2, e2 = self._row(hi, q)
+        w = (c - cs[lo]) / (cs[hi] - cs[lo])
+        return t1 + w * (t2 - t1), e1 or e2
+
+    def efficiency(self, n: int, q: float) -> float:
+        if n <= 1 or self.eff_ns.size < 2:
+            return 1.0
+        n_eff = min(float(n), float(self.eff_ns[-1]))
+        vals = []
+        for qq in self.eff_qs:
+            one = self.eff.get((qq, 1.0))
+            if one is None:
+                continue
+            ns = [m for m in self.eff_ns if (qq, m) in self.eff]
+            rs = [self.eff[(qq, m)] / (m * one) for m in ns]
+            vals.append((qq, float(np.interp(n_eff, ns, rs))))
+        if not vals:
+            return 1.0
+        qs, rs = zip(*vals)
+        return float(np.interp(np.log(max(q, 1.0)), np.log(qs), rs))
+
+    def time(self, q: np.ndarray, c: np.ndarray) -> tuple[float, bool]:
+        total, ext = 0.0, False
+        for qi, ci in zip(q.tolist(), c.tolist()):
+            t, e = self.single(qi, ci)
+            total += t
+            ext = ext or e
+        return total * self.efficiency(q.size, float(q.mean())), ext
+
+
+class TableBackend:
+    """Prices a model's ops from a measured table; ops the table lacks use the roofline backend when
+    ``fallback`` is given, else construction fails naming the missing entries."""
+
+    def __init__(self, ops: TransformerOps, gpu: GPUSpec, table: CostTable,
+                 fallback: RooflineBackend | None = None) -> None:
+        self.ops, self.gpu, self.table = ops, gpu, table
+        self.roofline = fallback
+        self.identity = dict(table.identity)
+        tgpu = table.meta.get("gpu", {}).get("preset", "")
+        if tgpu and tgpu != gpu.name:
+            raise CostTableError(f"costs.table {table.dir.name!r} was measured on {tgpu}, but hardware.gpu "
+                                 f"is {gpu.name}; use a table for {gpu.name} or costs.backend = \"roofline\"")
+        missing = [(op, key) for op, key in ops.required_table_entries()
+                   if not table.has(op, key) and not (op == "allreduce" and ops.tp == 1)]
+        if missing and fallback is None:
+            listing = "; ".join(f"{op} {key}" for op, key in missing[:4])
+            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+            raise CostTableError(
+                f"cost table {table.dir} has no entry for {listing}{more} (model {ops.model.name}, "
+                f"tensor_parallel_size={ops.tp}); measure them with `tiersim calibrate --models "
+                f"{ops.model.name}` or set costs.fallback = \"roofline\"")
+        self.missing = set(missing)
+        if self.missing:
+            self.identity["roofline_fallback_for"] = sorted(f"{op} {key}" for op, key in missing)
+        self.launch = table.launch(fallback.launch if fallback else RooflineBackend(ops, gpu).launch)
+        self.kernels = np.array([table.kernels(op.table_op) for op in ops.ops], dtype=np.int64)
+        self.curves: dict[int, Curve1D] = {}
+        self.extrapolations: dict[str, int] = {}
+        for i, op in enumerate(ops.ops):
+            if (op.table_op, op.key) in self.missing or op.table_op.startswith("attn"):
+                continue
+            if op.table_op == "allreduce" and ops.tp == 1:
+                continue
+            pts = table.points(op.table_op, op.key)
+            self.curves[i] = Curve1D(pts["x"].to_numpy(), pts["time_s"].to_numpy(),
+                                     table.tail(op.table_op, op.key))
+        ia, ip = ops.index["attn_decode"], ops.index["attn_prefill"]
+        akey = ops.ops[ia].key
+        self.decode = (DecodeGrid(table.points("attn_decode", akey), table.tail("attn_decode", akey))
+                       if ("attn_decode", akey) not in self.missing else None)
+        self.prefill = (PrefillGrid(table.points("attn_prefill", akey), table.tail("attn_prefill", akey))
+                        if ("attn_prefill", akey) not in self.missing else None)
+        self._ia, self._ip = ia, ip
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _note(self, name: str, n: int = 1) -> None:
+        self.extrapolations[name] = self.extrapolations.get(name, 0) + n
+
+    def fixed_times(self, tokens: int, sampled: int) -> np.ndarray:
+        key = (tokens, sampled)
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        ops = self.ops
+        out = np.zeros(len(ops.ops))
+        roof = None
+        shape = StepShape(prefill_q=np.empty(0, np.int64), prefill_c=np.empty(0, np.int64),
+                          num_decode=tokens, decode_ctx_sum=0, num_sampled=sampled)
+        for i, op in enumerate(ops.ops):
+            if op.table_op.startswith("attn") or (op.table_op == "allreduce" and ops.tp == 1):
+                continue
+            x = ops.op_x(op, shape)
+            if x <= 0:
+                continue
+            curve = self.curves.get(i)
+            if curve is None:
+                if roof is None:
+                    roof = self.roofline.times(shape)
+                out[i] = roof[i]
+                continue
+            t, ext = curve(x)
+            if ext:
+                self._note(op.table_op)
+            out[i] = t
+        self._cache[key] = out
+        return out
+
+    def prefill_attention_time(self, q: np.ndarray, c: np.ndarray) -> float:
+        if self.prefill is None:
+            return self.roofline.prefill_attention_time(q, c)
+        t, ext = self.prefill.time(q, c)
+        if ext:
+            self._note("attn_prefill")
+        return t
+
+    def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
+        if self.decode is None:
+            return self.roofline.decode_attention_times(batch, ctx_sums, query_tokens)
+        t, n_ext = self.decode.many(batch, np.asarray(ctx_sums, float) / batch)
+        if n_ext:
+            self._note("attn_decode", n_ext)
+        if query_tokens > 1:
+            # The table holds one query per sequence; several (speculative verify) cost what the
+            # roofline says they add on top of one, since the KV is read once either way.
+            ref = self._roof_ref().decode_attention_times(batch, ctx_sums, 1)
+            t = t * (self._roof_ref().decode_attention_times(batch, ctx_sums, query_tokens) / ref)
+        return t
+
+    def _roof_ref(self) -> RooflineBackend:
+        if self.roofline is None:
+            self.roofline = RooflineBackend(self.ops, self.gpu)
+        return self.roofline

@@ -1,0 +1,207 @@
+"""The block pool: sole owner of one tier's KV blocks, with reference counts and a prefix cache.
+
+Invariants (checked by :meth:`BlockPool.check`):
+  * every block is exactly one of FREE, CACHED or ACTIVE, and free + cached + active == num_blocks;
+  * FREE   ⇔ refcount 0, no prefix key, on the free stack;
+  * CACHED ⇔ refcount 0, registered under a prefix key, in the LRU order (evictable);
+  * ACTIVE ⇔ refcount > 0 (held by one or more requests, or by a transfer in flight); an active block
+    may carry a prefix key so later requests can share it, and it is never evicted.
+Allocation never raises on shortage: it returns ``None`` and the caller preempts, swaps or waits.
+Allocation takes FREE blocks first (most recently freed first), then evicts CACHED blocks chosen by the
+eviction policy. A request's blocks are released tail-first, so under LRU the end of a shared prefix
+is evicted before its head.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import islice
+from typing import Callable, Sequence
+
+import numpy as np
+
+FREE, CACHED, ACTIVE = 0, 1, 2
+
+
+class BlockPool:
+    __slots__ = ("tier", "num_blocks", "block_size", "bytes_per_block", "refcount", "key",
+                 "last_access", "hits", "_free", "_lru", "_by_key", "num_evicted", "num_hits")
+
+    def __init__(self, tier: str, num_blocks: int, block_size: int, bytes_per_block: int) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"{tier}: num_blocks must be >= 0")
+        self.tier = tier
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
+        self.bytes_per_block = int(bytes_per_block)
+        self.refcount = np.zeros(self.num_blocks, dtype=np.int32)
+        self.key = np.full(self.num_blocks, -1, dtype=np.int64)
+        self.last_access = np.zeros(self.num_blocks, dtype=np.float64)
+        self.hits = np.zeros(self.num_blocks, dtype=np.int32)
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # stack: block 0 pops first
+        self._lru: OrderedDict[int, None] = OrderedDict()                  # cached blocks, LRU first
+        self._by_key: dict[int, int] = {}
+        self.num_evicted = 0
+        self.num_hits = 0
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def num_free(self) -> int:
+        """Blocks with no content (not counting evictable cached blocks)."""
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._lru)
+
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation can obtain: free plus evictable cached."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_active(self) -> int:
+        return self.num_blocks - len(self._free) - len(self._lru)
+
+    def state(self, block: int) -> int:
+        if self.refcount[block] > 0:
+            return ACTIVE
+        return CACHED if block in self._lru else FREE
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, n: int, now: float,
+                 choose_victims: Callable[["BlockPool", int, float], Sequence[int]] | None = None
+                 ) -> list[int] | None:
+        """``n`` blocks with refcount 1, or ``None`` (nothing changes) if fewer are available.
+
+        ``choose_victims(pool, k, now)`` picks ``k`` cached blocks to evict when the free stack runs
+        short; without it the least recently used are taken.
+        """
+        if n <= 0:
+            return []
+        free = self._free
+        if n > len(free) + len(self._lru):
+            return None
+        take = min(n, len(free))
+        out = free[len(free) - take:]
+        del free[len(free) - take:]
+        out.reverse()
+        rest = n - take
+        if rest:
+            victims = (choose_victims(self, rest, now) if choose_victims is not None
+                       else self.lru_order(rest))
+            victims = list(victims)
+            if len(victims) != rest or len(set(victims)) != rest:
+                raise RuntimeError(f"{self.tier}: eviction policy returned {len(victims)} distinct-or-not "
+                                   f"blocks, {rest} needed")
+            for b in victims:
+                if b not in self._lru:
+                    raise RuntimeError(f"{self.tier}: eviction policy chose block {b}, which is not "
+                                       f"evictable (state {self.state(b)})")
+                del self._lru[b]
+                del self._by_key[int(self.key[b])]
+                self.key[b] = -1
+            self.num_evicted += rest
+            out.extend(victims)
+        idx = np.asarray(out, dtype=np.int64)
+        self.refcount[idx] = 1
+        self.last_access[idx] = now
+        return out
+
+    def allocate_one(self, now: float,
+                     choose_victims: Callable[["BlockPool", int, float], Sequence[int]] | None = None
+                     ) -> int:
+        """One block, or -1. The common decode case, kept free of list/array allocation."""
+        if self._free:
+            b = self._free.pop()
+        elif self._lru:
+            if choose_victims is None:
+                b = next(iter(self._lru))
+            else:
+                chosen = list(choose_victims(self, 1, now))
+                if len(chosen) != 1 or chosen[0] not in self._lru:
+                    raise RuntimeError(f"{self.tier}: eviction policy returned {chosen}, not one "
+                                       f"evictable block")
+                b = chosen[0]
+            del self._lru[b]
+            del self._by_key[int(self.key[b])]
+            self.key[b] = -1
+            self.num_evicted += 1
+        else:
+            return -1
+        self.refcount[b] = 1
+        self.last_access[b] = now
+        return b
+
+    def release(self, blocks: Sequence[int], now: float) -> int:
+        """Drop one reference to each block (tail first). Unreferenced blocks with a prefix key become
+        CACHED (most recently used end), the others FREE. Returns how many became unreferenced."""
+        freed = 0
+        rc = self.refcount
+        keys = self.key
+        for b in reversed(blocks):
+            c = rc[b] - 1
+            if c < 0:
+                raise RuntimeError(f"{self.tier}: block {b} released more often than held")
+            rc[b] = c
+            if c == 0:
+                freed += 1
+                if keys[b] >= 0:
+                    self._lru[b] = None
+                    self.last_access[b] = now
+                else:
+                    self._free.append(b)
+        return freed
+
+    def retain(self, block: int, now: float) -> None:
+        """Take one more reference to a block found in the prefix cache (a hit)."""
+        if self.refcount[block] == 0:
+            if block not in self._lru:
+                raise RuntimeError(f"{self.tier}: block {block} is free; it cannot be retained")
+            del self._lru[block]
+        self.refcount[block] += 1
+        self.last_access[block] = now
+        self.hits[block] += 1
+        self.num_hits += 1
+
+    # ------------------------------------------------------------------ prefix cache
+    def register(self, block: int, key: int) -> bool:
+        """Make an active block findable under ``key``. False if another block already holds it
+        (the duplicate stays unregistered and becomes FREE when released)."""
+        if key in self._by_key or self.key[block] >= 0:
+            return False
+        self._by_key[key] = block
+        self.key[block] = key
+        return True
+
+    def lookup(self, key: int) -> int:
+        return self._by_key.get(key, -1)
+
+    def lru_order(self, limit: int) -> list[int]:
+        return list(islice(self._lru, limit))
+
+    def drop_cache(self) -> None:
+        """Forget every cached block (they become FREE); active blocks keep their keys."""
+        for b in self._lru:
+            del self._by_key[int(self.key[b])]
+            self.key[b] = -1
+            self._free.append(b)
+        self._lru.clear()
+
+    # ------------------------------------------------------------------ checking
+    def check(self) -> None:
+        """Assert every invariant in the module docstring (tests call this; O(num_blocks))."""
+        n = self.num_blocks
+        free = set(self._free)
+        cached = set(self._lru)
+        assert len(free) == len(self._free), f"{self.tier}: duplicate block on the free stack"
+        assert not (free & cached), f"{self.tier}: a block is both free and cached"
+        active = {b for b in range(n) if self.refcount[b] > 0}
+        assert not (active & (free | cached)), f"{self.tier}: a referenced block is free or cached"
+        assert len(free) + len(cached) + len(active) == n, f"{self.tier}: blocks not conserved"
+        assert np.all(self.refcount >= 0)
+        for b in free:
+            assert self.key[b] == -1, f"{self.tier}: free block {b} has a key"
+        for b in cached:
+            assert self.key[b] >= 0 and self._by_key.get(int(self.key[b])) == b
+        for key, b in self._by_key.items():
+            assert self.key[b] == key
