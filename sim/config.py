@@ -98,6 +98,8 @@ class ReplicaConfig:
     prefix_caching: bool = True             # needs block hashes in the trace to hit
     dram_kv_bytes: int = 64 * 1024**3
     nvme_kv_bytes: int = 0
+    num_hbm_blocks: int = 0                 # > 0: use exactly this many HBM KV blocks (like vLLM's
+                                            # num_gpu_blocks_override), capped by what fits
     bulk_decode: bool = True                # advance predictable decode steps together (exact)
 
     def __post_init__(self) -> None:
@@ -114,6 +116,7 @@ class ReplicaConfig:
                f"must be 'recompute' or 'swap' (got {self.preemption_mode!r})")
         _check(self.dram_kv_bytes >= 0, "replica.dram_kv_bytes", f"must be >= 0 (got {self.dram_kv_bytes})")
         _check(self.nvme_kv_bytes >= 0, "replica.nvme_kv_bytes", f"must be >= 0 (got {self.nvme_kv_bytes})")
+        _check(self.num_hbm_blocks >= 0, "replica.num_hbm_blocks", f"must be >= 0 (got {self.num_hbm_blocks})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

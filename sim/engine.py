@@ -144,6 +144,11 @@ class Simulation:
         self.hbm_bytes_per_block = bs * kv_token_gpu
         self.host_bytes_per_block = self.hbm_bytes_per_block * tp
         self.hbm_blocks = budget.kv_bytes // self.hbm_bytes_per_block
+        if rc.num_hbm_blocks:
+            if rc.num_hbm_blocks > self.hbm_blocks:
+                raise ConfigError(f"replica.num_hbm_blocks={rc.num_hbm_blocks} exceeds the {self.hbm_blocks} "
+                                  f"blocks that fit in HBM on {self.gpu.name}")
+            self.hbm_blocks = rc.num_hbm_blocks
         if self.hbm_blocks < 1:
             raise ConfigError(f"replica: no room for a single KV block of {self.hbm_bytes_per_block} bytes "
                               f"after weights and activations on {self.gpu.name}")

@@ -152,6 +152,11 @@ class RequestLog:
 
     def finish(self, req: Request) -> None:
         i = req.idx
+        if self.status[i] != 0:
+            raise RuntimeError(f"request {req.req_id} finished twice")
+        if req.num_generated != req.output_tokens:
+            raise RuntimeError(f"request {req.req_id} finished with {req.num_generated} of "
+                               f"{req.output_tokens} output tokens")
         self.status[i] = 1
         self.replica[i] = req.replica
         self.first_scheduled_s[i] = req.first_scheduled_s
@@ -166,6 +171,8 @@ class RequestLog:
 
     def reject(self, req: Request, reason: int, now: float) -> None:
         i = req.idx
+        if self.status[i] != 0:
+            raise RuntimeError(f"request {req.req_id} rejected after it was already done")
         self.status[i] = 2
         self.reason[i] = reason
         self.replica[i] = req.replica

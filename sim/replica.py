@@ -173,6 +173,7 @@ class Replica:
         self._run: _Run | None = None
         self._in_run = False
         self._stop_run = False
+        self.check_invariants = False   # tests turn this on: O(blocks) checks after every step
         self.process = env.process(self._loop())
         # counters
         self.num_launches = 0
@@ -242,6 +243,8 @@ class Replica:
                 yield from self._decode_run(step)
             else:
                 yield from self._single_step(step)
+            if self.check_invariants:
+                self.check()
 
     def _unblock(self, now: float) -> None:
         """The scheduler planned nothing although work is queued and nothing is in flight: if the
@@ -397,6 +400,26 @@ class Replica:
         self.running.append(req)
         self.notify()
 
+    def check(self) -> None:
+        """Assert the replica's invariants (see the module docstring and ``TieredKV``)."""
+        self.kv.check()
+        bs = self.kv.block_size
+        seen = set()
+        for group, state in ((self.running, RUNNING), (self.waiting, WAITING), (self.swapped, SWAPPED)):
+            for r in group:
+                assert r.state == state, f"request {r.req_id} in the wrong queue ({r.state})"
+                assert id(r) not in seen, f"request {r.req_id} queued twice"
+                seen.add(id(r))
+                assert 0 <= r.num_generated < r.output_tokens or r.state != RUNNING
+        for r in self.running:
+            assert len(r.blocks) == -(-r.num_computed // bs), \
+                f"request {r.req_id}: {len(r.blocks)} blocks for {r.num_computed} computed tokens"
+            assert 0 <= r.num_computed <= r.num_tokens
+        for r in self.waiting:
+            assert not r.blocks and r.num_computed == 0
+        held = sum(len(r.blocks) for r in self.running)
+        assert self.kv.hbm.num_active <= held + self.inflight_blocks
+
     # ================================================================== one step
     def _single_step(self, step: _Step):
         env = self.env
@@ -463,6 +486,8 @@ class Replica:
                 req.num_computed += 1
                 req.num_generated += 1
                 req.record_tokens(step_idx, step_idx)
+                if req.first_token_s < 0:     # the prompt's last token ran as a one-token step
+                    req.first_token_s = end
                 if req.num_generated >= req.output_tokens:
                     finished.append(req)
         else:
@@ -471,6 +496,8 @@ class Replica:
                 req.num_computed += 1 + a
                 req.num_generated += 1 + a
                 req.record_tokens(step_idx, step_idx, extra=a)
+                if req.first_token_s < 0:
+                    req.first_token_s = end
                 # roll back the KV slots of rejected drafts
                 keep = -(-req.num_computed // kv.block_size)
                 if len(req.blocks) > keep:
@@ -618,10 +645,13 @@ class Replica:
         self.num_syncs += run.syncs * m
         g_first, g_last = run.g0 + c, run.g0 + upto - 1
         finished = []
+        first_end = float(run.ends[c])
         for r in run.reqs:
             r.num_computed += m
             r.num_generated += m
             r.record_tokens(g_first, g_last)
+            if r.first_token_s < 0:
+                r.first_token_s = first_end
             if r.num_generated >= r.output_tokens:
                 finished.append(r)
         run.committed = upto

@@ -60,10 +60,6 @@ class Request:
         return self.prompt_tokens + self.num_generated - self.num_computed
 
     @property
-    def is_decoding(self) -> bool:
-        return self.prompt_tokens + self.num_generated - self.num_computed == 1 and self.num_generated > 0
-
-    @property
     def finished(self) -> bool:
         return self.num_generated >= self.output_tokens
 

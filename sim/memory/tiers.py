@@ -18,9 +18,6 @@ from policies.base import RequestState
 from sim.memory.block_pool import BlockPool
 from sim.request import Request
 
-_OFFSET_BITS = 24
-
-
 def prefix_keys(hashes: np.ndarray, hash_block_tokens: int, prompt_tokens: int, block_size: int) -> np.ndarray:
     """Prefix keys of the full engine blocks of a prompt (see module docstring)."""
     n = prompt_tokens // block_size
@@ -30,7 +27,11 @@ def prefix_keys(hashes: np.ndarray, hash_block_tokens: int, prompt_tokens: int, 
     t_end = (ends - 1) // hash_block_tokens
     valid = t_end < hashes.size
     ends, t_end = ends[valid], t_end[valid]
-    return (hashes[t_end].astype(np.int64) << _OFFSET_BITS) | (ends - t_end * hash_block_tokens)
+    # mix (trace hash, offset in its block) into one 64-bit key; works for arbitrary 64-bit hashes
+    h = hashes[t_end].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= (ends - t_end * hash_block_tokens).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(31)
+    return (h & np.uint64(0x7FFFFFFFFFFFFFFF)).astype(np.int64)
 
 
 class _PoolCacheView:

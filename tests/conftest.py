@@ -1,0 +1,55 @@
+"""Shared helpers: small traces and configs that run in milliseconds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sim.config import SimConfig, with_overrides
+from traces import Trace
+
+SMALL = {
+    "model.name": "llama-3.2-1b",
+    "costs.backend": "roofline",
+    "replica.num_hbm_blocks": 64,
+    "replica.block_size_tokens": 16,
+    "replica.dram_kv_bytes": 64 * 1024**2,
+}
+
+
+def small_config(**overrides) -> SimConfig:
+    return with_overrides(SimConfig(), {**SMALL, **overrides})
+
+
+def make_trace(arrival, prompt, output, hashes=None, hash_block_tokens=None, name="test") -> Trace:
+    kwargs = {}
+    if hashes is not None:
+        offsets = np.zeros(len(hashes) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(h) for h in hashes])
+        kwargs = dict(hash_offsets=offsets,
+                      hash_values=np.concatenate([np.asarray(h, np.int64) for h in hashes]) if offsets[-1]
+                      else np.empty(0, np.int64),
+                      hash_block_tokens=hash_block_tokens)
+    return Trace(arrival_s=np.asarray(arrival, float), prompt_tokens=np.asarray(prompt, np.int64),
+                 output_tokens=np.asarray(output, np.int64), name=name, source="test", **kwargs)
+
+
+def run_checked(config: SimConfig, trace: Trace):
+    """Run with per-step invariant checks on; returns (simulation, results)."""
+    from sim.engine import Simulation
+
+    sim = Simulation(config, trace=trace)
+    orig = sim._build
+
+    def build(env):
+        orig(env)
+        for r in sim.replicas:
+            r.check_invariants = True
+
+    sim._build = build
+    res = sim.run()
+    return sim, res
+
+
+@pytest.fixture
+def tiny_trace():
+    return make_trace([0.0, 0.01, 0.02, 0.5], [100, 40, 300, 17], [5, 20, 3, 40])

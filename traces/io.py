@@ -1,0 +1,106 @@
+"""``load_trace``: one entry point that picks the reader for a file (or a bundled trace name).
+
+Formats: ``azure``, ``mooncake``, ``burstgpt``, ``csv`` and ``parquet`` (generic, with a column mapping).
+With ``format=None`` the format is detected from the extension and, for CSV, from the header.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+from traces.bundled import BUNDLED, bundled_path
+from traces.readers import read_azure, read_burstgpt, read_csv_trace, read_mooncake, read_parquet_trace
+from traces.readers.columns import csv_header, is_gzip, open_text
+from traces.schema import Trace, TraceError
+
+FORMATS: dict[str, Callable[..., Trace]] = {
+    "azure": read_azure,
+    "mooncake": read_mooncake,
+    "burstgpt": read_burstgpt,
+    "csv": read_csv_trace,
+    "parquet": read_parquet_trace,
+}
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_LENGTHS_HEADER = {"num_prefill_tokens", "num_decode_tokens"}
+
+
+def load_trace(path: str | Path, format: str | None = None, **options: Any) -> Trace:
+    """Read a trace file into a validated :class:`Trace`.
+
+    ``path`` is a file (plain or gzip) or a bundled trace name such as ``"azure-conv"``; an existing
+    file of that name wins. ``options`` go to the format's reader (e.g. ``keep_failed`` for burstgpt,
+    ``columns``/``time_unit``/``time_format`` for csv and parquet, ``name`` for all).
+    """
+    resolved, bundled_format = _resolve(path)
+    if format is None:
+        format = bundled_format or detect_format(resolved)
+    reader = FORMATS.get(format)
+    if reader is None:
+        raise TraceError(f"unknown trace format {format!r} (known: {', '.join(FORMATS)})", path=resolved)
+    try:
+        inspect.signature(reader).bind(resolved, **options)
+    except TypeError:
+        accepted = [p for p in inspect.signature(reader).parameters if p != "path"]
+        bad = next(k for k in options if k not in accepted)
+        raise TraceError(f"unknown option {bad!r} for format {format!r} (accepted: {', '.join(accepted)})",
+                         path=resolved) from None
+    return reader(resolved, **options)
+
+
+def _resolve(path: str | Path) -> tuple[Path, str | None]:
+    """An existing file, or a bundled name → (path, the bundled format or None)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate, None
+    if candidate.exists():
+        raise TraceError("not a file", label=str(path))
+    entry = BUNDLED.get(str(path))
+    if entry is not None:
+        if entry.format == "lengths":
+            raise TraceError(f"bundled {entry.name!r} is a length distribution with no arrival times; use it "
+                             f"for synthetic traces, e.g. prompt='empirical:{entry.name}'", label=str(path))
+        return bundled_path(entry.name), entry.format
+    hint = "" if ("/" in str(path) or "." in candidate.name) else (
+        f" and not a bundled trace name (bundled: {', '.join(BUNDLED)})")
+    raise TraceError(f"no such file{hint}", label=str(path), path=path)
+
+
+def detect_format(path: Path) -> str:
+    """Guess the format from the suffix (``.gz`` ignored), the first bytes and a CSV header."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(_JSON_SUFFIXES):
+        return "mooncake"
+    if name.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    with open(path, "rb") as fh:
+        if fh.read(4) == b"PAR1":
+            return "parquet"
+    if not name.endswith((".csv", ".tsv", ".txt")):
+        with open_text(path) as fh:
+            try:
+                first = fh.read(1024).lstrip()
+            except UnicodeDecodeError:
+                first = ""
+        if first.startswith("{"):
+            return "mooncake"
+    try:
+        header = csv_header(path)
+    except (UnicodeDecodeError, OSError):
+        header = []
+    columns = set(header)
+    if {"TIMESTAMP", "ContextTokens"} <= columns:
+        return "azure"
+    if "Request tokens" in columns:
+        return "burstgpt"
+    if {"arrival_s", "prompt_tokens", "output_tokens"} <= columns:
+        return "csv"
+    if _LENGTHS_HEADER <= columns:
+        raise TraceError("this is a length distribution with no arrival times; use it for synthetic traces "
+                         f"(e.g. prompt='empirical:{path}')", path=path)
+    kind = "gzip " if is_gzip(path) else ""
+    raise TraceError(f"cannot tell the trace format of this {kind}file from its name or header "
+                     f"(columns: {', '.join(header) or 'none'}); pass format= one of {', '.join(FORMATS)}, "
+                     "and for csv/parquet a columns={'arrival_s': ..., 'prompt_tokens': ..., "
+                     "'output_tokens': ...} mapping", path=path)
