@@ -272,9 +272,11 @@ class Simulation:
 
     def metadata(self) -> dict:
         cfg = self.config
+        config = cfg.to_dict()
+        config.pop("output", None)    # where results are written does not change them
         return {
             "tiersim_version": VERSION,
-            "config": cfg.to_dict(),
+            "config": config,
             "config_hash": cfg.hash(),
             "cost_table": self.backend.identity,
             "trace": self.trace.identity(),

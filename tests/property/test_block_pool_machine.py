@@ -1,0 +1,90 @@
+"""The block pool against a trivially correct model (Hypothesis RuleBasedStateMachine).
+
+The model keeps, per block, a reference count and an optional key, and the cached blocks in LRU
+order; the pool must agree after every operation and keep its own invariants."""
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from sim.memory.block_pool import BlockPool
+
+N = 12
+
+
+class PoolMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.pool = BlockPool("hbm", N, 16, 1024)
+        self.rc = [0] * N
+        self.key = [None] * N
+        self.lru: list[int] = []          # cached blocks, least recent first
+        self.held: list[list[int]] = []   # block lists owned by "requests"
+        self.t = 0.0
+
+    def _avail(self):
+        return sum(1 for b in range(N) if self.rc[b] == 0)
+
+    @rule(n=st.integers(0, N + 2))
+    def allocate(self, n):
+        self.t += 1
+        got = self.pool.allocate(n, self.t)
+        if n > self._avail():
+            assert got is None
+            return
+        assert got is not None and len(got) == n and len(set(got)) == n
+        free_first = [b for b in got if self.key[b] is None and b not in self.lru]
+        evicted = [b for b in got if b in self.lru]
+        # free blocks are used before any cached block is evicted, LRU first
+        assert got[:len(free_first)] == free_first
+        assert evicted == self.lru[:len(evicted)]
+        for b in evicted:
+            self.lru.remove(b)
+            self.key[b] = None
+        for b in got:
+            assert self.rc[b] == 0
+            self.rc[b] = 1
+        if n:
+            self.held.append(list(got))
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100), register=st.booleans())
+    def release(self, i, register):
+        blocks = self.held.pop(i % len(self.held))
+        if register:
+            for b in blocks:
+                if self.key[b] is None and self.rc[b] == 1:
+                    k = 1000 + b * 7 + int(self.t)
+                    if k not in self.key:
+                        assert self.pool.register(b, k)
+                        self.key[b] = k
+        self.t += 1
+        self.pool.release(blocks, self.t)
+        for b in reversed(blocks):
+            self.rc[b] -= 1
+            if self.rc[b] == 0 and self.key[b] is not None:
+                self.lru.append(b)
+
+    @precondition(lambda self: any(k is not None for k in self.key))
+    @rule(j=st.integers(0, 100))
+    def hit(self, j):
+        keyed = [b for b in range(N) if self.key[b] is not None]
+        b = keyed[j % len(keyed)]
+        assert self.pool.lookup(self.key[b]) == b
+        self.t += 1
+        self.pool.retain(b, self.t)
+        if self.rc[b] == 0:
+            self.lru.remove(b)
+        self.rc[b] += 1
+        self.held.append([b])
+
+    @invariant()
+    def agrees(self):
+        self.pool.check()
+        assert [int(x) for x in self.pool.refcount] == self.rc
+        assert self.pool.lru_order(N) == self.lru
+        assert self.pool.num_available == self._avail()
+        assert self.pool.num_active == sum(1 for r in self.rc if r > 0)
+
+
+TestBlockPool = PoolMachine.TestCase
