@@ -209,6 +209,9 @@ class LaunchCosts:
     sync_s: float
     doorbell_s: float = 5e-6
     persistent_item_s: float = 1e-6
+    # Measured op times (calibrated tables) already include the gap between back-to-back kernels;
+    # roofline times are pure GPU time and need ``graph_kernel_s`` added per kernel.
+    times_include_gap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,12 +220,15 @@ class KernelSequence:
 
     ``gpu_s[j]``: GPU time of kernel j from the fixed ops; kernels of variable ops (attention, whose
     time changes from step to step in a decode run) add ``var_s[:, var_index[j]] * var_share[j]``
-    (``var_index`` is -1 for fixed kernels).
+    (``var_index`` is -1 for fixed kernels). ``host_s[j]``: host time an eager engine spends to issue
+    kernel j (its share of the op call's framework cost); ``lead_s``: host work before the first one.
     """
 
     gpu_s: np.ndarray
     var_index: np.ndarray
     var_share: np.ndarray
+    host_s: np.ndarray | None = None   # host time to issue each kernel when launched eagerly
+    lead_s: float = 0.0                # host time of a step before its first launch
 
     @property
     def num_kernels(self) -> int:

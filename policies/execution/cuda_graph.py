@@ -1,7 +1,8 @@
 """``cuda-graph``: the whole step replays as one captured CUDA graph.
 
-One host launch per step; inside the graph every kernel node adds ``graph_kernel_s`` on top of its
-GPU time (the node-to-node gap measured by calibration). The step costs the host's per-step work,
+One host launch per step. Kernel times from a calibrated table already include the gap between
+consecutive kernels (they were timed back to back); pure GPU times (the roofline backend) get the
+measured per-node cost ``graph_kernel_s`` added for every kernel. The step costs the host's per-step work,
 the graph launch, the kernels and one synchronisation.
 """
 from __future__ import annotations
@@ -46,8 +47,8 @@ class CudaGraph:
             cached = (float(seq.gpu_s.sum()), w, seq)
             self._weights[id(seq)] = cached
         fixed, w, _ = cached
-        base = (self.p.cpu_overhead_s + launch.graph_launch_s + fixed
-                + seq.num_kernels * launch.graph_kernel_s + launch.sync_s)
+        gaps = 0.0 if launch.times_include_gap else seq.num_kernels * launch.graph_kernel_s
+        base = self.p.cpu_overhead_s + launch.graph_launch_s + fixed + gaps + launch.sync_s
         # column by column (not a matrix product) so one step and a run of steps round identically
         d = np.full(var_s.shape[0], base)
         for v in range(var_s.shape[1]):

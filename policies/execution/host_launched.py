@@ -1,7 +1,9 @@
 """``host-launched``: the host launches every kernel of the step, then synchronises once.
 
-The host spends ``cpu_overhead_s`` on scheduling and input preparation, then issues kernel j at
-``cpu_overhead_s + (j+1)·dispatch_s``; the GPU starts a kernel when it is issued and the previous one
+The host spends ``cpu_overhead_s`` on scheduling and input preparation (plus the engine's own
+per-step host work when the cost table measured it), then issues kernel j after the host time of
+kernels 0..j (each kernel's share of its op call's measured framework cost, or a uniform
+``dispatch_s``); the GPU starts a kernel when it is issued and the previous one
 has finished. So a step is launch-bound where kernels are shorter than their dispatch and GPU-bound
 where they are longer, with queued work draining through short kernels. The step ends when both the
 host has issued everything and the GPU has finished, plus one synchronisation round trip.
@@ -18,7 +20,7 @@ from policies.registry import register
 
 
 @numba.njit(cache=True, nogil=True)
-def _pipeline(gpu_s, var_index, var_share, var_s, cpu0, dispatch, sync):
+def _pipeline(gpu_s, var_index, var_share, var_s, host_s, cpu0, sync):
     k_steps = var_s.shape[0]
     n = gpu_s.shape[0]
     out = np.empty(k_steps)
@@ -26,7 +28,7 @@ def _pipeline(gpu_s, var_index, var_share, var_s, cpu0, dispatch, sync):
         t_gpu = 0.0
         issue = cpu0
         for j in range(n):
-            issue += dispatch
+            issue += host_s[j]
             g = gpu_s[j]
             v = var_index[j]
             if v >= 0:
@@ -41,7 +43,8 @@ def _pipeline(gpu_s, var_index, var_share, var_s, cpu0, dispatch, sync):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostLaunchedParams:
     cpu_overhead_s: float = 0.0   # engine host work per step before the first launch
-    dispatch_s: float = -1.0      # per-kernel host launch cost; < 0: the cost table's measured value
+    dispatch_s: float = -1.0      # >= 0: a uniform per-kernel host cost instead of the cost table's
+                                  # measured per-op host costs
 
     def __post_init__(self) -> None:
         if self.cpu_overhead_s < 0:
@@ -56,12 +59,20 @@ class HostLaunched:
 
     def __init__(self, params: HostLaunchedParams | None = None) -> None:
         self.p = params or HostLaunchedParams()
+        self._uniform: dict[int, np.ndarray] = {}
 
     def reserved_sms(self, sm_count: int) -> int:
         return 0
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
-        dispatch = self.p.dispatch_s if self.p.dispatch_s >= 0 else launch.dispatch_s
+        if self.p.dispatch_s >= 0 or seq.host_s is None:
+            dispatch = self.p.dispatch_s if self.p.dispatch_s >= 0 else launch.dispatch_s
+            host = self._uniform.get(seq.num_kernels)
+            if host is None or host[0] != dispatch:
+                host = self._uniform[seq.num_kernels] = np.full(seq.num_kernels, dispatch)
+            lead = 0.0
+        else:
+            host, lead = seq.host_s, seq.lead_s
         d = _pipeline(seq.gpu_s, seq.var_index, seq.var_share, np.ascontiguousarray(var_s, dtype=np.float64),
-                      self.p.cpu_overhead_s, dispatch, launch.sync_s)
+                      host, self.p.cpu_overhead_s + lead, launch.sync_s)
         return StepTiming(duration_s=d, launches=seq.num_kernels, syncs=1)

@@ -53,6 +53,8 @@ class RooflineBackend:
         self.p = params or RooflineParams()
         self.launch = roofline_launch(self.p)
         self.kernels = np.ones(len(ops.ops), dtype=np.int64)
+        self.host_call_s = self.launch.dispatch_s * self.kernels.astype(float)   # per op call
+        self.step_host_s = 0.0
         self.identity = {"backend": "roofline", "gpu": gpu.name, "params": self.p.__repr__()}
         self.extrapolations: dict[str, int] = {}
         self._compute_rate = np.array([
@@ -94,6 +96,15 @@ class RooflineBackend:
             got[self._attn] = 0.0
             self._cache[key] = got
         return got
+
+    def kernel_counts(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> np.ndarray:
+        """Kernels each op launches in this step (0 for ops that do not run)."""
+        k = self.kernels.copy()
+        for i, op in enumerate(self.ops.ops):
+            if ((op.rows == "prefill" and not has_prefill) or (op.rows == "decode" and not has_decode)
+                    or (op.rows == "sampled" and sampled == 0) or (op.table_op == "allreduce" and self.ops.tp == 1)):
+                k[i] = 0
+        return k
 
     def prefill_attention_time(self, q: np.ndarray, c: np.ndarray) -> float:
         i = self.ops.index["attn_prefill"]

@@ -39,7 +39,6 @@ class StepCostModel:
         self.execution = execution
         self.launch = backend.launch
         self.num_layers = ops.model.num_layers
-        self.kernels = np.asarray(backend.kernels, dtype=np.int64)
         per_layer = [op.per_layer for op in ops.ops]
         first = per_layer.index(True)
         last = len(per_layer) - 1 - per_layer[::-1].index(True)
@@ -52,37 +51,50 @@ class StepCostModel:
 
     # ---------------------------------------------------------------- kernel layout
     def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
+        """The step's kernels in launch order: GPU time (plus the backend's per-kernel switch cost),
+        variable-op shares, and the host time an eager engine spends issuing each one."""
         key = (tokens, sampled, has_prefill, has_decode)
         seq = self._seq_cache.get(key)
         if seq is not None:
             return seq
-        fixed = self.backend.fixed_times(tokens, sampled)
+        backend = self.backend
+        fixed = backend.fixed_times(tokens, sampled)
+        kernels = backend.kernel_counts(tokens, sampled, has_prefill, has_decode)
+        host = backend.host_call_s
+        switch = getattr(backend, "switch_s", 0.0)
 
         def layout(indices: list[int]):
-            g, vi, vs = [], [], []
+            g, vi, vs, hs = [], [], [], []
             for i in indices:
-                k = int(self.kernels[i])
+                k = int(kernels[i])
                 v = self._var.get(i)
+                if k <= 0:
+                    continue
                 if v is not None:
                     if (v == VAR_PREFILL and not has_prefill) or (v == VAR_DECODE and not has_decode):
                         continue
-                    g += [0.0] * k
+                    g += [switch] * k
                     vi += [v] * k
                     vs += [1.0 / k] * k
                 elif fixed[i] > 0:
-                    g += [fixed[i] / k] * k
+                    g += [fixed[i] / k + switch] * k
                     vi += [-1] * k
                     vs += [0.0] * k
-            return g, vi, vs
+                else:
+                    continue
+                hs += [host[i] / k] * k
+            return g, vi, vs, hs
 
-        hg, hv, hs = layout(self._head)
-        lg, lv, ls = layout(self._layer)
-        tg, tv, ts = layout(self._tail)
+        hg, hv, hs, hh = layout(self._head)
+        lg, lv, ls, lh = layout(self._layer)
+        tg, tv, ts, th = layout(self._tail)
         L = self.num_layers
         seq = KernelSequence(
             gpu_s=np.array(hg + lg * L + tg, dtype=np.float64),
             var_index=np.array(hv + lv * L + tv, dtype=np.int64),
-            var_share=np.array(hs + ls * L + ts, dtype=np.float64))
+            var_share=np.array(hs + ls * L + ts, dtype=np.float64),
+            host_s=np.array(hh + lh * L + th, dtype=np.float64),
+            lead_s=float(getattr(backend, "step_host_s", 0.0)))
         self._seq_cache[key] = seq
         return seq
 
@@ -126,6 +138,7 @@ class StepCostModel:
                                               shape.decode_ctx_sum, shape.num_sampled,
                                               max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))
         fixed = self.backend.fixed_times(shape.num_tokens, shape.num_sampled)
+        kern = self.backend.kernel_counts(shape.num_tokens, shape.num_sampled, has_p, has_d)
         flops, nbytes = ops.flops_bytes(shape)
         gpu = getattr(self.backend, "gpu", None)
         rows: list[OpCost] = []
@@ -149,6 +162,6 @@ class StepCostModel:
                 if max(compute, memory) >= 0.25:
                     bound = "compute" if compute >= memory else "memory"
             rows.append(OpCost(op.name, op.table_op, op.key, count, t * count, flops[i] * count,
-                               nbytes[i] * count, int(self.kernels[i]) * count, bound))
+                               nbytes[i] * count, int(kern[i]) * count, bound))
         overhead = duration - sum(r.time_s for r in rows)
         return duration, rows, overhead, launches, syncs

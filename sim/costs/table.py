@@ -14,6 +14,7 @@ backend counts extrapolated lookups per op for the run summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -115,7 +116,9 @@ class CostTable:
 
     def launch(self, fallback: LaunchCosts) -> LaunchCosts:
         got = self.meta.get("launch", {})
-        return LaunchCosts(**{f: float(got.get(f, getattr(fallback, f))) for f in LaunchCosts.__dataclass_fields__})
+        values = {f.name: float(got.get(f.name, getattr(fallback, f.name)))
+                  for f in dataclasses.fields(LaunchCosts) if f.type in ("float", float)}
+        return dataclasses.replace(fallback, **values)
 
     def link(self, name: str) -> tuple[float, float] | None:
         """(latency_s, bandwidth_bytes_per_s) of a measured link, e.g. 'pcie_h2d', or None."""
@@ -124,16 +127,23 @@ class CostTable:
 
 
 class Curve1D:
-    """time(x): piecewise-linear on the grid, clamped below, fitted line beyond (flagged)."""
+    """time(x): piecewise-linear on the grid, clamped below, fitted line beyond (flagged); and the
+    kernels one call launches at the nearest grid point (it can change with size: split-K GEMMs)."""
 
-    __slots__ = ("xs", "ts", "slope")
+    __slots__ = ("xs", "ts", "slope", "ks")
 
-    def __init__(self, xs: np.ndarray, ts: np.ndarray, tail: TailFit | None) -> None:
+    def __init__(self, xs: np.ndarray, ts: np.ndarray, tail: TailFit | None,
+                 kernels: np.ndarray | None = None) -> None:
         order = np.argsort(xs, kind="stable")
         xs, ts = np.asarray(xs, float)[order], np.asarray(ts, float)[order]
         ux, inv = np.unique(xs, return_inverse=True)
         self.xs = ux
         self.ts = np.array([np.median(ts[inv == i]) for i in range(ux.size)])
+        self.ks = None
+        if kernels is not None:
+            k = np.asarray(kernels, float)[order]
+            self.ks = np.array([np.nanmedian(k[inv == i]) if np.isfinite(k[inv == i]).any() else np.nan
+                                for i in range(ux.size)])
         if tail is not None:
             self.slope = max(tail.per_x_s, 0.0)
         elif ux.size >= 2:
@@ -146,6 +156,13 @@ class Curve1D:
         if x > xs[-1]:
             return float(self.ts[-1] + self.slope * (x - xs[-1])), True
         return float(np.interp(x, xs, self.ts)), bool(x < xs[0])
+
+    def kernels_at(self, x: float, default: int) -> int:
+        if self.ks is None:
+            return default
+        i = int(np.argmin(np.abs(np.log(np.maximum(self.xs, 1e-9)) - np.log(max(x, 1e-9)))))
+        k = self.ks[i]
+        return int(round(k)) if np.isfinite(k) and k > 0 else default
 
     def many(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         x = np.asarray(x, float)
@@ -166,8 +183,13 @@ class DecodeGrid:
         for b in self.batches:
             sel = points[points["x"] == b]
             self.rows.append(Curve1D(sel["y"].to_numpy(), sel["time_s"].to_numpy(),
-                                     TailFit(0.0, tail.per_xy_s * b, 0.0) if tail else None))
+                                     TailFit(0.0, tail.per_xy_s * b, 0.0) if tail else None,
+                                     sel["kernels"].to_numpy() if "kernels" in sel else None))
         self.tail = tail
+
+    def kernels_at(self, batch: int, ctx: float, default: int) -> int:
+        i = int(np.argmin(np.abs(np.log(self.batches) - np.log(max(batch, 1)))))
+        return self.rows[i].kernels_at(ctx, default)
 
     def many(self, batch: int, ctx_mean: np.ndarray) -> tuple[np.ndarray, int]:
         bs = self.batches
@@ -287,8 +309,11 @@ class TableBackend:
         self.missing = set(missing)
         if self.missing:
             self.identity["roofline_fallback_for"] = sorted(f"{op} {key}" for op, key in missing)
-        self.launch = table.launch(fallback.launch if fallback else RooflineBackend(ops, gpu).launch)
+        roof_launch = fallback.launch if fallback else RooflineBackend(ops, gpu).launch
+        self.launch = dataclasses.replace(table.launch(roof_launch), times_include_gap=True)
         self.kernels = np.array([table.kernels(op.table_op) for op in ops.ops], dtype=np.int64)
+        self.switch_s = float(table.meta.get("launch", {}).get("switch_s", 0.0))
+        self.host_call_s, self.step_host_s = self._host_model(table)
         self.curves: dict[int, Curve1D] = {}
         self.extrapolations: dict[str, int] = {}
         for i, op in enumerate(ops.ops):
@@ -298,7 +323,8 @@ class TableBackend:
                 continue
             pts = table.points(op.table_op, op.key)
             self.curves[i] = Curve1D(pts["x"].to_numpy(), pts["time_s"].to_numpy(),
-                                     table.tail(op.table_op, op.key))
+                                     table.tail(op.table_op, op.key),
+                                     pts["kernels"].to_numpy() if "kernels" in pts else None)
         ia, ip = ops.index["attn_decode"], ops.index["attn_prefill"]
         akey = ops.ops[ia].key
         self.decode = (DecodeGrid(table.points("attn_decode", akey), table.tail("attn_decode", akey))
@@ -307,6 +333,46 @@ class TableBackend:
                         if ("attn_prefill", akey) not in self.missing else None)
         self._ia, self._ip = ia, ip
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _host_model(self, table: CostTable) -> tuple[np.ndarray, float]:
+        """Host seconds per op call of an eager engine, and its per-step host work before the first
+        launch. Per-op call costs come from the tiny-shape call timings; when the table also measured
+        the engine's whole host cost per layer and per step, the per-layer ops are scaled to add up
+        to that (the engine's Python, views and glue count too) and the step's fixed part leads."""
+        launch = table.meta.get("launch", {})
+        per_op = launch.get("op_host_s", {})
+        ops = self.ops.ops
+        base = np.array([float(per_op.get(op.table_op, self.launch.dispatch_s * self.kernels[i]))
+                         for i, op in enumerate(ops)])
+        layer_s = launch.get("engine_layer_host_s")
+        step_s = launch.get("engine_step_host_s")
+        if layer_s:
+            # one layer runs one attention op (decode or prefill): price the layer with decode's
+            in_layer = np.array([op.per_layer and op.table_op != "attn_prefill" for op in ops])
+            scale = float(layer_s) / float(base[in_layer].sum())
+            base = np.where([op.per_layer for op in ops], base * scale, base)
+        lead = 0.0
+        if step_s:
+            outside = float(base[[not op.per_layer for op in ops]].sum())
+            lead = max(float(step_s) - outside - self.launch.sync_s, 0.0)
+        return base, lead
+
+    def kernel_counts(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> np.ndarray:
+        """Kernels each op launches in this step, from the counts measured at the nearest grid point
+        (0 for ops that do not run)."""
+        ops = self.ops
+        out = self.kernels.copy()
+        for i, op in enumerate(ops.ops):
+            if ((op.rows == "prefill" and not has_prefill) or (op.rows == "decode" and not has_decode)
+                    or (op.rows == "sampled" and sampled == 0) or (op.table_op == "allreduce" and ops.tp == 1)):
+                out[i] = 0
+                continue
+            curve = self.curves.get(i)
+            if curve is not None:
+                out[i] = curve.kernels_at(sampled if op.rows == "sampled" else tokens, int(out[i]))
+            elif op.rows == "decode" and self.decode is not None:
+                out[i] = self.decode.kernels_at(tokens, 1024.0, int(out[i]))
+        return out
 
     def _note(self, name: str, n: int = 1) -> None:
         self.extrapolations[name] = self.extrapolations.get(name, 0) + n
