@@ -260,7 +260,7 @@ def run(ctx: PartContext) -> list[dict]:
     rows += _graph_chains(torch, env, base, ctx)
 
     # 6. the reference engine's own host cost (tiny shapes: every step is host-bound)
-    rows += _engine_host(torch, base, ctx)
+    rows += _engine_host(torch, env, base, ctx)
 
     # 4. synchronize round trips
     try:
@@ -358,7 +358,7 @@ def _graph_chains(torch, env, base: dict, ctx: PartContext) -> list[dict]:
     return rows
 
 
-def _engine_host(torch, base: dict, ctx: PartContext) -> list[dict]:
+def _engine_host(torch, env, base: dict, ctx: PartContext) -> list[dict]:
     """Host seconds per eager step of the reference decoder at tiny shapes (GPU work negligible), for
     several layer counts: fixed + layers x per-layer host cost of the engine itself."""
     import statistics
@@ -375,7 +375,7 @@ def _engine_host(torch, base: dict, ctx: PartContext) -> list[dict]:
         spec = ModelSpec(name=f"tiny-{layers}", num_layers=layers, hidden_size=256, num_heads=4,
                          num_kv_heads=2, head_dim=64, ffn_size=512, vocab_size=1024, max_context_tokens=4096)
         try:
-            model = ReferenceModel(spec, device="cuda", kv_capacity_tokens=1024)
+            model = ReferenceModel(spec, device=env.device, kv_capacity_tokens=1024)
             for phase, batch, length in (("decode", 1, 64), ("prefill", 1, 64)):
                 step = model.make_step(phase, batch, length)
                 for _ in range(20):
