@@ -147,21 +147,31 @@ def utc_now() -> str:
 
 
 def code_version() -> str:
-    """``git describe --always --dirty`` of the checkout holding this package, else the package version."""
-    root = Path(__file__).resolve().parent.parent
+    """``git describe --always --dirty`` where the checkout has git; otherwise (the device machines get
+    a copy of the working tree without .git) the package version plus a hash of the sources that
+    decide what is measured and how: ``calibration/`` and ``sim/costs/``."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True)
-        if out.stdout.strip():
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("calibration/**/*.py"), *root.glob("sim/costs/*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     try:
-        from importlib import metadata
+        from importlib.metadata import version
 
-        return f"tiersim {metadata.version('tiersim')}"
-    except Exception:
-        return "unknown"
+        pkg = version("tiersim")
+    except Exception:  # noqa: BLE001 - not installed (e.g. run from a copied tree)
+        pkg = "0.1.0"
+    return f"tiersim-{pkg}+src.{digest.hexdigest()[:12]}"
 
 
 def command_line() -> str:

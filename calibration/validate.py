@@ -39,8 +39,14 @@ def _measurement_files(table_dir: Path, given: list[str] | None) -> list[Path]:
 
     if given:
         files = [Path(g) for g in given]
-    else:
-        files = sorted(table_dir.glob("raw/validation*.parquet")) + sorted(table_dir.glob("repeat*/validation*.parquet"))
+    else:   # the table's own run first, then earlier or repeat runs kept beside it
+        files = sorted(table_dir.glob("raw/validation*.parquet")) + sorted(table_dir.glob("runs/*/raw/validation*.parquet"))
+    if not given:   # quick (smoke) runs use toy shapes: not a validation of anything
+        def quick(f: Path) -> bool:
+            meta = (f.parent.parent / "metadata.json")
+            return meta.exists() and bool(json.loads(meta.read_text()).get("quick"))
+
+        files = [f for f in files if not quick(f)]
     missing = [f for f in files if not f.exists()]
     if missing:
         raise CostTableError(f"{missing[0]}: validation measurements not found")
@@ -52,10 +58,11 @@ def _measurement_files(table_dir: Path, given: list[str] | None) -> list[Path]:
 
 def load_measurements(files: list[Path]) -> pd.DataFrame:
     frames = []
-    for f in files:
+    for i, f in enumerate(files):
         d = pd.read_parquet(f)
         d = d[d["part"] == "validation"].copy()
-        d["source"] = f.parent.name if f.parent.name != "raw" else f.parent.parent.name
+        run = f.parent.parent if f.parent.name == "raw" else f.parent
+        d["source"] = "table run" if run.parent.name != "runs" else f"runs/{run.name}"
         frames.append(d)
     m = pd.concat(frames, ignore_index=True)
     extra = [json.loads(e) if e else {} for e in m["extra"]]
@@ -109,27 +116,25 @@ def predict(m: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
     return out
 
 
+def _stats(source: str, phase: str, mode: str, g: pd.DataFrame) -> dict:
+    e = g["abs_error"].to_numpy()
+    tgt = TARGETS.get(mode, {})
+    r = {"source": source, "phase": phase, "mode": mode, "points": int(len(g)),
+         "median_abs_error": float(np.median(e)), "p95_abs_error": float(np.percentile(e, 95)),
+         "max_abs_error": float(e.max()), "mean_signed_error": float(g["error"].mean()), "targets": dict(tgt)}
+    r["meets_targets"] = all((r["median_abs_error"] if k == "median" else r["p95_abs_error"]) <= v
+                             for k, v in tgt.items()) if tgt else None
+    return r
+
+
 def summarize(points: pd.DataFrame) -> list[dict]:
+    """Error percentiles per measurement source, phase and mode, and per source and mode."""
     rows = []
-    for (phase, mode), g in points.groupby(["phase", "mode"], sort=True):
-        e = g["abs_error"].to_numpy()
-        r = {"phase": phase, "mode": mode, "points": int(len(g)), "median_abs_error": float(np.median(e)),
-             "p95_abs_error": float(np.percentile(e, 95)), "max_abs_error": float(e.max()),
-             "mean_signed_error": float(g["error"].mean())}
-        tgt = TARGETS.get(mode, {})
-        r["targets"] = {k: v for k, v in tgt.items()}
-        r["meets_targets"] = all((r["median_abs_error"] if k == "median" else r["p95_abs_error"]) <= v
-                                 for k, v in tgt.items()) if tgt else None
-        rows.append(r)
-    for mode, g in points.groupby("mode", sort=True):
-        e = g["abs_error"].to_numpy()
-        tgt = TARGETS.get(mode, {})
-        r = {"phase": "all", "mode": mode, "points": int(len(g)), "median_abs_error": float(np.median(e)),
-             "p95_abs_error": float(np.percentile(e, 95)), "max_abs_error": float(e.max()),
-             "mean_signed_error": float(g["error"].mean()), "targets": tgt}
-        r["meets_targets"] = all((r["median_abs_error"] if k == "median" else r["p95_abs_error"]) <= v
-                                 for k, v in tgt.items()) if tgt else None
-        rows.append(r)
+    for source, s in points.groupby("source", sort=False):
+        for (phase, mode), g in s.groupby(["phase", "mode"], sort=True):
+            rows.append(_stats(source, phase, mode, g))
+        for mode, g in s.groupby("mode", sort=True):
+            rows.append(_stats(source, "all", mode, g))
     return rows
 
 
@@ -184,22 +189,23 @@ def write_report(points: pd.DataFrame, summary: list[dict], out: Path, table_dir
     cols = ["model", "phase", "mode", "batch", "tokens", "measured_s", "predicted_s", "error", "kernels",
             "kernels_predicted", "extrapolated", "attention_backend", "source"]
     points[cols].sort_values(["model", "phase", "mode", "batch", "tokens"]).to_csv(out / "points.csv", index=False)
-    plot(points, out / "pred_vs_meas.png")
+    plot(points[points["source"] == "table run"], out / "pred_vs_meas.png")
     ident = CostTable(table_dir).identity
     lines = ["# tiersim validation report", "",
              f"Cost table: `{ident['table']}` (sha256 `{ident['sha256'][:16]}…`, GPU {ident['gpu']}, "
              f"created {ident['created_utc']}).",
              f"Measurements: {', '.join(str(f) for f in files)} — {len(points)} steps of the PyTorch "
              f"reference decoder.", "",
-             "| phase | mode | points | median abs. error | p95 abs. error | max abs. error | mean signed | target | met |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| measured in | phase | mode | points | median abs. error | p95 abs. error | max abs. error | "
+             "mean signed | target | met |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in summary:
         tgt = ", ".join(f"{k} ≤ {_pct(v)}" for k, v in r["targets"].items()) or "-"
         met = "-" if r["meets_targets"] is None else ("yes" if r["meets_targets"] else "no")
-        lines.append(f"| {r['phase']} | {r['mode']} | {r['points']} | {_pct(r['median_abs_error'])} | "
+        lines.append(f"| {r['source']} | {r['phase']} | {r['mode']} | {r['points']} | {_pct(r['median_abs_error'])} | "
                      f"{_pct(r['p95_abs_error'])} | {_pct(r['max_abs_error'])} | {_pct(r['mean_signed_error'])} | "
                      f"{tgt} | {met} |")
-    worst = points.sort_values("abs_error", ascending=False).head(12)
+    worst = points[points["source"] == "table run"].sort_values("abs_error", ascending=False).head(12)
     lines += ["", "Largest errors:", "",
               "| model | phase | mode | batch | tokens | measured ms | predicted ms | error | kernels meas./pred. |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
@@ -224,11 +230,11 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{'phase':8}{'mode':7}{'points':>7}{'median':>9}{'p95':>9}{'max':>9}  target")
+        print(f"{'measured in':26}{'phase':8}{'mode':7}{'points':>7}{'median':>9}{'p95':>9}{'max':>9}  target")
         for r in summary:
             tgt = ", ".join(f"{k} <= {_pct(v)}" for k, v in r["targets"].items())
             met = "" if r["meets_targets"] is None else ("  met" if r["meets_targets"] else "  MISSED")
-            print(f"{r['phase']:8}{r['mode']:7}{r['points']:>7}{_pct(r['median_abs_error']):>9}"
+            print(f"{r['source']:26}{r['phase']:8}{r['mode']:7}{r['points']:>7}{_pct(r['median_abs_error']):>9}"
                   f"{_pct(r['p95_abs_error']):>9}{_pct(r['max_abs_error']):>9}  {tgt}{met}")
         print(f"report: {out}/report.md, {out}/pred_vs_meas.png, {out}/points.csv")
     return 0

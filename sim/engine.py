@@ -254,14 +254,18 @@ class Simulation:
         if self.progress is None:
             env.run()
         else:
-            chunk = max(span / 200.0, 1.0)
-            last_report = 0.0
-            while env.peek() < float("inf"):
-                env.run(until=max(env.now, env.peek()) + chunk)
-                wall = time.perf_counter() - wall0
-                if wall - last_report >= 0.5:
-                    last_report = wall
-                    self.progress(Progress(self.requests.num_done, n, env.now, span, wall))
+            # the same event loop as env.run(), with a wall-clock check every 1024 events
+            # (env.run(until=...) in chunks would leave its stop events queued)
+            step, peek, inf = env.step, env.peek, float("inf")
+            last_report, i = 0.0, 0
+            while peek() < inf:
+                step()
+                i += 1
+                if not i & 1023:
+                    wall = time.perf_counter() - wall0
+                    if wall - last_report >= 0.5:
+                        last_report = wall
+                        self.progress(Progress(self.requests.num_done, n, env.now, span, wall))
             self.progress(Progress(self.requests.num_done, n, env.now, span, time.perf_counter() - wall0))
         wall_run = time.perf_counter() - wall0
         for r in self.replicas:

@@ -38,6 +38,15 @@ def test_same_config_and_seed_give_byte_identical_results(tmp_path, capsys):
     assert a == b
 
 
+def test_progress_display_does_not_change_results(tmp_path, capsys):
+    assert run_cli(capsys, "run", "--out", str(tmp_path / "a"), *SMALL)[0] == 0
+    args = [a for a in SMALL if a != "--no-progress"]
+    rc, out, err = run_cli(capsys, "run", "--out", str(tmp_path / "b"), *args)
+    assert rc == 0
+    for f in ("summary.json", "requests.parquet", "steps.parquet"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
 def test_written_config_reproduces_the_run(tmp_path, capsys):
     assert run_cli(capsys, "run", "--out", str(tmp_path / "a"), *SMALL)[0] == 0
     assert run_cli(capsys, "run", "--config", str(tmp_path / "a" / "config.toml"), "--out",
