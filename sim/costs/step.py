@@ -159,7 +159,7 @@ class StepCostModel:
             if gpu is not None and t > 0:
                 compute = flops[i] / t / gpu.peak_bf16_flops
                 memory = nbytes[i] / t / gpu.hbm_bandwidth_bytes_per_s
-                if max(compute, memory) >= 0.25:
+                if max(compute, memory) >= 0.10:
                     bound = "compute" if compute >= memory else "memory"
             rows.append(OpCost(op.name, op.table_op, op.key, count, t * count, flops[i] * count,
                                nbytes[i] * count, int(kern[i]) * count, bound))
