@@ -251,22 +251,22 @@ class Simulation:
         env.process(self._arrivals(env))
         span = float(self.trace.arrival_s[-1]) if len(self.trace) else 0.0
         n = len(self.trace)
-        if self.progress is None:
-            env.run()
-        else:
-            # the same event loop as env.run(), with a wall-clock check every 1024 events
-            # (env.run(until=...) in chunks would leave its stop events queued)
-            step, peek, inf = env.step, env.peek, float("inf")
-            last_report, i = 0.0, 0
-            while peek() < inf:
-                step()
-                i += 1
-                if not i & 1023:
-                    wall = time.perf_counter() - wall0
-                    if wall - last_report >= 0.5:
-                        last_report = wall
-                        self.progress(Progress(self.requests.num_done, n, env.now, span, wall))
-            self.progress(Progress(self.requests.num_done, n, env.now, span, time.perf_counter() - wall0))
+        # env.run() with an event counter and, when asked, a wall-clock check every 1024 events
+        # (env.run(until=...) in chunks would leave its stop events queued)
+        step, peek, inf = env.step, env.peek, float("inf")
+        progress = self.progress
+        last_report, events = 0.0, 0
+        while peek() < inf:
+            step()
+            events += 1
+            if progress is not None and not events & 1023:
+                wall = time.perf_counter() - wall0
+                if wall - last_report >= 0.5:
+                    last_report = wall
+                    progress(Progress(self.requests.num_done, n, env.now, span, wall))
+        if progress is not None:
+            progress(Progress(self.requests.num_done, n, env.now, span, time.perf_counter() - wall0))
+        self.events = events
         wall_run = time.perf_counter() - wall0
         for r in self.replicas:
             if r.has_work():
@@ -320,7 +320,8 @@ class Simulation:
             "swap_copies_dropped": int(sum(r.num_swap_drops for r in reps)),
         }
         cost_notes = {"extrapolated_lookups": dict(sorted(self.backend.extrapolations.items()))}
-        timing = {"wall_s": wall_run, "simulated_s": float(self.env.now),
+        timing = {"wall_s": wall_run, "simulated_s": float(self.env.now), "events": self.events,
+                  "events_per_wall_s": self.events / wall_run if wall_run > 0 else None,
                   "requests_per_wall_s": len(self.trace) / wall_run if wall_run > 0 else None,
                   "steps_per_wall_s": sum(r.steps.n for r in reps) / wall_run if wall_run > 0 else None,
                   "decode_runs": engine["decode_runs"]}
