@@ -4,6 +4,7 @@
     tiersim trace describe FILE [--format F] [--json]
     tiersim list [policies|gpus|models|servers|traces|tables]
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
+    tiersim sweep --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4 --out DIR
     tiersim calibrate --out DIR [--quick] [--parts ...]
     tiersim validate [--measurements FILE] [--out DIR]
 
@@ -253,6 +254,23 @@ def cmd_predict_step(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from sim.config import SimConfig, load_config, with_overrides
+    from sim.sweep import grid, parse_axis, run_sweep
+
+    config = load_config(args.config) if args.config else SimConfig()
+    if args.set:
+        config = with_overrides(config, list(args.set))
+    axes = dict(parse_axis(a) for a in args.grid)
+    table = run_sweep(config, grid(axes), args.out, progress=None if args.quiet else print)
+    if not args.quiet:
+        cols = [c for c in table.columns if c.startswith("set:")] + [
+            c for c in ("status", "ttft_p99_s", "itl_p99_s", "throughput_tok_s", "goodput_req_s") if c in table]
+        print(table[cols].to_string(index=False))
+        print(f"results: {args.out}/ (sweep.csv, sweep.jsonl, one directory per run)")
+    return 0 if (table["status"].str.startswith("done")).all() else 1
+
+
 def cmd_calibrate(args) -> int:
     from calibration import cli as calibration_cli
 
@@ -315,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--fallback", choices=["error", "roofline"], default="error")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_predict_step)
+
+    sw = sub.add_parser("sweep", help="run a grid of config variants; finished runs survive crashes")
+    sw.add_argument("--config", help="base TOML config")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base key")
+    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                    help="an axis of the sweep (repeat for a cartesian product)")
+    sw.add_argument("--out", required=True, help="sweep directory (rerunning resumes)")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
 
     ca = sub.add_parser("calibrate", help="measure this machine's GPU and fit a cost table")
     try:
