@@ -109,6 +109,9 @@ class SchedulerView(Protocol):
     def swap_in_blocks(self, req: RequestLike) -> int:
         """HBM blocks a swapped request needs to come back."""
 
+    def decode_blocks_needed(self, reqs: Sequence[RequestLike]) -> list[int]:
+        """For running requests about to process one token each: new blocks each needs (0 or 1)."""
+
     def blocks_freed_by_release(self, req: RequestLike) -> int:
         """HBM blocks that preempting ``req`` would make available (its unshared blocks)."""
 
@@ -214,25 +217,83 @@ class LaunchCosts:
     times_include_gap: bool = False
 
 
-@dataclass(frozen=True, slots=True)
 class KernelSequence:
-    """The kernels of one step in launch order.
+    """The kernels of one step, described per op and expanded to launch order on demand.
 
-    ``gpu_s[j]``: GPU time of kernel j from the fixed ops; kernels of variable ops (attention, whose
-    time changes from step to step in a decode run) add ``var_s[:, var_index[j]] * var_share[j]``
-    (``var_index`` is -1 for fixed kernels). ``host_s[j]``: host time an eager engine spends to issue
-    kernel j (its share of the op call's framework cost); ``lead_s``: host work before the first one.
+    Ops run in order: the ops before the first per-layer op once, the per-layer ops ``num_layers``
+    times, the rest once. Op ``i`` launches ``op_kernels[i]`` kernels per call (0: it does not run in
+    this step), each taking ``op_gpu_s[i] / op_kernels[i]`` plus ``switch_s`` of GPU time; a variable op
+    (``op_var[i] >= 0``: attention, whose time changes from step to step within a decode run) adds its
+    per-call time ``var_s[:, op_var[i]]`` split evenly over its kernels. An eager engine spends
+    ``op_host_s[i]`` of host time issuing a call, spread over its kernels, after ``lead_s`` of host work
+    per step.
+
+    The aggregates (``num_kernels``, ``total_gpu_s``, ``var_weight``) are all that whole-step policies
+    such as CUDA graphs need; the per-kernel arrays (``gpu_s``, ``var_index``, ``var_share``,
+    ``host_s``, in launch order) are built on first use, for policies that walk kernels one by one.
     """
 
-    gpu_s: np.ndarray
-    var_index: np.ndarray
-    var_share: np.ndarray
-    host_s: np.ndarray | None = None   # host time to issue each kernel when launched eagerly
-    lead_s: float = 0.0                # host time of a step before its first launch
+    __slots__ = ("op_gpu_s", "op_kernels", "op_var", "op_host_s", "op_repeat", "switch_s", "lead_s",
+                 "num_kernels", "total_gpu_s", "var_weight", "var_terms", "_arrays")
+
+    def __init__(self, *, op_gpu_s: np.ndarray, op_kernels: np.ndarray, op_var: np.ndarray,
+                 op_host_s: np.ndarray, op_repeat: np.ndarray, switch_s: float = 0.0, lead_s: float = 0.0,
+                 num_var: int = 2) -> None:
+        self.op_gpu_s, self.op_kernels, self.op_var = op_gpu_s, op_kernels, op_var
+        self.op_host_s, self.op_repeat = op_host_s, op_repeat
+        self.switch_s, self.lead_s = float(switch_s), float(lead_s)
+        runs = op_kernels > 0
+        calls = np.where(runs, op_repeat, 0)
+        self.num_kernels = int((op_kernels * calls).sum())
+        fixed = np.where(op_var < 0, op_gpu_s, 0.0)
+        self.total_gpu_s = float((calls * (fixed + op_kernels * switch_s)).sum())
+        self.var_weight = np.zeros(num_var)
+        for v in range(num_var):
+            self.var_weight[v] = float(calls[op_var == v].sum())
+        # (variable op, weight) pairs with a nonzero weight, as Python numbers for per-step arithmetic
+        self.var_terms = tuple((v, float(w)) for v, w in enumerate(self.var_weight) if w)
+        self._arrays = None
+
+    def _expand(self):
+        if self._arrays is None:
+            k = self.op_kernels
+            runs = k > 0
+            per = np.where(runs, k, 1)
+            g = np.where(self.op_var < 0, self.op_gpu_s / per, 0.0) + self.switch_s
+            share = np.where(self.op_var >= 0, 1.0 / per, 0.0)
+            h = self.op_host_s / per
+            rep = self.op_repeat
+            layer = rep > 1
+            first = int(np.argmax(layer)) if layer.any() else len(rep)
+            last = len(rep) - int(np.argmax(layer[::-1])) if layer.any() else len(rep)
+            L = int(rep[first]) if layer.any() else 1
+            parts = []
+            for a in (g, self.op_var, share, h):
+                kern = np.repeat(a, np.where(runs, k, 0))
+                head = np.repeat(a[:first], np.where(runs[:first], k[:first], 0))
+                mid = np.repeat(a[first:last], np.where(runs[first:last], k[first:last], 0))
+                tail = np.repeat(a[last:], np.where(runs[last:], k[last:], 0))
+                del kern
+                parts.append(np.concatenate([head, np.tile(mid, L), tail]))
+            self._arrays = (parts[0].astype(np.float64), parts[1].astype(np.int64), parts[2].astype(np.float64),
+                            parts[3].astype(np.float64))
+        return self._arrays
 
     @property
-    def num_kernels(self) -> int:
-        return int(self.gpu_s.shape[0])
+    def gpu_s(self) -> np.ndarray:
+        return self._expand()[0]
+
+    @property
+    def var_index(self) -> np.ndarray:
+        return self._expand()[1]
+
+    @property
+    def var_share(self) -> np.ndarray:
+        return self._expand()[2]
+
+    @property
+    def host_s(self) -> np.ndarray:
+        return self._expand()[3]
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,13 @@ class Simulation:
         bs = self.config.replica.block_size_tokens
         replicas = self.replicas
         views = [r.state_view for r in replicas]
+        cursor = [0]
+
+        def next_arrival() -> float:
+            return float(t[cursor[0]]) if cursor[0] < n else float("inf")
+
+        for r in replicas:
+            r.next_arrival_s = next_arrival
         route = self.routing.route
         needs_state = getattr(self.routing, "needs_state", False)
         i = 0
@@ -238,6 +245,7 @@ class Simulation:
                                        f"{len(replicas)}")
                 replicas[k].submit(req)
                 i += 1
+                cursor[0] = i
 
     # ------------------------------------------------------------------ running
     def run(self) -> Results:

@@ -29,16 +29,25 @@ REJECT_REASONS = ("", "exceeds max_model_len", "exceeds KV capacity", "exceeds s
                   "could not be scheduled")
 
 
+FLOAT_COLUMNS = ("start_s", "duration_s", "end_s")
+INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in FLOAT_COLUMNS)     # "step" first
+
+
 class StepLog:
-    """Growable columns, one row per engine step of one replica. ``end_s`` is always kept (token
-    times need it); the other columns only when the step log is enabled."""
+    """One row per engine step of one replica, in two preallocated 2-D buffers (times; counts and
+    bytes) that grow by doubling. End times are always kept (token times need them); the other columns
+    only when the step log is enabled. Buffers are zero-filled: a column a writer leaves out reads 0."""
 
     def __init__(self, enabled: bool, capacity: int = 1 << 14) -> None:
         self.enabled = enabled
         self.n = 0
         self.cap = capacity
-        self.end_s = np.empty(capacity, dtype=np.float64)
-        self.cols = {k: np.empty(capacity, dtype=t) for k, t in STEP_COLUMNS.items()} if enabled else {}
+        self.f = np.zeros((capacity, 3), dtype=np.float64)
+        self.i = np.zeros((capacity, len(INT_COLUMNS)), dtype=np.int64) if enabled else np.zeros((0, 0), np.int64)
+
+    @property
+    def end_s(self) -> np.ndarray:
+        return self.f[:, 2]
 
     def _reserve(self, extra: int) -> None:
         need = self.n + extra
@@ -47,49 +56,89 @@ class StepLog:
         cap = self.cap
         while cap < need:
             cap *= 2
-        self.end_s = np.resize(self.end_s, cap)
-        for k in self.cols:
-            self.cols[k] = np.resize(self.cols[k], cap)
+        f = np.zeros((cap, 3))
+        f[:self.n] = self.f[:self.n]
+        self.f = f
+        if self.enabled:
+            i = np.zeros((cap, self.i.shape[1]), dtype=np.int64)
+            i[:self.n] = self.i[:self.n]
+            self.i = i
         self.cap = cap
 
     def append(self, start_s: float, duration_s: float, end_s: float, row: tuple) -> None:
-        """One step. ``row`` holds the STEP_COLUMNS after start/duration, in order (step implied)."""
+        """One step. ``row`` holds the integer columns after ``step``, in STEP_COLUMNS order."""
         if self.n == self.cap:
             self._reserve(1)
         i = self.n
-        self.end_s[i] = end_s
+        self.f[i] = (start_s, duration_s, end_s)
         if self.enabled:
-            c = self.cols
-            c["step"][i] = i
-            c["start_s"][i] = start_s
-            c["duration_s"][i] = duration_s
-            (c["num_seqs"][i], c["prefill_seqs"][i], c["prefill_tokens"][i], c["decode_seqs"][i],
-             c["tokens"][i], c["hbm_active_bytes"][i], c["hbm_cached_bytes"][i], c["hbm_locked_bytes"][i],
-             c["dram_used_bytes"][i], c["nvme_used_bytes"][i], c["frag_tokens"][i], c["launches"][i],
-             c["syncs"][i], c["preemptions"][i]) = row
+            self.i[i] = (i, *row)
         self.n = i + 1
 
-    def extend(self, starts: np.ndarray, durations: np.ndarray, ends: np.ndarray, **columns) -> None:
-        """Many steps at once; ``columns`` maps the remaining STEP_COLUMNS to scalars or arrays."""
+    def reserve_block(self, k: int) -> int:
+        """Room for ``k`` more rows; returns the first row's index (the caller fills, then commits)."""
+        self._reserve(k)
+        return self.n
+
+    def extend_ends(self, ends: np.ndarray) -> None:
+        """Steps known only by their end times (the step log is off)."""
         k = ends.shape[0]
         self._reserve(k)
-        i = self.n
-        self.end_s[i:i + k] = ends
-        if self.enabled:
-            c = self.cols
-            c["step"][i:i + k] = np.arange(i, i + k)
-            c["start_s"][i:i + k] = starts
-            c["duration_s"][i:i + k] = durations
-            for name, value in columns.items():
-                c[name][i:i + k] = value
-        self.n = i + k
+        self.f[self.n:self.n + k, 2] = ends
+        self.n += k
+
+    def column(self, name: str) -> np.ndarray:
+        if name in FLOAT_COLUMNS:
+            return self.f[:self.n, FLOAT_COLUMNS.index(name)]
+        return self.i[:self.n, INT_COLUMNS.index(name)]
 
     def frame(self, replica: int):
         import pandas as pd
 
         data = {"replica": np.full(self.n, replica, dtype=np.int16)}
-        data.update({k: v[:self.n] for k, v in self.cols.items()})
+        for k, t in STEP_COLUMNS.items():
+            if k != "end_s":
+                data[k] = self.column(k).astype(t)
         return pd.DataFrame(data)
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_run_rows(f, ib, row0, c, upto, start, ends, durations, allocs, free0, cached0, active0, held0,
+                  inflight, nc_sum, B, bs, bpb, dram, nvme, launches, syncs):
+    """Write steps c..upto-1 of a decode run into the log buffers at ``row0``: times, and the KV state
+    at each step's start after its allocation (allocations take free blocks first, then evict cached
+    ones). Integer columns follow INT_COLUMNS: step, num_seqs, prefill_seqs, prefill_tokens, decode_seqs,
+    tokens, hbm_active, hbm_cached, hbm_locked, dram_used, nvme_used, frag_tokens, launches, syncs,
+    preemptions."""
+    cum = 0
+    for s in range(c):
+        cum += allocs[s]
+    for j in range(upto - c):
+        s = c + j
+        r = row0 + j
+        f[r, 0] = start if s == 0 else ends[s - 1]
+        f[r, 1] = durations[s]
+        f[r, 2] = ends[s]
+        if ib.shape[0] == 0:
+            continue
+        cum += allocs[s]
+        ev = cum - free0
+        if ev < 0:
+            ev = 0
+        act = active0 + cum
+        lk = held0 + cum + inflight
+        ib[r, 0] = r
+        ib[r, 1] = B
+        ib[r, 4] = B
+        ib[r, 5] = B
+        ib[r, 6] = act * bpb
+        ib[r, 7] = (cached0 - ev) * bpb
+        ib[r, 8] = (lk if lk < act else act) * bpb
+        ib[r, 9] = dram
+        ib[r, 10] = nvme
+        ib[r, 11] = (held0 + cum) * bs - (nc_sum + B * (s + 1))
+        ib[r, 12] = launches
+        ib[r, 13] = syncs
 
 
 @numba.njit(cache=True)
@@ -240,7 +289,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], meta
     offsets = np.zeros(len(step_logs) + 1, dtype=np.int64)
     for r, log in enumerate(step_logs):
         offsets[r + 1] = offsets[r] + log.n
-    step_end = np.concatenate([log.end_s[:log.n] for log in step_logs]) if step_logs else np.empty(0)
+    step_end = np.concatenate([log.column("end_s") for log in step_logs]) if step_logs else np.empty(0)
     itl = np.full((n, 4), np.nan)
     total_tokens = int(requests.generated.sum())
     gaps = np.empty(max(total_tokens, 1))
@@ -283,7 +332,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], meta
                  for k in np.unique(requests.reason[rejected])}
     out_tokens = int(requests.generated[done].sum())
     prompt_tokens = int(trace.prompt_tokens[done].sum())
-    busy = sum(float(log.cols["duration_s"][:log.n].sum()) for log in step_logs if log.enabled)
+    busy = sum(float(log.column("duration_s").sum()) for log in step_logs if log.enabled)
     num_steps = int(sum(log.n for log in step_logs))
     summary = {
         **metadata,

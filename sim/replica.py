@@ -23,10 +23,11 @@ import simpy
 
 from policies.base import RequestState, StepPlan
 from sim.costs.step import StepCostModel
+from sim.decode_run import plan_run
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import PCIeLink
 from sim.memory.tiers import TieredKV
-from sim.metrics import REJECT_REASONS, RequestLog, StepLog
+from sim.metrics import REJECT_REASONS, RequestLog, StepLog, fill_run_rows
 from sim.request import Request
 
 WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN = (RequestState.WAITING, RequestState.RUNNING,
@@ -34,6 +35,7 @@ WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN = (RequestState.WAITING, Re
                                                          RequestState.SWAPPING_IN)
 _REASON = {r: i for i, r in enumerate(REJECT_REASONS)}
 MAX_RUN_STEPS = 4096
+_NO_CHUNKS = np.empty(0, dtype=np.int64)
 
 
 def exact_delay(now: float, target: float) -> float:
@@ -90,6 +92,10 @@ class SchedulerViewImpl:
 
     def swap_in_blocks(self, req) -> int:
         return len(req.dram_blocks)
+
+    def decode_blocks_needed(self, reqs) -> list[int]:
+        bs = self.block_size
+        return [1 if r.num_computed >= len(r.blocks) * bs else 0 for r in reqs]
 
     def blocks_freed_by_release(self, req) -> int:
         return self._kv.blocks_freed_by_release(req)
@@ -171,6 +177,9 @@ class Replica:
         self.state_view = ReplicaStateView(self)
         self._wake: simpy.Event | None = None
         self._run: _Run | None = None
+        self._last_step_s = 0.0
+        self._t_end = -1.0          # exact end of the last step (see _clock)
+        self.next_arrival_s = lambda: math.inf   # the cluster sets this: when the next request arrives
         self._in_run = False
         self._stop_run = False
         self.check_invariants = False   # tests turn this on: O(blocks) checks after every step
@@ -206,10 +215,14 @@ class Replica:
         return ""
 
     def notify(self) -> None:
-        """Something changed (arrival, transfer done): wake an idle replica, or cut a decode run short."""
+        """Something changed (arrival, transfer done): wake an idle replica, or cut a decode run short
+        (unless the run already ends with the step in progress)."""
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
         elif self._in_run and not self._stop_run:
+            run = self._run
+            if run is not None and (run.K == 1 or run.ends[run.K - 2] <= self.env.now):
+                return      # the step in progress is the run's last: the replica plans again after it
             self._stop_run = True
             self.process.interrupt()
 
@@ -226,7 +239,7 @@ class Replica:
                 yield self._wake
                 self._wake = None
                 continue
-            now = env.now
+            now = self._clock()
             plan = self.scheduler.schedule(self.view, now)
             step = self._apply(plan, now)
             if not (step.prefill or step.decode):
@@ -245,6 +258,14 @@ class Replica:
                 yield from self._single_step(step)
             if self.check_invariants:
                 self.check()
+
+    def _clock(self) -> float:
+        """The replica's time: the exact end of its last step when it has just finished one (SimPy's
+        clock can sit one ulp off it: for some pairs no delay d makes now + d round to the planned
+        end), otherwise SimPy's. Step arithmetic thus never depends on how SimPy rounded."""
+        now = self.env.now
+        t = self._t_end
+        return t if abs(now - t) <= 4.0 * math.ulp(t) else now
 
     def _unblock(self, now: float) -> None:
         """The scheduler planned nothing although work is queued and nothing is in flight: if the
@@ -298,11 +319,12 @@ class Replica:
         if admitted:
             self._dequeue_admitted(admitted)
         decode = []
+        bs = kv.block_size
         for req in plan.decode:
-            if req.state != RUNNING or req.tokens_to_compute != 1:
+            if req.state != RUNNING or req.prompt_tokens + req.num_generated - req.num_computed != 1:
                 raise RuntimeError(f"scheduling policy {self.scheduler.name!r} put request {req.req_id} "
                                    f"in the decode list but it is not decoding")
-            if kv.grow(req, 1, now):
+            if req.num_computed < len(req.blocks) * bs or kv.grow(req, 1, now):
                 decode.append(req)
         drafts = None
         if decode and not getattr(self.speculation, "emits_one_token", False):
@@ -423,9 +445,12 @@ class Replica:
     # ================================================================== one step
     def _single_step(self, step: _Step):
         env = self.env
-        start = env.now
-        pq = np.fromiter((n for _, n in step.prefill), dtype=np.int64, count=len(step.prefill))
-        pc = np.fromiter((r.num_computed for r, _ in step.prefill), dtype=np.int64, count=len(step.prefill))
+        start = self._clock()
+        if step.prefill:
+            pq = np.array([n for _, n in step.prefill], dtype=np.int64)
+            pc = np.array([r.num_computed for r, _ in step.prefill], dtype=np.int64)
+        else:
+            pq = pc = _NO_CHUNKS
         sampled = sum(1 for r, n in step.prefill if r.num_computed + n == r.num_tokens) + len(step.decode)
         nd = len(step.decode)
         query = 1
@@ -447,7 +472,8 @@ class Replica:
                 syncs += s_
         end = start + duration
         self._log_step(start, duration, end, step, pq, launches, syncs)
-        yield env.timeout(exact_delay(start, end))
+        yield env.timeout(exact_delay(env.now, end))
+        self._t_end = end
         self._commit(step, self.steps.n - 1, end)
 
     def _log_step(self, start, duration, end, step, pq, launches, syncs) -> None:
@@ -524,58 +550,45 @@ class Replica:
         step whose block allocation could fail, or early when :meth:`notify` interrupts the run."""
         env = self.env
         kv = self.kv
+        hbm = kv.hbm
         bs = kv.block_size
         reqs = step.decode
         B = len(reqs)
-        nc = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=B)   # before step 0
-        rem = np.fromiter((r.output_tokens - r.num_generated for r in reqs), dtype=np.int64, count=B)
-        k_max = int(min(rem.min(), MAX_RUN_STEPS))
-        # step s >= 1 allocates a block for request r when (nc_r + s) % bs == 0, i.e. at s = first_r + m*bs
-        first = (bs - nc % bs) % bs
-        first[first == 0] = bs
-        avail = kv.hbm.num_available
-
-        def allocs_through(s: int) -> int:   # blocks needed by steps 1..s
-            return int(np.maximum((s - first) // bs + 1, 0).sum()) if s >= 1 else 0
-
-        if allocs_through(k_max - 1) > avail:
-            lo, hi = 1, k_max - 1     # largest K with allocs_through(K - 1) <= avail
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if allocs_through(mid - 1) <= avail:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            k_max = lo
-        K = k_max
-        s_idx = np.arange(K, dtype=np.int64)
+        nc = np.array([r.num_computed for r in reqs], dtype=np.int64)                 # KV before step 0
+        rem = np.array([r.output_tokens - r.num_generated for r in reqs], dtype=np.int64)
+        now = self._clock()
+        t_next = self.next_arrival_s()
+        K, allocs, who, when, held0 = plan_run(nc, rem, bs, hbm.num_available, self._run_cap(now, t_next))
+        nc_sum = int(nc.sum())
         if self.dense:
-            ctx_sums = (int(nc.sum()) + B) + B * s_idx
+            ctx_sums = np.arange(nc_sum + B, nc_sum + B + B * K, B, dtype=np.float64)
         else:
-            ctx = (nc[None, :] + 1) + s_idx[:, None]
-            ctx_sums = self.sparsity.attended_tokens(ctx).sum(axis=1)
-        durations, launches, syncs = self.cost.decode_run(B, ctx_sums.astype(np.float64))
-        start = env.now
-        ends = np.add.accumulate(np.concatenate(([start], durations)))[1:]
-        starts = np.concatenate(([start], ends[:-1]))
-        counts = np.maximum((K - 1 - first) // bs + 1, 0)     # allocations of steps 1..K-1 per request
-        total = int(counts.sum())
-        who = np.repeat(np.arange(B), counts)
-        when = first[who] + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)) * bs
-        order = np.lexsort((who, when))
-        hbm = kv.hbm
-        run = _Run(reqs=reqs, nc=nc, first=first, K=K, starts=starts, ends=ends, durations=durations,
-                   launches=launches, syncs=syncs, g0=self.steps.n, alloc_who=who[order],
-                   alloc_when=when[order], free0=hbm.num_free, cached0=hbm.num_cached,
-                   active0=hbm.num_active, held0=sum(len(r.blocks) for r in reqs),
-                   dram_used=kv.dram.num_active * kv.dram.bytes_per_block,
-                   nvme_used=kv.nvme.num_active * kv.nvme.bytes_per_block, inflight=self.inflight_blocks)
+            s_idx = np.arange(K, dtype=np.int64)
+            ctx_sums = self.sparsity.attended_tokens((nc[None, :] + 1) + s_idx[:, None]).sum(axis=1).astype(np.float64)
+        durations, launches, syncs = self.cost.decode_run(B, ctx_sums)
+        self._last_step_s = float(durations[-1])
+        ends = np.add.accumulate(np.concatenate(((now,), durations)))[1:]
+        # end with the step in progress when the next request arrives: exactly where an interrupt at
+        # that arrival would end the run, without the interrupt
+        if t_next <= ends[-1]:
+            k_arr = int(np.searchsorted(ends, t_next, side="right")) + 1
+            if k_arr < K:
+                K = k_arr
+                ends, durations, allocs = ends[:K], durations[:K], allocs[:K]
+                keep = int(np.searchsorted(when, K))
+                who, when = who[:keep], when[:keep]
+        dram, nvme = kv.dram, kv.nvme
+        run = _Run(reqs, nc_sum, allocs, K, now, ends, durations, launches, syncs, self.steps.n, who, when,
+                   len(hbm._free), hbm.num_cached, hbm.num_active, held0,
+                   dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
+                   self.inflight_blocks)
+        start = now
         self.num_runs += 1
         self._run = run
         self._in_run, self._stop_run = True, False
         done = K
         try:
-            yield env.timeout(exact_delay(start, float(ends[-1])))
+            yield env.timeout(exact_delay(env.now, float(ends[-1])))
         except simpy.Interrupt:
             j = int(np.searchsorted(ends, env.now, side="right"))   # steps finished by now
             done = min(j + 1, K)                                     # the one in progress completes
@@ -587,10 +600,19 @@ class Replica:
                     pass
         finally:
             self._in_run = False
+        self._t_end = float(ends[done - 1])
         self._run_allocate(run, done - 1)
         self._run_progress(run, done)
         self._run = None
         self.run_steps += done
+
+    def _run_cap(self, now: float, t_next: float) -> int:
+        """How many steps to plan. A run ending early is exact (the replica plans again and finds the
+        same steady batch), so planning far past the next arrival, which will cut the run anyway,
+        only wastes work: plan a quarter more than the steps expected until then."""
+        if t_next == math.inf or self._last_step_s <= 0:
+            return MAX_RUN_STEPS
+        return int(min(MAX_RUN_STEPS, (t_next - now) / self._last_step_s * 1.25 + 2))
 
     def sync(self, now: float) -> None:
         """Bring a decode run's effects up to ``now``: allocations of steps started by now and the
@@ -599,25 +621,33 @@ class Replica:
         run = self._run
         if run is None:
             return
-        started = int(np.searchsorted(run.starts, now, side="right")) - 1
+        started = int(np.searchsorted(run.ends, now, side="right"))    # step `started` began at ends[started-1]
         self._run_allocate(run, min(started, run.K - 1))
-        finished = int(np.searchsorted(run.ends, now, side="right"))
-        self._run_progress(run, min(finished, run.K))
+        self._run_progress(run, min(int(np.searchsorted(run.ends, now, side="right")), run.K))
 
     def _run_allocate(self, run: "_Run", through_step: int) -> None:
         """Allocate the run's blocks for steps up to ``through_step``, in step order and batch order."""
-        hbm = self.kv.hbm
         i = run.next_alloc
-        when, who, starts, reqs = run.alloc_when, run.alloc_who, run.starts, run.reqs
-        n = when.shape[0]
-        victims = self.kv._choose_hbm_victims
-        while i < n and when[i] <= through_step:
-            b = hbm.allocate_one(float(starts[when[i]]), victims)
-            if b < 0:
-                raise RuntimeError("decode run allocated more blocks than were available")
-            reqs[who[i]].blocks.append(b)
-            i += 1
-        run.next_alloc = i
+        when = run.alloc_when
+        if i >= when.shape[0] or when[i] > through_step:
+            return
+        j = int(np.searchsorted(when, through_step, side="right"))
+        hbm = self.kv.hbm
+        who, reqs = run.alloc_who, run.reqs
+        if j - i <= len(hbm._free):
+            # the free stack covers them all: the same blocks, in the same order, as one at a time
+            got = hbm.take_free(j - i, run.ends[when[i:j] - 1])
+            for k, w in enumerate(who[i:j].tolist()):
+                reqs[w].blocks.append(got[k])
+        else:
+            victims = self.kv._choose_hbm_victims
+            ends = run.ends
+            for k in range(i, j):
+                b = hbm.allocate_one(float(ends[when[k] - 1]), victims)
+                if b < 0:
+                    raise RuntimeError("decode run allocated more blocks than were available")
+                reqs[who[k]].blocks.append(b)
+        run.next_alloc = j
 
     def _run_progress(self, run: "_Run", upto: int) -> None:
         """Commit steps [run.committed, upto): step-log rows, token counts, completions."""
@@ -625,34 +655,33 @@ class Replica:
         if upto <= c:
             return
         kv = self.kv
-        bs = kv.block_size
-        bpb = kv.hbm.bytes_per_block
         B = len(run.reqs)
-        s_idx = np.arange(c, upto, dtype=np.int64)
-        cum = np.maximum((s_idx[:, None] - run.first[None, :]) // bs + 1, 0).sum(axis=1)
-        evicted = np.maximum(cum - run.free0, 0)
-        filled = int(run.nc.sum()) + B * (s_idx + 1)
-        self.steps.extend(
-            run.starts[c:upto], run.durations[c:upto], run.ends[c:upto], num_seqs=B, prefill_seqs=0,
-            prefill_tokens=0, decode_seqs=B, tokens=B,
-            hbm_active_bytes=(run.active0 + cum) * bpb, hbm_cached_bytes=(run.cached0 - evicted) * bpb,
-            hbm_locked_bytes=np.minimum(run.held0 + cum + run.inflight, run.active0 + cum) * bpb,
-            dram_used_bytes=run.dram_used, nvme_used_bytes=run.nvme_used,
-            frag_tokens=(run.held0 + cum) * bs - filled, launches=run.launches, syncs=run.syncs,
-            preemptions=0)
+        steps = self.steps
+        row0 = steps.reserve_block(upto - c)
+        fill_run_rows(steps.f, steps.i, row0, c, upto, run.start, run.ends, run.durations, run.allocs,
+                      run.free0, run.cached0, run.active0, run.held0, run.inflight, run.nc_sum, B,
+                      kv.block_size, kv.hbm.bytes_per_block, run.dram_used, run.nvme_used, run.launches,
+                      run.syncs)
+        steps.n = row0 + upto - c
         m = upto - c
         self.num_launches += run.launches * m
         self.num_syncs += run.syncs * m
         g_first, g_last = run.g0 + c, run.g0 + upto - 1
-        finished = []
         first_end = float(run.ends[c])
+        finished = []
+        prev = g_first - 1
         for r in run.reqs:
             r.num_computed += m
-            r.num_generated += m
-            r.record_tokens(g_first, g_last)
+            g = r.num_generated = r.num_generated + m
+            se = r.seg_end              # Request.record_tokens, inlined: this loop is the hot path
+            if se and se[-1] == prev:
+                se[-1] = g_last
+            else:
+                r.seg_start.append(g_first)
+                se.append(g_last)
             if r.first_token_s < 0:
                 r.first_token_s = first_end
-            if r.num_generated >= r.output_tokens:
+            if g >= r.output_tokens:
                 finished.append(r)
         run.committed = upto
         if finished:
@@ -664,10 +693,10 @@ class _Run:
     """A decode run in progress: K steps priced at its start, committed incrementally."""
 
     reqs: list
-    nc: np.ndarray
-    first: np.ndarray
+    nc_sum: int
+    allocs: np.ndarray      # blocks allocated by each step (step 0's before the run)
     K: int
-    starts: np.ndarray
+    start: float
     ends: np.ndarray
     durations: np.ndarray
     launches: int

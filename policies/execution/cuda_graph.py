@@ -32,26 +32,17 @@ class CudaGraph:
 
     def __init__(self, params: CudaGraphParams | None = None) -> None:
         self.p = params or CudaGraphParams()
-        self._weights: dict[int, tuple] = {}
 
     def reserved_sms(self, sm_count: int) -> int:
         return 0
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
-        cached = self._weights.get(id(seq))
-        if cached is None or cached[2] is not seq:
-            nvar = var_s.shape[1]
-            w = np.zeros(nvar)
-            sel = seq.var_index >= 0
-            np.add.at(w, seq.var_index[sel], seq.var_share[sel])
-            cached = (float(seq.gpu_s.sum()), w, seq)
-            self._weights[id(seq)] = cached
-        fixed, w, _ = cached
         gaps = 0.0 if launch.times_include_gap else seq.num_kernels * launch.graph_kernel_s
-        base = self.p.cpu_overhead_s + launch.graph_launch_s + fixed + gaps + launch.sync_s
+        base = self.p.cpu_overhead_s + launch.graph_launch_s + seq.total_gpu_s + gaps + launch.sync_s
         # column by column (not a matrix product) so one step and a run of steps round identically
-        d = np.full(var_s.shape[0], base)
-        for v in range(var_s.shape[1]):
-            if w[v]:
-                d = d + var_s[:, v] * w[v]
+        d = None
+        for v, w in seq.var_terms:
+            d = var_s[:, v] * w + base if d is None else d + var_s[:, v] * w
+        if d is None:
+            d = np.full(var_s.shape[0], base)
         return StepTiming(duration_s=d, launches=1, syncs=1)

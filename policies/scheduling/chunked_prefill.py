@@ -46,8 +46,9 @@ class ChunkedPrefill:
         budget = self.p.max_num_batched_tokens
         free = view.num_free_blocks
         watermark = int(self.p.watermark * view.num_blocks)
-        decoding = [r for r in view.running if view.tokens_to_compute(r) == 1]
-        prefilling = [r for r in view.running if view.tokens_to_compute(r) > 1]
+        decoding, prefilling = [], []
+        for r in view.running:
+            (decoding if r.prompt_tokens + r.num_generated - r.num_computed == 1 else prefilling).append(r)
         free = plan_decodes(view, decoding + prefilling, free, plan, min(budget, len(decoding)))
         # plan_decodes stops before the prefilling requests (its budget is the decode count); the ones
         # it preempted from the tail may include them.
@@ -96,7 +97,7 @@ class ChunkedPrefill:
         if not running or len(running) > self.p.max_num_batched_tokens:
             return False
         for r in running:
-            if view.tokens_to_compute(r) != 1:
+            if r.prompt_tokens + r.num_generated - r.num_computed != 1:
                 return False
         free = view.num_free_blocks
         watermark = int(self.p.watermark * view.num_blocks)

@@ -33,21 +33,29 @@ class FCFSParams:
 def plan_decodes(view: SchedulerView, candidates: list, free: int, plan: StepPlan, budget: int) -> int:
     """Give each candidate (in order) one decode token, preempting from the tail of ``candidates``
     when blocks run out; returns the free blocks left. Shared by the schedulers in this package."""
+    needs = view.decode_blocks_needed(candidates)
+    total = sum(needs)
+    if total <= free and budget >= len(candidates):      # the common case: everyone fits
+        plan.decode.extend(candidates)
+        return free - total
     pending = list(candidates)
+    pending_needs = list(needs)
     i = 0
     while i < len(pending):
         req = pending[i]
         if budget <= 0:
             break
-        need = view.blocks_needed(req, 1)
+        need = pending_needs[i]
         while need > free and len(pending) - 1 > i:
             victim = pending.pop()
+            pending_needs.pop()
             plan.preempt.append(victim)
             free += view.blocks_freed_by_release(victim)
         if need > free:
             plan.preempt.append(req)
             free += view.blocks_freed_by_release(req)
             pending.pop(i)
+            pending_needs.pop(i)
             continue
         free -= need
         budget -= 1
@@ -90,14 +98,23 @@ class FCFS:
         free = view.num_free_blocks
         watermark = int(self.p.watermark * view.num_blocks)
         seats = self.p.max_num_seqs - len(view.running) - view.num_swapping_in
+        running = view.running
+        decoding = []
+        unfinished = []       # running requests that still lack part of their prompt
+        for r in running:
+            if r.prompt_tokens + r.num_generated - r.num_computed == 1:
+                decoding.append(r)
+            else:
+                unfinished.append(r)
         if not view.swapped:
             budget = self.token_budget(view)
             # a running request may still lack part of its prompt (its prefix hits shrank at admission)
-            for req in view.running:
+            for req in unfinished:
                 n = view.tokens_to_compute(req)
-                if n > 1 and n <= budget and view.blocks_needed(req, n) <= free:
+                need = view.blocks_needed(req, n)
+                if n <= budget and need <= free:
                     plan.prefill.append((req, n))
-                    free -= view.blocks_needed(req, n)
+                    free -= need
                     budget -= n
             for req in view.waiting:
                 if seats <= 0:
@@ -114,7 +131,6 @@ class FCFS:
                 seats -= 1
             if plan.prefill:
                 return plan
-        decoding = [r for r in view.running if view.tokens_to_compute(r) == 1]
         free = plan_decodes(view, decoding, free, plan, len(decoding))
         if not plan.preempt and view.swapped:
             plan_swap_ins(view, free, watermark, seats, plan)
@@ -125,7 +141,7 @@ class FCFS:
         if not running:
             return False
         for r in running:
-            if view.tokens_to_compute(r) != 1:
+            if r.prompt_tokens + r.num_generated - r.num_computed != 1:
                 return False
         free = view.num_free_blocks
         watermark = int(self.p.watermark * view.num_blocks)

@@ -46,55 +46,30 @@ class StepCostModel:
         self._layer = list(range(first, last + 1))
         self._tail = list(range(last + 1, len(ops.ops)))
         self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
+        self._var_idx = np.array([self._var.get(i, -1) for i in range(len(ops.ops))], dtype=np.int64)
+        self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
         self._seq_cache: dict[tuple[int, int, bool, bool], KernelSequence] = {}
         self.steps_priced = 0
 
     # ---------------------------------------------------------------- kernel layout
     def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
-        """The step's kernels in launch order: GPU time (plus the backend's per-kernel switch cost),
-        variable-op shares, and the host time an eager engine spends issuing each one."""
+        """The step's kernels: per-op GPU time, kernel counts, variable ops and host costs (see
+        ``policies.base.KernelSequence``); cached per (tokens, sampled rows, has prefill, has decode)."""
         key = (tokens, sampled, has_prefill, has_decode)
         seq = self._seq_cache.get(key)
         if seq is not None:
             return seq
         backend = self.backend
         fixed = backend.fixed_times(tokens, sampled)
-        kernels = backend.kernel_counts(tokens, sampled, has_prefill, has_decode)
-        host = backend.host_call_s
-        switch = getattr(backend, "switch_s", 0.0)
-
-        def layout(indices: list[int]):
-            g, vi, vs, hs = [], [], [], []
-            for i in indices:
-                k = int(kernels[i])
-                v = self._var.get(i)
-                if k <= 0:
-                    continue
-                if v is not None:
-                    if (v == VAR_PREFILL and not has_prefill) or (v == VAR_DECODE and not has_decode):
-                        continue
-                    g += [switch] * k
-                    vi += [v] * k
-                    vs += [1.0 / k] * k
-                elif fixed[i] > 0:
-                    g += [fixed[i] / k + switch] * k
-                    vi += [-1] * k
-                    vs += [0.0] * k
-                else:
-                    continue
-                hs += [host[i] / k] * k
-            return g, vi, vs, hs
-
-        hg, hv, hs, hh = layout(self._head)
-        lg, lv, ls, lh = layout(self._layer)
-        tg, tv, ts, th = layout(self._tail)
-        L = self.num_layers
-        seq = KernelSequence(
-            gpu_s=np.array(hg + lg * L + tg, dtype=np.float64),
-            var_index=np.array(hv + lv * L + tv, dtype=np.int64),
-            var_share=np.array(hs + ls * L + ts, dtype=np.float64),
-            host_s=np.array(hh + lh * L + th, dtype=np.float64),
-            lead_s=float(getattr(backend, "step_host_s", 0.0)))
+        kernels = np.asarray(backend.kernel_counts(tokens, sampled, has_prefill, has_decode), dtype=np.int64)
+        # variable ops run only when their phase is in the step; fixed ops only when they take time
+        kernels = np.where(self._var_idx == VAR_PREFILL, kernels * has_prefill,
+                           np.where(self._var_idx == VAR_DECODE, kernels * has_decode,
+                                    np.where(fixed > 0, kernels, 0)))
+        seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
+                             op_host_s=np.asarray(backend.host_call_s, dtype=np.float64), op_repeat=self._repeat,
+                             switch_s=float(getattr(backend, "switch_s", 0.0)),
+                             lead_s=float(getattr(backend, "step_host_s", 0.0)))
         self._seq_cache[key] = seq
         return seq
 

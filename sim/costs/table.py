@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from policies.base import LaunchCosts
@@ -173,6 +174,57 @@ class Curve1D:
         return out, int(above.sum() + (x < self.xs[0]).sum())
 
 
+@numba.njit(cache=True, nogil=True)
+def _row_eval(xs, ts, slope, x, out):
+    """Piecewise-linear time(x) on one grid row, clamped below, continued with ``slope`` above;
+    returns how many x fell outside the row."""
+    n_ext = 0
+    last = xs.shape[0] - 1
+    for i in range(x.shape[0]):
+        v = x[i]
+        if v > xs[last]:
+            out[i] = ts[last] + slope * (v - xs[last])
+            n_ext += 1
+        else:
+            out[i] = np.interp(v, xs, ts)
+            if v < xs[0]:
+                n_ext += 1
+    return n_ext
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_eval(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx_sums):
+    """Compiled :meth:`DecodeGrid.many`, taking each step's total attended context."""
+    ctx_mean = ctx_sums / batch
+    n = ctx_mean.shape[0]
+    nb = batches.shape[0]
+    out = np.empty(n)
+    if batch >= batches[nb - 1]:
+        a, b = row_ptr[nb - 1], row_ptr[nb]
+        n_ext = _row_eval(xs[a:b], ts[a:b], slopes[nb - 1], ctx_mean, out)
+        if batch > batches[nb - 1]:
+            extra = batch - batches[nb - 1]
+            for i in range(n):
+                per = per_xy if per_xy >= 0 else out[i] / max(ctx_mean[i] * batches[nb - 1], 1.0)
+                out[i] = out[i] + per * extra * ctx_mean[i]
+            n_ext = n
+        return out, n_ext
+    hi = np.searchsorted(batches, batch)
+    a, b = row_ptr[hi], row_ptr[hi + 1]
+    if batches[hi] == batch:
+        n_ext = _row_eval(xs[a:b], ts[a:b], slopes[hi], ctx_mean, out)
+        return out, n_ext
+    lo = hi - 1
+    t_hi = np.empty(n)
+    n_hi = _row_eval(xs[a:b], ts[a:b], slopes[hi], ctx_mean, t_hi)
+    a, b = row_ptr[lo], row_ptr[lo + 1]
+    n_lo = _row_eval(xs[a:b], ts[a:b], slopes[lo], ctx_mean, out)
+    w = (batch - batches[lo]) / (batches[hi] - batches[lo])
+    for i in range(n):
+        out[i] = out[i] + w * (t_hi[i] - out[i])
+    return out, max(n_lo, n_hi)
+
+
 class DecodeGrid:
     """Decode attention time(batch, ctx) for uniform contexts; a batch with mixed contexts is priced
     at its mean context (attention over paged KV is memory-bound: time follows total KV read)."""
@@ -187,9 +239,19 @@ class DecodeGrid:
                                      sel["kernels"].to_numpy() if "kernels" in sel else None))
         self.tail = tail
 
+        self._flat = (self.batches.astype(np.float64),
+                      np.concatenate(([0], np.cumsum([r.xs.size for r in self.rows]))).astype(np.int64),
+                      np.concatenate([r.xs for r in self.rows]), np.concatenate([r.ts for r in self.rows]),
+                      np.array([r.slope for r in self.rows], dtype=np.float64),
+                      float(tail.per_xy_s) if tail else -1.0)
+
     def kernels_at(self, batch: int, ctx: float, default: int) -> int:
         i = int(np.argmin(np.abs(np.log(self.batches) - np.log(max(batch, 1)))))
         return self.rows[i].kernels_at(ctx, default)
+
+    def fast(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int]:
+        """Compiled equivalent of :meth:`many` (the hot path), from total (not mean) contexts."""
+        return _decode_eval(*self._flat, float(batch), ctx_sums)
 
     def many(self, batch: int, ctx_mean: np.ndarray) -> tuple[np.ndarray, int]:
         bs = self.batches
@@ -211,77 +273,93 @@ class DecodeGrid:
         return t_lo + w * (t_hi - t_lo), max(n_lo, n_hi)
 
 
+@numba.njit(cache=True, nogil=True)
+def _prefill_row(lq, lt, q):
+    """Power-law (log-log linear) interpolation of one c-row at q; beyond the row the last segment's
+    exponent continues (capped at 2, attention's own growth in q). Returns (time, extrapolated)."""
+    x = np.log(max(q, 1.0))
+    n = lq.shape[0]
+    if x <= lq[n - 1]:
+        return np.exp(np.interp(x, lq, lt)), x < lq[0]
+    k = min((lt[n - 1] - lt[n - 2]) / (lq[n - 1] - lq[n - 2]), 2.0) if n >= 2 else 1.0
+    return np.exp(lt[n - 1] + k * (x - lq[n - 1])), True
+
+
+@numba.njit(cache=True, nogil=True)
+def _prefill_eval(cs, ptr, lq, lt, eff_lq, eff_tab, q, c):
+    """Sum over chunks of the single-sequence time at (q_i, c_i), times the batching efficiency of
+    len(q) sequences at their mean q. Returns (time, any lookup extrapolated)."""
+    nc = cs.shape[0]
+    total = 0.0
+    ext = False
+    for i in range(q.shape[0]):
+        qi, ci = float(q[i]), float(c[i])
+        if ci <= cs[0] or nc == 1:
+            t, e = _prefill_row(lq[ptr[0]:ptr[1]], lt[ptr[0]:ptr[1]], qi)
+            e = e or (nc == 1 and ci > cs[0])
+        else:
+            hi = np.searchsorted(cs, ci)
+            if hi >= nc:
+                t1, e1 = _prefill_row(lq[ptr[nc - 2]:ptr[nc - 1]], lt[ptr[nc - 2]:ptr[nc - 1]], qi)
+                t2, e2 = _prefill_row(lq[ptr[nc - 1]:ptr[nc]], lt[ptr[nc - 1]:ptr[nc]], qi)
+                slope = max((t2 - t1) / (cs[nc - 1] - cs[nc - 2]), 0.0)
+                t, e = t2 + slope * (ci - cs[nc - 1]), True
+            else:
+                lo = hi - 1
+                t1, e1 = _prefill_row(lq[ptr[lo]:ptr[lo + 1]], lt[ptr[lo]:ptr[lo + 1]], qi)
+                t2, e2 = _prefill_row(lq[ptr[hi]:ptr[hi + 1]], lt[ptr[hi]:ptr[hi + 1]], qi)
+                w = (ci - cs[lo]) / (cs[hi] - cs[lo])
+                t, e = t1 + w * (t2 - t1), e1 or e2
+        total += t
+        ext = ext or e
+    n = q.shape[0]
+    if n <= 1 or eff_tab.shape[0] == 0 or eff_lq.shape[0] == 0:
+        return total, ext
+    row = min(n, eff_tab.shape[0]) - 1
+    mean_q = 0.0
+    for i in range(n):
+        mean_q += q[i]
+    mean_q /= n
+    return total * np.interp(np.log(max(mean_q, 1.0)), eff_lq, eff_tab[row]), ext
+
+
 class PrefillGrid:
     """Prefill attention time(q, c, seqs). Per sequence: power-law interpolation in q within each
     measured c, linear in c between them; several sequences in one launch run at the batching
-    efficiency measured for equal-length sequences."""
+    efficiency measured for equal-length sequences (``t(q, 0, n) / (n t(q, 0, 1))``, interpolated in n
+    between measured sequence counts and in log q; beyond the largest measured n it stays there)."""
 
     def __init__(self, points, tail: TailFit | None) -> None:
         one = points[points["z"] <= 1]
         if one.empty:
             raise CostTableError("attn_prefill grid has no single-sequence (z=1) points")
         self.cs = np.unique(one["y"].to_numpy(float))
-        self.rows = []
+        lq, lt, ptr = [], [], [0]
         for c in self.cs:
             sel = one[one["y"] == c].sort_values("x")
-            self.rows.append((np.log(sel["x"].to_numpy(float)), np.log(sel["time_s"].to_numpy(float))))
-        # batching efficiency at c = 0: t(q, 0, n) / (n * t(q, 0, 1))
+            lq.append(np.log(sel["x"].to_numpy(float)))
+            lt.append(np.log(sel["time_s"].to_numpy(float)))
+            ptr.append(ptr[-1] + len(sel))
+        self._lq, self._lt = np.concatenate(lq), np.concatenate(lt)
+        self._ptr = np.asarray(ptr, dtype=np.int64)
+        # batching efficiency at the smallest c, precomputed for 1..max measured sequences
         base = points[points["y"] == self.cs[0]]
-        self.eff_q, self.eff_n, self.eff = [], [], {}
-        for (q, n), g in base.groupby(["x", "z"]):
-            self.eff[(q, n)] = float(g["time_s"].median())
-        self.eff_qs = np.unique([q for q, _ in self.eff])
-        self.eff_ns = np.unique([n for _, n in self.eff])
-
-    def _row(self, i: int, q: float) -> tuple[float, bool]:
-        lq, lt = self.rows[i]
-        x = np.log(max(q, 1.0))
-        if x <= lq[-1]:
-            return float(np.exp(np.interp(x, lq, lt))), bool(x < lq[0])
-        k = min((lt[-1] - lt[-2]) / (lq[-1] - lq[-2]), 2.0) if lq.size >= 2 else 1.0
-        return float(np.exp(lt[-1] + k * (x - lq[-1]))), True
-
-    def single(self, q: float, c: float) -> tuple[float, bool]:
-        cs = self.cs
-        if c <= cs[0] or cs.size == 1:
-            t, ext = self._row(0, q)
-            return t, ext or (cs.size == 1 and c > cs[0])
-        hi = int(np.searchsorted(cs, c))
-        if hi >= cs.size:
-            t1, e1 = self._row(cs.size - 2, q)
-            t2, e2 = self._row(cs.size - 1, q)
-            slope = max((t2 - t1) / (cs[-1] - cs[-2]), 0.0)
-            return t2 + slope * (c - cs[-1]), True
-        lo = hi - 1
-        t1, e1 = self._row(lo, q)
-        t2, e2 = self._row(hi, q)
-        w = (c - cs[lo]) / (cs[hi] - cs[lo])
-        return t1 + w * (t2 - t1), e1 or e2
-
-    def efficiency(self, n: int, q: float) -> float:
-        if n <= 1 or self.eff_ns.size < 2:
-            return 1.0
-        n_eff = min(float(n), float(self.eff_ns[-1]))
-        vals = []
-        for qq in self.eff_qs:
-            one = self.eff.get((qq, 1.0))
-            if one is None:
-                continue
-            ns = [m for m in self.eff_ns if (qq, m) in self.eff]
-            rs = [self.eff[(qq, m)] / (m * one) for m in ns]
-            vals.append((qq, float(np.interp(n_eff, ns, rs))))
-        if not vals:
-            return 1.0
-        qs, rs = zip(*vals)
-        return float(np.interp(np.log(max(q, 1.0)), np.log(qs), rs))
+        t = {(float(q), float(n)): float(g["time_s"].median()) for (q, n), g in base.groupby(["x", "z"])}
+        ns = np.unique([n for _, n in t])
+        qs = [q for q in np.unique([q for q, _ in t]) if (q, 1.0) in t]
+        n_max = int(ns[-1]) if ns.size >= 2 else 0
+        tab = np.ones((n_max, len(qs)))
+        for j, q in enumerate(qs):
+            have = [m for m in ns if (q, m) in t]
+            ratio = [t[(q, m)] / (m * t[(q, 1.0)]) for m in have]
+            for row in range(n_max):
+                tab[row, j] = np.interp(float(row + 1), have, ratio)
+        self._eff_lq = np.log(np.asarray(qs, dtype=np.float64)) if qs else np.empty(0)
+        self._eff_tab = tab if qs else np.ones((0, 0))
 
     def time(self, q: np.ndarray, c: np.ndarray) -> tuple[float, bool]:
-        total, ext = 0.0, False
-        for qi, ci in zip(q.tolist(), c.tolist()):
-            t, e = self.single(qi, ci)
-            total += t
-            ext = ext or e
-        return total * self.efficiency(q.size, float(q.mean())), ext
+        """``q``, ``c``: int64 (or float64) arrays of new and cached tokens per chunk."""
+        return _prefill_eval(self.cs, self._ptr, self._lq, self._lt, self._eff_lq, self._eff_tab, q, c)
 
 
 class TableBackend:
@@ -325,6 +403,7 @@ class TableBackend:
             self.curves[i] = Curve1D(pts["x"].to_numpy(), pts["time_s"].to_numpy(),
                                      table.tail(op.table_op, op.key),
                                      pts["kernels"].to_numpy() if "kernels" in pts else None)
+        self._dense = self._build_dense()
         ia, ip = ops.index["attn_decode"], ops.index["attn_prefill"]
         akey = ops.ops[ia].key
         self.decode = (DecodeGrid(table.points("attn_decode", akey), table.tail("attn_decode", akey))
@@ -361,23 +440,67 @@ class TableBackend:
         """Kernels each op launches in this step, from the counts measured at the nearest grid point
         (0 for ops that do not run)."""
         ops = self.ops
-        out = self.kernels.copy()
+        d = self._dense
+        dense = d is not None and tokens <= d[0] and sampled <= d[1]
+        out = d[4][tokens] + d[5][sampled] if dense else self.kernels.copy()
         for i, op in enumerate(ops.ops):
             if ((op.rows == "prefill" and not has_prefill) or (op.rows == "decode" and not has_decode)
                     or (op.rows == "sampled" and sampled == 0) or (op.table_op == "allreduce" and ops.tp == 1)):
                 out[i] = 0
                 continue
-            curve = self.curves.get(i)
-            if curve is not None:
-                out[i] = curve.kernels_at(sampled if op.rows == "sampled" else tokens, int(out[i]))
-            elif op.rows == "decode" and self.decode is not None:
-                out[i] = self.decode.kernels_at(tokens, 1024.0, int(out[i]))
+            if op.rows == "prefill":
+                out[i] = self.kernels[i]
+            elif op.rows == "decode":
+                out[i] = self.decode.kernels_at(tokens, 1024.0, int(self.kernels[i])) if self.decode else self.kernels[i]
+            elif not dense:
+                curve = self.curves.get(i)
+                if curve is not None:
+                    out[i] = curve.kernels_at(sampled if op.rows == "sampled" else tokens, int(out[i]))
         return out
+
+    DENSE_MAX = 16384
+
+    def _build_dense(self):
+        """Per-op times and kernel counts for every token count (and sampled-row count) inside the
+        measured grids, so that pricing a step's fixed ops is one row lookup. None when an op is priced
+        by the roofline fallback (then the per-shape path, cached, is used)."""
+        ops = self.ops
+        n = len(ops.ops)
+        needed = [i for i, op in enumerate(ops.ops)
+                  if not op.table_op.startswith("attn") and not (op.table_op == "allreduce" and ops.tp == 1)]
+        if any(i not in self.curves for i in needed):
+            return None
+        unit = {i: (ops.model.hidden_size * ops.model.bytes_per_weight if ops.ops[i].table_op == "allreduce" else 1)
+                for i in needed}
+        tok = [i for i in needed if ops.ops[i].rows != "sampled"]
+        smp = [i for i in needed if ops.ops[i].rows == "sampled"]
+
+        def limit(idx):
+            return min([self.DENSE_MAX] + [int(self.curves[i].xs[-1] // unit[i]) for i in idx])
+
+        nt, ns = limit(tok), limit(smp)
+        tok_t, smp_t = np.zeros((nt + 1, n)), np.zeros((ns + 1, n))
+        tok_k, smp_k = np.zeros((nt + 1, n), np.int64), np.zeros((ns + 1, n), np.int64)
+        for idx, size, t_arr, k_arr in ((tok, nt, tok_t, tok_k), (smp, ns, smp_t, smp_k)):
+            x = np.arange(1, size + 1, dtype=np.float64)
+            for i in idx:
+                curve = self.curves[i]
+                t_arr[1:, i] = curve.many(x * unit[i])[0]
+                if curve.ks is not None:
+                    near = np.abs(np.log(curve.xs)[None, :] - np.log(x * unit[i])[:, None]).argmin(axis=1)
+                    k = curve.ks[near]
+                    k_arr[1:, i] = np.where(np.isfinite(k) & (k > 0), np.round(k), self.kernels[i]).astype(np.int64)
+                else:
+                    k_arr[1:, i] = self.kernels[i]
+        return nt, ns, tok_t, smp_t, tok_k, smp_k
 
     def _note(self, name: str, n: int = 1) -> None:
         self.extrapolations[name] = self.extrapolations.get(name, 0) + n
 
     def fixed_times(self, tokens: int, sampled: int) -> np.ndarray:
+        d = self._dense
+        if d is not None and tokens <= d[0] and sampled <= d[1]:
+            return d[2][tokens] + d[3][sampled]
         key = (tokens, sampled)
         got = self._cache.get(key)
         if got is not None:
@@ -417,7 +540,7 @@ class TableBackend:
     def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
         if self.decode is None:
             return self.roofline.decode_attention_times(batch, ctx_sums, query_tokens)
-        t, n_ext = self.decode.many(batch, np.asarray(ctx_sums, float) / batch)
+        t, n_ext = self.decode.fast(batch, ctx_sums)
         if n_ext:
             self._note("attn_decode", n_ext)
         if query_tokens > 1:

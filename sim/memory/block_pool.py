@@ -132,9 +132,52 @@ class BlockPool:
         self.last_access[b] = now
         return b
 
+    def take_free(self, n: int, times: np.ndarray) -> list[int]:
+        """``n`` blocks from the free stack, in the order ``n`` calls of :meth:`allocate_one` would
+        return them (no eviction: the caller checked ``n <= num_free``); ``times[k]`` is the k-th's
+        allocation time."""
+        free = self._free
+        got = free[len(free) - n:]
+        del free[len(free) - n:]
+        got.reverse()
+        self.refcount[got] = 1
+        self.last_access[got] = times
+        return got
+
     def release(self, blocks: Sequence[int], now: float) -> int:
         """Drop one reference to each block (tail first). Unreferenced blocks with a prefix key become
         CACHED (most recently used end), the others FREE. Returns how many became unreferenced."""
+        n = len(blocks)
+        if n == 0:
+            return 0
+        if not self._by_key:
+            # Blocks are shared only through prefix hits, and a hit block keeps its key while it is
+            # held; with no key in the pool every active block has exactly one holder.
+            self.refcount[blocks] = 0
+            self._free.extend(reversed(blocks))
+            return n
+        if n < 8:
+            return self._release_few(blocks, now)
+        idx = np.asarray(blocks, dtype=np.int64)[::-1]          # tail first; a request never holds
+        rc = self.refcount                                      # one block twice
+        left = rc[idx] - 1
+        if (left < 0).any():
+            raise RuntimeError(f"{self.tier}: block {int(idx[left < 0][0])} released more often than held")
+        rc[idx] = left
+        gone = idx[left == 0]
+        if gone.size:
+            keyed = self.key[gone] >= 0
+            cached = gone[keyed]
+            if cached.size:
+                lru = self._lru
+                for b in cached.tolist():
+                    lru[b] = None
+                self.last_access[cached] = now
+            if cached.size != gone.size:
+                self._free.extend(gone[~keyed].tolist())
+        return int(gone.size)
+
+    def _release_few(self, blocks: Sequence[int], now: float) -> int:
         freed = 0
         rc = self.refcount
         keys = self.key

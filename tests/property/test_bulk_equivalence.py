@@ -28,11 +28,18 @@ def _run_recording(cfg, trace):
             seqs.setdefault(id(self), []).extend((self.tier, b, now) for b in got)
         return got
 
-    BlockPool.allocate_one, BlockPool.allocate = one, many
+    orig_take = BlockPool.take_free
+
+    def take(self, n, times):
+        got = orig_take(self, n, times)
+        seqs.setdefault(id(self), []).extend((self.tier, b, float(t)) for b, t in zip(got, times))
+        return got
+
+    BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = one, many, take
     try:
         sim, res = run_checked(cfg, trace)
     finally:
-        BlockPool.allocate_one, BlockPool.allocate = orig_one, orig_many
+        BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = orig_one, orig_many, orig_take
     per_pool = sorted(((seq[0][0], tuple(seq)) for seq in seqs.values()))
     return sim, res, per_pool
 
