@@ -30,7 +30,7 @@ from sim.hardware.gpu import GPUGroup, hbm_budget
 from sim.hardware.links import PCIeLink
 from sim.hardware.storage import HostDRAM, NVMeDrive
 from sim.memory.tiers import TieredKV, prefix_keys
-from sim.metrics import RequestLog, Results, StepLog, build_results
+from sim.metrics import RequestLog, Results, StepLog, TokenLog, build_results, spill_dir
 from sim.replica import Replica, exact_delay
 from sim.request import Request
 from sim.specs import load_gpu, load_model, load_server, spec_to_dict
@@ -179,6 +179,7 @@ class Simulation:
         rc = self.config.replica
         n = len(self.trace)
         self.requests = RequestLog(n)
+        self.spill = spill_dir()
         self.replicas: list[Replica] = []
         h2d_bw, d2h_bw, lat = self._pcie_params()
         max_prompt = getattr(self.scheduler, "max_prompt_tokens", lambda m: m)(self.max_model_len)
@@ -197,7 +198,8 @@ class Simulation:
                 env=env, replica_id=i, kv=kv, cost=self.cost, gpu=gpu, pcie=pcie, scheduler=self.scheduler,
                 speculation=self.speculation, sparsity=self.sparsity, preemption_mode=rc.preemption_mode,
                 max_model_len=self.max_model_len, max_prompt_tokens=max_prompt, requests=self.requests,
-                step_log=StepLog(self.config.metrics.step_log),
+                step_log=StepLog(self.config.metrics.step_log, i, self.spill / f"steps-replica{i}.parquet"),
+                token_log=TokenLog(),
                 rng=np.random.default_rng([self.config.seed, i]), bulk_decode=rc.bulk_decode)
             replica.dram = HostDRAM(env, f"replica{i}", self.server)
             replica.nvme = NVMeDrive(env, f"replica{i}", self.server)
@@ -335,8 +337,9 @@ class Simulation:
                   "decode_runs": engine["decode_runs"]}
         mc = self.config.metrics
         res = build_results(requests=self.requests, trace=self.trace, step_logs=[r.steps for r in reps],
-                            metadata=self.metadata(), kv_info=kv_info, link_bytes=link_bytes, engine_counts=engine,
-                            cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s, slo_tpot_s=mc.slo_tpot_s, timing=timing)
+                            token_logs=[r.tokens for r in reps], metadata=self.metadata(), kv_info=kv_info,
+                            link_bytes=link_bytes, engine_counts=engine, cost_notes=cost_notes,
+                            slo_ttft_s=mc.slo_ttft_s, slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill)
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

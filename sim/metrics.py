@@ -1,14 +1,23 @@
-"""Metrics: preallocated per-request columns, a columnar per-step log per replica, and the summary.
+"""Metrics: preallocated per-request columns, a per-step log per replica, and the summary.
 
-Token times are not logged per token. Each request keeps the runs of consecutive engine steps in
-which it emitted a token (``Request.seg_start/seg_end``), and each replica logs every step's end time;
-at the end, one compiled pass turns those into per-request inter-token statistics and the global
-inter-token distribution. Memory stays O(steps + requests), not O(tokens).
+Memory stays bounded by active work, not by the length of the trace:
+  * step rows go to a Parquet file in fixed-size chunks as the run goes (only each step's end time,
+    8 bytes, stays in memory: token times need it), and the summary's step aggregates are accumulated
+    per chunk;
+  * token times are not logged per token: a request records the runs of consecutive steps in which it
+    emitted a token; when it finishes, those runs move into its replica's compact token log and the
+    request object is released;
+  * inter-token statistics are computed at the end in compiled passes over those runs: per-request
+    mean/p50/p99/max, and exact global percentiles by two-pass histogram selection (no array of all
+    gaps is ever built).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
@@ -24,101 +33,175 @@ STEP_COLUMNS: dict[str, type] = {
     "hbm_locked_bytes": np.int64, "dram_used_bytes": np.int64, "nvme_used_bytes": np.int64,
     "frag_tokens": np.int64, "launches": np.int32, "syncs": np.int32, "preemptions": np.int32,
 }
+# the step log's integer buffer, in this column order (the step index is implicit)
+INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in ("step", "start_s", "duration_s"))
+_I = {k: j for j, k in enumerate(INT_COLUMNS)}
 
 REJECT_REASONS = ("", "exceeds max_model_len", "exceeds KV capacity", "exceeds scheduler token budget",
                   "could not be scheduled")
 
 
-FLOAT_COLUMNS = ("start_s", "duration_s", "end_s")
-INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in FLOAT_COLUMNS)     # "step" first
+def _step_schema():
+    import pyarrow as pa
+
+    types = {np.int64: pa.int64(), np.int32: pa.int32(), np.float64: pa.float64()}
+    return pa.schema([("replica", pa.int16())] + [(k, types[t]) for k, t in STEP_COLUMNS.items()])
+
+
+class _Growable:
+    """A 1-D numpy array that grows by half again when full."""
+
+    __slots__ = ("a", "n")
+
+    def __init__(self, dtype, capacity: int = 1 << 14) -> None:
+        self.a = np.empty(capacity, dtype=dtype)
+        self.n = 0
+
+    def reserve(self, k: int) -> np.ndarray:
+        need = self.n + k
+        if need > self.a.shape[0]:
+            cap = self.a.shape[0]
+            while cap < need:
+                cap += cap // 2 + 1
+            grown = np.empty(cap, dtype=self.a.dtype)
+            grown[:self.n] = self.a[:self.n]
+            self.a = grown
+        return self.a
+
+    def view(self) -> np.ndarray:
+        return self.a[:self.n]
 
 
 class StepLog:
-    """One row per engine step of one replica, in two preallocated 2-D buffers (times; counts and
-    bytes) that grow by doubling. End times are always kept (token times need them); the other columns
-    only when the step log is enabled. Buffers are zero-filled: a column a writer leaves out reads 0."""
+    """One row per engine step of one replica.
 
-    def __init__(self, enabled: bool, capacity: int = 1 << 14) -> None:
+    Rows are buffered in a chunk of ``CHUNK`` rows (times, and integer counts and bytes) and written
+    to ``path`` (Parquet) when the chunk fills. End times of all steps stay in memory (``end_s``).
+    Buffers are zero-filled: a column a writer leaves out reads 0. With ``enabled=False`` only end
+    times and the busy time are kept.
+
+    Invariants: ``n`` steps logged; buffer row ``r`` is step ``base + r``; steps ``< base`` are on disk.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, enabled: bool, replica: int, path: Path | None) -> None:
         self.enabled = enabled
+        self.replica = replica
+        self.path = path
         self.n = 0
-        self.cap = capacity
-        self.f = np.zeros((capacity, 3), dtype=np.float64)
-        self.i = np.zeros((capacity, len(INT_COLUMNS)), dtype=np.int64) if enabled else np.zeros((0, 0), np.int64)
+        self.base = 0
+        self.ends = _Growable(np.float64)
+        self.f = np.zeros((self.CHUNK, 2))
+        self.i = np.zeros((self.CHUNK, len(INT_COLUMNS)), dtype=np.int64) if enabled else np.zeros((0, 0), np.int64)
+        self.busy_s = 0.0
+        self._writer = None
+        # summary aggregates over flushed rows
+        self.agg = {"rows": 0, "busy_s": 0.0, "active_weighted": 0.0, "frag_weighted": 0.0,
+                    "peak_active": 0, "peak_cached": 0, "peak_dram": 0, "peak_nvme": 0,
+                    "num_seqs": 0, "tokens": 0, "launches": 0, "syncs": 0}
 
     @property
     def end_s(self) -> np.ndarray:
-        return self.f[:, 2]
+        return self.ends.view()
 
-    def _reserve(self, extra: int) -> None:
-        need = self.n + extra
-        if need <= self.cap:
-            return
-        cap = self.cap
-        while cap < need:
-            cap *= 2
-        f = np.zeros((cap, 3))
-        f[:self.n] = self.f[:self.n]
-        self.f = f
-        if self.enabled:
-            i = np.zeros((cap, self.i.shape[1]), dtype=np.int64)
-            i[:self.n] = self.i[:self.n]
-            self.i = i
-        self.cap = cap
+    def _room(self, k: int) -> int:
+        """Buffer row where ``k`` more rows start, flushing the buffer first if they do not fit."""
+        r = self.n - self.base
+        if r + k > self.f.shape[0]:
+            self.flush()
+            r = 0
+            if k > self.f.shape[0]:
+                self.f = np.zeros((k, 2))
+                if self.enabled:
+                    self.i = np.zeros((k, len(INT_COLUMNS)), dtype=np.int64)
+        return r
 
     def append(self, start_s: float, duration_s: float, end_s: float, row: tuple) -> None:
-        """One step. ``row`` holds the integer columns after ``step``, in STEP_COLUMNS order."""
-        if self.n == self.cap:
-            self._reserve(1)
-        i = self.n
-        self.f[i] = (start_s, duration_s, end_s)
+        """One step. ``row`` holds INT_COLUMNS in order."""
+        r = self._room(1)
+        self.f[r, 0] = start_s
+        self.f[r, 1] = duration_s
         if self.enabled:
-            self.i[i] = (i, *row)
-        self.n = i + 1
+            self.i[r] = row
+        ends = self.ends.reserve(1)
+        ends[self.n] = end_s
+        self.ends.n = self.n = self.n + 1
+        self.busy_s += duration_s
 
     def reserve_block(self, k: int) -> int:
-        """Room for ``k`` more rows; returns the first row's index (the caller fills, then commits)."""
-        self._reserve(k)
-        return self.n
+        """Buffer row where ``k`` steps written by a compiled kernel start; end times go to
+        ``self.ends.a`` from index ``self.n``; the caller then calls :meth:`commit_block`."""
+        r = self._room(k)
+        self.ends.reserve(k)
+        return r
 
-    def extend_ends(self, ends: np.ndarray) -> None:
-        """Steps known only by their end times (the step log is off)."""
-        k = ends.shape[0]
-        self._reserve(k)
-        self.f[self.n:self.n + k, 2] = ends
-        self.n += k
+    def commit_block(self, k: int, busy_s: float) -> None:
+        self.ends.n = self.n = self.n + k
+        self.busy_s += busy_s
 
-    def column(self, name: str) -> np.ndarray:
-        if name in FLOAT_COLUMNS:
-            return self.f[:self.n, FLOAT_COLUMNS.index(name)]
-        return self.i[:self.n, INT_COLUMNS.index(name)]
+    # ------------------------------------------------------------------ output
+    def flush(self) -> None:
+        """Write the buffered rows to ``path`` and reset the buffer."""
+        m = self.n - self.base
+        if m == 0:
+            return
+        if self.enabled:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-    def frame(self, replica: int):
-        import pandas as pd
+            f, ib = self.f[:m], self.i[:m]
+            dur = f[:, 1]
+            col = {k: ib[:, j] for j, k in enumerate(INT_COLUMNS)}
+            a = self.agg
+            a["rows"] += m
+            a["busy_s"] += float(dur.sum())
+            a["active_weighted"] += float((col["hbm_active_bytes"] * dur).sum())
+            a["frag_weighted"] += float((col["frag_tokens"] * dur).sum())
+            a["peak_active"] = max(a["peak_active"], int(col["hbm_active_bytes"].max()))
+            a["peak_cached"] = max(a["peak_cached"], int(col["hbm_cached_bytes"].max()))
+            a["peak_dram"] = max(a["peak_dram"], int(col["dram_used_bytes"].max()))
+            a["peak_nvme"] = max(a["peak_nvme"], int(col["nvme_used_bytes"].max()))
+            for k in ("num_seqs", "tokens", "launches", "syncs"):
+                a[k] += int(col[k].sum())
+            schema = _step_schema()
+            arrays = [pa.array(np.full(m, self.replica, np.int16)), pa.array(np.arange(self.base, self.n)),
+                      pa.array(f[:, 0].copy()), pa.array(dur.copy())]
+            arrays += [pa.array(col[k].astype(STEP_COLUMNS[k])) for k in INT_COLUMNS]
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.path, schema, compression="zstd")
+            self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=self.CHUNK)
+            self.f[:m] = 0.0
+            self.i[:m] = 0
+        self.base = self.n
 
-        data = {"replica": np.full(self.n, replica, dtype=np.int16)}
-        for k, t in STEP_COLUMNS.items():
-            if k != "end_s":
-                data[k] = self.column(k).astype(t)
-        return pd.DataFrame(data)
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 @numba.njit(cache=True, nogil=True)
-def fill_run_rows(f, ib, row0, c, upto, start, ends, durations, allocs, free0, cached0, active0, held0,
-                  inflight, nc_sum, B, bs, bpb, dram, nvme, launches, syncs):
-    """Write steps c..upto-1 of a decode run into the log buffers at ``row0``: times, and the KV state
-    at each step's start after its allocation (allocations take free blocks first, then evict cached
-    ones). Integer columns follow INT_COLUMNS: step, num_seqs, prefill_seqs, prefill_tokens, decode_seqs,
-    tokens, hbm_active, hbm_cached, hbm_locked, dram_used, nvme_used, frag_tokens, launches, syncs,
-    preemptions."""
+def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, start, ends, durations, allocs, free0, cached0,
+                  active0, held0, inflight, nc_sum, B, bs, bpb, dram, nvme, launches, syncs):
+    """Write steps c..upto-1 of a decode run: times into ``f`` at buffer row ``row0``, end times into
+    ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's start
+    after its allocation (allocations take free blocks first, then evict cached ones). Integer columns
+    follow INT_COLUMNS: num_seqs, prefill_seqs, prefill_tokens, decode_seqs, tokens, hbm_active,
+    hbm_cached, hbm_locked, dram_used, nvme_used, frag_tokens, launches, syncs, preemptions.
+    Returns the busy time of those steps."""
     cum = 0
     for s in range(c):
         cum += allocs[s]
+    busy = 0.0
     for j in range(upto - c):
         s = c + j
         r = row0 + j
         f[r, 0] = start if s == 0 else ends[s - 1]
         f[r, 1] = durations[s]
-        f[r, 2] = ends[s]
+        ends_out[g0 + j] = ends[s]
+        busy += durations[s]
         if ib.shape[0] == 0:
             continue
         cum += allocs[s]
@@ -127,59 +210,163 @@ def fill_run_rows(f, ib, row0, c, upto, start, ends, durations, allocs, free0, c
             ev = 0
         act = active0 + cum
         lk = held0 + cum + inflight
-        ib[r, 0] = r
-        ib[r, 1] = B
+        ib[r, 0] = B
+        ib[r, 3] = B
         ib[r, 4] = B
-        ib[r, 5] = B
-        ib[r, 6] = act * bpb
-        ib[r, 7] = (cached0 - ev) * bpb
-        ib[r, 8] = (lk if lk < act else act) * bpb
-        ib[r, 9] = dram
-        ib[r, 10] = nvme
-        ib[r, 11] = (held0 + cum) * bs - (nc_sum + B * (s + 1))
-        ib[r, 12] = launches
-        ib[r, 13] = syncs
+        ib[r, 5] = act * bpb
+        ib[r, 6] = (cached0 - ev) * bpb
+        ib[r, 7] = (lk if lk < act else act) * bpb
+        ib[r, 8] = dram
+        ib[r, 9] = nvme
+        ib[r, 10] = (held0 + cum) * bs - (nc_sum + B * (s + 1))
+        ib[r, 11] = launches
+        ib[r, 12] = syncs
+    return busy
 
 
-@numba.njit(cache=True)
-def _itl_stats(seg_ptr, seg_start, seg_end, step_end, offsets, replica, extra, out, gaps_out):
-    """Per request: token times are the end times of its token-emitting steps, plus ``extra[i]``
-    tokens that came out together with others (zero gaps); returns the number of gaps written to
-    ``gaps_out``. ``out[i]`` = (mean, p50, p99, max) of request i's gaps (NaN if none)."""
-    n = seg_ptr.shape[0] - 1
-    g = 0
+class TokenLog:
+    """Token emission of finished requests of one replica: runs of consecutive steps, each (request
+    index, first step, last step), appended when a request finishes."""
+
+    def __init__(self) -> None:
+        self.req = _Growable(np.int32)      # request index (traces are far below 2**31 requests)
+        self.first = _Growable(np.uint32)   # step index within the replica (below 2**32 steps)
+        self.last = _Growable(np.uint32)
+
+    def add(self, req: Request) -> int:
+        """Append a finished request's runs; returns where they start (they stay contiguous)."""
+        k = len(req.seg_start)
+        n = self.req.n
+        if not k:
+            return n
+        self.req.reserve(k)[n:n + k] = req.idx
+        self.first.reserve(k)[n:n + k] = req.seg_start
+        self.last.reserve(k)[n:n + k] = req.seg_end
+        self.req.n = self.first.n = self.last.n = n + k
+        return n
+
+
+# ------------------------------------------------------------------------------ inter-token times
+_NB = 1 << 14          # histogram bins for exact global percentiles
+_LO, _HI = 1e-9, 1e5   # seconds; gaps at or below _LO share bin 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, base, extra, buf):
+    """The inter-token gaps of request i into ``buf`` (grown as needed); returns (buf, count)."""
+    a = seg_off[i]
+    b = a + seg_cnt[i]
+    count = 0
+    for s in range(a, b):
+        count += np.int64(seg_last[s]) - np.int64(seg_first[s]) + 1
+    need = count + extra[i]
+    if need > buf.shape[0]:
+        buf = np.empty(need * 2)
+    prev = 0.0
+    k = 0
+    for s in range(a, b):
+        for st in range(np.int64(seg_first[s]), np.int64(seg_last[s]) + 1):
+            t = step_end[base + st]
+            if k > 0:
+                buf[k - 1] = t - prev
+            prev = t
+            k += 1
+    ng = k - 1 if k > 0 else 0
+    for j in range(extra[i]):
+        buf[ng + j] = 0.0
+    return buf, ng + extra[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin(x):
+    if x <= _LO:
+        return 0
+    b = int((np.log(x) - np.log(_LO)) / (np.log(_HI) - np.log(_LO)) * (_NB - 2)) + 1
+    return min(max(b, 1), _NB - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, replica, extra, done, qs, out):
+    """Per request (finished ones): ``out[i]`` = (mean, p50, p99, max) of its inter-token gaps.
+    Globally over all gaps: (count, mean, max, exact percentiles ``qs``) by two-pass histogram
+    selection with numpy's default linear interpolation."""
+    n = seg_off.shape[0]
+    hist = np.zeros(_NB, np.int64)
     buf = np.empty(1024)
+    total = 0
+    ssum = 0.0
+    gmax = 0.0
     for i in range(n):
-        a, b = seg_ptr[i], seg_ptr[i + 1]
-        if a == b or replica[i] < 0:
-            out[i, :] = np.nan
+        out[i, :] = np.nan
+        if not done[i] or replica[i] < 0:
             continue
-        base = offsets[replica[i]]
-        count = 0
-        for s in range(a, b):
-            count += seg_end[s] - seg_start[s] + 1
-        if count > buf.shape[0]:
-            buf = np.empty(count * 2)
-        k = 0
-        for s in range(a, b):
-            for st in range(seg_start[s], seg_end[s] + 1):
-                buf[k] = step_end[base + st]
-                k += 1
-        e = extra[i]
-        if k + e < 2:
-            out[i, :] = np.nan
+        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets[replica[i]], extra, buf)
+        if m == 0:
             continue
-        gaps = np.zeros(k - 1 + e)
-        for j in range(k - 1):
-            gaps[j] = buf[j + 1] - buf[j]
-        for j in range(k - 1 + e):
-            gaps_out[g] = gaps[j]
-            g += 1
-        out[i, 0] = gaps.mean()
-        out[i, 1] = np.percentile(gaps, 50.0)
-        out[i, 2] = np.percentile(gaps, 99.0)
-        out[i, 3] = gaps.max()
-    return g
+        g = buf[:m]
+        out[i, 0] = g.mean()
+        out[i, 1] = np.percentile(g, 50.0)
+        out[i, 2] = np.percentile(g, 99.0)
+        out[i, 3] = g.max()
+        for j in range(m):
+            hist[_bin(g[j])] += 1
+            ssum += g[j]
+            if g[j] > gmax:
+                gmax = g[j]
+        total += m
+    res = np.full(qs.shape[0], np.nan)
+    if total == 0:
+        return total, np.nan, np.nan, res
+    # ranks needed: floor(pos) and floor(pos) + 1 for each quantile
+    cum = np.cumsum(hist)
+    lo_rank = np.empty(qs.shape[0], np.int64)
+    want = np.zeros(_NB, np.bool_)
+    for k in range(qs.shape[0]):
+        pos = qs[k] / 100.0 * (total - 1)
+        r0 = int(np.floor(pos))
+        lo_rank[k] = r0
+        for r in (r0, min(r0 + 1, total - 1)):
+            want[np.searchsorted(cum, r, side="right")] = True
+    # second pass: collect the values in the wanted bins
+    kept = 0
+    for b in range(_NB):
+        if want[b]:
+            kept += hist[b]
+    vals = np.empty(kept)
+    v = 0
+    for i in range(n):
+        if not done[i] or replica[i] < 0:
+            continue
+        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets[replica[i]], extra, buf)
+        for j in range(m):
+            b = _bin(buf[j])
+            if want[b]:
+                vals[v] = buf[j]
+                v += 1
+    # ascending values: bins are monotone in value, so lower wanted bins come first
+    vals = np.sort(vals)
+    for k in range(qs.shape[0]):
+        pos = qs[k] / 100.0 * (total - 1)
+        r0 = lo_rank[k]
+        r1 = min(r0 + 1, total - 1)
+        got0 = np.nan
+        got1 = np.nan
+        for r, which in ((r0, 0), (r1, 1)):
+            b = np.searchsorted(cum, r, side="right")
+            before = cum[b - 1] if b > 0 else 0
+            # index of rank r among the collected values: values of lower wanted bins come first
+            idx = 0
+            for bb in range(b):
+                if want[bb]:
+                    idx += hist[bb]
+            x = vals[idx + (r - before)]
+            if which == 0:
+                got0 = x
+            else:
+                got1 = x
+        t = pos - r0
+        res[k] = got0 + t * (got1 - got0)
+    return total, ssum / total, gmax, res
 
 
 class RequestLog:
@@ -193,10 +380,12 @@ class RequestLog:
         self.reason = np.zeros(n, dtype=np.int8)
         self.first_scheduled_s, self.first_token_s, self.finish_s = f(), f(), f()
         self.generated = np.zeros(n, dtype=np.int64)
+        self.extra_tokens = np.zeros(n, dtype=np.int64)
+        self.seg_off = np.zeros(n, dtype=np.int64)     # where the request's token runs start in its
+        self.seg_cnt = np.zeros(n, dtype=np.int32)     # replica's token log, and how many there are
         self.preemptions = np.zeros(n, dtype=np.int32)
         self.swaps = np.zeros(n, dtype=np.int32)
         self.prefix_hit_tokens = np.zeros(n, dtype=np.int64)
-        self.requests: list[Request | None] = [None] * n
         self.num_done = 0
 
     def finish(self, req: Request) -> None:
@@ -212,10 +401,10 @@ class RequestLog:
         self.first_token_s[i] = req.first_token_s
         self.finish_s[i] = req.finish_s
         self.generated[i] = req.num_generated
+        self.extra_tokens[i] = req.extra_tokens
         self.preemptions[i] = req.num_preemptions
         self.swaps[i] = req.num_swaps
         self.prefix_hit_tokens[i] = req.total_prefix_hit
-        self.requests[i] = req
         self.num_done += 1
 
     def reject(self, req: Request, reason: int, now: float) -> None:
@@ -227,7 +416,6 @@ class RequestLog:
         self.replica[i] = req.replica
         self.finish_s[i] = now
         self.generated[i] = req.num_generated
-        self.requests[i] = req
         req.state = RequestState.REJECTED
         self.num_done += 1
 
@@ -243,13 +431,27 @@ def _pct(x: np.ndarray) -> dict:
 
 @dataclass
 class Results:
-    """Everything a run produced; :meth:`write` puts it on disk."""
+    """Everything a run produced; :meth:`write` puts it on disk. ``steps`` is read from the step
+    files on first use (they can be large)."""
 
     summary: dict
     requests: "object"       # pandas DataFrame
-    steps: "object"          # pandas DataFrame (empty when the step log is off)
     metadata: dict           # config, hash, cost table identity, trace identity
     timing: dict             # wall-clock figures (not part of the deterministic results)
+    step_files: list = field(default_factory=list)
+    _steps: "object" = None
+
+    @property
+    def steps(self):
+        """Per-step log as a DataFrame (replicas in order)."""
+        if self._steps is None:
+            import pandas as pd
+            import pyarrow.parquet as pq
+
+            frames = [pq.read_table(p).to_pandas() for p in self.step_files if Path(p).exists()]
+            self._steps = (pd.concat(frames, ignore_index=True) if frames else
+                           _step_schema().empty_table().to_pandas())
+        return self._steps
 
     def write(self, out_dir: str | Path) -> Path:
         import pyarrow as pa
@@ -258,47 +460,69 @@ class Results:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         meta = {f"tiersim.{k}": json.dumps(v, sort_keys=True) for k, v in self.metadata.items()}
-        for name, frame in (("requests", self.requests), ("steps", self.steps)):
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            table = table.replace_schema_metadata({**{k: v for k, v in (table.schema.metadata or {}).items()
-                                                      if k != b"pandas"}, **meta})
-            tmp = out / f".{name}.parquet.tmp"
-            pq.write_table(table, tmp, compression="zstd")
-            tmp.replace(out / f"{name}.parquet")
+        table = pa.Table.from_pandas(self.requests, preserve_index=False)
+        table = table.replace_schema_metadata(meta)
+        tmp = out / ".requests.parquet.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(out / "requests.parquet")
+        # steps: the replicas' files, row group by row group, into one file
+        schema = _step_schema().with_metadata(meta)
+        tmp = out / ".steps.parquet.tmp"
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for p in self.step_files:
+                if not Path(p).exists():
+                    continue
+                f = pq.ParquetFile(p)
+                for g in range(f.num_row_groups):
+                    writer.write_table(f.read_row_group(g).replace_schema_metadata(meta),
+                                       row_group_size=StepLog.CHUNK)
+        tmp.replace(out / "steps.parquet")
         (out / "summary.json").write_text(json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
         (out / "timing.json").write_text(json.dumps(self.timing, indent=2, sort_keys=True) + "\n")
         return out
 
 
-def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], metadata: dict,
-                  kv_info: dict, link_bytes: dict, engine_counts: dict, cost_notes: dict,
-                  slo_ttft_s: float, slo_tpot_s: float, timing: dict) -> Results:
+def spill_dir() -> Path:
+    """A temporary directory for step files, removed when the process exits or the results that use
+    it are garbage-collected."""
+    return Path(tempfile.mkdtemp(prefix="tiersim-steps-"))
+
+
+def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], token_logs: list[TokenLog],
+                  metadata: dict, kv_info: dict, link_bytes: dict, engine_counts: dict, cost_notes: dict,
+                  slo_ttft_s: float, slo_tpot_s: float, timing: dict, spill: Path | None = None) -> Results:
     import pandas as pd
 
     n = requests.n
     arrival = trace.arrival_s
-    # ---- inter-token statistics from token-step segments
-    seg_ptr = np.zeros(n + 1, dtype=np.int64)
-    starts: list[int] = []
-    ends: list[int] = []
-    for i, req in enumerate(requests.requests):
-        if req is not None and requests.status[i] == 1:
-            starts.extend(req.seg_start)
-            ends.extend(req.seg_end)
-        seg_ptr[i + 1] = len(starts)
+    for log in step_logs:
+        log.close()
+    # ---- inter-token statistics from the token logs
     offsets = np.zeros(len(step_logs) + 1, dtype=np.int64)
     for r, log in enumerate(step_logs):
         offsets[r + 1] = offsets[r] + log.n
-    step_end = np.concatenate([log.column("end_s") for log in step_logs]) if step_logs else np.empty(0)
-    itl = np.full((n, 4), np.nan)
-    total_tokens = int(requests.generated.sum())
-    gaps = np.empty(max(total_tokens, 1))
-    extra = np.array([r.extra_tokens if r is not None else 0 for r in requests.requests], dtype=np.int64)
-    ng = _itl_stats(seg_ptr, np.asarray(starts, np.int64), np.asarray(ends, np.int64), step_end,
-                    offsets, requests.replica.astype(np.int64), extra, itl, gaps)
-    gaps = gaps[:ng]
-
+    step_end = np.concatenate([log.end_s for log in step_logs]) if step_logs else np.empty(0)
+    # one replica: its token log as is; several: concatenated, offsets shifted by each replica's base
+    if len(token_logs) == 1:
+        seg_first, seg_last, seg_off = token_logs[0].first.view(), token_logs[0].last.view(), requests.seg_off
+    else:
+        bases = np.zeros(len(token_logs) + 1, dtype=np.int64)
+        for r, t in enumerate(token_logs):
+            bases[r + 1] = bases[r] + t.req.n
+        seg_first = np.concatenate([t.first.view() for t in token_logs]) if token_logs else np.empty(0, np.uint32)
+        seg_last = np.concatenate([t.last.view() for t in token_logs]) if token_logs else np.empty(0, np.uint32)
+        seg_off = requests.seg_off + bases[np.maximum(requests.replica, 0)]
     done = requests.status == 1
+    itl = np.empty((n, 4))
+    qs = np.array([50.0, 90.0, 95.0, 99.0])
+    n_gaps, gap_mean, gap_max, gap_q = itl_statistics(
+        seg_off, requests.seg_cnt, seg_first, seg_last, step_end, offsets, requests.replica.astype(np.int64),
+        requests.extra_tokens, done, qs, itl)
+    itl_summary = ({"mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "max": None}
+                   if n_gaps == 0 else
+                   {"mean": float(gap_mean), "p50": float(gap_q[0]), "p90": float(gap_q[1]),
+                    "p95": float(gap_q[2]), "p99": float(gap_q[3]), "max": float(gap_max)})
+
     ttft = requests.first_token_s - arrival
     e2e = requests.finish_s - arrival
     queue = requests.first_scheduled_s - arrival
@@ -308,8 +532,9 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], meta
         a[~done] = np.nan
     reqs = pd.DataFrame({
         "idx": np.arange(n, dtype=np.int64), "request_id": trace.request_id,
-        "replica": requests.replica, "status": np.array(["pending", "finished", "rejected"])[requests.status],
-        "reject_reason": np.array(REJECT_REASONS)[requests.reason],
+        "replica": requests.replica,
+        "status": pd.Categorical.from_codes(requests.status, ["pending", "finished", "rejected"]),
+        "reject_reason": pd.Categorical.from_codes(requests.reason, list(REJECT_REASONS)),
         "arrival_s": arrival, "first_scheduled_s": requests.first_scheduled_s,
         "first_token_s": requests.first_token_s, "finish_s": requests.finish_s,
         "ttft_s": ttft, "itl_mean_s": itl[:, 0], "itl_p50_s": itl[:, 1], "itl_p99_s": itl[:, 2],
@@ -317,9 +542,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], meta
         "prompt_tokens": trace.prompt_tokens, "output_tokens": trace.output_tokens,
         "generated_tokens": requests.generated, "preemptions": requests.preemptions,
         "swaps": requests.swaps, "prefix_hit_tokens": requests.prefix_hit_tokens,
-    })
-    steps = pd.concat([log.frame(r) for r, log in enumerate(step_logs)], ignore_index=True) \
-        if step_logs and step_logs[0].enabled else pd.DataFrame(columns=["replica", *STEP_COLUMNS])
+    }, copy=False)
 
     # ---- summary
     n_done = int(done.sum())
@@ -332,14 +555,14 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], meta
                  for k in np.unique(requests.reason[rejected])}
     out_tokens = int(requests.generated[done].sum())
     prompt_tokens = int(trace.prompt_tokens[done].sum())
-    busy = sum(float(log.column("duration_s").sum()) for log in step_logs if log.enabled)
+    busy = sum(log.busy_s for log in step_logs)
     num_steps = int(sum(log.n for log in step_logs))
     summary = {
         **metadata,
         "requests": {"total": n, "finished": n_done, "rejected": int(rejected.sum()),
                      "rejected_by_reason": by_reason, "pending": int((requests.status == 0).sum())},
         "time": {"first_arrival_s": t0, "last_finish_s": t1, "makespan_s": span},
-        "ttft_s": _pct(ttft), "itl_s": _pct(gaps), "tpot_s": _pct(tpot), "e2e_s": _pct(e2e),
+        "ttft_s": _pct(ttft), "itl_s": itl_summary, "tpot_s": _pct(tpot), "e2e_s": _pct(e2e),
         "queueing_s": _pct(queue),
         "throughput": {"requests_per_s": n_done / span, "output_tokens_per_s": out_tokens / span,
                        "prompt_tokens_per_s": prompt_tokens / span,
@@ -355,19 +578,23 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], meta
         "costs": cost_notes,
     }
     if step_logs and step_logs[0].enabled and num_steps:
-        c = steps
-        w = c["duration_s"].to_numpy()
-        alloc = c["hbm_active_bytes"].to_numpy().astype(float)
+        aggs = [log.agg for log in step_logs]
+        w = sum(a["busy_s"] for a in aggs)
+        rows = sum(a["rows"] for a in aggs)
         summary["kv"].update({
-            "hbm_peak_active_bytes": int(c["hbm_active_bytes"].max()),
-            "hbm_mean_active_bytes": float(np.average(alloc, weights=w)) if w.sum() > 0 else 0.0,
-            "hbm_peak_cached_bytes": int(c["hbm_cached_bytes"].max()),
-            "dram_peak_used_bytes": int(c["dram_used_bytes"].max()),
-            "nvme_peak_used_bytes": int(c["nvme_used_bytes"].max()),
-            "fragmentation_tokens_mean": float(np.average(c["frag_tokens"], weights=w)) if w.sum() > 0 else 0.0,
+            "hbm_peak_active_bytes": max(a["peak_active"] for a in aggs),
+            "hbm_mean_active_bytes": sum(a["active_weighted"] for a in aggs) / w if w > 0 else 0.0,
+            "hbm_peak_cached_bytes": max(a["peak_cached"] for a in aggs),
+            "dram_peak_used_bytes": max(a["peak_dram"] for a in aggs),
+            "nvme_peak_used_bytes": max(a["peak_nvme"] for a in aggs),
+            "fragmentation_tokens_mean": sum(a["frag_weighted"] for a in aggs) / w if w > 0 else 0.0,
         })
-        summary["engine"]["mean_batch_seqs"] = float(c["num_seqs"].mean())
-        summary["engine"]["mean_batch_tokens"] = float(c["tokens"].mean())
-        summary["engine"]["launches"] = int(c["launches"].sum())
-        summary["engine"]["syncs"] = int(c["syncs"].sum())
-    return Results(summary=summary, requests=reqs, steps=steps, metadata=metadata, timing=timing)
+        summary["engine"]["mean_batch_seqs"] = sum(a["num_seqs"] for a in aggs) / rows
+        summary["engine"]["mean_batch_tokens"] = sum(a["tokens"] for a in aggs) / rows
+        summary["engine"]["launches"] = sum(a["launches"] for a in aggs)
+        summary["engine"]["syncs"] = sum(a["syncs"] for a in aggs)
+    res = Results(summary=summary, requests=reqs, metadata=metadata, timing=timing,
+                  step_files=[str(log.path) for log in step_logs if log.enabled and log.path])
+    if spill is not None:
+        weakref.finalize(res, shutil.rmtree, str(spill), True)
+    return res

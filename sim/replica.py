@@ -27,7 +27,7 @@ from sim.decode_run import plan_run
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import PCIeLink
 from sim.memory.tiers import TieredKV
-from sim.metrics import REJECT_REASONS, RequestLog, StepLog, fill_run_rows
+from sim.metrics import REJECT_REASONS, RequestLog, StepLog, TokenLog, fill_run_rows
 from sim.request import Request
 
 WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN = (RequestState.WAITING, RequestState.RUNNING,
@@ -147,6 +147,7 @@ class Replica:
     def __init__(self, *, env: simpy.Environment, replica_id: int, kv: TieredKV, cost: StepCostModel,
                  gpu: GPUGroup, pcie: PCIeLink, scheduler, speculation, sparsity, preemption_mode: str,
                  max_model_len: int, max_prompt_tokens: int, requests: RequestLog, step_log: StepLog,
+                 token_log: TokenLog,
                  rng: np.random.Generator, bulk_decode: bool, draft_cost: StepCostModel | None = None) -> None:
         self.env = env
         self.replica_id = replica_id
@@ -163,6 +164,7 @@ class Replica:
         self.max_prompt_tokens = max_prompt_tokens
         self.log = requests
         self.steps = step_log
+        self.tokens = token_log
         self.rng = rng
         self.bulk = bulk_decode and getattr(speculation, "emits_one_token", False) \
             and hasattr(scheduler, "steady_decode")
@@ -543,6 +545,9 @@ class Replica:
             req.state = RequestState.FINISHED
             kv.release(req, end)
             self.log.finish(req)
+            log = self.log
+            log.seg_off[req.idx] = self.tokens.add(req)
+            log.seg_cnt[req.idx] = len(req.seg_start)
 
     # ================================================================== decode runs
     def _decode_run(self, step: _Step):
@@ -658,11 +663,11 @@ class Replica:
         B = len(run.reqs)
         steps = self.steps
         row0 = steps.reserve_block(upto - c)
-        fill_run_rows(steps.f, steps.i, row0, c, upto, run.start, run.ends, run.durations, run.allocs,
-                      run.free0, run.cached0, run.active0, run.held0, run.inflight, run.nc_sum, B,
-                      kv.block_size, kv.hbm.bytes_per_block, run.dram_used, run.nvme_used, run.launches,
-                      run.syncs)
-        steps.n = row0 + upto - c
+        busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, run.start, run.ends,
+                             run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
+                             run.inflight, run.nc_sum, B, kv.block_size, kv.hbm.bytes_per_block,
+                             run.dram_used, run.nvme_used, run.launches, run.syncs)
+        steps.commit_block(upto - c, busy)
         m = upto - c
         self.num_launches += run.launches * m
         self.num_syncs += run.syncs * m
