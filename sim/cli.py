@@ -23,8 +23,14 @@ from pathlib import Path
 from sim.errors import TiersimError
 
 
-def _fmt_s(x, scale=1.0, digits=3) -> str:
-    return "-" if x is None else f"{x * scale:,.{digits}f}"
+def _fmt_s(x, scale=1.0) -> str:
+    """Four significant digits or so, never wider than 10 characters."""
+    if x is None:
+        return "-"
+    v = x * scale
+    a = abs(v)
+    digits = 3 if a < 10 else 2 if a < 100 else 1 if a < 10_000 else 0
+    return f"{v:,.{digits}f}"
 
 
 def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> str:
@@ -38,11 +44,11 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                  f"{cfg['model']['name']} on {cfg['hardware']['gpu']} x{cfg['cluster']['num_replicas']}"
                  f"{' TP' + str(cfg['replica']['tensor_parallel_size']) if cfg['replica']['tensor_parallel_size'] > 1 else ''}"
                  f" | {pol['scheduling']['name']}, {pol['execution']['name']} | costs: {table}")
-    lines.append(f"{'':16}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
+    lines.append(f"{'':14}{'mean':>11}{'p50':>11}{'p90':>11}{'p99':>11}{'max':>11}")
     for label, key, scale in (("TTFT (s)", "ttft_s", 1.0), ("ITL (ms)", "itl_s", 1e3), ("TPOT (ms)", "tpot_s", 1e3),
                               ("E2E (s)", "e2e_s", 1.0), ("queueing (s)", "queueing_s", 1.0)):
         d = summary[key]
-        lines.append(f"{label:16}" + "".join(f"{_fmt_s(d[q], scale):>10}" for q in ("mean", "p50", "p90", "p99", "max")))
+        lines.append(f"{label:14}" + "".join(f"{_fmt_s(d[q], scale):>11}" for q in ("mean", "p50", "p90", "p99", "max")))
     th, gp = summary["throughput"], summary["goodput"]
     lines.append(f"throughput: {th['requests_per_s']:.2f} req/s, {th['output_tokens_per_s']:,.0f} output tok/s, "
                  f"{th['total_tokens_per_s']:,.0f} total tok/s | goodput (TTFT <= {gp['slo_ttft_s']:g} s, "

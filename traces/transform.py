@@ -96,3 +96,40 @@ def repeat(trace: Trace, times: int, *, distinct_hashes: bool = False) -> Trace:
             values += np.repeat(np.arange(times, dtype=np.int64) * width, blocks)
         changes.update(hash_offsets=offsets, hash_values=values)
     return trace.replace(**changes)
+
+
+def vidur_trim(trace: Trace, max_tokens: int = 4096, *, prefill_scale: float = 1.0,
+               decode_scale: float = 1.0) -> Trace:
+    """Request lengths exactly as Vidur 0.0.26's trace replay makes them (``TraceReplayRequestGenerator``):
+    prompt and output are scaled and truncated to integers, raised to at least 1, and where prompt +
+    output exceeds ``max_tokens`` the prompt is cut by the excess (outputs are never cut). Arrivals are
+    untouched. Used to replay a trace on tiersim as Vidur replays it (``--trace_request_generator_config_
+    max_tokens``, 4096 by default). A request whose output alone reaches ``max_tokens`` would be left with
+    no prompt; Vidur would then fail its own check, so this raises.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 2:
+        raise _bad(trace, f"vidur_trim needs a whole number max_tokens >= 2 (got {max_tokens!r})")
+    for name, s in (("prefill_scale", prefill_scale), ("decode_scale", decode_scale)):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+            raise _bad(trace, f"vidur_trim {name} must be finite and > 0 (got {s!r})")
+    # float64 product then truncation toward zero, as pandas' astype(int) does in Vidur
+    prompt = np.maximum((trace.prompt_tokens * float(prefill_scale)).astype(np.int64), 1)
+    output = np.maximum((trace.output_tokens * float(decode_scale)).astype(np.int64), 1)
+    excess = np.maximum(prompt + output - int(max_tokens), 0)
+    prompt = prompt - excess
+    if (prompt < 1).any():
+        i = int(np.flatnonzero(prompt < 1)[0])
+        raise TraceError(f"vidur_trim: output of {int(output[i])} tokens leaves no room for a prompt under "
+                         f"max_tokens={int(max_tokens)}", label=trace.name, row=i + 1, field="output_tokens")
+    meta = _meta(trace, "vidur_trim", max_tokens=int(max_tokens), prefill_scale=float(prefill_scale),
+                 decode_scale=float(decode_scale), trimmed_requests=int((excess > 0).sum()))
+    changes: dict[str, Any] = {"prompt_tokens": prompt, "output_tokens": output, "meta": meta}
+    if trace.hash_values is not None:
+        # a cut prompt keeps only the prefix blocks it still covers
+        offsets = trace.hash_offsets
+        have = np.diff(offsets)
+        keep = np.minimum(have, -(-prompt // int(trace.hash_block_tokens)))
+        rank = np.arange(trace.hash_values.size) - np.repeat(offsets[:-1], have)
+        changes["hash_values"] = trace.hash_values[rank < np.repeat(keep, have)]
+        changes["hash_offsets"] = np.concatenate(([0], np.cumsum(keep))).astype(np.int64)
+    return trace.replace(**changes)
