@@ -69,3 +69,18 @@ def test_step_log_streams_chunks_to_parquet_in_order(tmp_path, monkeypatch):
     assert list(df["num_seqs"]) == list(range(30)) and list(df["preemptions"]) == list(range(13, 43))
     assert list(log.end_s) == [float(k) + 1 for k in range(30)]
     assert log.agg["rows"] == 30 and log.busy_s == 30.0
+
+
+def test_turning_the_step_log_off_changes_no_request_metric():
+    import pandas as pd
+
+    from tests.conftest import make_trace, run_checked, small_config
+
+    tr = make_trace(np.linspace(0, 2, 40), np.arange(40) * 7 + 5, (np.arange(40) % 9) * 3 + 1)
+    on = run_checked(small_config(**{"metrics.step_log": True}), tr)[1]
+    off = run_checked(small_config(**{"metrics.step_log": False}), tr)[1]
+    pd.testing.assert_frame_equal(on.requests, off.requests, check_exact=True)
+    assert on.summary["itl_s"] == off.summary["itl_s"]
+    assert on.summary["engine"]["steps"] == off.summary["engine"]["steps"] > 0
+    assert len(off.steps) == 0 and len(on.steps) == on.summary["engine"]["steps"]
+    assert "hbm_peak_active_bytes" in on.summary["kv"] and "hbm_peak_active_bytes" not in off.summary["kv"]
