@@ -54,3 +54,22 @@ def plan_run(nc, rem, bs, avail, max_steps):
                 when[i] = s
                 i += 1
     return K, allocs[:K], who, when, held0
+
+
+@numba.njit(cache=True, nogil=True)
+def run_ends(now, durations, t_next):
+    """End time of every planned step (accumulated left to right, as single steps add up), and how
+    many steps to keep: all, or up to the one in progress when the next request arrives at
+    ``t_next`` (where that arrival's interrupt would end the run)."""
+    K = durations.shape[0]
+    ends = np.empty(K)
+    t = now
+    for s in range(K):
+        t = t + durations[s]
+        ends[s] = t
+    keep = K
+    if t_next <= ends[K - 1]:
+        k_arr = np.searchsorted(ends, t_next, side="right") + 1
+        if k_arr < K:
+            keep = k_arr
+    return ends, keep

@@ -169,7 +169,8 @@ class StepLog:
                       pa.array(f[:, 0].copy()), pa.array(dur.copy())]
             arrays += [pa.array(col[k].astype(STEP_COLUMNS[k])) for k in INT_COLUMNS]
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, schema, compression="zstd")
+                # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
+                self._writer = pq.ParquetWriter(self.path, schema, compression="none")
             self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=self.CHUNK)
             self.f[:m] = 0.0
             self.i[:m] = 0

@@ -23,7 +23,7 @@ import simpy
 
 from policies.base import RequestState, StepPlan
 from sim.costs.step import StepCostModel
-from sim.decode_run import plan_run
+from sim.decode_run import plan_run, run_ends
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import PCIeLink
 from sim.memory.tiers import TieredKV
@@ -483,13 +483,14 @@ class Replica:
         hbm = kv.hbm
         bpb = hbm.bytes_per_block
         nseq = len(step.prefill) + len(step.decode)
-        tokens = int(pq.sum()) + len(step.decode) + (sum(step.drafts) if step.drafts else 0)
+        n_prefill = sum(n for _, n in step.prefill)
+        tokens = n_prefill + len(step.decode) + (sum(step.drafts) if step.drafts else 0)
         held = sum(len(r.blocks) for r in self.running)
         filled = sum(r.num_computed for r in self.running) + tokens
         locked = min(sum(len(r.blocks) for r, _ in step.prefill) + sum(len(r.blocks) for r in step.decode)
                      + self.inflight_blocks, hbm.num_active)
         self.steps.append(start, duration, end, (
-            nseq, len(step.prefill), int(pq.sum()), len(step.decode), tokens,
+            nseq, len(step.prefill), n_prefill, len(step.decode), tokens,
             hbm.num_active * bpb, hbm.num_cached * bpb, locked * bpb,
             kv.dram.num_active * kv.dram.bytes_per_block, kv.nvme.num_active * kv.nvme.bytes_per_block,
             held * kv.block_size - filled, launches, syncs, step.num_preempted))
@@ -559,12 +560,13 @@ class Replica:
         bs = kv.block_size
         reqs = step.decode
         B = len(reqs)
-        nc = np.array([r.num_computed for r in reqs], dtype=np.int64)                 # KV before step 0
+        ncs = [r.num_computed for r in reqs]
+        nc = np.array(ncs, dtype=np.int64)                                           # KV before step 0
         rem = np.array([r.output_tokens - r.num_generated for r in reqs], dtype=np.int64)
         now = self._clock()
         t_next = self.next_arrival_s()
         K, allocs, who, when, held0 = plan_run(nc, rem, bs, hbm.num_available, self._run_cap(now, t_next))
-        nc_sum = int(nc.sum())
+        nc_sum = sum(ncs)
         if self.dense:
             ctx_sums = np.arange(nc_sum + B, nc_sum + B + B * K, B, dtype=np.float64)
         else:
@@ -572,16 +574,14 @@ class Replica:
             ctx_sums = self.sparsity.attended_tokens((nc[None, :] + 1) + s_idx[:, None]).sum(axis=1).astype(np.float64)
         durations, launches, syncs = self.cost.decode_run(B, ctx_sums)
         self._last_step_s = float(durations[-1])
-        ends = np.add.accumulate(np.concatenate(((now,), durations)))[1:]
         # end with the step in progress when the next request arrives: exactly where an interrupt at
         # that arrival would end the run, without the interrupt
-        if t_next <= ends[-1]:
-            k_arr = int(np.searchsorted(ends, t_next, side="right")) + 1
-            if k_arr < K:
-                K = k_arr
-                ends, durations, allocs = ends[:K], durations[:K], allocs[:K]
-                keep = int(np.searchsorted(when, K))
-                who, when = who[:keep], when[:keep]
+        ends, keep = run_ends(now, durations, t_next)
+        if keep < K:
+            K = keep
+            ends, durations, allocs = ends[:K], durations[:K], allocs[:K]
+            n_alloc = int(when.searchsorted(K))
+            who, when = who[:n_alloc], when[:n_alloc]
         dram, nvme = kv.dram, kv.nvme
         run = _Run(reqs, nc_sum, allocs, K, now, ends, durations, launches, syncs, self.steps.n, who, when,
                    len(hbm._free), hbm.num_cached, hbm.num_active, held0,
@@ -636,7 +636,7 @@ class Replica:
         when = run.alloc_when
         if i >= when.shape[0] or when[i] > through_step:
             return
-        j = int(np.searchsorted(when, through_step, side="right"))
+        j = int(when.searchsorted(through_step, side="right"))
         hbm = self.kv.hbm
         who, reqs = run.alloc_who, run.reqs
         if j - i <= len(hbm._free):

@@ -77,7 +77,7 @@ class StepCostModel:
     def step(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
              num_sampled: int, decode_query_tokens: int = 1) -> tuple[float, int, int]:
         """(duration_s, launches, syncs) of one step."""
-        has_p = prefill_q.size > 0
+        has_p = prefill_q.shape[0] > 0
         dtok = num_decode * decode_query_tokens
         tokens = int(prefill_q.sum()) + dtok if has_p else dtok
         seq = self.sequence(tokens, num_sampled, has_p, num_decode > 0)
