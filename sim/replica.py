@@ -370,9 +370,7 @@ class Replica:
                 req.num_swaps += 1
                 self.num_swapping_out += 1
                 self.num_swaps_out += 1
-                nbytes = len(req.blocks) * self.kv.hbm.bytes_per_block
-                self.inflight_blocks += len(req.blocks)
-                self.env.process(self._swap_out(req, nbytes))
+                self._start_transfer(req, self.pcie.d2h, self._swapped_out)
                 return
         self.kv.release(req, now)
         self._to_waiting_front(req)
@@ -388,16 +386,31 @@ class Replica:
             i += 1
         w.insert(i, req)
 
-    def _swap_out(self, req: Request, nbytes: int):
-        yield from self.pcie.d2h.transfer(nbytes)
+    def _start_transfer(self, req: Request, channel, done) -> None:
+        """Move ``req``'s KV over ``channel`` as a process of its own; ``done(req, now)`` applies the
+        result when the bytes have arrived."""
+        self.inflight_blocks += len(req.blocks)
+        self.env.process(self._transfer(req, len(req.blocks) * self.kv.hbm.bytes_per_block, channel, done))
+
+    def _transfer(self, req: Request, nbytes: int, channel, done):
+        yield from channel.transfer(nbytes)
         now = self.env.now
-        self.sync(now)
+        self.sync(now)          # a decode run in progress first catches up to now
         self.inflight_blocks -= len(req.blocks)
+        done(req, now)
+        self.notify()
+
+    def _swapped_out(self, req: Request, now: float) -> None:
         self.kv.finish_swap_out(req, now)
         req.state = SWAPPED
         self.num_swapping_out -= 1
         self.swapped.append(req)
-        self.notify()
+
+    def _swapped_in(self, req: Request, now: float) -> None:
+        self.kv.finish_swap_in(req, now)
+        req.state = RUNNING
+        self.num_swapping_in -= 1
+        self.running.append(req)
 
     def _start_swap_in(self, req: Request, now: float) -> None:
         if req.state != SWAPPED:
@@ -409,20 +422,7 @@ class Replica:
         req.state = SWAPPING_IN
         self.num_swapping_in += 1
         self.num_swaps_in += 1
-        nbytes = len(req.blocks) * self.kv.hbm.bytes_per_block
-        self.inflight_blocks += len(req.blocks)
-        self.env.process(self._swap_in(req, nbytes))
-
-    def _swap_in(self, req: Request, nbytes: int):
-        yield from self.pcie.h2d.transfer(nbytes)
-        now = self.env.now
-        self.sync(now)
-        self.inflight_blocks -= len(req.blocks)
-        self.kv.finish_swap_in(req, now)
-        req.state = RUNNING
-        self.num_swapping_in -= 1
-        self.running.append(req)
-        self.notify()
+        self._start_transfer(req, self.pcie.h2d, self._swapped_in)
 
     def check(self) -> None:
         """Assert the replica's invariants (see the module docstring and ``TieredKV``)."""

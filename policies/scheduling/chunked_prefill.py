@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from policies.base import SchedulerView, StepPlan
 from policies.registry import register
-from policies.scheduling.fcfs import plan_decodes, plan_swap_ins
+from policies.scheduling.fcfs import check_batch_limits, plan_decodes, plan_swap_ins
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,12 +21,7 @@ class ChunkedPrefillParams:
     watermark: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens})")
-        if not 0 <= self.watermark < 1:
-            raise ValueError(f"watermark must be in [0, 1) (got {self.watermark})")
+        check_batch_limits(self, 1)
 
 
 @register("scheduling", "chunked-prefill")

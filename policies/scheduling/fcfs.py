@@ -15,6 +15,16 @@ from policies.base import SchedulerView, StepPlan
 from policies.registry import register
 
 
+def check_batch_limits(p, min_batched_tokens: int) -> None:
+    """Validate the batch limits shared by the schedulers in this package (messages name the key)."""
+    if p.max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1 (got {p.max_num_seqs})")
+    if p.max_num_batched_tokens < min_batched_tokens:
+        raise ValueError(f"max_num_batched_tokens must be >= {min_batched_tokens} (got {p.max_num_batched_tokens})")
+    if not 0 <= p.watermark < 1:
+        raise ValueError(f"watermark must be in [0, 1) (got {p.watermark})")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FCFSParams:
     max_num_seqs: int = 256
@@ -22,12 +32,7 @@ class FCFSParams:
     watermark: float = 0.01           # fraction of HBM blocks kept free at admission
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
-        if self.max_num_batched_tokens < 0:
-            raise ValueError(f"max_num_batched_tokens must be >= 0 (got {self.max_num_batched_tokens})")
-        if not 0 <= self.watermark < 1:
-            raise ValueError(f"watermark must be in [0, 1) (got {self.watermark})")
+        check_batch_limits(self, 0)
 
 
 def plan_decodes(view: SchedulerView, candidates: list, free: int, plan: StepPlan, budget: int) -> int:
