@@ -185,3 +185,63 @@ def test_cli(profiles, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert vidur_import.main(["--data", str(profiles), "--out", str(tmp_path / "e"), "--tp", "8"]) == 2
     assert "tensor-parallel 8" in capsys.readouterr().err
+
+
+def write_predictions(cache) -> dict:
+    """A Vidur predictor cache (predictions/<hash>/<op>.csv.xz, columns X_0[, X_1], prediction in ms) filled
+    from simple formulas; returns the formulas."""
+    d = cache / "predictions" / "0123abcd"
+    d.mkdir(parents=True)
+    tokens = np.arange(1, 4097)
+    per_token = {op: 0.01 * (i + 1) for i, op in enumerate(vidur_import.PREDICTED_OPS[:10])}
+    for op, base in per_token.items():
+        pd.DataFrame({"X_0": tokens, "prediction": base + 1e-4 * tokens}).to_csv(
+            d / f"{op}.csv.xz", index=False, compression="xz")
+    b, kv = np.meshgrid(np.arange(1, 129), np.arange(0, 4097, 64), indexing="ij")
+    pd.DataFrame({"X_0": b.ravel(), "X_1": kv.ravel(), "prediction": 0.01 + 1e-3 * b.ravel() + 1e-5 * kv.ravel()}
+                 ).to_csv(d / "attn_decode.csv.xz", index=False, compression="xz")
+    kv, q = np.meshgrid(np.arange(0, 4097, 64), np.arange(32, 4097, 32), indexing="ij")
+    pd.DataFrame({"X_0": kv.ravel(), "X_1": q.ravel(), "prediction": 0.02 + 1e-4 * q.ravel() + 1e-5 * kv.ravel()}
+                 ).to_csv(d / "attn_prefill.csv.xz", index=False, compression="xz")
+    return {"tok": lambda op, n: per_token[op] + 1e-4 * n, "dec": lambda b, kv: 0.01 + 1e-3 * b + 1e-5 * kv,
+            "pre": lambda kv, q: 0.02 + 1e-4 * q + 1e-5 * kv}
+
+
+def test_from_predictions_reproduces_vidur_lookups(tmp_path):
+    f = write_predictions(tmp_path / "cache")
+    out = vidur_import.build_table(None, tmp_path / "p", predictions_cache=tmp_path / "cache")
+    assert json.loads((out / "table.json").read_text())["vidur"]["source"] == "predictions"
+    ops = TransformerOps(load_model("llama-2-70b"), tp=2)
+    cost = StepCostModel(ops, TableBackend(ops, load_gpu("a100-80gb"), CostTable(out)), CudaGraph())
+    tok = [op for op in vidur_import.PREDICTED_OPS[:10] if op != "all_reduce"]
+
+    def vidur_ms(q_tokens, kv_tokens):
+        """Vidur 0.0.26's sum, written out: tokens rounded up to 8, decode kv mean rounded up to 64 (x 1.1
+        for batches above 1), prefill at (ceil64(kv), ceil32(chunk)), all-reduce x 2 + 0.02 ms each."""
+        r8 = -(-sum(q_tokens) // 8) * 8
+        layer = sum(f["tok"](op, r8) for op in tok) + 2 * (f["tok"]("all_reduce", r8) + 0.02)
+        dec = [kv for q, kv in zip(q_tokens, kv_tokens) if q == 1]
+        if dec:
+            layer += f["dec"](len(dec), -(-int(np.mean(dec)) // 64) * 64) * (1.1 if len(dec) > 1 else 1.0)
+        layer += sum(f["pre"](-(-kv // 64) * 64, -(-q // 32) * 32) for q, kv in zip(q_tokens, kv_tokens) if q != 1)
+        return 80 * layer
+
+    def final_norm(sampled):
+        r8 = -(-sampled // 8) * 8
+        return (f["tok"]("input_layernorm", r8) + f["tok"]("post_attention_layernorm", r8)) / 2
+
+    empty = np.empty(0, np.int64)
+    # 5 decodes attending 513 keys each: Vidur's batch holds kv = processed + 1 = 514 per sequence
+    dur, _, _ = cost.step(empty, empty, 5, 5 * 513, 5)
+    assert dur * 1e3 == pytest.approx(vidur_ms([1] * 5, [514] * 5) + final_norm(5), abs=1e-6)
+    # one decode: no batching overhead
+    dur, _, _ = cost.step(empty, empty, 1, 700, 1)
+    assert dur * 1e3 == pytest.approx(vidur_ms([1], [701]) + final_norm(1), abs=1e-6)
+    # a 100-token chunk on 128 cached tokens: Vidur looks up kv = ceil64(228) = 256, chunk 128
+    dur, _, _ = cost.step(np.array([100]), np.array([128]), 0, 0, 0)
+    assert dur * 1e3 == pytest.approx(vidur_ms([100], [228]), abs=1e-6)
+    # two whole prompts in one step: each priced alone, summed
+    dur, _, _ = cost.step(np.array([1000, 37]), np.array([0, 0]), 0, 0, 2)
+    assert dur * 1e3 == pytest.approx(vidur_ms([1000, 37], [1000, 37]) + final_norm(2), abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="no cached Vidur predictions"):
+        vidur_import.find_predictions(tmp_path / "empty")
