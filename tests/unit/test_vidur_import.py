@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 
 from calibration import vidur_import
+from policies.execution.cuda_graph import CudaGraph
 from sim.costs.model import TransformerOps
+from sim.costs.roofline import RooflineBackend
 from sim.costs.step import StepCostModel
 from sim.costs.table import CostTable, TableBackend
-from sim.costs.roofline import RooflineBackend
 from sim.errors import CostTableError
 from sim.specs import load_gpu, load_model
-from policies.execution.cuda_graph import CudaGraph
 
 # per-call milliseconds of each profiled op in the synthetic data (TP 2 rows); TP 1 rows get 100x
 MLP_MS = {"emb": 0.004, "input_layernorm": 0.006, "attn_pre_proj": 0.05, "attn_rope": 0.003,
