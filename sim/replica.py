@@ -448,13 +448,19 @@ class Replica:
     def _single_step(self, step: _Step):
         env = self.env
         start = self._clock()
+        nd = len(step.decode)
+        sampled = nd
         if step.prefill:
-            pq = np.array([n for _, n in step.prefill], dtype=np.int64)
-            pc = np.array([r.num_computed for r, _ in step.prefill], dtype=np.int64)
+            qs, cs = [], []
+            for r, n in step.prefill:
+                qs.append(n)
+                cs.append(r.num_computed)
+                if r.num_computed + n == r.prompt_tokens + r.num_generated:
+                    sampled += 1
+            pq = np.array(qs, dtype=np.int64)
+            pc = np.array(cs, dtype=np.int64)
         else:
             pq = pc = _NO_CHUNKS
-        sampled = sum(1 for r, n in step.prefill if r.num_computed + n == r.num_tokens) + len(step.decode)
-        nd = len(step.decode)
         query = 1
         if step.drafts is not None and nd:
             query = 1 + max(step.drafts)
@@ -485,14 +491,21 @@ class Replica:
         nseq = len(step.prefill) + len(step.decode)
         n_prefill = sum(n for _, n in step.prefill)
         tokens = n_prefill + len(step.decode) + (sum(step.drafts) if step.drafts else 0)
-        held = sum(len(r.blocks) for r in self.running)
-        filled = sum(r.num_computed for r in self.running) + tokens
-        locked = min(sum(len(r.blocks) for r, _ in step.prefill) + sum(len(r.blocks) for r in step.decode)
-                     + self.inflight_blocks, hbm.num_active)
+        # fragmentation: token slots allocated to running requests but empty at the end of the step;
+        # locked: blocks of the step's batch plus blocks in flight on a link
+        held = computed = 0
+        for r in self.running:
+            held += len(r.blocks)
+            computed += r.num_computed
+        filled = computed + tokens
+        batch = sum(len(r.blocks) for r, _ in step.prefill) + sum(len(r.blocks) for r in step.decode)
+        active = hbm.num_active
+        locked = min(batch + self.inflight_blocks, active)
+        dram, nvme = kv.dram, kv.nvme
         self.steps.append(start, duration, end, (
             nseq, len(step.prefill), n_prefill, len(step.decode), tokens,
-            hbm.num_active * bpb, hbm.num_cached * bpb, locked * bpb,
-            kv.dram.num_active * kv.dram.bytes_per_block, kv.nvme.num_active * kv.nvme.bytes_per_block,
+            active * bpb, len(hbm._lru) * bpb, locked * bpb,
+            dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
             held * kv.block_size - filled, launches, syncs, step.num_preempted))
         self.num_launches += launches
         self.num_syncs += syncs

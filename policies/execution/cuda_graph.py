@@ -36,9 +36,21 @@ class CudaGraph:
     def reserved_sms(self, sm_count: int) -> int:
         return 0
 
-    def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
+    def _base(self, seq: KernelSequence, launch: LaunchCosts) -> float:
         gaps = 0.0 if launch.times_include_gap else seq.num_kernels * launch.graph_kernel_s
-        base = self.p.cpu_overhead_s + launch.graph_launch_s + seq.total_gpu_s + gaps + launch.sync_s
+        return self.p.cpu_overhead_s + launch.graph_launch_s + seq.total_gpu_s + gaps + launch.sync_s
+
+    def step_time_one(self, seq: KernelSequence, var: tuple, launch: LaunchCosts) -> tuple[float, int, int]:
+        """One step, in Python floats: the same operations in the same order as :meth:`step_times`,
+        so a single step and a run of steps round identically."""
+        base = self._base(seq, launch)
+        d = None
+        for v, w in seq.var_terms:
+            d = var[v] * w + base if d is None else d + var[v] * w
+        return (base if d is None else d), 1, 1
+
+    def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
+        base = self._base(seq, launch)
         # column by column (not a matrix product) so one step and a run of steps round identically
         d = None
         for v, w in seq.var_terms:

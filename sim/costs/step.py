@@ -48,14 +48,16 @@ class StepCostModel:
         self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
         self._var_idx = np.array([self._var.get(i, -1) for i in range(len(ops.ops))], dtype=np.int64)
         self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
-        self._seq_cache: dict[tuple[int, int, bool, bool], KernelSequence] = {}
+        self._seq_cache: dict[int, KernelSequence] = {}
+        self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
+        self._one_step = getattr(execution, "step_time_one", None)
         self.steps_priced = 0
 
     # ---------------------------------------------------------------- kernel layout
     def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
         """The step's kernels: per-op GPU time, kernel counts, variable ops and host costs (see
         ``policies.base.KernelSequence``); cached per (tokens, sampled rows, has prefill, has decode)."""
-        key = (tokens, sampled, has_prefill, has_decode)
+        key = (tokens << 34) | (sampled << 2) | (has_prefill << 1) | has_decode   # one int: cheap to hash
         seq = self._seq_cache.get(key)
         if seq is not None:
             return seq
@@ -81,14 +83,17 @@ class StepCostModel:
         dtok = num_decode * decode_query_tokens
         tokens = int(prefill_q.sum()) + dtok if has_p else dtok
         seq = self.sequence(tokens, num_sampled, has_p, num_decode > 0)
-        var = np.zeros((1, 2))
-        if has_p:
-            var[0, VAR_PREFILL] = self.backend.prefill_attention_time(prefill_q, prefill_c)
+        pre = float(self.backend.prefill_attention_time(prefill_q, prefill_c)) if has_p else 0.0
+        dec = 0.0
         if num_decode:
-            var[0, VAR_DECODE] = self.backend.decode_attention_times(
-                num_decode, np.array([decode_ctx_sum], dtype=np.float64), decode_query_tokens)[0]
-        timing = self.execution.step_times(seq, var, self.launch)
+            ctx = self._ctx1
+            ctx[0] = decode_ctx_sum
+            dec = float(self.backend.decode_attention_times(num_decode, ctx, decode_query_tokens)[0])
         self.steps_priced += 1
+        one = self._one_step
+        if one is not None:            # a policy's scalar path: same arithmetic, no arrays
+            return one(seq, (pre, dec), self.launch)
+        timing = self.execution.step_times(seq, np.array([[pre, dec]]), self.launch)
         return float(timing.duration_s[0]), timing.launches, timing.syncs
 
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
