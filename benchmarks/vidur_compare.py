@@ -96,8 +96,7 @@ def vidur_num_blocks(tp: int = 2) -> int:
     return (VIDUR["max_tokens"] // VIDUR["block_size"]) * slots
 
 
-def tiersim_overrides(sched: str, table: str, fallback: str, trace_path: Path, rate_scale: float,
-                      out: Path) -> list[str]:
+def tiersim_overrides(sched: str, table: str, fallback: str, rate_scale: float, out: Path) -> list[str]:
     """``--set`` overrides that put tiersim on Vidur's defaults (see the module docstring)."""
     blocks = vidur_num_blocks()
     budget = VIDUR["vllm_max_tokens_in_batch"] if sched == "fcfs" else VIDUR["sarathi_chunk_size"]
@@ -113,7 +112,8 @@ def tiersim_overrides(sched: str, table: str, fallback: str, trace_path: Path, r
         f"policies.scheduling.watermark={VIDUR['watermark_blocks_fraction']}",
         'policies.execution.name="cuda-graph"', "policies.execution.cpu_overhead_s=0.0",
         f"costs.table={json.dumps(table)}", f"costs.fallback={json.dumps(fallback)}",
-        f"trace.path={json.dumps(str(trace_path))}", 'trace.format="parquet"', f"trace.rate_scale={rate_scale!r}",
+        # the bundled Azure conv trace (byte-identical to the CSV Vidur replays), trimmed as Vidur trims it
+        f"trace.max_total_tokens={VIDUR['max_tokens']}", f"trace.rate_scale={rate_scale!r}",
         f"output.dir={json.dumps(str(out))}",
     ]
 
@@ -390,21 +390,18 @@ def step_check(cache: Path, tables: dict[str, tuple[str, str]]) -> list[dict] | 
 
 # ------------------------------------------------------------------------------------------ main
 def prepare_trace(trace_file: Path, qps: float, work: Path) -> dict:
-    """The trace Vidur replays, for tiersim: Vidur's trimming, written as canonical Parquet; and the rate
-    scale that matches run.sh's ``time_scale_factor = N / span / QPS``."""
-    import pyarrow.parquet as pq
-
+    """Facts about the trace Vidur replays, and the rate scale that matches run.sh's
+    ``time_scale_factor = N / span / QPS``. tiersim replays the same file (bundled as azure-conv) with
+    ``trace.max_total_tokens`` = Vidur's max_tokens, which trims requests exactly as Vidur does."""
     import traces
     from traces.transform import vidur_trim
 
     t = traces.load_trace(str(trace_file))
     trimmed = vidur_trim(t, VIDUR["max_tokens"])
     work.mkdir(parents=True, exist_ok=True)
-    path = work / "trace-vidur-trim.parquet"
-    pq.write_table(trimmed.to_arrow(), path)
     span = float(t.arrival_s[-1] - t.arrival_s[0])
     scale = len(t) / span / qps          # run.sh: multiplies arrival times by this
-    return {"file": str(trace_file), "parquet": str(path), "requests": len(t), "span_s": span,
+    return {"file": str(trace_file), "requests": len(t), "span_s": span,
             "native_qps": len(t) / span, "vidur_time_scale_factor": scale, "tiersim_rate_scale": 1.0 / scale,
             "trimmed_requests": trimmed.meta["transforms"][-1]["trimmed_requests"],
             "sha256": trimmed.identity().get("sha256")}
@@ -491,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm Numba's on-disk cache so no timed run pays compilation
     first = next(iter(tables.values()))
-    warm = tiersim_overrides("fcfs", *first, Path(trace["parquet"]), trace["tiersim_rate_scale"],
+    warm = tiersim_overrides("fcfs", *first, trace["tiersim_rate_scale"],
                              work / "tiersim-warmup") + ["trace.max_requests=300"]
     run_tiersim(warm, cpu, 1)
 
@@ -508,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (table, fallback) in tables.items():
             print(f"tiersim {SCHEDULERS[sched]} ({name}) ...", flush=True)
             out = work / f"tiersim-{SCHEDULERS[sched]}-{name}-{qtag}"
-            ov = tiersim_overrides(SCHEDULERS[sched], table, fallback, Path(trace["parquet"]),
+            ov = tiersim_overrides(SCHEDULERS[sched], table, fallback,
                                    trace["tiersim_rate_scale"], out)
             got = run_tiersim(ov, cpu, args.repeats)
             treq = tiersim_requests(got["out"])

@@ -50,6 +50,8 @@ class TraceConfig:
     start_s: float = 0.0             # time window [start_s, end_s) of the trace; end 0 = to the end
     end_s: float = 0.0
     repeat: int = 1                  # concatenate the trace this many times, shifted in time
+    max_total_tokens: int = 0        # > 0: shorten prompts so prompt + output fits, as Vidur's trace
+                                     # replay does (its default is 4096); 0 = leave requests as they are
     synthetic: str = ""              # e.g. "poisson rate=5 n=1000 prompt=lognormal:1024:0.8 output=fixed:128"
 
     def __post_init__(self) -> None:
@@ -60,6 +62,8 @@ class TraceConfig:
         _check(self.end_s == 0 or self.end_s > self.start_s, "trace.end_s",
                f"must be > trace.start_s ({self.start_s}) (got {self.end_s})")
         _check(self.repeat >= 1, "trace.repeat", f"must be >= 1 (got {self.repeat})")
+        _check(self.max_total_tokens == 0 or self.max_total_tokens >= 2, "trace.max_total_tokens",
+               f"must be 0 (off) or >= 2 (got {self.max_total_tokens})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

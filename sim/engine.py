@@ -52,6 +52,10 @@ def load_trace_for(config: SimConfig) -> "traces.Trace":
         trace = traces.time_window(trace, tc.start_s, end)
     if tc.max_requests:
         trace = traces.head(trace, tc.max_requests)
+    if tc.max_total_tokens:
+        from traces.transform import vidur_trim
+
+        trace = vidur_trim(trace, tc.max_total_tokens)
     if tc.rate_scale != 1.0:
         trace = traces.scale_rate(trace, tc.rate_scale)
     if tc.repeat > 1:

@@ -63,3 +63,13 @@ def test_conv_trace_as_vidur_reports_it():
     out = vidur_trim(load_trace("azure-conv"))
     assert out.meta["transforms"][-1]["trimmed_requests"] == 1612   # the figure Vidur's run reports
     assert (out.prompt_tokens + out.output_tokens).max() == 4096 and out.prompt_tokens.min() >= 1
+
+
+def test_config_key_applies_the_trim_after_slicing():
+    from sim.config import SimConfig, with_overrides
+    from sim.engine import load_trace_for
+
+    cfg = with_overrides(SimConfig(), {"trace.max_requests": 500, "trace.max_total_tokens": 4096})
+    t = load_trace_for(cfg)
+    assert len(t) == 500 and (t.prompt_tokens + t.output_tokens).max() <= 4096
+    assert t.meta["transforms"][-1]["op"] == "vidur_trim" and t.meta["transforms"][-1]["trimmed_requests"] == 23
