@@ -21,7 +21,8 @@ What runs:
 - tiersim, the same requests (``traces.transform.vidur_trim``) at the same scale (``trace.rate_scale =
   QPS * span / N``), with every knob that has a counterpart set to Vidur's defaults: 128 sequences
   (``batch_size_cap``), 4,096 tokens per prefill step (vllm's ``max_tokens_in_batch``) or a 512-token
-  budget (sarathi's ``chunk_size``), 16-token blocks, 3,328 KV blocks (Vidur's memory planner: 80 GiB
+  budget (sarathi's ``chunk_size``, with ``admission = "prompt"``: a request is admitted only when
+  blocks for its whole prompt are free, as Sarathi's scheduler does), 16-token blocks, 3,328 KV blocks (Vidur's memory planner: 80 GiB
   x 0.9 minus its weight count, in whole 4,096-token request slots), a 1 % watermark, recompute
   preemption, no prefix caching, CUDA graphs with no CPU overhead. Three cost tables, built into WORK
   by ``calibration.vidur_import``:
@@ -110,6 +111,8 @@ def tiersim_overrides(sched: str, table: str, fallback: str, rate_scale: float, 
         f"policies.scheduling.max_num_seqs={VIDUR['batch_size_cap']}",
         f"policies.scheduling.max_num_batched_tokens={budget}",
         f"policies.scheduling.watermark={VIDUR['watermark_blocks_fraction']}",
+        # Sarathi admits a request only when its whole prompt fits (see chunked_prefill.admission)
+        *(['policies.scheduling.admission="prompt"'] if sched == "chunked-prefill" else []),
         'policies.execution.name="cuda-graph"', "policies.execution.cpu_overhead_s=0.0",
         f"costs.table={json.dumps(table)}", f"costs.fallback={json.dumps(fallback)}",
         # the bundled Azure conv trace (byte-identical to the CSV Vidur replays), trimmed as Vidur trims it

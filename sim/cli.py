@@ -2,7 +2,7 @@
 
     tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
     tiersim trace describe FILE [--format F] [--json]
-    tiersim list [policies|gpus|models|servers|traces|tables]
+    tiersim list [policies|gpus|models|servers|traces|tables]   (``list policies`` adds parameters)
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
     tiersim sweep --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4 --out DIR
     tiersim calibrate --out DIR [--quick] [--parts ...]
@@ -14,6 +14,7 @@ shows the traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -173,6 +174,12 @@ def cmd_list(args) -> int:
         for kind, names in registry.all_policies().items():
             for name in names:
                 print(f"  {kind:12} {name:18} {registry.describe(kind, name)}")
+                if what == "policies":      # the parameters, with defaults, only when asked for policies
+                    params = getattr(registry.lookup(kind, name), "Params", None)
+                    if dataclasses.is_dataclass(params):
+                        for f in dataclasses.fields(params):
+                            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+                            print(f"  {'':12} {'':18}   {f.name} = {default!r}")
     if what in (None, "gpus"):
         print("gpus:    " + ", ".join(available_presets("gpus")))
     if what in (None, "models"):

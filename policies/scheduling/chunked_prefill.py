@@ -4,6 +4,12 @@ Every step has a token budget. Running decodes go first (one token each); then p
 requests continue with chunks; then swapped requests come back; then waiting requests are admitted
 with a first chunk of whatever budget is left. Prefills never stall decodes, and long prompts are cut
 into chunks. Preemption on block shortage takes the most recently admitted request.
+
+``admission`` says what a waiting request must find free to be admitted. ``"chunk"`` (the default,
+vLLM's chunked prefill): the blocks of its first chunk. ``"prompt"`` (Sarathi-Serve's and Vidur's
+scheduler): the blocks of its whole prompt, over and above the rest of the prompts still being
+prefilled, so that an admitted prompt never waits for memory between its chunks. Blocks are still
+allocated chunk by chunk; ``"prompt"`` only holds the remainder back from later admissions.
 """
 from __future__ import annotations
 
@@ -19,9 +25,12 @@ class ChunkedPrefillParams:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048   # the per-step token budget (Sarathi-Serve's chunk size)
     watermark: float = 0.01
+    admission: str = "chunk"             # "chunk" | "prompt": see the module docstring
 
     def __post_init__(self) -> None:
         check_batch_limits(self, 1)
+        if self.admission not in ("chunk", "prompt"):
+            raise ValueError(f"admission must be 'chunk' or 'prompt' (got {self.admission!r})")
 
 
 @register("scheduling", "chunked-prefill")
@@ -49,6 +58,11 @@ class ChunkedPrefill:
         # it preempted from the tail may include them.
         preempted = set(map(id, plan.preempt))
         budget -= len(plan.decode)
+        whole = self.p.admission == "prompt"
+        if whole:
+            # what the prompts already in prefill still need, held back from new admissions
+            held = free - sum(view.blocks_needed(r, view.tokens_to_compute(r))
+                              for r in prefilling if id(r) not in preempted)
         for req in prefilling:
             if budget <= 0:
                 break
@@ -70,15 +84,16 @@ class ChunkedPrefill:
         if plan.preempt:
             return plan
         if view.swapped:
-            before = len(plan.swap_in)
-            free = plan_swap_ins(view, free, watermark, seats, plan)
-            seats -= len(plan.swap_in) - before
+            plan_swap_ins(view, free, watermark, seats, plan)
             return plan
+        if whole:
+            free = min(free, held)
         for req in view.waiting:
             if seats <= 0 or budget <= 0:
                 break
-            n = min(view.tokens_to_compute(req), budget)
-            need = view.blocks_needed(req, n)
+            todo = view.tokens_to_compute(req)
+            n = min(todo, budget)
+            need = view.blocks_needed(req, todo if whole else n)
             if free - need < watermark:
                 break
             plan.prefill.append((req, n))
@@ -107,6 +122,7 @@ class ChunkedPrefill:
         if left <= 0:
             return True
         head = view.waiting[0]
-        n = min(view.tokens_to_compute(head), left)
+        todo = view.tokens_to_compute(head)
+        n = todo if self.p.admission == "prompt" else min(todo, left)
         return view.blocks_needed(head, n) > free - watermark
 

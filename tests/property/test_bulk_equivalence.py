@@ -63,11 +63,13 @@ def assert_equivalent(cfg_overrides: dict, trace) -> int:
 @given(trace=traces_(), scheduling=st.sampled_from(["fcfs", "chunked-prefill"]),
        execution=st.sampled_from(["cuda-graph", "host-launched"]),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(24, 200),
-       replicas=st.integers(1, 2), prefix=st.booleans())
-def test_decode_runs_equal_single_stepping(trace, scheduling, execution, preemption, blocks, replicas, prefix):
+       replicas=st.integers(1, 2), prefix=st.booleans(), admission=st.sampled_from(["chunk", "prompt"]))
+def test_decode_runs_equal_single_stepping(trace, scheduling, execution, preemption, blocks, replicas, prefix,
+                                           admission):
+    chunked = {"policies.scheduling.admission": admission} if scheduling == "chunked-prefill" else {}
     assert_equivalent({"policies.scheduling.name": scheduling, "policies.execution.name": execution,
                        "replica.preemption_mode": preemption, "replica.num_hbm_blocks": blocks,
-                       "cluster.num_replicas": replicas, "replica.prefix_caching": prefix}, trace)
+                       "cluster.num_replicas": replicas, "replica.prefix_caching": prefix, **chunked}, trace)
 
 
 def test_equivalence_on_a_real_trace_slice_with_preemption():

@@ -74,10 +74,12 @@ def _check_results(sim, res, trace):
        replicas=st.integers(1, 2),
        bulk=st.booleans(),
        prefix=st.booleans(),
-       budget=st.sampled_from([64, 512, 4096]))
+       budget=st.sampled_from([64, 512, 4096]),
+       admission=st.sampled_from(["chunk", "prompt"]))
 def test_invariants_hold_for_every_policy(trace, scheduling, execution, eviction, preemption, block_size,
-                                          blocks, replicas, bulk, prefix, budget):
-    cfg = small_config(**{
+                                          blocks, replicas, bulk, prefix, budget, admission):
+    chunked = {"policies.scheduling.admission": admission} if scheduling == "chunked-prefill" else {}
+    cfg = small_config(**chunked, **{
         "policies.scheduling.name": scheduling, "policies.execution.name": execution,
         "policies.eviction.name": eviction, "replica.preemption_mode": preemption,
         "replica.block_size_tokens": block_size, "replica.num_hbm_blocks": blocks * (16 // block_size),

@@ -89,6 +89,9 @@ def test_bad_trace_rows_name_file_row_and_field(tmp_path, capsys):
 def test_list_and_trace_describe(capsys):
     rc, out, _ = run_cli(capsys, "list")
     assert rc == 0 and "chunked-prefill" in out and "h100-sxm-80gb" in out and "azure-conv" in out
+    assert "watermark =" not in out
+    rc, out, _ = run_cli(capsys, "list", "policies")
+    assert rc == 0 and "admission = 'chunk'" in out and "max_num_batched_tokens = 2048" in out
     rc, out, _ = run_cli(capsys, "trace", "describe", "azure-code")
     assert rc == 0 and "8,819" in out
 

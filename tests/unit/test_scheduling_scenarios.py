@@ -77,3 +77,34 @@ def test_requests_that_can_never_fit_are_rejected_with_a_reason():
     assert list(r["status"]) == ["rejected", "finished"]
     assert r["reject_reason"].iloc[0] == "exceeds KV capacity"
     assert res.summary["requests"]["rejected_by_reason"] == {"exceeds KV capacity": 1}
+
+
+def test_prompt_admission_waits_for_room_for_the_whole_prompt():
+    # 80 blocks of 4 tokens; A and B have 200-token prompts (50 blocks each). With per-chunk admission
+    # B starts in the leftover budget of A's last chunk, runs out of blocks half-way through its
+    # prompt and is preempted by A's decodes. With whole-prompt admission (Sarathi-Serve, Vidur) B
+    # waits until A has finished and is never preempted.
+    tr = make_trace([0.0, 0.001], [200, 200], [6, 6])
+    out = {}
+    for admission in ("chunk", "prompt"):
+        cfg = _cfg(**{"policies.scheduling.name": "chunked-prefill", "replica.num_hbm_blocks": 80,
+                      "policies.scheduling.max_num_batched_tokens": 64,
+                      "policies.scheduling.admission": admission})
+        sim, res = run_checked(cfg, tr)
+        out[admission] = res.requests.set_index("request_id")
+        assert (res.requests["generated_tokens"] == 6).all()
+    chunk, prompt = out["chunk"], out["prompt"]
+    assert chunk.loc[1, "first_scheduled_s"] < chunk.loc[0, "first_token_s"]
+    assert int(chunk.loc[1, "preemptions"]) >= 1
+    assert list(prompt["preemptions"]) == [0, 0]
+    assert prompt.loc[1, "first_scheduled_s"] >= prompt.loc[0, "finish_s"]
+
+
+def test_unknown_admission_mode_is_a_parameter_error():
+    import pytest
+
+    from sim.errors import TiersimError
+
+    with pytest.raises(TiersimError, match="admission"):
+        run_checked(_cfg(**{"policies.scheduling.name": "chunked-prefill",
+                            "policies.scheduling.admission": "greedy"}), make_trace([0.0], [8], [2]))
