@@ -106,13 +106,13 @@ def main(argv=None) -> int:
     # warm Numba's on-disk cache once so no case pays compilation
     run_case("conv", 1) if "conv" not in args.cases else None
     rows = []
-    hdr = (f"{'case':13}{'requests':>10}{'steps':>10}{'events':>10}{'sim s':>9}{'wall s':>8}{'proc s':>8}"
+    hdr = (f"{'case':13}{'requests':>11}{'steps':>12}{'events':>11}{'sim s':>9}{'wall s':>8}{'proc s':>8}"
            f"{'req/s':>9}{'steps/s':>10}{'events/s':>10}{'sim/wall':>9}{'RSS MB':>8}")
     print(hdr)
     for name in args.cases:
         r = run_case(name, args.repeats)
         rows.append(r)
-        print(f"{name:13}{r['requests']:>10,}{r['steps']:>10,}{r['events']:>10,}{r['simulated_s']:>9,.0f}"
+        print(f"{name:13}{r['requests']:>11,}{r['steps']:>12,}{r['events']:>11,}{r['simulated_s']:>9,.0f}"
               f"{r['wall_sim_s']:>8.2f}{r['wall_process_s']:>8.2f}{r['requests_per_wall_s']:>9,.0f}"
               f"{r['steps_per_wall_s']:>10,.0f}{r['events_per_wall_s']:>10,.0f}{r['sim_over_wall']:>9,.0f}"
               f"{r['peak_rss_mb']:>8,.0f}", flush=True)

@@ -89,17 +89,22 @@ class BlockPool:
         if rest:
             victims = (choose_victims(self, rest, now) if choose_victims is not None
                        else self.lru_order(rest))
-            victims = list(victims)
+            victims = [int(b) for b in victims]
             if len(victims) != rest or len(set(victims)) != rest:
                 raise RuntimeError(f"{self.tier}: eviction policy returned {len(victims)} distinct-or-not "
                                    f"blocks, {rest} needed")
+            lru = self._lru
             for b in victims:
-                if b not in self._lru:
+                if b not in lru:
                     raise RuntimeError(f"{self.tier}: eviction policy chose block {b}, which is not "
                                        f"evictable (state {self.state(b)})")
-                del self._lru[b]
-                del self._by_key[int(self.key[b])]
-                self.key[b] = -1
+            # checked first, so a bad choice changes nothing; then one pass per structure
+            for b in victims:
+                del lru[b]
+            by_key = self._by_key
+            for k in self.key[victims].tolist():
+                del by_key[k]
+            self.key[victims] = -1
             self.num_evicted += rest
             out.extend(victims)
         idx = np.asarray(out, dtype=np.int64)
@@ -215,6 +220,19 @@ class BlockPool:
         self._by_key[key] = block
         self.key[block] = key
         return True
+
+    def register_many(self, blocks: Sequence[int], keys: Sequence[int]) -> int:
+        """:meth:`register` for each (block, key) pair in order; returns how many were registered."""
+        by_key = self._by_key
+        done_b, done_k = [], []
+        for b, k, cur in zip(blocks, keys, self.key[list(blocks)].tolist()):
+            if cur < 0 and k not in by_key:
+                by_key[k] = b
+                done_b.append(b)
+                done_k.append(k)
+        if done_b:
+            self.key[done_b] = done_k
+        return len(done_b)
 
     def lookup(self, key: int) -> int:
         return self._by_key.get(key, -1)

@@ -106,8 +106,11 @@ class TieredKV:
         limit = min(len(keys), (req.prompt_tokens - 1) // self.block_size)
         lookup = self.hbm._by_key
         n = 0
-        while n < limit and int(keys[n]) in lookup:
-            n += 1
+        while n < limit:                       # converted a slice at a time: hits often end early
+            for k in keys[n:min(n + 32, limit)].tolist():
+                if k not in lookup:
+                    return n
+                n += 1
         return n
 
     def blocks_needed(self, req: Request, new_tokens: int) -> int:
@@ -120,7 +123,7 @@ class TieredKV:
             fresh = -(-(hit * bs + new_tokens) // bs) - hit
             if hit:
                 rc, lookup, keys = self.hbm.refcount, self.hbm._by_key, req.hash_keys
-                fresh += sum(1 for k in keys[:hit] if rc[lookup[int(k)]] == 0)
+                fresh += int((rc[[lookup[k] for k in keys[:hit].tolist()]] == 0).sum())
             return fresh
         return -(-(req.num_computed + new_tokens) // bs) - len(req.blocks)
 
@@ -146,7 +149,7 @@ class TieredKV:
             self.lookup_tokens += min(len(keys), (req.prompt_tokens - 1) // self.block_size) * self.block_size
         if hit:
             pool = self.hbm
-            blocks = [pool._by_key[int(k)] for k in keys[:hit]]
+            blocks = [pool._by_key[k] for k in keys[:hit].tolist()]
             for b in blocks:
                 pool.retain(b, now)
             req.blocks = blocks
@@ -183,10 +186,9 @@ class TieredKV:
         if keys is None or not self.prefix_caching:
             return
         full = min(req.num_computed // self.block_size, len(keys), req.prompt_tokens // self.block_size)
-        pool = self.hbm
-        for j in range(req.num_cached_blocks, full):
-            pool.register(req.blocks[j], int(keys[j]))
-        if full > req.num_cached_blocks:
+        first = req.num_cached_blocks
+        if full > first:
+            self.hbm.register_many(req.blocks[first:full], keys[first:full].tolist())
             req.num_cached_blocks = full
 
     def release(self, req: Request, now: float) -> None:

@@ -48,10 +48,19 @@ class PoolMachine(RuleBasedStateMachine):
             self.held.append(list(got))
 
     @precondition(lambda self: self.held)
-    @rule(i=st.integers(0, 100), register=st.booleans())
-    def release(self, i, register):
+    @rule(i=st.integers(0, 100), register=st.sampled_from(["none", "one", "many"]), salt=st.integers(0, 3))
+    def release(self, i, register, salt):
         blocks = self.held.pop(i % len(self.held))
-        if register:
+        if register == "many":
+            # one call for the whole list; keys may repeat or already be taken, which must be refused
+            keys = [1000 + (b * 7 + int(self.t)) // (salt + 1) for b in blocks]
+            ok = 0
+            for b, k in zip(blocks, keys):
+                if self.key[b] is None and k not in self.key:
+                    self.key[b] = k
+                    ok += 1
+            assert self.pool.register_many(blocks, keys) == ok
+        elif register == "one":
             for b in blocks:
                 if self.key[b] is None and self.rc[b] == 1:
                     k = 1000 + b * 7 + int(self.t)
@@ -82,6 +91,7 @@ class PoolMachine(RuleBasedStateMachine):
     def agrees(self):
         self.pool.check()
         assert [int(x) for x in self.pool.refcount] == self.rc
+        assert [int(x) for x in self.pool.key] == [-1 if k is None else k for k in self.key]
         assert self.pool.lru_order(N) == self.lru
         assert self.pool.num_available == self._avail()
         assert self.pool.num_active == sum(1 for r in self.rc if r > 0)
