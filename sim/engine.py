@@ -202,7 +202,8 @@ class Simulation:
                 env=env, replica_id=i, kv=kv, cost=self.cost, gpu=gpu, pcie=pcie, scheduler=self.scheduler,
                 speculation=self.speculation, sparsity=self.sparsity, preemption_mode=rc.preemption_mode,
                 max_model_len=self.max_model_len, max_prompt_tokens=max_prompt, requests=self.requests,
-                step_log=StepLog(self.config.metrics.step_log, i, self.spill / f"steps-replica{i}.parquet"),
+                step_log=StepLog(self.config.metrics.step_log, i, self.spill / f"steps-replica{i}.parquet",
+                                 tuple(p.num_blocks * p.bytes_per_block for p in kv.pools)),
                 token_log=TokenLog(),
                 rng=np.random.default_rng([self.config.seed, i]), bulk_decode=rc.bulk_decode)
             replica.dram = HostDRAM(env, f"replica{i}", self.server)

@@ -33,6 +33,8 @@ STEP_COLUMNS: dict[str, type] = {
     "hbm_locked_bytes": np.int64, "dram_used_bytes": np.int64, "nvme_used_bytes": np.int64,
     "frag_tokens": np.int64, "launches": np.int32, "syncs": np.int32, "preemptions": np.int32,
 }
+# free bytes per tier, derived when rows are written (capacity - used), not kept in the buffer
+FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
 # the step log's integer buffer, in this column order (the step index is implicit)
 INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in ("step", "start_s", "duration_s"))
 _I = {k: j for j, k in enumerate(INT_COLUMNS)}
@@ -45,7 +47,8 @@ def _step_schema():
     import pyarrow as pa
 
     types = {np.int64: pa.int64(), np.int32: pa.int32(), np.float64: pa.float64()}
-    return pa.schema([("replica", pa.int16())] + [(k, types[t]) for k, t in STEP_COLUMNS.items()])
+    return pa.schema([("replica", pa.int16())] + [(k, types[t]) for k, t in STEP_COLUMNS.items()]
+                     + [(k, pa.int64()) for k in FREE_COLUMNS])
 
 
 class _Growable:
@@ -85,8 +88,10 @@ class StepLog:
 
     CHUNK = 1 << 16
 
-    def __init__(self, enabled: bool, replica: int, path: Path | None) -> None:
+    def __init__(self, enabled: bool, replica: int, path: Path | None,
+                 capacity_bytes: tuple[int, int, int] = (0, 0, 0)) -> None:
         self.enabled = enabled
+        self.capacity_bytes = capacity_bytes      # KV capacity of (HBM, DRAM, NVMe), whole replica
         self.replica = replica
         self.path = path
         self.n = 0
@@ -168,6 +173,9 @@ class StepLog:
             arrays = [pa.array(np.full(m, self.replica, np.int16)), pa.array(np.arange(self.base, self.n)),
                       pa.array(f[:, 0].copy()), pa.array(dur.copy())]
             arrays += [pa.array(col[k].astype(STEP_COLUMNS[k])) for k in INT_COLUMNS]
+            hbm_cap, dram_cap, nvme_cap = self.capacity_bytes
+            arrays += [pa.array(hbm_cap - col["hbm_active_bytes"] - col["hbm_cached_bytes"]),
+                       pa.array(dram_cap - col["dram_used_bytes"]), pa.array(nvme_cap - col["nvme_used_bytes"])]
             if self._writer is None:
                 # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
                 self._writer = pq.ParquetWriter(self.path, schema, compression="none")

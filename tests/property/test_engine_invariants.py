@@ -49,7 +49,14 @@ def _check_results(sim, res, trace):
         a, b = req[col_a][fin].to_numpy(), req[col_b][fin].to_numpy()
         assert (b >= a).all(), f"{col_b} before {col_a}"
     steps = res.steps
-    for _, g in steps.groupby("replica"):
+    for rid, g in steps.groupby("replica"):
+        # every tier's bytes add up to its capacity in every step
+        hbm, dram, nvme = sim.replicas[rid].kv.pools
+        assert ((g["hbm_free_bytes"] + g["hbm_active_bytes"] + g["hbm_cached_bytes"])
+                == hbm.num_blocks * hbm.bytes_per_block).all()
+        assert (g["dram_free_bytes"] + g["dram_used_bytes"] == dram.num_blocks * dram.bytes_per_block).all()
+        assert (g["nvme_free_bytes"] + g["nvme_used_bytes"] == nvme.num_blocks * nvme.bytes_per_block).all()
+        assert (g[["hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes"]] >= 0).all().all()
         start = g["start_s"].to_numpy()
         end = start + g["duration_s"].to_numpy()
         assert (np.diff(start) >= 0).all(), "time went backwards"
