@@ -1,6 +1,7 @@
 """The ``tiersim`` command.
 
     tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
+    tiersim plot DIR [--out FILE]
     tiersim trace describe FILE [--format F] [--json]
     tiersim list [policies|gpus|models|servers|traces|tables]   (``list policies`` adds parameters)
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
@@ -139,10 +140,23 @@ def cmd_run(args) -> int:
     results.write(out)
     (out / "config.toml").write_text(config.to_toml())
     wall = time.perf_counter() - t0
+    if args.plot:
+        from sim.plots import plot_run
+
+        plot_run(out)
     if args.json:
         print(json.dumps(results.summary, indent=2, sort_keys=True))
     elif not args.quiet:
         print(format_summary(results.summary, str(out), wall))
+        if args.plot:
+            print(f"plot: {out / 'overview.png'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from sim.plots import plot_run
+
+    print(plot_run(args.dir, args.out))
     return 0
 
 
@@ -315,7 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--plot", action="store_true",
+                   help="also write OUT/overview.png (latency CDFs, batch size and KV memory over time)")
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plot", help="overview figure of a results directory")
+    pl.add_argument("dir", help="a directory written by tiersim run (or one sweep run's directory)")
+    pl.add_argument("--out", help="image file (default: DIR/overview.png)")
+    pl.set_defaults(func=cmd_plot)
 
     t = sub.add_parser("trace", help="trace tools")
     tsub = t.add_subparsers(dest="trace_cmd", required=True)

@@ -104,3 +104,16 @@ def test_mooncake_trace_runs_end_to_end_with_prefix_hits(capsys, tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["requests"]["finished"] + s["requests"]["rejected"] == 300
     assert s["kv"]["prefix_hit_tokens"] > 0
+
+
+def test_plot_draws_a_run_and_refuses_a_directory_that_is_not_one(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "run", "--out", str(tmp_path / "r"), "--plot", *SMALL,
+                           "--set", "trace.rate_scale=8", "--set", "cluster.num_replicas=2")
+    assert rc == 0, err
+    png = tmp_path / "r" / "overview.png"
+    assert f"plot: {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    rc, out, _ = run_cli(capsys, "plot", str(tmp_path / "r"), "--out", str(tmp_path / "again.png"))
+    assert rc == 0 and (tmp_path / "again.png").exists()
+    rc, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert rc == 2 and "not a tiersim results directory" in err and "steps.parquet" in err
