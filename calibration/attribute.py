@@ -38,35 +38,14 @@ def _load_trace(path: Path) -> dict:
         return json.load(f)
 
 
-def _cost_model(model_name: str, table_dir: Path):
-    from policies import registry
-    from sim.costs.model import TransformerOps
-    from sim.costs.step import StepCostModel
-    from sim.costs.table import CostTable, TableBackend
-    from sim.specs import load_gpu, load_model
-
-    table = CostTable(table_dir)
-    gpu = load_gpu(table.meta.get("gpu", {}).get("preset") or "h100-sxm-80gb")
-    ops = TransformerOps(load_model(model_name))
-    return StepCostModel(ops, TableBackend(ops, gpu, table), registry.build("execution", "cuda-graph", {}))
-
-
-def _shape(phase: str, batch: int, length: int):
-    from sim.costs.model import StepShape
-
-    empty = np.empty(0, np.int64)
-    if phase == "prefill":
-        return StepShape(prefill_q=np.full(batch, length, np.int64), prefill_c=np.zeros(batch, np.int64),
-                         num_decode=0, decode_ctx_sum=0, num_sampled=batch)
-    return StepShape(prefill_q=empty, prefill_c=empty, num_decode=batch, decode_ctx_sum=batch * (length + 1),
-                     num_sampled=batch)
-
-
 def attribute_point(point: dict, table_dir: Path) -> dict:
     """Per-op predicted vs in-model time for one traced point (graph replay)."""
-    cost = _cost_model(point["model"], table_dir)
+    from calibration.validate import cost_model, point_shape
+    from sim.costs.table import CostTable
+
+    cost = cost_model(CostTable(table_dir), point["model"], "graph")
     ops = cost.ops
-    shape = _shape(point["phase"], int(point["batch"]), int(point["length"]))
+    shape = point_shape(point["phase"], int(point["batch"]), int(point["length"]))
     _, rows, _, _, _ = cost.breakdown(shape)
     predicted = {r.name: r.time_s * 1e6 for r in rows}
     has_p, has_d = shape.prefill_q.size > 0, shape.num_decode > 0

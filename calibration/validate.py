@@ -73,36 +73,46 @@ def load_measurements(files: list[Path]) -> pd.DataFrame:
     return m.rename(columns={"variant": "mode", "op": "phase", "key": "model", "x": "batch", "y": "tokens"})
 
 
-def predict(m: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
-    """Add predicted_s, kernels_predicted and extrapolated to each measured point."""
+def cost_model(table, model_name: str, mode: str):
+    """The step cost model that prices a validation point: ``table`` (a ``CostTable``) on the GPU
+    preset it was measured on, the named model, and the execution policy of ``mode``
+    ("graph" or "eager")."""
     from policies import registry
     from sim.costs.model import TransformerOps
     from sim.costs.step import StepCostModel
-    from sim.costs.table import CostTable, TableBackend
+    from sim.costs.table import TableBackend
     from sim.specs import load_gpu, load_model
 
+    gpu = load_gpu(table.meta.get("gpu", {}).get("preset") or "h100-sxm-80gb")
+    ops = TransformerOps(load_model(model_name))
+    return StepCostModel(ops, TableBackend(ops, gpu, table), registry.build("execution", MODES[mode], {}))
+
+
+def point_shape(phase: str, batch: int, tokens: int):
+    """A validation point's step: ``batch`` prompts of ``tokens`` (prefill), or ``batch`` decodes
+    with ``tokens`` of context each (decode)."""
+    from sim.costs.model import StepShape
+
+    return StepShape.prefill(batch, tokens) if phase == "prefill" else StepShape.decode(batch, tokens)
+
+
+def predict(m: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
+    """Add predicted_s, kernels_predicted and extrapolated to each measured point."""
+    from sim.costs.table import CostTable
+
     table = CostTable(table_dir)
-    preset = table.meta.get("gpu", {}).get("preset") or "h100-sxm-80gb"
-    gpu = load_gpu(preset)
-    models: dict[tuple[str, str], StepCostModel] = {}
+    models: dict = {}
     pred, kern, ext = [], [], []
     for row in m.itertuples(index=False):
         key = (row.model, row.mode)
         cost = models.get(key)
         if cost is None:
-            ops = TransformerOps(load_model(row.model))
-            cost = models[key] = StepCostModel(ops, TableBackend(ops, gpu, table),
-                                               registry.build("execution", MODES[row.mode], {}))
-        B, T = int(row.batch), int(row.tokens)
+            cost = models[key] = cost_model(table, row.model, row.mode)
+        shape = point_shape(row.phase, int(row.batch), int(row.tokens))
         before = sum(cost.backend.extrapolations.values())
-        empty = np.empty(0, np.int64)
-        if row.phase == "prefill":
-            q = np.full(B, T, np.int64)
-            t, _, _ = cost.step(q, np.zeros(B, np.int64), 0, 0, B)
-            seq = cost.sequence(B * T, B, True, False)
-        else:
-            t, _, _ = cost.step(empty, empty, B, B * (T + 1), B)
-            seq = cost.sequence(B, B, False, True)
+        t, _, _ = cost.step(shape.prefill_q, shape.prefill_c, shape.num_decode, shape.decode_ctx_sum,
+                            shape.num_sampled)
+        seq = cost.sequence(shape.num_tokens, shape.num_sampled, shape.num_decode == 0, shape.num_decode > 0)
         pred.append(t)
         kern.append(seq.num_kernels)
         ext.append(sum(cost.backend.extrapolations.values()) > before)

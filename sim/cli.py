@@ -234,17 +234,14 @@ def cmd_predict_step(args) -> int:
     B = args.batch
     if B < 1:
         raise TiersimError(f"--batch must be >= 1 (got {B})")
-    empty = np.empty(0, np.int64)
     if args.phase == "prefill":
         if args.tokens < 1:
             raise TiersimError("--tokens (each request's prompt length) must be >= 1 for --phase prefill")
-        shape = StepShape(prefill_q=np.full(B, args.tokens, np.int64), prefill_c=np.zeros(B, np.int64),
-                          num_decode=0, decode_ctx_sum=0, num_sampled=B)
+        shape = StepShape.prefill(B, args.tokens)
     elif args.phase == "decode":
         if args.context < 0:
             raise TiersimError("--context must be >= 0")
-        shape = StepShape(prefill_q=empty, prefill_c=empty, num_decode=B,
-                          decode_ctx_sum=B * (args.context + 1), num_sampled=B)
+        shape = StepShape.decode(B, args.context)
     else:
         if args.tokens < 1:
             raise TiersimError("--tokens (the prefill chunk) must be >= 1 for --phase mixed")

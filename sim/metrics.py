@@ -89,7 +89,7 @@ class StepLog:
     CHUNK = 1 << 16
 
     def __init__(self, enabled: bool, replica: int, path: Path | None,
-                 capacity_bytes: tuple[int, int, int] = (0, 0, 0)) -> None:
+                 capacity_bytes: tuple[int, int, int]) -> None:
         self.enabled = enabled
         self.capacity_bytes = capacity_bytes      # KV capacity of (HBM, DRAM, NVMe), whole replica
         self.replica = replica

@@ -27,7 +27,7 @@ def _cdf(ax, values, label: str, scale: float = 1.0) -> None:
 def _binned(t: np.ndarray, cols: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, dict, dict]:
     """Mean and max of each column in ``n`` equal time bins (empty bins dropped)."""
     if t.size == 0:
-        return t, {k: v for k, v in cols.items()}, {k: v for k, v in cols.items()}
+        return t, cols, cols
     edges = np.linspace(t.min(), t.max() + 1e-9, n + 1)
     idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n - 1)
     counts = np.bincount(idx, minlength=n)

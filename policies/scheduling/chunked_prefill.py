@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from policies.base import SchedulerView, StepPlan
 from policies.registry import register
-from policies.scheduling.fcfs import check_batch_limits, plan_decodes, plan_swap_ins
+from policies.scheduling.fcfs import check_batch_limits, plan_decodes, plan_swap_ins, split_running
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,9 +50,7 @@ class ChunkedPrefill:
         budget = self.p.max_num_batched_tokens
         free = view.num_free_blocks
         watermark = int(self.p.watermark * view.num_blocks)
-        decoding, prefilling = [], []
-        for r in view.running:
-            (decoding if r.prompt_tokens + r.num_generated - r.num_computed == 1 else prefilling).append(r)
+        decoding, prefilling = split_running(view.running)
         free = plan_decodes(view, decoding + prefilling, free, plan, min(budget, len(decoding)))
         # plan_decodes stops before the prefilling requests (its budget is the decode count); the ones
         # it preempted from the tail may include them.

@@ -35,6 +35,15 @@ class FCFSParams:
         check_batch_limits(self, 0)
 
 
+def split_running(running: list) -> tuple[list, list]:
+    """(decoding, still prefilling) running requests, each in running order. A request decodes when
+    exactly one token is left to compute: its prompt is done and the next token is sampled."""
+    decoding, prefilling = [], []
+    for r in running:
+        (decoding if r.prompt_tokens + r.num_generated - r.num_computed == 1 else prefilling).append(r)
+    return decoding, prefilling
+
+
 def plan_decodes(view: SchedulerView, candidates: list, free: int, plan: StepPlan, budget: int) -> int:
     """Give each candidate (in order) one decode token, preempting from the tail of ``candidates``
     when blocks run out; returns the free blocks left. Shared by the schedulers in this package."""
@@ -103,14 +112,7 @@ class FCFS:
         free = view.num_free_blocks
         watermark = int(self.p.watermark * view.num_blocks)
         seats = self.p.max_num_seqs - len(view.running) - view.num_swapping_in
-        running = view.running
-        decoding = []
-        unfinished = []       # running requests that still lack part of their prompt
-        for r in running:
-            if r.prompt_tokens + r.num_generated - r.num_computed == 1:
-                decoding.append(r)
-            else:
-                unfinished.append(r)
+        decoding, unfinished = split_running(view.running)   # unfinished: still lack part of their prompt
         if not view.swapped:
             budget = self.token_budget(view)
             # a running request may still lack part of its prompt (its prefix hits shrank at admission)

@@ -85,6 +85,19 @@ class StepShape:
     num_sampled: int
     decode_tokens: int = -1
 
+    @classmethod
+    def prefill(cls, batch: int, prompt_tokens: int) -> "StepShape":
+        """``batch`` whole prompts of ``prompt_tokens`` each, nothing cached, each sampling a token."""
+        return cls(prefill_q=np.full(batch, prompt_tokens, np.int64), prefill_c=np.zeros(batch, np.int64),
+                   num_decode=0, decode_ctx_sum=0, num_sampled=batch)
+
+    @classmethod
+    def decode(cls, batch: int, context_tokens: int) -> "StepShape":
+        """``batch`` decodes, each with ``context_tokens`` of KV before the step (plus its new token)."""
+        empty = np.empty(0, np.int64)
+        return cls(prefill_q=empty, prefill_c=empty, num_decode=batch,
+                   decode_ctx_sum=batch * (context_tokens + 1), num_sampled=batch)
+
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decode if self.decode_tokens < 0 else self.decode_tokens

@@ -215,11 +215,7 @@ class BlockPool:
     def register(self, block: int, key: int) -> bool:
         """Make an active block findable under ``key``. False if another block already holds it
         (the duplicate stays unregistered and becomes FREE when released)."""
-        if key in self._by_key or self.key[block] >= 0:
-            return False
-        self._by_key[key] = block
-        self.key[block] = key
-        return True
+        return self.register_many([block], [key]) == 1
 
     def register_many(self, blocks: Sequence[int], keys: Sequence[int]) -> int:
         """:meth:`register` for each (block, key) pair in order; returns how many were registered."""

@@ -4,15 +4,16 @@ from __future__ import annotations
 import numpy as np
 
 from calibration import attribute as A
-from sim.costs.table import resolve_table_dir
+from calibration.validate import cost_model, point_shape
+from sim.costs.table import CostTable, resolve_table_dir
 
 
 def _synthetic_point(names_for_gemm="nvjet_sm90_tst_gemm", extra_front=0):
     """A graph trace of llama-3.2-1b decode (batch 1, context 1024) built from the table itself: each
     op's kernels take exactly the op's predicted time, back to back with no gaps."""
     table = resolve_table_dir("h100-sxm-80gb")
-    cost = A._cost_model("llama-3.2-1b", table)
-    shape = A._shape("decode", 1, 1024)
+    cost = cost_model(CostTable(table), "llama-3.2-1b", "graph")
+    shape = point_shape("decode", 1, 1024)
     _, rows, _, _, _ = cost.breakdown(shape)
     pred = {r.name: r.time_s * 1e6 for r in rows}
     kern = cost.backend.kernel_counts(shape.num_tokens, shape.num_sampled, False, True)

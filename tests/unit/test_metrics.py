@@ -57,7 +57,7 @@ def test_itl_statistics_match_brute_force(seed, n, zeros):
 
 def test_step_log_streams_chunks_to_parquet_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(StepLog, "CHUNK", 7)
-    log = StepLog(True, 3, tmp_path / "s.parquet")
+    log = StepLog(True, 3, tmp_path / "s.parquet", (10_000, 2_000, 500))
     for k in range(30):
         log.append(float(k), 1.0, float(k) + 1, tuple(range(k, k + len(INT_COLUMNS))))
     log.close()
@@ -67,6 +67,9 @@ def test_step_log_streams_chunks_to_parquet_in_order(tmp_path, monkeypatch):
     assert list(df["step"]) == list(range(30)) and (df["replica"] == 3).all()
     assert list(df["start_s"]) == [float(k) for k in range(30)]
     assert list(df["num_seqs"]) == list(range(30)) and list(df["preemptions"]) == list(range(13, 43))
+    assert (df["hbm_free_bytes"] == 10_000 - df["hbm_active_bytes"] - df["hbm_cached_bytes"]).all()
+    assert (df["dram_free_bytes"] == 2_000 - df["dram_used_bytes"]).all()
+    assert (df["nvme_free_bytes"] == 500 - df["nvme_used_bytes"]).all()
     assert list(log.end_s) == [float(k) + 1 for k in range(30)]
     assert log.agg["rows"] == 30 and log.busy_s == 30.0
 
