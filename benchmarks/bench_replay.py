@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
               f"{r['steps_per_wall_s']:>10,.0f}{r['events_per_wall_s']:>10,.0f}{r['sim_over_wall']:>9,.0f}"
               f"{r['peak_rss_mb']:>8,.0f}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"replay-{stamp}.json"
     import platform
 

@@ -22,7 +22,8 @@ What runs:
   QPS * span / N``), with every knob that has a counterpart set to Vidur's defaults: 128 sequences
   (``batch_size_cap``), 4,096 tokens per prefill step (vllm's ``max_tokens_in_batch``) or a 512-token
   budget (sarathi's ``chunk_size``, with ``admission = "prompt"``: a request is admitted only when
-  blocks for its whole prompt are free, as Sarathi's scheduler does), 16-token blocks, 3,328 KV blocks (Vidur's memory planner: 80 GiB
+  blocks for its whole prompt are free, as Sarathi's scheduler does), 16-token blocks, 3,328 KV blocks
+  (Vidur's memory planner: 80 GiB
   x 0.9 minus its weight count, in whole 4,096-token request slots), a 1 % watermark, recompute
   preemption, no prefix caching, CUDA graphs with no CPU overhead. Three cost tables, built into WORK
   by ``calibration.vidur_import``:
@@ -62,7 +63,7 @@ import platform  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     qtag = f"qps{args.qps:g}"
 
     trace = prepare_trace(trace_file, args.qps, work)
-    result = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "pinned_cpu": cpu, "python": sys.version.split()[0], "vidur_version": "0.0.26", "qps": args.qps,
               "trace": trace, "vidur_defaults": VIDUR, "tiersim_hbm_blocks": vidur_num_blocks(), "pairs": []}
@@ -531,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["step_check"]:
         print_step_check(result["step_check"], list(tables))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"vidur-compare-{stamp}.json"
     path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"results: {path}")

@@ -140,7 +140,8 @@ def format_markdown(results: list[dict], table: str, trace: str) -> str:
                   "|---|---:|---:|---:|---:|---:|"]
         for o in sorted(r["ops"], key=lambda o: o["diff_us"]):
             lines.append(f"| {o['op']} | {o['predicted_us']:,.1f} | {o['in_model_us']:,.1f} | "
-                         f"{o['kernel_only_us']:,.1f} | {o['diff_us']:+,.1f} | {100 * o['diff_share_of_step']:+.2f} % |")
+                         f"{o['kernel_only_us']:,.1f} | {o['diff_us']:+,.1f} | "
+                         f"{100 * o['diff_share_of_step']:+.2f} % |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

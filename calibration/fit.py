@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +274,7 @@ def fit_table(out_dir: str | Path) -> Path:
                 "simulated": bool(meta.get("simulated", gpu.get("simulated", False)))},
         "host": device.get("host", {}),
         "libraries": device.get("libraries", {}),
-        "created_utc": meta.get("created_utc") or datetime.now(timezone.utc).isoformat(),
+        "created_utc": meta.get("created_utc") or datetime.now(UTC).isoformat(),
         "source": " ".join(meta["command_line"]) if isinstance(meta.get("command_line"), list)
         else meta.get("command_line", "tiersim calibrate"),
         "code_version": meta.get("code_version", ""),

@@ -32,9 +32,9 @@ import threading
 import time
 import traceback
 from collections import deque
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 from calibration import device_info
 from calibration.raw import RAW_COLUMNS, Part, PartContext, model_shape, rows_to_frame
@@ -143,7 +143,7 @@ def missing_requirements(part: Part) -> str:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def code_version() -> str:
@@ -390,7 +390,7 @@ def run_suite(out_dir: str | Path, parts: Iterable[str] | str | None = None, qui
         if not same:  # set aside raw files of another device or settings, so they never mix with these
             stale = [p for p in raw_dir.glob("*.parquet")]
             if stale:
-                aside = raw_dir / f"stale-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+                aside = raw_dir / f"stale-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
                 aside.mkdir(exist_ok=True)
                 for p in stale:
                     os.replace(p, aside / p.name)

@@ -17,7 +17,7 @@ and reported by :func:`sdpa_backend`. :func:`count_kernels` counts the GPU work 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -40,7 +40,8 @@ def _measurement_files(table_dir: Path, given: list[str] | None) -> list[Path]:
     if given:
         files = [Path(g) for g in given]
     else:   # the table's own run first, then earlier or repeat runs kept beside it
-        files = sorted(table_dir.glob("raw/validation*.parquet")) + sorted(table_dir.glob("runs/*/raw/validation*.parquet"))
+        files = (sorted(table_dir.glob("raw/validation*.parquet"))
+                 + sorted(table_dir.glob("runs/*/raw/validation*.parquet")))
     if not given:   # quick (smoke) runs use toy shapes: not a validation of anything
         def quick(f: Path) -> bool:
             meta = (f.parent.parent / "metadata.json")
@@ -58,7 +59,7 @@ def _measurement_files(table_dir: Path, given: list[str] | None) -> list[Path]:
 
 def load_measurements(files: list[Path]) -> pd.DataFrame:
     frames = []
-    for i, f in enumerate(files):
+    for f in files:
         d = pd.read_parquet(f)
         d = d[d["part"] == "validation"].copy()
         run = f.parent.parent if f.parent.name == "raw" else f.parent
@@ -220,7 +221,8 @@ def write_report(points: pd.DataFrame, summary: list[dict], out: Path, table_dir
               "| model | phase | mode | batch | tokens | measured ms | predicted ms | error | kernels meas./pred. |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in worst.itertuples(index=False):
-        lines.append(f"| {r.model} | {r.phase} | {r.mode} | {r.batch:.0f} | {r.tokens:.0f} | {r.measured_s * 1e3:.3f} | "
+        lines.append(f"| {r.model} | {r.phase} | {r.mode} | {r.batch:.0f} | {r.tokens:.0f} | "
+                     f"{r.measured_s * 1e3:.3f} | "
                      f"{r.predicted_s * 1e3:.3f} | {_pct(r.error)} | {r.kernels}/{r.kernels_predicted} |")
     lines += ["", "![predicted vs measured](pred_vs_meas.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -42,15 +42,18 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     lines = []
     ct = summary.get("cost_table", {})
     table = ct.get("table") or ct.get("backend", "?")
+    tp = cfg['replica']['tensor_parallel_size']
+    tp_label = f" TP{tp}" if tp > 1 else ""
     lines.append(f"tiersim run: {tr.get('name', '?')} ({summary['requests']['total']:,} requests) | "
                  f"{cfg['model']['name']} on {cfg['hardware']['gpu']} x{cfg['cluster']['num_replicas']}"
-                 f"{' TP' + str(cfg['replica']['tensor_parallel_size']) if cfg['replica']['tensor_parallel_size'] > 1 else ''}"
+                 f"{tp_label}"
                  f" | {pol['scheduling']['name']}, {pol['execution']['name']} | costs: {table}")
     lines.append(f"{'':14}{'mean':>11}{'p50':>11}{'p90':>11}{'p99':>11}{'max':>11}")
     for label, key, scale in (("TTFT (s)", "ttft_s", 1.0), ("ITL (ms)", "itl_s", 1e3), ("TPOT (ms)", "tpot_s", 1e3),
                               ("E2E (s)", "e2e_s", 1.0), ("queueing (s)", "queueing_s", 1.0)):
         d = summary[key]
-        lines.append(f"{label:14}" + "".join(f"{_fmt_s(d[q], scale):>11}" for q in ("mean", "p50", "p90", "p99", "max")))
+        lines.append(f"{label:14}" + "".join(f"{_fmt_s(d[q], scale):>11}"
+                                             for q in ("mean", "p50", "p90", "p99", "max")))
     th, gp = summary["throughput"], summary["goodput"]
     lines.append(f"throughput: {th['requests_per_s']:.2f} req/s, {th['output_tokens_per_s']:,.0f} output tok/s, "
                  f"{th['total_tokens_per_s']:,.0f} total tok/s | goodput (TTFT <= {gp['slo_ttft_s']:g} s, "
@@ -64,7 +67,8 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                  f" | launches {en['launches']:,}, syncs {en['syncs']:,}")
     if "hbm_peak_active_bytes" in kv:
         hit = kv.get("hbm_prefix_hit_rate")
-        lines.append(f"KV: HBM peak {kv['hbm_peak_active_bytes'] / 1e9:.1f} of {kv['hbm_kv_bytes_per_gpu'] / 1e9:.1f} GB"
+        lines.append(f"KV: HBM peak {kv['hbm_peak_active_bytes'] / 1e9:.1f} of "
+                     f"{kv['hbm_kv_bytes_per_gpu'] / 1e9:.1f} GB"
                      f" per GPU, cached peak {kv['hbm_peak_cached_bytes'] / 1e9:.1f} GB, DRAM peak "
                      f"{kv['dram_peak_used_bytes'] / 1e9:.1f} GB | prefix hit rate "
                      f"{'-' if hit is None else f'{100 * hit:.1f} %'} | PCIe H2D {ln['pcie_h2d_bytes'] / 1e9:.2f} GB,"
@@ -245,7 +249,8 @@ def cmd_predict_step(args) -> int:
     else:
         if args.tokens < 1:
             raise TiersimError("--tokens (the prefill chunk) must be >= 1 for --phase mixed")
-        shape = StepShape(prefill_q=np.array([args.tokens], np.int64), prefill_c=np.array([args.chunk_context], np.int64),
+        shape = StepShape(prefill_q=np.array([args.tokens], np.int64),
+                          prefill_c=np.array([args.chunk_context], np.int64),
                           num_decode=B, decode_ctx_sum=B * (args.context + 1), num_sampled=B + 1)
     before = dict(backend.extrapolations)
     duration, rows, overhead, launches, syncs = cost.breakdown(shape)

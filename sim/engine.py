@@ -12,8 +12,8 @@ own on the hardware links. Nothing in a run reads a wall clock except the progre
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import simpy

@@ -600,7 +600,6 @@ class Replica:
                    len(hbm._free), hbm.num_cached, hbm.num_active, held0,
                    dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
                    self.inflight_blocks)
-        start = now
         self.num_runs += 1
         self._run = run
         self._in_run, self._stop_run = True, False

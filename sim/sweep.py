@@ -14,8 +14,9 @@ from __future__ import annotations
 import itertools
 import json
 import traceback
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from sim.config import SimConfig, with_overrides
 

@@ -3,9 +3,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from sim.config import SimConfig, with_overrides
 from traces import Trace
+
+# Hypothesis profiles: "ci" (the default: what CI can afford) and "thorough" (20x the examples, for a
+# fuzz campaign): ``pytest --hypothesis-profile=thorough``. Tests size their example counts with
+# :func:`examples`, relative to the ci profile.
+_CI_EXAMPLES = 100
+settings.register_profile("ci", max_examples=_CI_EXAMPLES, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=20 * _CI_EXAMPLES, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
+
+
+def examples(n: int) -> int:
+    """``n`` examples under the ci profile, scaled by the profile that is loaded."""
+    return max(1, round(n * settings().max_examples / _CI_EXAMPLES))
+
 
 SMALL = {
     "model.name": "llama-3.2-1b",

@@ -13,8 +13,7 @@ from traces.bundled import BUNDLED, BundledFile, bundled_path
 from traces.describe import PrefixReuse, describe, format_description, prefix_reuse
 from traces.io import FORMATS, detect_format, load_trace
 from traces.schema import CANONICAL_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, Trace, TraceError
-from traces.synth import (EmpiricalLength, FixedLength, LognormalLength, UniformLength, parse_length,
-                          synthesize)
+from traces.synth import EmpiricalLength, FixedLength, LognormalLength, UniformLength, parse_length, synthesize
 from traces.transform import head, repeat, scale_rate, time_window
 
 __all__ = [

@@ -5,10 +5,10 @@ Attribution and licenses are in the top-level ``NOTICE`` and ``LICENSES/``; keep
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 from traces.schema import TraceError
 

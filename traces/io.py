@@ -6,8 +6,9 @@ With ``format=None`` the format is detected from the extension and, for CSV, fro
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from traces.bundled import BUNDLED, bundled_path
 from traces.readers import read_azure, read_burstgpt, read_csv_trace, read_mooncake, read_parquet_trace

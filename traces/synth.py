@@ -23,7 +23,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -152,7 +152,7 @@ class EmpiricalLength:
         return prompt[rows], output[rows]
 
 
-LengthSpec = Union[FixedLength, UniformLength, LognormalLength, EmpiricalLength]
+LengthSpec = FixedLength | UniformLength | LognormalLength | EmpiricalLength
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,11 +22,9 @@ import math
 
 import numpy as np
 
-from calibration.kernels.devicefns import (bf16_bits_to_f32, fill_bf16_words, fill_uniform, shfl_xor,
-                                           unpack_bf16x4)
+from calibration.kernels.devicefns import bf16_bits_to_f32, fill_bf16_words, fill_uniform, shfl_xor, unpack_bf16x4
 from calibration.kernels.grid import PointRunner, coarse_first
-from calibration.kernels.runtime import (cuda, free_device_bytes, jit, l2_bytes, release_memory,
-                                         sm_count, synchronize)
+from calibration.kernels.runtime import cuda, free_device_bytes, jit, l2_bytes, release_memory, sm_count, synchronize
 from calibration.kernels.timing import Timer, reps_for, rotation_sets
 from calibration.raw import ModelShape, Part, PartContext, make_row
 from sim.costs.model import make_key

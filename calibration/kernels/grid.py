@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from calibration.raw import PartContext
 

@@ -20,8 +20,7 @@ import numpy as np
 
 from calibration.kernels.devicefns import fill_uniform
 from calibration.kernels.grid import PointRunner
-from calibration.kernels.runtime import (cuda, free_device_bytes, jit, l2_bytes, release_memory,
-                                         sm_count, synchronize)
+from calibration.kernels.runtime import cuda, free_device_bytes, jit, l2_bytes, release_memory, sm_count, synchronize
 from calibration.kernels.timing import Timer, reps_for, rotation_sets
 from calibration.raw import Part, PartContext, make_row
 

@@ -59,9 +59,18 @@ def run(ctx: PartContext) -> list[dict]:
     from calibration import torch_ops
     from calibration.vendor.kernel_count import count_in_child
     from calibration.vendor.keys import part_models
-    from calibration.vendor.timing import (Budget, attach_counts, coarse_first, describe_error,
-                                           failure_row, finish_rows, recover, rotation_sets,
-                                           time_calls, torch_env)
+    from calibration.vendor.timing import (
+        Budget,
+        attach_counts,
+        coarse_first,
+        describe_error,
+        failure_row,
+        finish_rows,
+        recover,
+        rotation_sets,
+        time_calls,
+        torch_env,
+    )
 
     env = torch_env(ctx.quick)
     torch = env.torch

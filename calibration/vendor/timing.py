@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from calibration.raw import make_row
 from calibration.vendor.kernel_count import finish_graph, new_graph, per_call

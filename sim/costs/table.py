@@ -451,7 +451,8 @@ class TableBackend:
             if op.rows == "prefill":
                 out[i] = self.kernels[i]
             elif op.rows == "decode":
-                out[i] = self.decode.kernels_at(tokens, 1024.0, int(self.kernels[i])) if self.decode else self.kernels[i]
+                out[i] = (self.decode.kernels_at(tokens, 1024.0, int(self.kernels[i])) if self.decode
+                          else self.kernels[i])
             elif not dense:
                 curve = self.curves.get(i)
                 if curve is not None:

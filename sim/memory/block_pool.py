@@ -14,8 +14,8 @@ is evicted before its head.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import Callable, Sequence
 
 import numpy as np
 

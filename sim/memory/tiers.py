@@ -10,13 +10,14 @@ hashes are chained (one ID stands for the whole prefix), equal keys mean equal p
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from policies.base import RequestState
 from sim.memory.block_pool import BlockPool
 from sim.request import Request
+
 
 def prefix_keys(hashes: np.ndarray, hash_block_tokens: int, prompt_tokens: int, block_size: int) -> np.ndarray:
     """Prefix keys of the full engine blocks of a prompt (see module docstring)."""
@@ -199,7 +200,8 @@ class TieredKV:
         req.num_cached_blocks = 0
 
     # ------------------------------------------------------------------ swapping
-    def reserve_dram(self, req: Request, now: float, swapped: Sequence[Request]) -> tuple[list[int] | None, list[Request]]:
+    def reserve_dram(self, req: Request, now: float,
+                     swapped: Sequence[Request]) -> tuple[list[int] | None, list[Request]]:
         """DRAM blocks for ``req``'s KV, dropping swapped requests' copies (chosen by the eviction
         policy) when DRAM is full. Returns (blocks or None, requests whose DRAM copy was dropped)."""
         n = len(req.blocks)

@@ -3,13 +3,12 @@ the same step start times and durations, token counts, KV columns, per-request m
 block ids allocated in the same order from every pool."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim.memory.block_pool import BlockPool
-from tests.conftest import make_trace, run_checked, small_config
+from tests.conftest import examples, run_checked, small_config
 from tests.property.test_engine_invariants import traces_
 
 
@@ -40,7 +39,7 @@ def _run_recording(cfg, trace):
         sim, res = run_checked(cfg, trace)
     finally:
         BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = orig_one, orig_many, orig_take
-    per_pool = sorted(((seq[0][0], tuple(seq)) for seq in seqs.values()))
+    per_pool = sorted((seq[0][0], tuple(seq)) for seq in seqs.values())
     return sim, res, per_pool
 
 
@@ -58,7 +57,7 @@ def assert_equivalent(cfg_overrides: dict, trace) -> int:
     return b_res.summary["engine"]["decode_runs"]
 
 
-@settings(max_examples=int(__import__("os").environ.get("TIERSIM_EXAMPLES", "40")), deadline=None,
+@settings(max_examples=examples(40), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(trace=traces_(), scheduling=st.sampled_from(["fcfs", "chunked-prefill"]),
        execution=st.sampled_from(["cuda-graph", "host-launched"]),

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies import registry
-from tests.conftest import make_trace, run_checked, small_config
+from tests.conftest import examples, make_trace, run_checked, small_config
 
 
 @st.composite
@@ -70,7 +70,8 @@ def _check_results(sim, res, trace):
         assert not r.has_work()
 
 
-@settings(max_examples=int(__import__("os").environ.get("TIERSIM_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(trace=traces_(),
        scheduling=st.sampled_from(registry.known("scheduling")),
        execution=st.sampled_from(registry.known("execution")),

@@ -9,11 +9,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from traces import (LognormalLength, Trace, TraceError, UniformLength, describe, head, load_trace,
-                    prefix_reuse, repeat, scale_rate, synthesize, time_window)
+from tests.conftest import examples
+from traces import (
+    LognormalLength,
+    Trace,
+    TraceError,
+    UniformLength,
+    describe,
+    head,
+    load_trace,
+    prefix_reuse,
+    repeat,
+    scale_rate,
+    synthesize,
+    time_window,
+)
 from traces.synth import arrival_times
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "hash_offsets", "hash_values",
           "session_id", "priority", "tenant")
 
@@ -158,7 +171,7 @@ synth_args = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(synth_args, st.floats(0.2, 5.0))
 def test_synth_same_seed_identical_different_seed_different(args, cv):
     if args["arrival"] == "gamma":
@@ -170,7 +183,7 @@ def test_synth_same_seed_identical_different_seed_different(args, cv):
     assert a.arrival_s[0] == 0.0 and len(a) == args["num_requests"]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.integers(1, 5000), st.integers(0, 5000), st.floats(1.0, 1e4), st.floats(0.0, 4.0),
        st.integers(1, 100), st.integers(0, 10_000), st.integers(0, 2**32))
 def test_lengths_stay_within_bounds(lo, extra, median, sigma, lo_clip, extra_clip, seed):
@@ -202,7 +215,7 @@ def test_gamma_reaches_the_requested_cv(cv):
     assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(st.floats(0.5, 50.0), st.floats(1.0, 200.0), st.integers(0, 1000))
 def test_duration_mode_fills_the_window(rate, duration, seed):
     t = synthesize(rate_per_s=rate, duration_s=duration, prompt="fixed:1", output="fixed:1", seed=seed)
@@ -212,7 +225,7 @@ def test_duration_mode_fills_the_window(rate, duration, seed):
 
 
 # -- readers: the reported row is the corrupted one ------------------------------------------------
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 40), st.data(), st.sampled_from([
     ("ContextTokens", "-3", "negative token count -3"),
     ("GeneratedTokens", "0", "zero token count"),

@@ -1,14 +1,14 @@
 """Inter-token statistics from token runs equal brute force over every gap; the step log streams to
 disk in chunks without losing or reordering rows."""
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.metrics import INT_COLUMNS, StepLog, itl_statistics
+from tests.conftest import examples
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 40), zeros=st.booleans())
 def test_itl_statistics_match_brute_force(seed, n, zeros):
     rng = np.random.default_rng(seed)
@@ -17,7 +17,7 @@ def test_itl_statistics_match_brute_force(seed, n, zeros):
     step_end = np.cumsum(dur)
     seg_first, seg_last, seg_ptr, extra, done = [], [], [0], [], []
     all_gaps, per_req = [], []
-    for i in range(n):
+    for _ in range(n):
         t, k = [], int(rng.integers(0, 4))
         s = int(rng.integers(0, steps))
         for _ in range(k):

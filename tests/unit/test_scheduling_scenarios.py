@@ -1,5 +1,4 @@
 """Exact engine scenarios: who is preempted, when, and what happens to them afterwards."""
-import numpy as np
 
 from tests.conftest import make_trace, run_checked, small_config
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from traces import (EmpiricalLength, FixedLength, LognormalLength, TraceError, UniformLength, bundled_path,
-                    parse_length, synthesize)
+from traces import (
+    EmpiricalLength,
+    FixedLength,
+    LognormalLength,
+    TraceError,
+    UniformLength,
+    bundled_path,
+    parse_length,
+    synthesize,
+)
 
 
 @pytest.mark.parametrize("spec,expected", [

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.readers.columns import (SourceColumns, csv_line_of_row, default_name, read_csv_columns,
-                                    rebase_datetimes)
+from traces.readers.columns import SourceColumns, csv_line_of_row, default_name, read_csv_columns, rebase_datetimes
 from traces.schema import Trace
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"

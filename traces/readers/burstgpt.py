@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.readers.columns import (SourceColumns, csv_line_of_row, default_name, read_csv_columns,
-                                    rebase_seconds)
+from traces.readers.columns import SourceColumns, csv_line_of_row, default_name, read_csv_columns, rebase_seconds
 from traces.schema import Trace
 
 REQUIRED = ("Timestamp", "Model", "Request tokens", "Response tokens")

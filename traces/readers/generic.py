@@ -13,18 +13,32 @@ metadata (written from :meth:`Trace.to_arrow`) and read with no mapping comes ba
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from traces.readers.columns import (SourceColumns, csv_header, csv_line_of_row, default_name,
-                                    read_csv_columns, rebase_datetimes, rebase_seconds)
-from traces.schema import (CANONICAL_COLUMNS, META_HASH_BLOCK_TOKENS, META_META, REQUIRED_COLUMNS,
-                           Trace, TraceError, csr_from_arrow)
+from traces.readers.columns import (
+    SourceColumns,
+    csv_header,
+    csv_line_of_row,
+    default_name,
+    read_csv_columns,
+    rebase_datetimes,
+    rebase_seconds,
+)
+from traces.schema import (
+    CANONICAL_COLUMNS,
+    META_HASH_BLOCK_TOKENS,
+    META_META,
+    REQUIRED_COLUMNS,
+    Trace,
+    TraceError,
+    csr_from_arrow,
+)
 
 TIME_UNITS: dict[str, float | None] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "datetime": None}
 _TEXT_COLUMNS = ("session_id", "tenant")

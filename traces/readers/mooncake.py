@@ -12,16 +12,15 @@ parse finds the first bad line to report.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from traces.readers.columns import (SourceColumns, default_name, is_gzip, jsonl_line_of_row, open_binary,
-                                    rebase_seconds)
+from traces.readers.columns import SourceColumns, default_name, is_gzip, jsonl_line_of_row, open_binary, rebase_seconds
 from traces.schema import Trace, TraceError, csr_from_arrow
 
 BLOCK_TOKENS = 512
