@@ -1,11 +1,14 @@
 """Policy registry: short names → classes, one namespace per policy kind, filled by decorators.
 
     @register("scheduling", "fcfs")
-    class FCFS: ...
+    class FCFS(SchedulingPolicy): ...
 
-A duplicate name is an error; an unknown name gets an error that lists the known ones. User policies
-register the same way from their own module (``import mymodule`` before building the simulation, or
-``tiersim run --plugin mymodule``) or through the ``tiersim.policies`` entry-point group.
+``KINDS`` is the one list of policy kinds (the config, the registry and the engine all use it) and
+``DEFAULTS`` the policy each kind gets when the config names none. A policy subclasses its kind's base
+class in ``policies.base`` (where its capabilities are declared, with defaults). A duplicate name is an
+error; an unknown name gets an error that lists the known ones. User policies register the same way
+from their own module (``import mymodule`` before building the simulation, or ``tiersim run --plugin
+mymodule``) or through the ``tiersim.policies`` entry-point group.
 """
 from __future__ import annotations
 
@@ -15,9 +18,13 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
+from policies.base import BASES
 from sim.errors import PolicyError
 
-KINDS = ("scheduling", "eviction", "speculation", "execution", "routing", "sparsity")
+KINDS = ("scheduling", "eviction", "residency", "speculation", "execution", "routing", "sparsity")
+DEFAULTS = {"scheduling": "fcfs", "eviction": "lru", "residency": "config", "speculation": "none",
+            "execution": "cuda-graph", "routing": "round-robin", "sparsity": "dense"}
+assert set(KINDS) == set(BASES) == set(DEFAULTS)
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
 _BUILTINS_LOADED = False
 _ENTRY_POINTS_LOADED = False
@@ -25,6 +32,7 @@ _ENTRY_POINTS_LOADED = False
 _BUILTIN_MODULES = (
     "policies.scheduling.fcfs", "policies.scheduling.chunked_prefill",
     "policies.eviction.lru",
+    "policies.residency.config",
     "policies.speculation.none",
     "policies.execution.host_launched", "policies.execution.cuda_graph",
     "policies.routing.round_robin",
@@ -38,6 +46,10 @@ def register(kind: str, name: str):
         raise PolicyError(f"unknown policy kind {kind!r} (known: {', '.join(KINDS)})")
 
     def deco(cls: type) -> type:
+        base = BASES[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PolicyError(f"{kind} policy {name!r}: {getattr(cls, '__qualname__', cls)!r} must subclass "
+                              f"policies.base.{base.__name__}")
         existing = _REGISTRY[kind].get(name)
         if existing is not None and existing is not cls:
             raise PolicyError(f"{kind} policy {name!r} is already registered by "

@@ -27,11 +27,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from policies.registry import DEFAULTS as DEFAULT_POLICIES
+from policies.registry import KINDS as POLICY_KINDS
 from sim.errors import ConfigError
-
-POLICY_KINDS = ("scheduling", "eviction", "speculation", "execution", "routing", "sparsity")
-DEFAULT_POLICIES = {"scheduling": "fcfs", "eviction": "lru", "speculation": "none",
-                    "execution": "cuda-graph", "routing": "round-robin", "sparsity": "dense"}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -154,6 +152,7 @@ class PolicyConfig:
 class PoliciesConfig:
     scheduling: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["scheduling"])
     eviction: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["eviction"])
+    residency: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["residency"])
     speculation: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["speculation"])
     execution: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["execution"])
     routing: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["routing"])
