@@ -284,8 +284,9 @@ class Simulation:
             "replicas": len(reps), "launches": int(sum(r.num_launches for r in reps)),
             "syncs": int(sum(r.num_syncs for r in reps)), "decode_runs": int(sum(r.runs.num_runs for r in reps)),
             "decode_run_steps": int(sum(r.runs.run_steps for r in reps)),
-            "swaps_out": int(sum(r.num_swaps_out for r in reps)), "swaps_in": int(sum(r.num_swaps_in for r in reps)),
-            "swap_copies_dropped": int(sum(r.num_swap_drops for r in reps)),
+            "swaps_out": int(sum(r.preemption.num_out for r in reps)),
+            "swaps_in": int(sum(r.preemption.num_in for r in reps)),
+            "swap_copies_dropped": int(sum(r.preemption.num_drops for r in reps)),
             "sm_share": reps[0].builder.sm_share,
         }
         cost_notes = {"extrapolated_lookups": dict(sorted(self.backend.extrapolations.items()))}

@@ -25,8 +25,9 @@ from sim.memory.tiers import TieredKV
 from sim.memory.transfers import Transfers
 from sim.metrics import REASON_CODE, RequestLog, StepLog, TokenLog
 from sim.replica.decode_run import DecodeRuns
-from sim.replica.step import Step, StepBuilder
-from sim.replica.views import ResidencyViewImpl, RouterView, SchedulerViewImpl
+from sim.replica.preemption import Preemption
+from sim.replica.step import Step, StepBuilder, log_step
+from sim.replica.views import RouterView, SchedulerViewImpl
 from sim.request import STEP_ID_BITS, Request
 
 WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED = (
@@ -47,7 +48,6 @@ class Replica:
         self.policies = policies
         self.scheduler = policies["scheduling"]
         self.speculation = policies["speculation"]
-        self.residency = policies["residency"]
         self.max_model_len = max_model_len
         self.max_prompt_tokens = self.scheduler.max_prompt_tokens(max_model_len)
         self.log = requests
@@ -62,7 +62,8 @@ class Replica:
         self.num_swapping_out = 0
         self.view = SchedulerViewImpl(self, guarded)
         self.state_view = RouterView(self)
-        self.residency_view = ResidencyViewImpl(self, preemption_mode)
+        self.preemption_mode = preemption_mode
+        self.preemption = Preemption(self)
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
                                and policies["sparsity"].steady())
         self.observers = [p for p in policies.values() if p.observes()]
@@ -74,9 +75,6 @@ class Replica:
         # counters
         self.num_launches = 0
         self.num_syncs = 0
-        self.num_swaps_out = 0
-        self.num_swaps_in = 0
-        self.num_swap_drops = 0
         self.fetch_bytes = 0
         self.fetch_wait_s = 0.0
 
@@ -178,10 +176,10 @@ class Replica:
             if req.state != RUNNING:
                 raise RuntimeError(f"scheduling policy {self.scheduler.name!r} preempted request "
                                    f"{req.req_id}, which is not running")
-            self._preempt(req, now)
+            self.preemption.preempt(req, now)
             preempted.append(req)
         for req in plan.swap_in:
-            self._start_swap_in(req, now)
+            self.preemption.start_swap_in(req, now)
         prefill = []
         admitted = hit = 0
         for req, n in plan.prefill:
@@ -242,73 +240,6 @@ class Replica:
             out.append(d)
         return out
 
-    # ================================================================== preemption and swapping
-    def _preempt(self, req: Request, now: float) -> None:
-        self.running.remove(req)
-        req.num_preemptions += 1
-        if req.blocks and self.residency.preempt_to(self.residency_view, req, now) == "swap":
-            got, dropped = self.kv.reserve_dram(req, now, self.swapped)
-            for victim in dropped:
-                self.swapped.remove(victim)
-                self._to_waiting_front(victim)
-                self.num_swap_drops += 1
-            if got:
-                req.to(SWAPPING_OUT)
-                req.num_swaps += 1
-                self.num_swapping_out += 1
-                self.num_swaps_out += 1
-                self._start_transfer(req, "pcie_d2h", "swap_out", self._swapped_out)
-                return
-        self.kv.release(req, now)
-        self._to_waiting_front(req)
-
-    def _to_waiting_front(self, req: Request) -> None:
-        req.to(WAITING)
-        req.restart()
-        # preempted requests go back in front, earliest arrival first
-        i = 0
-        w = self.waiting
-        while i < len(w) and w[i].num_preemptions > 0 and w[i].arrival_s <= req.arrival_s:
-            i += 1
-        w.insert(i, req)
-
-    def _start_transfer(self, req: Request, link: str, what: str, done) -> None:
-        """Move ``req``'s KV over ``link``; ``done(req, now)`` applies the result when the bytes have
-        arrived. Its HBM blocks stay locked meanwhile."""
-        nbytes = self.kv.lock(req) * self.kv.hbm.bytes_per_block
-
-        def arrived(now: float) -> None:
-            self.sync(now)          # a decode run in progress first catches up to now
-            self.kv.unlock(req)
-            done(req, now)
-            self.notify()
-
-        self.transfers.start(link, nbytes, arrived, what=what, request=req.idx)
-
-    def _swapped_out(self, req: Request, now: float) -> None:
-        self.kv.finish_swap_out(req, now)
-        req.to(SWAPPED)
-        self.num_swapping_out -= 1
-        self.swapped.append(req)
-
-    def _swapped_in(self, req: Request, now: float) -> None:
-        self.kv.finish_swap_in(req, now)
-        req.to(RUNNING)
-        self.num_swapping_in -= 1
-        self.running.append(req)
-
-    def _start_swap_in(self, req: Request, now: float) -> None:
-        if req.state != SWAPPED:
-            raise RuntimeError(f"scheduling policy {self.scheduler.name!r} swapped in request {req.req_id}, "
-                               f"which is not swapped out")
-        if not self.kv.reserve_hbm_for_swap_in(req, now):
-            return
-        self.swapped.remove(req)
-        req.to(SWAPPING_IN)
-        self.num_swapping_in += 1
-        self.num_swaps_in += 1
-        self._start_transfer(req, "pcie_h2d", "swap_in", self._swapped_in)
-
     # ================================================================== one step
     def _single_step(self, step: Step):
         env = self.env
@@ -342,28 +273,7 @@ class Replica:
             p.observe(outcome)
 
     def _log_step(self, start, duration, end, step: Step, launches, syncs) -> None:
-        kv = self.kv
-        hbm = kv.hbm
-        bpb = hbm.bytes_per_block
-        n_prefill = sum(n for _, n in step.prefill)
-        tokens = n_prefill + len(step.decode) + (sum(step.drafts) if step.drafts else 0)
-        # fragmentation: token slots allocated to running requests but empty at the end of the step;
-        # locked: blocks of the step's batch plus blocks in flight on a link
-        held = computed = 0
-        for r in self.running:
-            held += len(r.blocks)
-            computed += r.num_computed
-        filled = computed + tokens
-        batch = sum(len(r.blocks) for r, _ in step.prefill) + sum(len(r.blocks) for r in step.decode)
-        active = hbm.num_active
-        dram, nvme = kv.dram, kv.nvme
-        self.steps.append(
-            start, duration, end, num_seqs=len(step.prefill) + len(step.decode), prefill_seqs=len(step.prefill),
-            prefill_tokens=n_prefill, decode_seqs=len(step.decode), tokens=tokens, hbm_active_bytes=active * bpb,
-            hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
-            dram_used_bytes=dram.num_active * dram.bytes_per_block,
-            nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
-            launches=launches, syncs=syncs, preemptions=len(step.preempted))
+        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs)
         self.num_launches += launches
         self.num_syncs += syncs
 

@@ -134,3 +134,29 @@ class StepBuilder:
             ctx = (nc[None, :] + 1) + s_idx[:, None]
             ctx_sums = np.asarray(self.sparsity.attended(ctx)).sum(axis=1).astype(np.float64)
         return self.cost.decode_run(B, ctx_sums)
+
+
+def log_step(steps, kv, running, step: Step, start: float, duration: float, end: float, launches: int,
+             syncs: int) -> None:
+    """Append one step's row: its batch, and the KV state at its start after its allocations."""
+    hbm = kv.hbm
+    bpb = hbm.bytes_per_block
+    n_prefill = sum(n for _, n in step.prefill)
+    tokens = n_prefill + len(step.decode) + (sum(step.drafts) if step.drafts else 0)
+    # fragmentation: token slots allocated to running requests but empty at the end of the step;
+    # locked: blocks of the step's batch plus blocks in flight on a link
+    held = computed = 0
+    for r in running:
+        held += len(r.blocks)
+        computed += r.num_computed
+    filled = computed + tokens
+    batch = sum(len(r.blocks) for r, _ in step.prefill) + sum(len(r.blocks) for r in step.decode)
+    active = hbm.num_active
+    dram, nvme = kv.dram, kv.nvme
+    steps.append(
+        start, duration, end, num_seqs=len(step.prefill) + len(step.decode), prefill_seqs=len(step.prefill),
+        prefill_tokens=n_prefill, decode_seqs=len(step.decode), tokens=tokens, hbm_active_bytes=active * bpb,
+        hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
+        dram_used_bytes=dram.num_active * dram.bytes_per_block,
+        nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
+        launches=launches, syncs=syncs, preemptions=len(step.preempted))
