@@ -75,7 +75,34 @@ def _load_builtins() -> None:
 
 
 def load_plugin(module: str) -> None:
-    """Import a user module whose decorators register policies."""
+    """Import a user module whose decorators register policies: a dotted module name (importable
+    from the current directory or the environment) or the path of a ``.py`` file."""
+    import sys
+    from pathlib import Path
+
+    path = Path(module)
+    if module.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise PolicyError(f"--plugin {module}: no such file")
+        import importlib.util
+
+        name = f"tiersim_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+        if name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except PolicyError:
+            del sys.modules[name]
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's error, said in one line
+            del sys.modules[name]
+            raise PolicyError(f"--plugin {module}: {type(exc).__name__}: {exc}") from None
+        return
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         importlib.import_module(module)
     except ImportError as exc:

@@ -1,0 +1,211 @@
+"""Every capability declared in ``policies.base`` changes a run when a policy uses it (a declared hook
+that does nothing is a defect). Each test runs a small plugin against the shipped default and checks
+the effect the hook is for."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies.base import (AttentionPlan, DraftPlan, EvictionPolicy, ResidencyPolicy, SchedulingPolicy,
+                           SparsityPolicy, SpeculationPolicy)
+from policies.registry import register
+from policies.scheduling.fcfs import FCFS
+from sim.errors import PolicyError
+from sim.request import PolicyMutationError
+from tests.conftest import make_trace, run_checked, small_config
+
+
+# --------------------------------------------------------------------------------- test plugins
+@register("scheduling", "test-mutating")
+class _Mutating(FCFS):
+    def schedule(self, view, now):
+        for r in view.waiting:
+            r.priority = 7          # not allowed: views are read-only
+        return super().schedule(view, now)
+
+
+@register("scheduling", "test-observing")
+class _Observing(FCFS):
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.finished, self.steps = [], 0
+
+    def observe(self, outcome):
+        self.finished.extend(r.req_id for r in outcome.finished)
+        self.steps += outcome.num_steps
+
+
+@register("residency", "test-always-swap")
+class _AlwaysSwap(ResidencyPolicy):
+    def preempt_to(self, view, req, now):
+        return "swap" if view.num_free_dram_blocks > 0 else "recompute"
+
+
+@register("eviction", "test-mru")
+class _MRU(EvictionPolicy):
+    def evict_cached(self, view, num_blocks, now):
+        order = view.lru_order(view.num_cached)
+        return order[::-1][:num_blocks]
+
+    def drop_swapped(self, view, num_blocks, now):
+        return list(view.swapped)
+
+
+def _drafting(name: str, drafter: str) -> type:
+    class _Draft(SpeculationPolicy):
+        def propose(self, decodes, now):
+            return DraftPlan(draft_tokens=(3,) * len(decodes), drafter=drafter)
+
+        def accepted(self, rng, req, num_draft):
+            return 0        # everything rejected: the output and the steps are the same for all drafters
+
+    return register("speculation", name)(_Draft)
+
+
+_drafting("test-draft-1b", "llama-3.2-1b")
+_drafting("test-draft-8b", "llama-3.1-8b")
+_drafting("test-draft-free", "none")
+
+
+@register("sparsity", "test-window")
+class _Window(SparsityPolicy):
+    """Attend to the last 64 tokens only (StreamingLLM-like, without sinks)."""
+
+    def plan(self, context):
+        return AttentionPlan(tokens_read=np.minimum(context, 64))
+
+    def attended(self, context):
+        return np.minimum(context, 64)
+
+    def steady(self):
+        return True
+
+
+@register("sparsity", "test-select")
+class _Select(SparsityPolicy):
+    """Score every 16-token page and keep 8 (Quest-like): a selection step each decode step."""
+
+    def plan(self, context):
+        return AttentionPlan(tokens_read=np.minimum(context, 128), selection_units=-(-context // 16),
+                             selection_k=8)
+
+
+@register("sparsity", "test-fetch")
+class _Fetch(SparsityPolicy):
+    """Every decode step reads 1 GiB of offloaded KV from host memory."""
+
+    def plan(self, context):
+        return AttentionPlan(tokens_read=context, lower_tier_bytes=2**30)
+
+
+def _decode_trace():
+    return make_trace([0.0, 0.0, 0.0, 0.0], [1500, 1500, 1500, 1500], [60, 60, 60, 60])
+
+
+def _mean_decode_step(res):
+    st = res.steps
+    return float(st[(st["decode_seqs"] > 0) & (st["prefill_seqs"] == 0)]["duration_s"].mean())
+
+
+# --------------------------------------------------------------------------------- the tests
+def test_a_policy_that_writes_to_its_view_is_stopped():
+    with pytest.raises(PolicyMutationError, match="priority"):
+        run_checked(small_config(**{"policies.scheduling.name": "test-mutating", "replica.num_hbm_blocks": 600}),
+                    _decode_trace())
+
+
+def test_a_policy_must_subclass_its_kinds_base_class():
+    with pytest.raises(PolicyError, match="must subclass policies.base.RoutingPolicy"):
+        @register("routing", "test-not-a-router")
+        class NotARouter:   # noqa: F841 - the decorator is what is tested
+            def route(self, request, replicas, now):
+                return 0
+
+
+def test_observe_hears_every_finished_request_and_every_step():
+    cfg = small_config(**{"policies.scheduling.name": "test-observing", "replica.num_hbm_blocks": 600})
+    tr = make_trace(np.linspace(0, 1, 12), [100] * 12, [30] * 12)
+    sim, res = run_checked(cfg, tr, guarded=False)
+    pol = sim.replicas[0].scheduler
+    assert sorted(pol.finished) == sorted(res.requests["request_id"].tolist())
+    assert pol.steps == res.summary["engine"]["steps"]
+    assert res.summary["engine"]["decode_runs"] > 0         # observing does not turn bulk runs off
+
+
+def test_the_residency_policy_decides_where_preempted_kv_goes():
+    tr = make_trace([0.0, 0.0], [8, 8], [20, 20])
+    base = {"replica.block_size_tokens": 4, "replica.num_hbm_blocks": 10, "replica.prefix_caching": False,
+            "policies.scheduling.watermark": 0.0, "replica.preemption_mode": "recompute"}
+    _, default = run_checked(small_config(**base), tr)
+    _, swapping = run_checked(small_config(**base, **{"policies.residency.name": "test-always-swap"}), tr)
+    assert default.summary["engine"]["preemptions"] == swapping.summary["engine"]["preemptions"] == 1
+    assert default.summary["engine"]["swaps_out"] == 0 and default.summary["links"]["pcie_d2h_bytes"] == 0
+    assert swapping.summary["engine"]["swaps_out"] == 1 and swapping.summary["links"]["pcie_d2h_bytes"] > 0
+
+
+def test_the_eviction_policy_chooses_the_victims():
+    # three requests share a prefix; a fourth, unrelated, forces evictions in between
+    hashes = [[1, 2, 3, 4], [9, 8, 7, 6], [1, 2, 3, 5]]
+    tr = make_trace([0.0, 1.0, 2.0], [256, 256, 256], [2, 2, 2], hashes, 64)
+    base = {"replica.num_hbm_blocks": 20, "policies.scheduling.watermark": 0.0}
+    _, lru = run_checked(small_config(**base), tr)
+    _, mru = run_checked(small_config(**base, **{"policies.eviction.name": "test-mru"}), tr)
+    assert lru.summary["kv"]["prefix_hit_tokens"] != mru.summary["kv"]["prefix_hit_tokens"]
+
+
+def test_a_larger_drafter_costs_more_per_speculative_step():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    means = {}
+    for name in ("test-draft-free", "test-draft-1b", "test-draft-8b"):
+        _, res = run_checked(small_config(**base, **{"policies.speculation.name": name}), _decode_trace())
+        means[name] = _mean_decode_step(res)
+        assert res.summary["engine"]["decode_runs"] == 0     # drafting steps are priced one by one
+    assert means["test-draft-free"] < means["test-draft-1b"] < means["test-draft-8b"]
+    # three 1B draft steps cost well under one 8B target step; three 8B ones cost about three
+    assert means["test-draft-8b"] - means["test-draft-free"] > 2 * means["test-draft-free"]
+
+
+def test_attending_to_fewer_tokens_shortens_decode_steps():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    _, dense = run_checked(small_config(**base), _decode_trace())
+    _, window = run_checked(small_config(**base, **{"policies.sparsity.name": "test-window"}), _decode_trace())
+    assert _mean_decode_step(window) < _mean_decode_step(dense)
+    assert window.summary["engine"]["decode_runs"] > 0        # a steady plan keeps bulk decode runs
+
+
+def test_a_lower_tier_fetch_makes_the_step_wait_for_pcie():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    _, dense = run_checked(small_config(**base), _decode_trace())
+    sim, fetch = run_checked(small_config(**base, **{"policies.sparsity.name": "test-fetch"}), _decode_trace())
+    decode_steps = int(((fetch.steps["decode_seqs"] > 0) & (fetch.steps["prefill_seqs"] == 0)).sum())
+    assert fetch.summary["links"]["pcie_h2d_bytes"] == decode_steps * 2**30
+    h2d_s = 2**30 / sim.replicas[0].transfers.link("pcie_h2d").bandwidth_bytes_per_s
+    assert _mean_decode_step(fetch) >= h2d_s > _mean_decode_step(dense)
+    assert (fetch.transfers["what"] == "sparse_fetch").sum() == decode_steps
+
+
+def test_scoring_units_adds_a_selection_step():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    _, window = run_checked(small_config(**base, **{"policies.sparsity.name": "test-window"}), _decode_trace())
+    _, select = run_checked(small_config(**base, **{"policies.sparsity.name": "test-select"}), _decode_trace())
+    # the selection keeps more tokens (128 vs 64) but the extra attention is tiny next to the top-k
+    assert _mean_decode_step(select) > _mean_decode_step(window) + 32 * 1e-6
+
+
+def test_max_prompt_tokens_rejects_what_the_scheduler_can_never_run():
+    cfg = small_config(**{"policies.scheduling.max_num_batched_tokens": 512, "replica.num_hbm_blocks": 200})
+    _, res = run_checked(cfg, make_trace([0.0, 0.1], [600, 100], [4, 4]))
+    assert list(res.requests["reject_reason"]) == ["exceeds scheduler token budget", ""]
+
+
+def test_steady_decode_is_what_lets_decode_steps_advance_together():
+    @register("scheduling", "test-unsteady")
+    class Unsteady(FCFS):
+        def steady_decode(self, view):
+            return SchedulingPolicy.steady_decode(self, view)
+
+    tr = make_trace([0.0], [100], [200])
+    _, steady = run_checked(small_config(), tr)
+    _, unsteady = run_checked(small_config(**{"policies.scheduling.name": "test-unsteady"}), tr)
+    assert steady.summary["engine"]["decode_runs"] > 0 and unsteady.summary["engine"]["decode_runs"] == 0
+    assert steady.summary["e2e_s"] == unsteady.summary["e2e_s"]
