@@ -25,6 +25,7 @@ import numba
 import numpy as np
 
 from policies.base import LaunchCosts
+from sim.costs.backend import BackendBase
 from sim.costs.model import StepShape, TransformerOps
 from sim.costs.roofline import RooflineBackend
 from sim.errors import CostTableError
@@ -362,9 +363,9 @@ class PrefillGrid:
         return _prefill_eval(self.cs, self._ptr, self._lq, self._lt, self._eff_lq, self._eff_tab, q, c)
 
 
-class TableBackend:
-    """Prices a model's ops from a measured table; ops the table lacks use the roofline backend when
-    ``fallback`` is given, else construction fails naming the missing entries."""
+class TableBackend(BackendBase):
+    """Prices a model's ops from a measured table (a ``CostBackend``); ops the table lacks use the
+    roofline backend when ``fallback`` is given, else construction fails naming the missing entries."""
 
     def __init__(self, ops: TransformerOps, gpu: GPUSpec, table: CostTable,
                  fallback: RooflineBackend | None = None) -> None:
@@ -412,6 +413,7 @@ class TableBackend:
                         if ("attn_prefill", akey) not in self.missing else None)
         self._ia, self._ip = ia, ip
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._init_shared(table.dir)
 
     def _host_model(self, table: CostTable) -> tuple[np.ndarray, float]:
         """Host seconds per op call of an eager engine, and its per-step host work before the first
@@ -555,3 +557,14 @@ class TableBackend:
         if self.roofline is None:
             self.roofline = RooflineBackend(self.ops, self.gpu)
         return self.roofline
+
+    def lookup_report(self) -> dict:
+        ops = {}
+        for op in self.ops.ops:
+            if op.table_op == "allreduce" and self.ops.tp == 1:
+                continue
+            src = "roofline" if (op.table_op, op.key) in self.missing else "measured"
+            ops[op.name] = {"table_op": op.table_op, "key": op.key, "source": src}
+        return {"backend": "table", "table": self.table.dir.name, "ops": ops,
+                "extrapolated_lookups": dict(sorted(self.extrapolations.items())),
+                "selection": self._selection_report(), "warnings": []}
