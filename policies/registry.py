@@ -12,6 +12,7 @@ mymodule``) or through the ``tiersim.policies`` entry-point group.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from collections.abc import Mapping
@@ -62,6 +63,25 @@ def register(kind: str, name: str):
     return deco
 
 
+def unregister(kind: str, name: str) -> None:
+    """Forget a registered policy (a notebook redefining one, a test cleaning up after itself)."""
+    _REGISTRY[kind].pop(name, None)
+
+
+@contextlib.contextmanager
+def registered(*entries: tuple[str, str, type]):
+    """Register ``(kind, name, cls)`` entries for the duration of a ``with`` block."""
+    done = []
+    try:
+        for kind, name, cls in entries:
+            register(kind, name)(cls)
+            done.append((kind, name))
+        yield
+    finally:
+        for kind, name in done:
+            unregister(kind, name)
+
+
 def _load_builtins() -> None:
     global _BUILTINS_LOADED, _ENTRY_POINTS_LOADED
     if not _BUILTINS_LOADED:
@@ -86,20 +106,18 @@ def load_plugin(module: str) -> None:
             raise PolicyError(f"--plugin {module}: no such file")
         import importlib.util
 
-        name = f"tiersim_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-        if name in sys.modules:
-            return
+        name = f"tiersim_plugin_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
+        sys.modules[name] = mod      # dataclasses look their module up while the file runs
         try:
             spec.loader.exec_module(mod)
         except PolicyError:
-            del sys.modules[name]
             raise
         except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's error, said in one line
-            del sys.modules[name]
             raise PolicyError(f"--plugin {module}: {type(exc).__name__}: {exc}") from None
+        finally:
+            sys.modules.pop(name, None)
         return
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))

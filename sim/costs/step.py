@@ -51,7 +51,7 @@ class StepCostModel:
         self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
         self._seq_cache: dict[int, KernelSequence] = {}
         self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
-        self._one_step = getattr(execution, "step_time_one", None)
+        self._one_step = execution.step_time_one   # declared on ExecutionPolicy (a scalar path)
         self._shares: dict[float, StepCostModel] = {}
         self.steps_priced = 0
 

@@ -117,7 +117,6 @@ class Run:
     dram_used: int
     nvme_used: int
     inflight: int
-    evicted0: int
     next_alloc: int = 0
     committed: int = 0
     finished: list | None = None    # requests the run finished, kept for observers
@@ -179,7 +178,7 @@ class DecodeRuns:
         run = Run(reqs, nc_sum, allocs, K, now, ends, durations, launches, syncs, r.steps.n, who, when,
                   hbm.num_free, hbm.num_cached, hbm.num_active, held0,
                   dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
-                  hbm.num_locked, hbm.num_evicted)
+                  hbm.num_locked)
         self.num_runs += 1
         self.run_ = run
         self.in_run, self.stop = True, False
@@ -203,8 +202,7 @@ class DecodeRuns:
         self.run_ = None
         self.run_steps += done
         if r.observers:
-            r.observe(StepOutcome(r.replica_id, run.start, float(ends[done - 1]), done, finished=run.finished or (),
-                                  evicted_blocks=hbm.num_evicted - run.evicted0))
+            r.observe(StepOutcome(r.replica_id, run.start, float(ends[done - 1]), done, finished=run.finished or ()))
 
     def _cap(self, now: float, t_next: float) -> int:
         """How many steps to plan. A run ending early is exact (the replica plans again and finds the

@@ -67,6 +67,7 @@ class Replica:
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
                                and policies["sparsity"].steady())
         self.observers = [p for p in policies.values() if p.observes()]
+        self._evicted_seen = 0
         self._wake: simpy.Event | None = None
         self.t_end = -1.0          # exact end of the last step (see _clock)
         self.next_arrival_s = lambda: math.inf   # the cluster sets this: when the next request arrives
@@ -244,7 +245,6 @@ class Replica:
     def _single_step(self, step: Step):
         env = self.env
         start = self.clock()
-        evicted0 = self.kv.hbm.num_evicted
         priced = self.builder.price(step)
         end = start + priced.duration_s
         if priced.fetch_bytes:
@@ -266,9 +266,13 @@ class Replica:
         accepted, finished = self._commit(step, self.step_id_base + self.steps.n - 1, end)
         if self.observers:
             self.observe(StepOutcome(self.replica_id, start, end, 1, finished, accepted, step.prefix_hit_tokens,
-                                     self.kv.hbm.num_evicted - evicted0, step.preempted))
+                                     0, step.preempted))
 
     def observe(self, outcome: StepOutcome) -> None:
+        """Hand ``outcome`` to every observing policy, with the HBM evictions since the last one."""
+        evicted = self.kv.hbm.num_evicted
+        outcome.evicted_blocks = evicted - self._evicted_seen
+        self._evicted_seen = evicted
         for p in self.observers:
             p.observe(outcome)
 

@@ -6,14 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from policies import registry
 from tests.conftest import make_trace, run_checked, small_config
 from traces import Trace
 
 PLUGINS = Path(__file__).resolve().parents[2] / "configs" / "plugins"
-for name in ("least_loaded", "prefix_affinity", "tenant_fair"):
-    registry.load_plugin(str(PLUGINS / f"{name}.py"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _plugins():
+    for name in ("least_loaded", "prefix_affinity", "tenant_fair"):
+        registry.load_plugin(str(PLUGINS / f"{name}.py"))
+    yield
+    for kind, name in (("routing", "least-loaded"), ("routing", "prefix-affinity"), ("scheduling", "tenant-fair")):
+        registry.unregister(kind, name)
 
 
 def test_least_loaded_routing_balances_what_round_robin_piles_up():

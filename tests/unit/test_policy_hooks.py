@@ -6,9 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies.base import (AttentionPlan, DraftPlan, EvictionPolicy, ResidencyPolicy, SchedulingPolicy,
-                           SparsityPolicy, SpeculationPolicy)
-from policies.registry import register
+from policies.base import (
+    AttentionPlan,
+    DraftPlan,
+    EvictionPolicy,
+    ResidencyPolicy,
+    SchedulingPolicy,
+    SparsityPolicy,
+    SpeculationPolicy,
+)
+from policies.registry import register, registered
 from policies.scheduling.fcfs import FCFS
 from sim.errors import PolicyError
 from sim.request import PolicyMutationError
@@ -16,7 +23,6 @@ from tests.conftest import make_trace, run_checked, small_config
 
 
 # --------------------------------------------------------------------------------- test plugins
-@register("scheduling", "test-mutating")
 class _Mutating(FCFS):
     def schedule(self, view, now):
         for r in view.waiting:
@@ -24,7 +30,6 @@ class _Mutating(FCFS):
         return super().schedule(view, now)
 
 
-@register("scheduling", "test-observing")
 class _Observing(FCFS):
     def __init__(self, params=None):
         super().__init__(params)
@@ -35,13 +40,11 @@ class _Observing(FCFS):
         self.steps += outcome.num_steps
 
 
-@register("residency", "test-always-swap")
 class _AlwaysSwap(ResidencyPolicy):
     def preempt_to(self, view, req, now):
         return "swap" if view.num_free_dram_blocks > 0 else "recompute"
 
 
-@register("eviction", "test-mru")
 class _MRU(EvictionPolicy):
     def evict_cached(self, view, num_blocks, now):
         order = view.lru_order(view.num_cached)
@@ -59,15 +62,9 @@ def _drafting(name: str, drafter: str) -> type:
         def accepted(self, rng, req, num_draft):
             return 0        # everything rejected: the output and the steps are the same for all drafters
 
-    return register("speculation", name)(_Draft)
+    return _Draft
 
 
-_drafting("test-draft-1b", "llama-3.2-1b")
-_drafting("test-draft-8b", "llama-3.1-8b")
-_drafting("test-draft-free", "none")
-
-
-@register("sparsity", "test-window")
 class _Window(SparsityPolicy):
     """Attend to the last 64 tokens only (StreamingLLM-like, without sinks)."""
 
@@ -81,7 +78,6 @@ class _Window(SparsityPolicy):
         return True
 
 
-@register("sparsity", "test-select")
 class _Select(SparsityPolicy):
     """Score every 16-token page and keep 8 (Quest-like): a selection step each decode step."""
 
@@ -90,7 +86,6 @@ class _Select(SparsityPolicy):
                              selection_k=8)
 
 
-@register("sparsity", "test-fetch")
 class _Fetch(SparsityPolicy):
     """Every decode step reads 1 GiB of offloaded KV from host memory."""
 
@@ -115,11 +110,12 @@ def test_a_policy_that_writes_to_its_view_is_stopped():
 
 
 def test_a_policy_must_subclass_its_kinds_base_class():
+    class NotARouter:
+        def route(self, request, replicas, now):
+            return 0
+
     with pytest.raises(PolicyError, match="must subclass policies.base.RoutingPolicy"):
-        @register("routing", "test-not-a-router")
-        class NotARouter:   # noqa: F841 - the decorator is what is tested
-            def route(self, request, replicas, now):
-                return 0
+        register("routing", "test-not-a-router")(NotARouter)
 
 
 def test_observe_hears_every_finished_request_and_every_step():
@@ -199,13 +195,111 @@ def test_max_prompt_tokens_rejects_what_the_scheduler_can_never_run():
 
 
 def test_steady_decode_is_what_lets_decode_steps_advance_together():
-    @register("scheduling", "test-unsteady")
     class Unsteady(FCFS):
         def steady_decode(self, view):
             return SchedulingPolicy.steady_decode(self, view)
 
     tr = make_trace([0.0], [100], [200])
     _, steady = run_checked(small_config(), tr)
-    _, unsteady = run_checked(small_config(**{"policies.scheduling.name": "test-unsteady"}), tr)
+    with registered(("scheduling", "test-unsteady", Unsteady)):
+        _, unsteady = run_checked(small_config(**{"policies.scheduling.name": "test-unsteady"}), tr)
     assert steady.summary["engine"]["decode_runs"] > 0 and unsteady.summary["engine"]["decode_runs"] == 0
     assert steady.summary["e2e_s"] == unsteady.summary["e2e_s"]
+
+
+def _reserving(sms: int) -> str:
+    from policies.execution.cuda_graph import CudaGraph
+
+    class Reserving(CudaGraph):
+        def reserved_sms(self, sm_count):
+            return sms
+
+    return Reserving
+
+
+def test_reserved_sms_slow_compute_bound_steps_and_barely_memory_bound_ones():
+    base = {"model.name": "llama-3.1-8b", "costs.backend": "table", "replica.num_hbm_blocks": 2000}
+    prefill = make_trace([0.0], [4096], [1])          # one compute-bound prefill step
+    decode = make_trace([0.0], [64], [300])           # batch-1 decode steps: memory-bound
+    times = {}
+    for sms in (0, 66):
+        cfg = small_config(**base, **{"policies.execution.name": f"test-reserve-{sms}"})
+        with registered(("execution", f"test-reserve-{sms}", _reserving(sms))):
+            _, p = run_checked(cfg, prefill)
+            _, d = run_checked(cfg, decode)
+        times[sms] = (float(p.steps["duration_s"].iloc[0]), _mean_decode_step(d))
+        assert d.summary["engine"]["sm_share"] == (132 - sms) / 132
+    assert times[66][0] > 1.5 * times[0][0]           # half the SMs: compute-bound prefill much slower
+    assert times[66][1] < 1.10 * times[0][1]          # HBM saturates with half the SMs: decode almost the same
+    assert times[66][1] > times[0][1]
+
+
+class _AcceptAll(SpeculationPolicy):
+    def propose(self, decodes, now):
+        return DraftPlan(draft_tokens=(2,) * len(decodes), drafter="llama-3.2-1b")
+
+    def accepted(self, rng, req, num_draft):
+        return num_draft
+
+
+class _ObservingLRU(EvictionPolicy):
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.totals = {"steps": 0, "finished": 0, "hits": 0, "evicted": 0, "preempted": 0, "accepted": 0}
+
+    def evict_cached(self, view, num_blocks, now):
+        return view.lru_order(num_blocks)
+
+    def drop_swapped(self, view, num_blocks, now):
+        return list(view.swapped)
+
+    def observe(self, o):
+        t = self.totals
+        t["steps"] += o.num_steps
+        t["finished"] += len(o.finished)
+        t["hits"] += o.prefix_hit_tokens
+        t["evicted"] += o.evicted_blocks
+        t["preempted"] += len(o.preempted)
+        t["accepted"] += sum(a for _, _, a in o.accepted)
+
+
+def test_step_outcomes_add_up_to_the_run_summary():
+    # shared prefixes, a small HBM (evictions, preemptions), accepted drafts
+    hashes = [[1, 2, 3, 4 + i] for i in range(10)]
+    tr = make_trace(np.linspace(0, 3.0, 10), [256] * 10, [40] * 10, hashes, 64)
+    for spec in ("none", "test-accept-all"):
+        cfg = small_config(**{"policies.eviction.name": "test-observing-lru", "replica.num_hbm_blocks": 30,
+                              "policies.speculation.name": spec, "policies.scheduling.watermark": 0.0})
+        sim, res = run_checked(cfg, tr)
+        t = sim.replicas[0].kv.eviction.totals
+        s = res.summary
+        assert t["steps"] == s["engine"]["steps"] and t["finished"] == s["requests"]["finished"] == 10
+        assert t["hits"] == s["kv"]["prefix_hit_tokens"] > 0
+        assert t["evicted"] == s["kv"]["hbm_evicted_blocks"] > 0
+        assert t["preempted"] == s["engine"]["preemptions"]
+        if spec == "none":
+            assert t["accepted"] == 0
+        else:   # every accepted draft is a token that came out beside its step's own
+            assert t["accepted"] == int(sim.requests.extra_tokens.sum()) > 0
+
+
+PLUGINS = [
+    ("scheduling", "test-mutating", _Mutating),
+    ("scheduling", "test-observing", _Observing),
+    ("residency", "test-always-swap", _AlwaysSwap),
+    ("eviction", "test-mru", _MRU),
+    ("sparsity", "test-window", _Window),
+    ("sparsity", "test-select", _Select),
+    ("sparsity", "test-fetch", _Fetch),
+    ("speculation", "test-accept-all", _AcceptAll),
+    ("eviction", "test-observing-lru", _ObservingLRU),
+    ("speculation", "test-draft-1b", _drafting("test-draft-1b", "llama-3.2-1b")),
+    ("speculation", "test-draft-8b", _drafting("test-draft-8b", "llama-3.1-8b")),
+    ("speculation", "test-draft-free", _drafting("test-draft-free", "none")),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _plugins():
+    with registered(*PLUGINS):
+        yield
