@@ -22,6 +22,7 @@ import traces
 from policies import registry
 from sim.config import SimConfig
 from sim.costs.model import TransformerOps
+from sim.costs.recipe import load_recipe
 from sim.costs.roofline import RooflineBackend
 from sim.costs.step import StepCostModel
 from sim.costs.table import CostTable, TableBackend, resolve_table_dir
@@ -139,7 +140,9 @@ class Simulation:
         else:
             self.table = CostTable(resolve_table_dir(config.costs.table))
             backend = TableBackend(self.ops, self.gpu, self.table,
-                                   roofline if config.costs.fallback == "roofline" else None)
+                                   roofline if config.costs.fallback == "roofline" else None,
+                                   generalise=config.costs.fallback == "generalise",
+                                   recipe=load_recipe(config.costs.recipe))
         self.backend = backend
         self.cost = StepCostModel(self.ops, backend, self.execution)
         # ---- KV geometry
@@ -334,7 +337,7 @@ class Simulation:
             "swaps_out": int(sum(r.num_swaps_out for r in reps)), "swaps_in": int(sum(r.num_swaps_in for r in reps)),
             "swap_copies_dropped": int(sum(r.num_swap_drops for r in reps)),
         }
-        cost_notes = {"extrapolated_lookups": dict(sorted(self.backend.extrapolations.items()))}
+        cost_notes = self.backend.lookup_report(execution=self.config.policies.execution.name)
         timing = {"wall_s": wall_run, "simulated_s": float(self.env.now), "events": self.events,
                   "events_per_wall_s": self.events / wall_run if wall_run > 0 else None,
                   "requests_per_wall_s": len(self.trace) / wall_run if wall_run > 0 else None,
