@@ -237,3 +237,76 @@ def time_step(step, cuda: bool, mode_s: float = 0.3) -> dict:
         ghost, ggpu, counts = _time_graph(torch, step, mode_s)
         out.update(graph_s=_median(ghost), graph_gpu_s=_median(ggpu), graph_kernels=(counts or {}).get("kernels"))
     return out
+
+
+# ---------------------------------------------------------------------------- recording counts
+FIXTURE = "tests/data/kernel_counts/torch_unfused.json"
+COUNT_POINTS = (("llama-3.1-8b", "decode", 2, 16), ("llama-3.1-8b", "prefill", 1, 16),
+                ("llama-3.2-1b", "decode", 2, 16), ("llama-3.2-1b", "prefill", 1, 16))
+
+
+def count_cuda_layer(step) -> dict:
+    """Kernels one call of ``step`` launches on the GPU (CUPTI, ``calibration.torch_ops.count_kernels``)."""
+    import torch
+
+    from calibration.torch_ops import count_kernels
+
+    with torch.no_grad():
+        step()
+        got = count_kernels(step)
+    return {"count": got["kernels"], "kernel_names": got["names"]}
+
+
+def record(device: str = "cpu") -> list[dict]:
+    """Kernels per layer of the stock decoder at :data:`COUNT_POINTS` on ``device`` (one layer, real
+    shapes, a 1,024-token vocabulary: the layer does not touch it)."""
+    import dataclasses
+
+    import torch
+
+    from sim.specs import load_model
+
+    out = []
+    for name, phase, batch, length in COUNT_POINTS:
+        spec = dataclasses.replace(load_model(name), num_layers=1, vocab_size=1024)
+        dec = StockDecoder(spec, device=device, dtype=torch.bfloat16, batch=batch, capacity_tokens=64, num_layers=1)
+        step = dec.make_layer_step(phase, batch, length)
+        if device == "cpu":
+            got = count_layer_ops(step)
+            how = ("torch.profiler, CPU activity: top-level aten ops of one layer, each mapped to the CUDA "
+                   "kernels it launches (calibration.torch_unfused.cuda_kernels); cpu_leaf_ops is the raw "
+                   "CPU count (aten::mean runs as sum + div_ there, matmul internals show)")
+        else:
+            got = count_cuda_layer(step)
+            how = "torch.profiler, CUDA activity (CUPTI): kernels, memcpys and memsets of one layer"
+        out.append({"model": name, "phase": phase, "batch": batch, "length": length, "device": device,
+                    "torch": torch.__version__, "kernels_per_layer": got["count"], "counted": how,
+                    **{k: v for k, v in got.items() if k != "count"}})
+        del dec
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m calibration.torch_unfused",
+                                description="count the stock decoder layer's kernels and record them")
+    p.add_argument("--device", default="cpu", help="cpu (profiler aten ops) or cuda (CUPTI kernels)")
+    p.add_argument("--fixture", default=FIXTURE, help="the recorded-count file to update")
+    args = p.parse_args(argv)
+    path = Path(args.fixture)
+    data = json.loads(path.read_text()) if path.exists() else {"counts": []}
+    fresh = record(args.device)
+    keep = [c for c in data["counts"] if c.get("device") != args.device]
+    data["counts"] = keep + fresh
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    for c in fresh:
+        print(f"{c['model']} {c['phase']} on {c['device']}: {c['kernels_per_layer']} kernels per layer")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
