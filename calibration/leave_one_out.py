@@ -53,8 +53,8 @@ def table_without(table_dir: Path, model: str, others: list[str], out: Path) -> 
 
 def _stats(g: pd.DataFrame) -> dict:
     e = g["abs_error"].to_numpy()
-    return {"points": int(e.size), "median_abs_error": float(np.median(e)), "p95_abs_error": float(np.percentile(e, 95)),
-            "mean_signed_error": float(g["error"].mean())}
+    return {"points": int(e.size), "median_abs_error": float(np.median(e)),
+            "p95_abs_error": float(np.percentile(e, 95)), "mean_signed_error": float(g["error"].mean())}
 
 
 def run(table: str) -> dict:
@@ -111,8 +111,9 @@ def format_markdown(res: dict) -> str:
              "median (full table) | p95 (full table) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lo, fu = r["loo"], r["full"]
-        lines.append(f"| {r['held_out']} | {r['phase']} | {r['mode']} | {lo['points']} | {_pct(lo['median_abs_error'])} | "
-                     f"{_pct(lo['p95_abs_error'])} | {_pct(lo['mean_signed_error'])} | {_pct(fu['median_abs_error'])} | "
+        lines.append(f"| {r['held_out']} | {r['phase']} | {r['mode']} | {lo['points']} | "
+                     f"{_pct(lo['median_abs_error'])} | {_pct(lo['p95_abs_error'])} | "
+                     f"{_pct(lo['mean_signed_error'])} | {_pct(fu['median_abs_error'])} | "
                      f"{_pct(fu['p95_abs_error'])} |")
     lines += ["", "Both models held out in turn, together (the error bar `predict-step` and the run summary give a "
               "generalised model):", "", "| phase | mode | steps | median | p95 | full table: median | p95 |",
