@@ -11,7 +11,8 @@ Format::
     name = "my-engine"
     description = "..."
     [ops.rms_norm]                  # an op name (attn_norm, qkv_proj, ...) or a table op (all its ops)
-    scale = 1.0                     # optional: multiplies the op's time (a measured correction)
+    scale = 1.0                     # optional: multiplies the op's time (a measured correction); or
+                                    # [[rows, factor], ...]: interpolated in log rows, flat beyond
     [[ops.rms_norm.kernels]]
     name = "to_fp32"                # free text, for reports
     price = "bytes"                 # "table" | "bytes" | "gemm"
@@ -81,8 +82,21 @@ class KernelSpec:
 
 @dataclass(frozen=True, slots=True)
 class OpRecipe:
+    """An op's kernels and its time correction: a factor, or factors at row counts (``((rows, factor),
+    ...)``, increasing rows) interpolated in log rows and held flat beyond the first and last."""
+
     kernels: tuple[KernelSpec, ...]
-    scale: float = 1.0
+    scale: float | tuple[tuple[float, float], ...] = 1.0
+
+    def scale_at(self, rows):
+        """The correction factor(s) at ``rows`` (a number or an array)."""
+        import numpy as np
+
+        if isinstance(self.scale, tuple):
+            xs = np.log([max(x, 1e-9) for x, _ in self.scale])
+            fs = [f for _, f in self.scale]
+            return np.interp(np.log(np.maximum(np.asarray(rows, float), 1e-9)), xs, fs)
+        return np.full(np.shape(rows), float(self.scale)) if np.ndim(rows) else float(self.scale)
 
     @property
     def is_table(self) -> bool:
@@ -143,6 +157,21 @@ def _kernel(raw: dict, where: str) -> KernelSpec:
     return spec
 
 
+def _scale(raw, where: str):
+    def num(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+    if num(raw):
+        return float(raw)
+    if isinstance(raw, list) and raw and all(isinstance(p, list) and len(p) == 2 and num(p[0]) and num(p[1])
+                                             for p in raw):
+        pts = tuple((float(x), float(f)) for x, f in raw)
+        if any(b[0] <= a[0] for a, b in zip(pts, pts[1:])):
+            raise ConfigError(f"{where}: the rows of [[rows, factor], ...] must increase (got {raw!r})")
+        return pts
+    raise ConfigError(f"{where}: must be a number > 0 or [[rows, factor], ...] with both > 0 (got {raw!r})")
+
+
 def _check_extent(expr: str, where: str) -> None:
     m = _EXTENT.match(str(expr))
     if not m or m.group(2) not in EXTENTS:
@@ -170,9 +199,7 @@ def parse_recipe(data: dict, source: str) -> Recipe:
         extra = sorted(set(entry) - {"kernels", "scale"})
         if extra:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)} (known: kernels, scale)")
-        scale = entry.get("scale", 1.0)
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
-            raise ConfigError(f"{where}.scale: must be a number > 0 (got {scale!r})")
+        scale = _scale(entry.get("scale", 1.0), f"{where}.scale")
         raw = entry.get("kernels", [{"price": "table"}])
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"{where}.kernels: must be a non-empty list of kernels")
@@ -183,7 +210,7 @@ def parse_recipe(data: dict, source: str) -> Recipe:
         if op_name.startswith("attn_") and op_name in ("attn_prefill", "attn_decode") \
                 and sum(k.price == "table" for k in kernels) != 1:
             raise ConfigError(f"{where}.kernels: an attention op needs exactly one table kernel")
-        ops[op_name] = OpRecipe(kernels, float(scale))
+        ops[op_name] = OpRecipe(kernels, scale)
     return Recipe(name=name, description=str(data.get("description", "")), ops=ops, source=source)
 
 
@@ -222,7 +249,9 @@ def format_recipe(recipe: Recipe, header: str = "") -> str:
     lines += [f"name = {_toml_value(recipe.name)}", f"description = {_toml_value(recipe.description)}", ""]
     for op_name, r in recipe.ops.items():
         lines.append(f"[ops.{op_name}]")
-        if r.scale != 1.0:
+        if isinstance(r.scale, tuple):
+            lines.append("scale = [" + ", ".join(f"[{_toml_value(x)}, {_toml_value(f)}]" for x, f in r.scale) + "]")
+        elif r.scale != 1.0:
             lines.append(f"scale = {_toml_value(float(r.scale))}")
         for k in r.kernels:
             fields = {"name": k.name, "price": k.price, "count": "table" if k.count == -1 else k.count}

@@ -463,7 +463,7 @@ class TableBackend(BackendBase):
                 self.kernels[i] = nominal
                 src = {**src, "recipe": [k.name for k in rec.kernels]}
                 if rec.scale != 1.0:
-                    src["scale"] = rec.scale
+                    src["scale"] = rec.scale if not isinstance(rec.scale, tuple) else [list(p) for p in rec.scale]
             self.sources[op.name] = {"table_op": op.table_op, "key": op.key, **src}
             if base is not None:
                 self.curves[i] = base
@@ -642,13 +642,16 @@ class TableBackend(BackendBase):
                 else:
                     t = self._roof_ref().times_at(op, xs)
                     kk = np.full(xs.shape, float(self._table_kernels(op)))
-                n_call = int(self._table_kernels(op)) if spec.count == -1 else spec.count
+                n_table = int(self._table_kernels(op))
+                n_call = n_table if spec.count == -1 else spec.count
                 if spec.count != -1:
                     kk = np.full(xs.shape, float(spec.count))
                 ts += t
                 ks += kk
                 nominal += n_call
-                host += float(per_op_host.get(op.table_op, self.launch.dispatch_s * n_call))
+                # the call's measured host cost, plus a dispatch for each kernel beyond the table's
+                host += float(per_op_host.get(op.table_op, self.launch.dispatch_s * n_table))
+                host += self.launch.dispatch_s * max(n_call - n_table, 0)
             elif spec.price == "bytes":
                 t = self._bytes().time(xs * spec.bytes_per_row(self.ops)) * spec.count
                 ts += t
@@ -662,7 +665,7 @@ class TableBackend(BackendBase):
                 ks += curve.kernels_many(xs, 1) * spec.count
                 nominal += spec.count
                 host += float(per_op_host.get("gemm", self.launch.dispatch_s)) * spec.count
-        ts *= rec.scale
+        ts *= rec.scale_at(xs)
         slope = (ts[-1] - ts[-2]) / (xs[-1] - xs[-2]) if xs.size > 1 else 0.0
         return Curve1D.of(xs, ts, slope, ks), nominal, host
 
@@ -686,7 +689,7 @@ class TableBackend(BackendBase):
         self._pre_rho, self._pre_floor = 1.0, 0.0
         self._attn_extra: dict[int, list] = {}
         self._attn_extra_k: dict[int, int] = {}
-        self._attn_scale = {self._ia: 1.0, self._ip: 1.0}
+        self._attn_scale: dict[int, object] = {}
         # decode
         if (dec.table_op, dec.key) in self.missing:
             self.decode = None
@@ -729,11 +732,12 @@ class TableBackend(BackendBase):
             extra = [k for k in rec.kernels if k.price == "bytes"]
             self._attn_extra[i] = extra
             self._attn_extra_k[i] = sum(k.count for k in extra)
-            self._attn_scale[i] = rec.scale
+            self._attn_scale[i] = rec
             self.kernels[i] += self._attn_extra_k[i]
             self.sources[op.name]["recipe"] = [k.name for k in rec.kernels]
             if rec.scale != 1.0:
-                self.sources[op.name]["scale"] = rec.scale
+                self.sources[op.name]["scale"] = rec.scale if not isinstance(rec.scale, tuple) else \
+                    [list(p) for p in rec.scale]
 
     def _attention_source(self, op: str, key: str, by: str) -> str:
         """The measured key that prices attention at ``key``: itself, else the nearest measured one
@@ -900,8 +904,10 @@ class TableBackend(BackendBase):
         if self._pre_rho != 1.0:
             floor = min(self._pre_floor, t)
             t = floor + (t - floor) * self._pre_rho
-        if self._attn_extra:
-            t = (t + self._attn_extra_time(self._ip, float(np.sum(q)))) * self._attn_scale[self._ip]
+        rec = self._attn_scale.get(self._ip)
+        if rec is not None:
+            rows = float(np.sum(q))
+            t = (t + self._attn_extra_time(self._ip, rows)) * float(rec.scale_at(rows))
         return t
 
     def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
@@ -923,8 +929,10 @@ class TableBackend(BackendBase):
             # roofline says they add on top of one, since the KV is read once either way.
             ref = self._roof_ref().decode_attention_times(batch, ctx_sums, 1)
             t = t * (self._roof_ref().decode_attention_times(batch, ctx_sums, query_tokens) / ref)
-        if self._attn_extra:
-            t = (t + self._attn_extra_time(self._ia, float(batch * query_tokens))) * self._attn_scale[self._ia]
+        rec = self._attn_scale.get(self._ia)
+        if rec is not None:
+            rows = float(batch * query_tokens)
+            t = (t + self._attn_extra_time(self._ia, rows)) * float(rec.scale_at(rows))
         return t
 
     def _roof_ref(self) -> RooflineBackend:
