@@ -3,10 +3,11 @@
     tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
     tiersim plot DIR [--out FILE]
     tiersim trace describe FILE [--format F] [--json]
-    tiersim list [policies|gpus|models|servers|traces|tables]   (``list policies`` adds parameters)
+    tiersim list [policies|gpus|models|servers|traces|tables|recipes]   (``list policies`` adds parameters)
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
     tiersim sweep --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4 --out DIR
     tiersim calibrate --out DIR [--quick] [--parts ...]
+    tiersim calibrate import-profile TRACE [--out RECIPE]
     tiersim validate [--measurements FILE] [--out DIR]
 
 User errors print one line, ``tiersim: error: ...``, and exit with status 2 (``TIERSIM_DEBUG=1``
@@ -260,6 +261,12 @@ def cmd_list(args) -> int:
             print(f"  {name:24} {getattr(b, 'description', '')}")
     if what in (None, "tables"):
         print("cost tables: " + (", ".join(shipped_tables()) or "none shipped"))
+    if what in (None, "recipes"):
+        from sim.costs.recipe import load_recipe, shipped_recipes
+
+        print("recipes (costs.recipe):")
+        for name in shipped_recipes():
+            print(f"  {name:24} {load_recipe(name).description}")
     return 0
 
 
@@ -419,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace)
 
     li = sub.add_parser("list", help="registered policies, presets, bundled traces, shipped cost tables")
-    li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables"])
+    li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables",
+                                                "recipes"])
     li.set_defaults(func=cmd_list)
 
     ps = sub.add_parser("predict-step", help="predicted time of one engine step, with its per-op breakdown")
