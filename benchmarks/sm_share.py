@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["reserved_sms"] for r in rows]
         ax.plot(xs, [r["prefill_1x4096_x"] for r in rows], "o-", label="prefill, 1 x 4,096 tokens (compute-bound)")
-        ax.plot(xs, [r["decode_b1_ctx1024_x"] for r in rows], "s-", label="decode, batch 1, 1,024 cached (memory-bound)")
+        ax.plot(xs, [r["decode_b1_ctx1024_x"] for r in rows], "s-",
+                label="decode, batch 1, 1,024 cached (memory-bound)")
         ax.set_xlabel("SMs reserved from the model's kernels")
         ax.set_ylabel("step time / step time on all SMs")
         ax.set_title(f"{args.model} on {args.table}")

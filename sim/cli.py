@@ -357,6 +357,8 @@ def cmd_predict_step(args) -> int:
             for k in extrapolated))
     if error_bar:
         print(error_bar["line"])
+    elif isinstance(backend, TableBackend) and backend.error_bars() is None:
+        print("error bar: none (this table has no validation measurements)")
     return 0
 
 
