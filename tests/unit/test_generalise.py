@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -186,3 +187,20 @@ def test_predict_step_and_run_work_for_qwen_without_a_fallback(capsys, tmp_path)
     out = capsys.readouterr().out
     assert "costs: h100-sxm-80gb (17 generalised ops)" in out.splitlines()[0]
     assert "costs generalised from this GPU's other shapes" in out
+
+
+def test_the_summary_says_which_ops_the_roofline_priced(capsys, tmp_path):
+    a100 = ["--set", "hardware.gpu=a100-80gb", "--set", "costs.table=a100-80gb-vidur", "--set",
+            "model.name=llama-2-70b", "--set", "replica.tensor_parallel_size=2", "--set", "trace.max_requests=30",
+            "--no-progress"]
+    assert main(["run", *a100, "--set", "costs.fallback=roofline", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "costs: a100-80gb-vidur (16 measured, 3 roofline ops)" in out.splitlines()[0]
+    assert "costs priced by the roofline: kv_write, lm_head, sample" in out
+    assert main(["run", *a100, "--out", str(tmp_path / "g")]) == 0
+    out = capsys.readouterr().out
+    assert "(16 measured, 1 generalised, 2 modelled ops)" in out.splitlines()[0]
+    assert "error bars: this table has no validation measurements" in out
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["costs"]["ops"]["lm_head"]["source"] == "generalised"
+    assert summary["costs"]["error_bars"]["classes"] == []
