@@ -8,7 +8,8 @@ A config file mirrors these sections (every key optional; defaults reproduce ``t
     [hardware]   gpu = "h100-sxm-80gb", server = "dgx-h100"
     [cluster]    num_replicas = 1
     [replica]    block_size_tokens, gpu_memory_utilization, preemption_mode, tensor_parallel_size, ...
-    [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory
+    [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory,
+                 fallback = "generalise" | "roofline" | "error", recipe = "fused" | "torch-unfused" | a .toml
     [policies.scheduling] name = "fcfs", plus that policy's own keys (and likewise for every kind)
     [metrics]    SLO thresholds for goodput, step log on/off
     [output]     dir

@@ -8,7 +8,7 @@ described by the *table op* that prices it (``gemm``, ``attn_prefill``, ...) and
 ==============  ===============================================  =====================  ==========
 table op        what it is                                        x                      y, z
 ==============  ===============================================  =====================  ==========
-gemm            bf16 GEMM, weights [k, n]                         M (rows = tokens)      -
+gemm            GEMM, weights [k, n] (dtype: the weights')       M (rows = tokens)      -
 attn_prefill    causal attention of q new tokens over c+q keys    q (new tokens/seq)     y=c, z=seqs
 attn_decode     one query token per sequence over ctx keys        batch (sequences)      y=ctx
 rms_norm        RMSNorm over hidden h                             tokens                 -

@@ -10,7 +10,12 @@ A table is a directory written by ``tiersim calibrate`` (``calibration.fit``)::
 Inside a grid, times are interpolated; beyond it, the fitted ``overhead + x · per_x`` line (fixed
 overhead plus bytes over bandwidth or FLOPs over rate, whichever bound the largest points) continues
 the curve from the last grid point. Extrapolation is never silent: every lookup reports it, and the
-backend counts extrapolated lookups per op for the run summary.
+backend counts extrapolated lookups per op, with how far they went, for the run summary.
+
+A model whose shapes the table did not measure is priced from the same GPU's other grids
+(``sim.costs.generalise``); an engine whose kernels differ from the reference decoder's through a
+recipe (``sim.costs.recipe``). Both are resolved once, at construction, into per-op curves on the
+measured grids' points, so the hot path is the same for every model and engine.
 """
 from __future__ import annotations
 
