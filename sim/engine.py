@@ -24,6 +24,7 @@ from policies import registry
 from sim.cluster import Cluster, policy_rng
 from sim.config import SimConfig
 from sim.costs.model import TransformerOps
+from sim.costs.recipe import load_recipe
 from sim.costs.roofline import RooflineBackend
 from sim.costs.step import StepCostModel
 from sim.costs.table import CostTable, TableBackend, resolve_table_dir
@@ -183,7 +184,9 @@ class Simulation:
             backend = roofline
         else:
             backend = TableBackend(ops, self.gpu, self.table,
-                                   roofline if self.config.costs.fallback == "roofline" else None)
+                                   roofline if self.config.costs.fallback == "roofline" else None,
+                                   generalise=self.config.costs.fallback == "generalise",
+                                   recipe=load_recipe(self.config.costs.recipe))
         self._backends[model_name] = backend
         return backend
 
@@ -289,7 +292,7 @@ class Simulation:
             "swap_copies_dropped": int(sum(r.preemption.num_drops for r in reps)),
             "sm_share": reps[0].builder.sm_share,
         }
-        cost_notes = {"extrapolated_lookups": dict(sorted(self.backend.extrapolations.items()))}
+        cost_notes = self.backend.lookup_report(execution=self.config.policies.execution.name)
         timing = {"wall_s": wall_run, "simulated_s": float(self.env.now), "events": self.events,
                   "events_per_wall_s": self.events / wall_run if wall_run > 0 else None,
                   "requests_per_wall_s": len(self.trace) / wall_run if wall_run > 0 else None,

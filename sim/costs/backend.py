@@ -96,11 +96,18 @@ class CostBackend(Protocol):
         whole GPU, also when called on a derived backend."""
         ...
 
-    def lookup_report(self) -> dict:
+    def flops_bytes(self, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """FLOPs and bytes of one instance of each op in ``shape`` as the backend's kernels move them
+        (arrays over ``ops.ops``; for explanation, not pricing)."""
+        ...
+
+    def lookup_report(self, execution: str | None = None) -> dict:
         """Where each op's times came from, for the run summary (``summary["costs"]``): per op its
         source (``measured`` at the model's exact shape, ``generalised`` from other shapes of this
-        GPU and how, ``roofline`` from the GPU spec), lookups beyond the measured grids (how many,
-        and how far: the largest coordinate over the grid's largest), and warnings."""
+        GPU and how, ``modelled`` from a microkernel or the spec where this GPU measured nothing like
+        it, ``roofline`` from the GPU spec), lookups beyond the measured grids (how many, and how far:
+        the coordinate over the grid's largest, or under its smallest), warnings, and with
+        ``execution`` (an execution policy's name) the validation error bars of that mode."""
         ...
 
 
@@ -303,6 +310,9 @@ class BackendBase:
         return t
 
     # -- report
+    def flops_bytes(self, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        return self.ops.flops_bytes(shape)
+
     def _selection_report(self) -> dict:
         return {"source": self.selection.source, "extrapolated_lookups": self.selection.extrapolated,
                 "max_over_grid": self.selection.max_over}
@@ -383,8 +393,11 @@ class SharedBackend:
     def for_share(self, sm_fraction: float) -> CostBackend:
         return self.base.for_share(sm_fraction)
 
-    def lookup_report(self) -> dict:
-        rep = dict(self.base.lookup_report())
+    def flops_bytes(self, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.flops_bytes(shape)
+
+    def lookup_report(self, execution: str | None = None) -> dict:
+        rep = dict(self.base.lookup_report(execution))
         rep["sm_share"] = {"fraction": self.fraction, "compute_rate": self._cmp_f, "hbm_bandwidth": self._mem_f,
                            "curves": self.curves.source}
         return rep

@@ -88,6 +88,15 @@ class RooflineBackend(BackendBase):
             t[[i for i, op in enumerate(self.ops.ops) if op.table_op == "allreduce"]] = 0.0
         return t
 
+    def times_at(self, op, xs: np.ndarray) -> np.ndarray:
+        """Seconds of one instance of ``op`` (an ``OpDef`` of ``ops``) at each row count in ``xs``."""
+        i = self.ops.index[op.name]
+        out = np.empty(len(xs))
+        for j, x in enumerate(xs):
+            n = int(x)
+            out[j] = self.fixed_times(n, n)[i]
+        return out
+
     # --------------------------------------------------------------- hot-path interface
     def fixed_times(self, tokens: int, sampled: int) -> np.ndarray:
         key = (tokens, sampled)
@@ -124,7 +133,7 @@ class RooflineBackend(BackendBase):
             2 * batch * query_tokens * ops.q_heads * m.head_dim * m.bytes_per_weight
         return np.maximum(np.maximum(flops / self._compute_rate[i], nbytes / self._mem_rate[i]), self._floor[i])
 
-    def lookup_report(self) -> dict:
+    def lookup_report(self, execution: str | None = None) -> dict:
         return {"backend": "roofline",
                 "ops": {op.name: {"table_op": op.table_op, "key": op.key, "source": "roofline"}
                         for op in self.ops.ops},

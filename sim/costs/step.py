@@ -131,7 +131,7 @@ class StepCostModel:
                                               max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))
         fixed = self.backend.fixed_times(shape.num_tokens, shape.num_sampled)
         kern = self.backend.kernel_counts(shape.num_tokens, shape.num_sampled, has_p, has_d)
-        flops, nbytes = ops.flops_bytes(shape)
+        flops, nbytes = self.backend.flops_bytes(shape)
         gpu = self.backend.gpu
         rows: list[OpCost] = []
         for i, op in enumerate(ops.ops):
