@@ -3,6 +3,8 @@ that does nothing is a defect). Each test runs a small plugin against the shippe
 the effect the hook is for."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -303,3 +305,20 @@ PLUGINS = [
 def _plugins():
     with registered(*PLUGINS):
         yield
+
+
+def test_a_quantized_kv_cache_shortens_memory_bound_decode_attention(tmp_path):
+    # Llama-3.1-8B with an 8-bit KV cache, priced from the H100 table (measured at bf16)
+    spec = (Path(__file__).resolve().parents[2] / "sim" / "presets" / "models" / "llama-3.1-8b.toml").read_text()
+    fp8 = tmp_path / "llama-3.1-8b-kv8.toml"
+    fp8.write_text(spec.replace('name = "llama-3.1-8b"', 'name = "llama-3.1-8b-kv8"')
+                   .replace("bytes_per_kv = 2", "bytes_per_kv = 1"))
+    base = {"costs.backend": "table", "replica.num_hbm_blocks": 17000}
+    long_decode = make_trace([0.0] * 32, [8000] * 32, [40] * 32)   # 32 x 8K context: KV reads dominate
+    sims, means = {}, {}
+    for name in ("llama-3.1-8b", str(fp8)):
+        sims[name], res = run_checked(small_config(**base, **{"model.name": name}), long_decode)
+        means[name] = _mean_decode_step(res)
+    assert means[str(fp8)] < 0.85 * means["llama-3.1-8b"]
+    # and the same HBM holds twice the tokens
+    assert sims[str(fp8)].hbm_bytes_per_block * 2 == sims["llama-3.1-8b"].hbm_bytes_per_block
