@@ -263,7 +263,9 @@ def csv_cases(f: CsvFormat) -> Iterator[Case]:
     else:   # the short row lacks a column the reader does not use
         yield case("too-few-fields", csv_text(f.header, rows, f.eol), "ok")
     yield case("huge-field", cell(2, f.tokens[0], "9" * 200_000), "error", row=3, field=f.tokens[0])
-    yield case("huge-header", csv_text([*f.header, "h" * 200_000], [[*r, "1"] for r in f.rows], f.eol), "ok")
+    # a column name longer than the csv module reads (131,072 characters) is refused, not worked around
+    yield case("huge-header", csv_text([*f.header, "h" * 200_000], [[*r, "1"] for r in f.rows], f.eol), "error",
+               line=1)
     yield case("quoted-newline", cell(2, f.tokens[0], "4\n2"), "error", row=3, field=f.tokens[0])
     yield case("unclosed-quote", base.replace(f.rows[2][-1] + f.eol, '"' + f.rows[2][-1] + f.eol, 1), "error")
     yield case("padded-header", csv_text([f" {c} " for c in f.header], f.rows, f.eol), "ok")
@@ -345,9 +347,10 @@ def mooncake_cases() -> Iterator[Case]:
     yield case("deep-nesting", moon_text(MOON_ROWS, {2: "[" * 100_000 + "]" * 100_000}), "error", row=3)
     yield case("deep-nesting-in-field", moon_text(MOON_ROWS, {2: moon_line(row, {"extra": "[" * 100_000 + "]"
                                                                                     * 100_000})}), "ok")
+    # a line Python's json cannot parse as a whole has no field to name, only its row and line
     yield case("deep-nesting-in-hash_ids", moon_text(MOON_ROWS, {2: moon_line(row, {"hash_ids": "[" * 50_000 + "]"
                                                                                        * 50_000})}),
-               "error", row=3, field="hash_ids")
+               "error", row=3)
     yield case("top-level-array", moon_text(MOON_ROWS, {2: "[1, 2, 3]"}), "error", row=3)
     yield case("top-level-number", moon_text(MOON_ROWS, {2: "42"}), "error", row=3)
     yield case("truncated-line", moon_text(MOON_ROWS, {2: moon_line(row)[:25]}), "error", row=3)
@@ -366,7 +369,7 @@ def mooncake_cases() -> Iterator[Case]:
     yield case("utf16", base.encode("utf-16"), "error")
     yield case("nul-byte", base.replace('"output_length": 121', '"output_length": 1\x0021'), "error", row=3)
     yield case("huge-number", base.replace('"output_length": 121', '"output_length": ' + "9" * 200_000), "error",
-               row=3, field="output_length")
+               row=3)
     rnd = random.Random(7)
     yield case("binary-garbage", bytes(rnd.randrange(256) for _ in range(300)), "error")
     packed = gz(base.encode())
