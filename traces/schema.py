@@ -205,7 +205,7 @@ def _int_array(name: str, values: Any, dtype: type, checks: list[RowCheck]) -> n
     out_of_range = ~bad & ((arr < info.min) | (arr >= -float(info.min)))
     if (bad | out_of_range).any():
         checks.append(RowCheck(name, bad | out_of_range, lambda i: (
-            f"not a whole number: {arr[i]!r}" if bad[i] else f"{arr[i]:g} does not fit in {np.dtype(dtype).name}")))
+            f"not a whole number: {show(arr[i])}" if bad[i] else f"{arr[i]:g} does not fit in {np.dtype(dtype).name}")))
         return np.zeros(arr.shape, dtype)
     return arr.astype(dtype)
 
@@ -232,7 +232,7 @@ def _str_array(name: str, values: Any, checks: list[RowCheck]) -> np.ndarray:
     arr = np.asarray(values, dtype=object)
     bad = np.fromiter((not isinstance(v, str) for v in arr), dtype=bool, count=arr.size)
     if bad.any():
-        checks.append(RowCheck(name, bad, lambda i: f"expected a string, got {arr[i]!r}"))
+        checks.append(RowCheck(name, bad, lambda i: f"expected a string, got {show(arr[i])}"))
     return arr
 
 
@@ -349,7 +349,7 @@ class Trace:
 
     def _check_rows(self, arrival, prompt, output, rid, offsets) -> None:
         checks = [RowCheck("arrival_s", ~np.isfinite(arrival) | (arrival < 0),
-                           lambda i: f"arrival must be finite and >= 0 (got {arrival[i]!r})"),
+                           lambda i: f"arrival must be finite and >= 0 (got {show(arrival[i])})"),
                   RowCheck("arrival_s", arrival > MAX_ARRIVAL_S, lambda i: beyond_arrival_limit(arrival[i])),
                   _count_check("prompt_tokens", prompt), _count_check("output_tokens", output)]
         if rid.size:
@@ -408,7 +408,7 @@ class Trace:
         a = self.arrival_s
         if len(a) > 1 and np.any(a[1:] < a[:-1]):
             i = int(np.argmax(a[1:] < a[:-1])) + 1
-            self._fail(f"arrival {a[i]!r} is earlier than the previous one", row=i + 1, field="arrival_s")
+            self._fail(f"arrival {show(a[i])} is earlier than the previous one", row=i + 1, field="arrival_s")
 
     def replace(self, **changes: Any) -> "Trace":
         """A new, re-validated Trace with some fields replaced (``dataclasses.replace``)."""

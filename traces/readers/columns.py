@@ -194,7 +194,9 @@ def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str
     try:
         # pandas' own names for the header (leading spaces dropped, duplicates numbered), so dtypes apply
         names = pd.read_csv(io.BytesIO(data), nrows=0, skipinitialspace=True).columns
+        # only an empty field is missing: "nan" or "NA" written in a file is a value, reported as written
         frame = pd.read_csv(io.BytesIO(data), low_memory=False, skipinitialspace=True,
+                            keep_default_na=False, na_values=[""],
                             dtype={n: str for n, c in zip(names, header) if c in text_cols})
     except pd.errors.ParserError as exc:
         message = str(exc).splitlines()[0]
@@ -286,11 +288,11 @@ class SourceColumns:
         too_big = np.zeros(len(series), bool)
         if pd.api.types.is_integer_dtype(series.dtype) and not series.hasnans:
             raw = series.to_numpy()
+            number = raw.astype(np.float64)
             if raw.dtype.kind == "u":
                 too_big = raw > _INT64_MAX
                 raw = np.where(too_big, 0, raw)
             values = raw.astype(np.int64)
-            number = values.astype(np.float64)
             bad = too_big.copy()
         else:
             clean = series.where(~wrong, np.nan) if wrong.any() else series
@@ -359,9 +361,10 @@ class SourceColumns:
                  to_seconds: Callable[[np.ndarray], np.ndarray] = lambda v: v) -> tuple[np.ndarray, float]:
         """Numeric arrival times → (seconds from the earliest, the source clock at that origin in seconds).
 
-        ``to_seconds`` converts the column's unit (linear, e.g. ``lambda v: v / 1000`` for ms). A trace may
-        span at most MAX_ARRIVAL_S; later rows are errors that name the earliest one. Whole numbers beyond
-        2**53 (epoch nanoseconds) are re-based in integers first, so they keep their precision.
+        ``to_seconds`` converts the column's unit (linear, e.g. ``lambda v: v / 1000`` for ms). Times are
+        re-based before they are converted, so epoch milliseconds 384 ms apart are 0.384 s apart, not
+        0.38399982; whole numbers beyond 2**53 (epoch nanoseconds) are re-based in integers. A trace may
+        span at most MAX_ARRIVAL_S; later rows are errors that name the earliest one.
         """
         values, bad = self._numbers(series, field)
         good = ~bad
@@ -370,8 +373,7 @@ class SourceColumns:
         j = int(np.flatnonzero(good)[np.argmin(values[good])])
         raw = series.to_numpy()
         with np.errstate(over="ignore", invalid="ignore"):
-            seconds = to_seconds(values)
-            delta = seconds - seconds[j]
+            delta = to_seconds(values - values[j])
             if (raw.dtype.kind in "iu" and not bad.any() and float(np.abs(raw).max()) > 2.0**53
                     and float(raw.max()) - float(raw.min()) < 2.0**62):
                 delta = to_seconds((raw.astype(np.int64) - np.int64(raw[j])).astype(np.float64))
@@ -382,7 +384,7 @@ class SourceColumns:
                     f"({show(series.iloc[j])} on row {int(self._index[j]) + 1}), {ARRIVAL_LIMIT}")
 
         self._check(field, far, explain)
-        return np.where(far | bad, 0.0, delta), float(seconds[j])
+        return np.where(far | bad, 0.0, delta), float(to_seconds(values[j]))
 
     def datetimes(self, series: pd.Series, field: str, fmt: str | None) -> np.ndarray:
         """A date-time column → int64 nanoseconds since the Unix epoch (naive times read as UTC); see
@@ -440,7 +442,8 @@ class SourceColumns:
         if not good.any():
             return np.zeros(len(ns)), 0.0, ""
         j = int(np.flatnonzero(good)[np.argmin(ns[good])])
-        delta = (ns - ns[j]) / 1e9
+        # in float: 1677 to 2262 is more nanoseconds than int64 holds, so integer differences could wrap
+        delta = (ns.astype(np.float64) - float(ns[j])) / 1e9
         far = good & (delta > MAX_ARRIVAL_S)
 
         def explain(i: int) -> str:
