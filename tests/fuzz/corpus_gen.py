@@ -70,6 +70,14 @@ class Case:
         d["files"] = sorted(self.files)
         return d
 
+    @classmethod
+    def from_json(cls, d: dict, files: dict[str, bytes]) -> "Case":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        for k in ("argv", "names", "not_in"):
+            kw[k] = tuple(kw[k])
+        return cls(**{**kw, "files": files})
+
 
 # ============================================================================ base files
 AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
@@ -946,21 +954,46 @@ def report(cases: list[Case], mode: str, verbose: bool, json_out: str | None) ->
     return {g: dict(c) for g, c in results.items()}
 
 
+FIXTURE_MAX_BYTES = 16_384
+
+
 def write_fixtures(cases: list[Case], out: Path, only_ids: set[str] | None) -> None:
-    """Each case's files under ``out/<n>/`` and a manifest with the command and expected outcome."""
+    """Each case's files under ``out/<slug>/`` and ``manifest.json`` with its command and expected outcome.
+
+    Cases with a file over FIXTURE_MAX_BYTES (200,000-character fields, 100,000-deep nesting) are listed
+    with ``"generated": true`` and no files: the regression test rebuilds them with :func:`all_cases`.
+    """
     out.mkdir(parents=True, exist_ok=True)
     manifest = []
     for case in cases:
         if only_ids is not None and case.id not in only_ids:
             continue
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", case.id).strip("_")[:80]
-        d = out / slug
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir()
-        write_files(case, d)
-        manifest.append({**case.to_json(), "dir": slug})
+        entry = {**case.to_json(), "dir": slug}
+        if any(len(data) > FIXTURE_MAX_BYTES for data in case.files.values()):
+            entry["generated"] = True
+        else:
+            d = out / slug
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir()
+            write_files(case, d)
+        manifest.append(entry)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=True) + "\n")
+
+
+def read_fixtures(directory: Path) -> list[Case]:
+    """The cases :func:`write_fixtures` stored, files read back (generated ones rebuilt)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    generated = {c.id: c for c in all_cases()} if any(e.get("generated") for e in manifest) else {}
+    cases = []
+    for entry in manifest:
+        if entry.get("generated"):
+            files = generated[entry["id"]].files
+        else:
+            files = {name: (directory / entry["dir"] / name).read_bytes() for name in entry["files"]}
+        cases.append(Case.from_json(entry, files))
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -993,4 +1026,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Case", "all_cases", "classify", "run_case", "CATEGORIES"]
+__all__ = ["Case", "all_cases", "classify", "read_fixtures", "run_case", "write_fixtures", "CATEGORIES"]
