@@ -130,22 +130,24 @@ def _output_dir(path: Path, option: str) -> Iterator[Path]:
     the run; a directory created here and still empty when the body fails is removed again."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: exists and is not a directory")
-    created = not path.exists()
+    new = [p for p in (path, *path.parents) if not p.exists()]   # the directories mkdir will create
+
+    def remove_new() -> None:
+        with contextlib.suppress(OSError):
+            for p in new:   # deepest first; rmdir refuses a directory that is not empty
+                p.rmdir()
+
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            if created:
-                path.rmdir()
+        remove_new()
         raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
     try:
         yield path
     except BaseException:
-        with contextlib.suppress(OSError):
-            if created and not any(path.iterdir()):
-                path.rmdir()
+        remove_new()
         raise
 
 

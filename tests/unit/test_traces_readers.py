@@ -447,7 +447,8 @@ def test_unknown_option_for_a_format():
 def test_undetectable_csv_says_to_pass_a_format(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("a,b\n1,2\n")
-    with pytest.raises(TraceError, match="x.csv: cannot tell the trace format .*columns: a, b.*--format .*trace.columns"):
+    with pytest.raises(TraceError,
+                       match="x.csv: cannot tell the trace format .*columns: a, b.*--format .*trace.columns"):
         load_trace(path)
 
 
