@@ -101,7 +101,8 @@ class TraceConfig:
         _check(self.end_s >= 0, "trace.end_s", f"must be >= 0 (got {self.end_s})")
         for key in ("start_s", "end_s"):
             _check(getattr(self, key) <= MAX_ARRIVAL_S, f"trace.{key}",
-                   f"must be <= {MAX_ARRIVAL_S:.0e} s, the longest a trace may span (got {getattr(self, key):g})")
+                   f"must be <= {MAX_ARRIVAL_S:.0e} s, the longest a trace may span (got {getattr(self, key):g})"
+                   .replace("e+0", "e"))
         _check(self.end_s == 0 or self.end_s > self.start_s, "trace.end_s",
                f"must be > trace.start_s ({self.start_s}) (got {self.end_s})")
         _check(self.repeat >= 1, "trace.repeat", f"must be >= 1 (got {self.repeat})")
