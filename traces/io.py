@@ -70,7 +70,9 @@ def _resolve(path: str | Path) -> tuple[Path, str | None]:
     if entry is not None:
         if entry.format == "lengths":
             raise TraceError(f"bundled {entry.name!r} is a length distribution with no arrival times; use it "
-                             f"for synthetic traces, e.g. prompt='empirical:{entry.name}'", label=str(path))
+                             'in a synthetic trace, e.g. trace.synthetic = '
+                             f'"poisson rate=5 n=1000 lengths=empirical:{entry.name}"',
+                             label=str(path))
         return bundled_path(entry.name), entry.format
     hint = "" if ("/" in str(path) or "." in candidate.name) else (
         f" and not a bundled trace name (bundled: {', '.join(BUNDLED)})")

@@ -76,6 +76,9 @@ class TraceError(TiersimError, ValueError):
     ``path`` is the file (or the trace source) and ``row`` the 1-based data row, with ``line`` the
     1-based physical line where the format has lines. ``field`` is the column as the source names it.
     ``more_rows`` counts further bad rows after the first one reported. Any of them may be None.
+    Advice in a message names what a user can set: the ``[trace]`` config keys (``trace.columns``,
+    ``trace.time_unit``, ``trace.hash_block_tokens``, ...), which match ``load_trace``'s keyword
+    arguments one for one, or the CLI's ``--format``.
     """
 
     def __init__(self, detail: str, *, path: str | PurePath | None = None, row: int | None = None,

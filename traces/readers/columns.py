@@ -10,6 +10,7 @@ is one); no decompression, decoding or parsing error escapes as another exceptio
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
@@ -100,10 +101,11 @@ def read_head(path: Path, size: int = _HEAD_BYTES) -> bytes:
     return data[3:] if data.startswith(UTF8_BOM) else data
 
 
-def check_utf8(path: Path, data: bytes) -> str:
-    """``data`` decoded as UTF-8; anything else is a TraceError naming the line of the first bad byte."""
+def check_utf8(path: Path, data: bytes, final: bool = True) -> str:
+    """``data`` decoded as UTF-8; anything else is a TraceError naming the line of the first bad byte.
+    ``final=False`` for a peek at the start of a file: a character cut at its end is not an error."""
     try:
-        return data.decode("utf-8")
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
     except UnicodeDecodeError as exc:
         if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise TraceError("UTF-16 text; save the file as UTF-8", path=path) from None
@@ -125,14 +127,13 @@ def _first_csv_row(path: Path, text: str) -> list[str]:
 def csv_header(path: Path, data: bytes | None = None) -> list[str]:
     """Column names of a CSV file (whitespace around names stripped); [] for an empty file.
 
-    ``data`` is the file's whole content when the caller has it; otherwise only the start is read.
+    ``data`` is the file's content when the caller has it; either way only its start is decoded.
     """
-    if data is None:
-        data = read_head(path)
-        end = max(data.rfind(b"\n"), data.rfind(b"\r"))
-        if len(data) >= _HEAD_BYTES and end > 0:
-            data = data[:end]          # drop a cut multi-byte character or line at the end of the peek
-    return _first_csv_row(path, check_utf8(path, data))
+    # a peek for format detection may cut a long header; the reader's header (from the data, up to
+    # 1 MiB, more than the csv module's field limit) is whole, so an over-long name is an error there
+    size = _HEAD_BYTES if data is None else 16 * _HEAD_BYTES
+    head = read_head(path) if data is None else data[:size]
+    return _first_csv_row(path, check_utf8(path, head, final=len(head) < size))
 
 
 def csv_line_of_row(path: Path, row_index: int) -> int | None:
@@ -177,10 +178,9 @@ def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str
     only the wanted ones) so that a row with too many fields is an error rather than silently cut short.
     """
     data = read_source(path)
-    text = check_utf8(path, data)
-    if not text.strip():
+    if not data.strip():
         raise TraceError("the file is empty (no header, no rows)", path=path)
-    header = _first_csv_row(path, text)
+    header = csv_header(path, data)
     wanted = [c for c in (*required, *optional) if c in header]
     for col in wanted:
         at = [i + 1 for i, c in enumerate(header) if c == col]
@@ -211,6 +211,9 @@ def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str
         raise TraceError(f"cannot parse as CSV: {message.removeprefix('Error tokenizing data. ')}", path=path) from None
     except pd.errors.EmptyDataError:
         raise TraceError("the file is empty (no header, no rows)", path=path) from None
+    except UnicodeDecodeError:   # pandas decodes in chunks; find the line of the first bad byte
+        check_utf8(path, data)
+        raise
     if len(frame.columns) != len(header):
         raise TraceError(f"the header has {len(header)} columns but the rows {len(frame.columns)}", path=path)
     frame.columns = header
