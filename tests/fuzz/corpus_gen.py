@@ -265,6 +265,9 @@ def csv_cases(f: CsvFormat) -> Iterator[Case]:
     rows[2] = [*rows[2], "1", "2"]
     yield case("too-many-fields", csv_text(f.header, rows, f.eol), "error", line=4)
     rows = [list(r) for r in f.rows]
+    rows[0] = [*rows[0], "1", "2"]      # pandas would take the first two fields as an index
+    yield case("first-row-too-many-fields", csv_text(f.header, rows, f.eol), "error", line=2)
+    rows = [list(r) for r in f.rows]
     rows[2] = rows[2][:-1]
     if f.header[-1] in f.tokens:
         yield case("too-few-fields", csv_text(f.header, rows, f.eol), "error", row=3, field=f.header[-1])

@@ -214,6 +214,10 @@ def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str
     except UnicodeDecodeError:   # pandas decodes in chunks; find the line of the first bad byte
         check_utf8(path, data)
         raise
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas takes the leading fields of a first row longer than the header as an index: refuse it
+        raise TraceError(f"expected {len(header)} fields, found {len(header) + frame.index.nlevels}",
+                         path=path, line=csv_line_of_row(path, 0))
     if len(frame.columns) != len(header):
         raise TraceError(f"the header has {len(header)} columns but the rows {len(frame.columns)}", path=path)
     frame.columns = header
