@@ -16,9 +16,15 @@ import traceback
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["import-profile"], default=None,
+                        help="import-profile TRACE: an engine's profiler trace -> a recipe with per-op "
+                             "corrections (calibration.import_profile); without it: measure this GPU")
+    parser.add_argument("trace", nargs="?", default=None, help="import-profile: the trace (Kineto/Chrome JSON, "
+                        "or python -m calibration.diagnose trace output; .gz allowed)")
     # required for every run; not enforced by argparse so that --list-parts works alone
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output directory (raw/<part>.parquet, metadata.json); required")
+                        help="output directory (raw/<part>.parquet, metadata.json); required. "
+                             "import-profile: the recipe file to write (default NAME.toml)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny grids: CI, smoke tests, the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
     parser.add_argument("--parts", metavar="A,B,C", default=None,
@@ -35,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run parts in this process (default on a real GPU: one process per part)")
     parser.add_argument("--no-fit", action="store_true", help="do not fit a cost table afterwards")
+    from calibration.import_profile import add_arguments as import_arguments
+
+    group = parser.add_argument_group("import-profile")
+    import_arguments(group)
 
 
 def _list_parts(out=sys.stdout) -> int:
@@ -77,6 +87,14 @@ def _fit(out_dir: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite as ``args`` say; the exit status (see the module docstring)."""
+    if getattr(args, "action", None) == "import-profile":
+        if not args.trace:
+            print("calibrate import-profile: error: give the trace file: tiersim calibrate import-profile TRACE",
+                  file=sys.stderr)
+            return 2
+        from calibration.import_profile import run as import_run
+
+        return import_run(args)
     if getattr(args, "list_parts", False):
         return _list_parts()
     if not getattr(args, "out", None):

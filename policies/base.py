@@ -1,21 +1,28 @@
-"""One Protocol per policy kind, the plans policies return, and the read-only views they see.
+"""One base class per policy kind, the plans policies return, the outcomes they observe, and the views
+they see.
 
-Policies are pure deciders: each call is a function of a read-only view and ``now`` and returns a plan.
-A policy never yields, never reads a wall clock, never mutates a pool or a request; the replica applies
-the plan. Views expose live simulator objects for speed — treat everything reachable from a view as
-read-only (the property tests run every policy against views that check this).
+Policies are pure deciders: each decision is a function of a read-only view and ``now`` and returns a
+plan. A policy never yields, never reads a wall clock, and never writes to a view, a request or a
+pool; the replica applies the plan. Views hand out live simulator objects for speed, so "read-only" is
+a contract, and the property tests enforce it: they run every registered policy against guarded views
+(``sim.replica.views``) whose requests and queues raise on any write.
 
-Kinds and what each decides:
+Every capability a policy may offer is declared here, on its kind's base class, with a default; the
+engine never probes a policy with ``getattr``. A policy keeps state across decisions in ``observe``,
+which the replica calls after each step (or each run of decode steps) with what happened.
+
+Kinds and what each decides (``KINDS`` in ``policies.registry`` is the one list):
 
 =============  ==================================================================================
 scheduling     which requests run this step and how many tokens each; preemptions; swap-ins
 eviction       which cached HBM blocks to evict; which swapped requests' DRAM copies to drop
-speculation    how many draft tokens each decode proposes (draft/verify/rollback is applied by sim)
-execution      how a step's kernels are launched: host launches, CUDA graphs, persistent kernels;
-               SMs it reserves
+residency      where a preempted request's KV goes (recompute, or swap to DRAM)
+speculation    how many draft tokens each decode proposes and with which drafter (priced); how many
+               the verifier accepts
+execution      how a step's kernels are launched (host launches, CUDA graphs); SMs it reserves
 routing        which replica an arriving request joins
-sparsity       how many KV tokens each decode query reads, and the selection cost of choosing them
-residency      where blocks go when they leave HBM (drop, DRAM, NVMe) and what to prefetch back
+sparsity       which KV tokens each decode query reads, what selecting them costs, and what KV the step
+               fetches from a lower tier
 =============  ==================================================================================
 """
 from __future__ import annotations
@@ -23,12 +30,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 
 class RequestState(IntEnum):
+    """A request's life cycle; ``sim.request.Request.to`` is the only writer and checks transitions."""
+
     WAITING = 0        # queued for (re)admission; holds no HBM blocks
     RUNNING = 1        # admitted: prefilling or decoding; holds HBM blocks
     SWAPPING_OUT = 2   # preempted; its KV is on the way to DRAM (HBM blocks locked)
@@ -38,21 +47,23 @@ class RequestState(IntEnum):
     REJECTED = 6
 
 
-@runtime_checkable
 class RequestLike(Protocol):
     """The fields of a request a policy may read (see ``sim.request.Request``)."""
 
-    idx: int
+    idx: int                 # position in the trace (arrival order)
     req_id: int
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    priority: int
+    tenant: str | None       # from the trace's tenant column, when it has one
+    session_id: str | None   # from the trace's session column (multi-turn conversations)
     num_computed: int        # tokens whose KV is in cache
     num_generated: int       # output tokens produced so far
     num_prefix_hit: int      # prompt tokens served from the prefix cache at the last admission
     num_preemptions: int
     state: int
-    priority: int
+    replica: int             # the replica it was routed to (-1 before routing)
 
 
 # ---------------------------------------------------------------------------------------- plans
@@ -62,9 +73,9 @@ class StepPlan:
 
     ``prefill``: (request, new tokens) chunks, for requests with more than one token lacking KV (new,
     partially prefilled, or recomputing after preemption). ``decode``: requests that process their last
-    sampled token. ``preempt``: running requests to stop before this step (the replica recomputes or
-    swaps them out per ``replica.preemption_mode``). ``swap_in``: swapped requests to bring back; they
-    rejoin ``running`` when their transfer completes.
+    sampled token. ``preempt``: running requests to stop before this step (the residency policy says
+    whether each recomputes or swaps out). ``swap_in``: swapped requests to bring back; they rejoin
+    ``running`` when their transfer completes.
     """
 
     prefill: list = field(default_factory=list)
@@ -78,6 +89,55 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.prefill) + len(self.decode)
+
+
+@dataclass(frozen=True, slots=True)
+class DraftPlan:
+    """Speculation for one step: draft tokens per decode request (same order as the plan's decodes),
+    and the drafter that proposes them: ``"none"`` (free: tokens come from elsewhere) or a model
+    preset name, whose autoregressive draft steps the replica prices on its own GPU with the target's
+    cost backend (one draft step per draft token, batched over the decodes)."""
+
+    draft_tokens: tuple[int, ...] = ()
+    drafter: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionPlan:
+    """What a step's decode attention reads, decided by the sparsity policy.
+
+    ``tokens_read[i]``: KV tokens decode ``i``'s query attends to (its whole context for dense
+    attention). ``selection_units[i]``: units (e.g. KV pages) the policy scores to choose them, and
+    ``selection_k`` how many it keeps; a selection step (top-k over the units) is priced when any unit
+    is scored. ``lower_tier_bytes``: KV bytes the step must bring from host memory over PCIe before
+    attention can run (offloaded KV selected for this step); the step waits for that transfer.
+    """
+
+    tokens_read: np.ndarray
+    selection_units: np.ndarray | None = None
+    selection_k: int = 0
+    lower_tier_bytes: int = 0
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    """What happened in ``num_steps`` consecutive engine steps of one replica (one step, or a run of
+    decode steps advanced together), handed to every policy's ``observe``.
+
+    ``finished``: requests that completed. ``accepted``: (request, drafted, accepted) per speculative
+    decode. ``prefix_hit_tokens``: prompt tokens served from the prefix cache at admissions in these
+    steps. ``evicted_blocks``: cached HBM blocks evicted. ``preempted``: requests preempted before them.
+    """
+
+    replica_id: int
+    start_s: float
+    end_s: float
+    num_steps: int
+    finished: Sequence[RequestLike] = ()
+    accepted: Sequence[tuple[RequestLike, int, int]] = ()
+    prefix_hit_tokens: int = 0
+    evicted_blocks: int = 0
+    preempted: Sequence[RequestLike] = ()
 
 
 # ---------------------------------------------------------------------------------------- views
@@ -143,58 +203,123 @@ class SwapView(Protocol):
 
 
 class ReplicaView(Protocol):
-    """What a router sees of a replica."""
+    """What a router sees of a replica; it brings itself up to date (a decode run in progress is
+    committed up to ``now``) before answering."""
 
     replica_id: int
     num_waiting: int
     num_running: int
-    num_free_blocks: int
+    queued_tokens: int               # prompt and recompute tokens still to process, waiting + running
+    num_free_blocks: int             # HBM blocks available to allocations now
     num_blocks: int
+
+    def prefix_hit_tokens(self, req: RequestLike) -> int:
+        """Prompt tokens of ``req`` this replica's HBM prefix cache holds now."""
+
+
+class ResidencyView(Protocol):
+    """What a residency policy sees when a running request is preempted."""
+
+    preemption_mode: str             # the replica's configured default: "recompute" | "swap"
+    num_free_dram_blocks: int
+    block_size: int
 
 
 # ---------------------------------------------------------------------------------------- kinds
-class SchedulingPolicy(Protocol):
-    name: ClassVar[str]
+class Policy:
+    """What every policy has: a name and kind (set by ``@register``), its frozen ``Params`` (or
+    none), a per-instance random generator (``self.rng``, seeded from the run's seed, the kind and the
+    replica), and ``observe``. One instance serves one replica (routers: one cluster)."""
 
-    def schedule(self, view: SchedulerView, now: float) -> StepPlan: ...
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type | None] = None
+
+    def __init__(self, params: Any = None) -> None:
+        cls = type(self).Params
+        self.p = params if params is not None else (cls() if cls is not None else None)
+        self.rng: np.random.Generator = np.random.default_rng(0)
+
+    def attach(self, rng: np.random.Generator) -> None:
+        """Called once by the engine before the run: the instance's own random generator."""
+        self.rng = rng
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """What the last step(s) did. The default ignores it; stateful policies (adaptive k, ARC,
+        fair schedulers) keep their state here. Called only for policies that override it."""
+
+    @classmethod
+    def observes(cls) -> bool:
+        return cls.observe is not Policy.observe
+
+
+class SchedulingPolicy(Policy):
+    def schedule(self, view: SchedulerView, now: float) -> StepPlan:
+        raise NotImplementedError
 
     def steady_decode(self, view: SchedulerView) -> bool:
         """True if, while no request arrives or finishes, no transfer completes and free HBM blocks
         only shrink, every following step's plan would be exactly "decode all running requests".
-        The replica then advances those steps together (exactly; see ``sim.replica``). Returning False
-        is always correct, only slower."""
+        The replica then advances those steps together (exactly; see ``sim.replica.decode_run``).
+        False (the default) is always correct, only slower."""
+        return False
+
+    def max_prompt_tokens(self, max_model_len: int) -> int:
+        """The longest prompt (plus recomputed output) this scheduler can ever run; longer requests are
+        rejected on arrival ("exceeds scheduler token budget")."""
+        return max_model_len
 
 
-class EvictionPolicy(Protocol):
-    name: ClassVar[str]
-
+class EvictionPolicy(Policy):
     def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> Sequence[int]:
-        """Choose ``num_blocks`` cached blocks to evict (fewer only if fewer exist)."""
+        """Choose ``num_blocks`` cached blocks to evict (the view holds at least that many)."""
+        raise NotImplementedError
 
     def drop_swapped(self, view: SwapView, num_blocks: int, now: float) -> Sequence[RequestLike]:
         """Choose swapped requests whose DRAM copies to drop (they will recompute) to free at least
         ``num_blocks`` DRAM blocks."""
+        raise NotImplementedError
 
 
-@dataclass(frozen=True, slots=True)
-class DraftPlan:
-    """Speculation for one step: draft tokens per decode request (same order as the plan's decodes),
-    the drafter (``"none"``, ``"ngram"``, or a model preset name whose step is priced like the target's),
-    and the tree width for tree speculation (1 = a chain)."""
-
-    draft_tokens: tuple[int, ...] = ()
-    drafter: str = "none"
-    tree_width: int = 1
+class ResidencyPolicy(Policy):
+    def preempt_to(self, view: ResidencyView, req: RequestLike, now: float) -> str:
+        """Where a preempted running request's KV goes: ``"recompute"`` (dropped; the request
+        re-prefills later) or ``"swap"`` (copied to DRAM over PCIe, brought back on swap-in). The
+        default follows ``replica.preemption_mode``."""
+        return view.preemption_mode
 
 
-class SpeculationPolicy(Protocol):
-    name: ClassVar[str]
+class SpeculationPolicy(Policy):
+    emits_one_token: ClassVar[bool] = False
+    """True for a policy that never drafts: the replica may then advance steady decode runs together."""
 
-    def propose(self, decodes: Sequence[RequestLike], now: float) -> DraftPlan: ...
+    def propose(self, decodes: Sequence[RequestLike], now: float) -> DraftPlan:
+        raise NotImplementedError
 
     def accepted(self, rng: np.random.Generator, req: RequestLike, num_draft: int) -> int:
         """Draft tokens the verifier accepts (0..num_draft); the step emits accepted + 1 tokens and
         the replica rolls back the KV slots of the rejected ones. Randomness comes from ``rng``."""
+        raise NotImplementedError
+
+
+class SparsityPolicy(Policy):
+    is_dense: ClassVar[bool] = False
+    """True when every query reads its whole context and nothing is selected (skips the plan)."""
+
+    def plan(self, context: np.ndarray) -> AttentionPlan:
+        """The attention plan of one step's decodes, given each decode's context (KV tokens including
+        the new one)."""
+        raise NotImplementedError
+
+    def attended(self, context: np.ndarray) -> np.ndarray:
+        """Tokens read per query, for contexts shaped (steps, sequences) in a decode run: the default
+        takes ``plan(...).tokens_read`` row by row."""
+        return np.stack([self.plan(row).tokens_read for row in np.atleast_2d(context)])
+
+    def steady(self) -> bool:
+        """True when plans never select and never fetch from a lower tier (only ``tokens_read``
+        changes), so a decode run can be priced from ``attended`` alone. Default: False."""
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,11 +395,9 @@ class KernelSequence:
             L = int(rep[first]) if layer.any() else 1
             parts = []
             for a in (g, self.op_var, share, h):
-                kern = np.repeat(a, np.where(runs, k, 0))
                 head = np.repeat(a[:first], np.where(runs[:first], k[:first], 0))
                 mid = np.repeat(a[first:last], np.where(runs[first:last], k[first:last], 0))
                 tail = np.repeat(a[last:], np.where(runs[last:], k[last:], 0))
-                del kern
                 parts.append(np.concatenate([head, np.tile(mid, L), tail]))
             self._arrays = (parts[0].astype(np.float64), parts[1].astype(np.int64), parts[2].astype(np.float64),
                             parts[3].astype(np.float64))
@@ -304,40 +427,33 @@ class StepTiming:
     syncs: int                # host↔device syncs per step
 
 
-class ExecutionPolicy(Protocol):
-    name: ClassVar[str]
-
+class ExecutionPolicy(Policy):
     def reserved_sms(self, sm_count: int) -> int:
-        """SMs held back from the model's kernels (e.g. a persistent scheduler's own SMs)."""
+        """SMs held back from the model's kernels (a persistent scheduler's own SMs, say); the cost
+        backend prices the model's ops on the SMs left. Default: none."""
+        return 0
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
         """Durations of K steps that share ``seq``, with ``var_s`` (K, num_variable_ops)."""
+        raise NotImplementedError
+
+    def step_time_one(self, seq: KernelSequence, var: tuple, launch: LaunchCosts) -> tuple[float, int, int]:
+        """(duration, launches, syncs) of one step with variable-op times ``var``. The default goes
+        through :meth:`step_times`; a policy may override it with scalar arithmetic, which must round
+        exactly like :meth:`step_times` does (the bulk-equivalence test checks it)."""
+        t = self.step_times(seq, np.array([var], dtype=np.float64), launch)
+        return float(t.duration_s[0]), t.launches, t.syncs
 
 
-class RoutingPolicy(Protocol):
-    name: ClassVar[str]
-    needs_state: ClassVar[bool]      # True: replicas are brought up to ``now`` before route() runs
-
-    def route(self, request: RequestLike, replicas: Sequence[ReplicaView], now: float) -> int: ...
-
-
-class SparsityPolicy(Protocol):
-    name: ClassVar[str]
-
-    def attended_tokens(self, context: np.ndarray) -> np.ndarray:
-        """KV tokens each decode query reads, given each sequence's context length (vectorised)."""
-
-    def selection_tokens(self, context: np.ndarray) -> np.ndarray:
-        """Per-sequence scored units (e.g. blocks) the selection step ranks; 0 when there is none."""
+class RoutingPolicy(Policy):
+    def route(self, request: RequestLike, replicas: Sequence[ReplicaView], now: float) -> int:
+        """The index (into ``replicas``) of the replica ``request`` joins. Views bring themselves up
+        to date when read, so a router that reads none of them costs nothing extra."""
+        raise NotImplementedError
 
 
-class ResidencyPolicy(Protocol):
-    """Tiered KV residency (later issues): where HBM-evicted blocks go, and what to prefetch."""
-
-    name: ClassVar[str]
-
-    def demote_to(self, view: CacheView, blocks: Sequence[int], now: float) -> str:
-        """'drop', 'dram' or 'nvme' for blocks leaving HBM."""
-
-    def prefetch(self, view: SchedulerView, now: float) -> Sequence[RequestLike]:
-        """Waiting requests whose lower-tier KV to start bringing into HBM now."""
+BASES: dict[str, type[Policy]] = {
+    "scheduling": SchedulingPolicy, "eviction": EvictionPolicy, "residency": ResidencyPolicy,
+    "speculation": SpeculationPolicy, "execution": ExecutionPolicy, "routing": RoutingPolicy,
+    "sparsity": SparsityPolicy,
+}

@@ -1,23 +1,31 @@
 """Policy registry: short names → classes, one namespace per policy kind, filled by decorators.
 
     @register("scheduling", "fcfs")
-    class FCFS: ...
+    class FCFS(SchedulingPolicy): ...
 
-A duplicate name is an error; an unknown name gets an error that lists the known ones. User policies
-register the same way from their own module (``import mymodule`` before building the simulation, or
-``tiersim run --plugin mymodule``) or through the ``tiersim.policies`` entry-point group.
+``KINDS`` is the one list of policy kinds (the config, the registry and the engine all use it) and
+``DEFAULTS`` the policy each kind gets when the config names none. A policy subclasses its kind's base
+class in ``policies.base`` (where its capabilities are declared, with defaults). A duplicate name is an
+error; an unknown name gets an error that lists the known ones. User policies register the same way
+from their own module (``import mymodule`` before building the simulation, or ``tiersim run --plugin
+mymodule``) or through the ``tiersim.policies`` entry-point group.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
+from policies.base import BASES
 from sim.errors import PolicyError
 
-KINDS = ("scheduling", "eviction", "speculation", "execution", "routing", "sparsity")
+KINDS = ("scheduling", "eviction", "residency", "speculation", "execution", "routing", "sparsity")
+DEFAULTS = {"scheduling": "fcfs", "eviction": "lru", "residency": "config", "speculation": "none",
+            "execution": "cuda-graph", "routing": "round-robin", "sparsity": "dense"}
+assert set(KINDS) == set(BASES) == set(DEFAULTS)
 _REGISTRY: dict[str, dict[str, type]] = {k: {} for k in KINDS}
 _BUILTINS_LOADED = False
 _ENTRY_POINTS_LOADED = False
@@ -25,6 +33,7 @@ _ENTRY_POINTS_LOADED = False
 _BUILTIN_MODULES = (
     "policies.scheduling.fcfs", "policies.scheduling.chunked_prefill",
     "policies.eviction.lru",
+    "policies.residency.config",
     "policies.speculation.none",
     "policies.execution.host_launched", "policies.execution.cuda_graph",
     "policies.routing.round_robin",
@@ -38,6 +47,10 @@ def register(kind: str, name: str):
         raise PolicyError(f"unknown policy kind {kind!r} (known: {', '.join(KINDS)})")
 
     def deco(cls: type) -> type:
+        base = BASES[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PolicyError(f"{kind} policy {name!r}: {getattr(cls, '__qualname__', cls)!r} must subclass "
+                              f"policies.base.{base.__name__}")
         existing = _REGISTRY[kind].get(name)
         if existing is not None and existing is not cls:
             raise PolicyError(f"{kind} policy {name!r} is already registered by "
@@ -48,6 +61,25 @@ def register(kind: str, name: str):
         return cls
 
     return deco
+
+
+def unregister(kind: str, name: str) -> None:
+    """Forget a registered policy (a notebook redefining one, a test cleaning up after itself)."""
+    _REGISTRY[kind].pop(name, None)
+
+
+@contextlib.contextmanager
+def registered(*entries: tuple[str, str, type]):
+    """Register ``(kind, name, cls)`` entries for the duration of a ``with`` block."""
+    done = []
+    try:
+        for kind, name, cls in entries:
+            register(kind, name)(cls)
+            done.append((kind, name))
+        yield
+    finally:
+        for kind, name in done:
+            unregister(kind, name)
 
 
 def _load_builtins() -> None:
@@ -63,7 +95,32 @@ def _load_builtins() -> None:
 
 
 def load_plugin(module: str) -> None:
-    """Import a user module whose decorators register policies."""
+    """Import a user module whose decorators register policies: a dotted module name (importable
+    from the current directory or the environment) or the path of a ``.py`` file."""
+    import sys
+    from pathlib import Path
+
+    path = Path(module)
+    if module.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise PolicyError(f"--plugin {module}: no such file")
+        import importlib.util
+
+        name = f"tiersim_plugin_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod      # dataclasses look their module up while the file runs
+        try:
+            spec.loader.exec_module(mod)
+        except PolicyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's error, said in one line
+            raise PolicyError(f"--plugin {module}: {type(exc).__name__}: {exc}") from None
+        finally:
+            sys.modules.pop(name, None)
+        return
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         importlib.import_module(module)
     except ImportError as exc:

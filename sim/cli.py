@@ -3,10 +3,11 @@
     tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
     tiersim plot DIR [--out FILE]
     tiersim trace describe FILE [--format F] [--json]
-    tiersim list [policies|gpus|models|servers|traces|tables]   (``list policies`` adds parameters)
+    tiersim list [policies|gpus|models|servers|traces|tables|recipes]   (``list policies`` adds parameters)
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
     tiersim sweep --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4 --out DIR
     tiersim calibrate --out DIR [--quick] [--parts ...]
+    tiersim calibrate import-profile TRACE [--out RECIPE]
     tiersim validate [--measurements FILE] [--out DIR]
 
 User errors print one line, ``tiersim: error: ...``, and exit with status 2 (``TIERSIM_DEBUG=1``
@@ -44,7 +45,8 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     pol = cfg["policies"]
     lines = []
     ct = summary.get("cost_table", {})
-    table = ct.get("table") or ct.get("backend", "?")
+    costs = summary.get("costs", {})
+    table = (ct.get("table") or ct.get("backend", "?")) + cost_classes(costs)
     tp = cfg['replica']['tensor_parallel_size']
     tp_label = f" TP{tp}" if tp > 1 else ""
     lines.append(f"tiersim run: {tr.get('name', '?')} ({summary['requests']['total']:,} requests) | "
@@ -80,10 +82,7 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     if dropped:
         lines.append("trace: the reader dropped " + ", ".join(f"{v:,} {k}" for k, v in dropped.items())
                      + " rows of the file (see summary.json: trace.dropped_rows)")
-    ext = summary.get("costs", {}).get("extrapolated_lookups") or {}
-    if ext:
-        lines.append("cost table extrapolated beyond its grid for: " +
-                     ", ".join(f"{k} ({v:,} lookups)" for k, v in ext.items()))
+    lines += cost_notes_lines(costs)
     tail = []
     if out_dir:
         tail.append(f"results: {out_dir}/ (summary.json, requests.parquet, steps.parquet)")
@@ -92,6 +91,56 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     if tail:
         lines.append(" | ".join(tail))
     return "\n".join(lines)
+
+
+def cost_classes(costs: dict) -> str:
+    """`` (14 measured, 3 generalised ops; recipe torch-unfused)`` for the summary header."""
+    classes = costs.get("classes") or {}
+    if not classes:
+        return ""
+    order = ("measured", "generalised", "modelled", "roofline")
+    parts = [f"{classes[c]} {c}" for c in order if classes.get(c)]
+    recipe = costs.get("recipe")
+    return f" ({', '.join(parts)} ops" + (f"; recipe {recipe}" if recipe and recipe != "fused" else "") + ")"
+
+
+def cost_notes_lines(costs: dict) -> list[str]:
+    """Footer lines: ops not priced at their measured shape, extrapolations (how far), warnings and
+    the validation error of the shape classes the run used."""
+    lines = []
+    ops = costs.get("ops") or {}
+    for cls, label in (("generalised", "generalised from this GPU's other shapes"),
+                       ("modelled", "modelled, not measured on this GPU"), ("roofline", "priced by the roofline")):
+        by_src: dict[str, list[str]] = {}
+        for name, e in ops.items():
+            if e.get("source") == cls:
+                by_src.setdefault(e.get("from", "") if cls != "roofline" else "", []).append(name)
+        if by_src:
+            lines.append(f"costs {label}: " + "; ".join(
+                ", ".join(names) + (f" from {src}" if src else "") for src, names in by_src.items()))
+    ext = costs.get("extrapolated") or {}
+    if ext:
+        def how_far(v: dict) -> str:
+            parts = []
+            if v.get("max_over_grid", 1.0) > 1.0:
+                parts.append(f"up to {v['max_over_grid']:.3g}x its largest point")
+            if v.get("min_under_grid", 1.0) < 1.0:
+                parts.append(f"down to {v['min_under_grid']:.2g}x its smallest")
+            return f"{v['lookups']:,} lookups" + (": " + ", ".join(parts) if parts else "")
+
+        lines.append("cost table extrapolated beyond its grid for: " +
+                     "; ".join(f"{k} ({how_far(v)})" for k, v in ext.items()))
+    else:
+        plain = costs.get("extrapolated_lookups") or {}
+        if plain:
+            lines.append("cost table extrapolated beyond its grid for: " +
+                         ", ".join(f"{k} ({v:,} lookups)" for k, v in plain.items()))
+    for w in costs.get("warnings") or []:
+        lines.append(f"warning: {w}")
+    eb = costs.get("error_bars")
+    if eb and eb.get("line"):
+        lines.append(eb["line"])
+    return lines
 
 
 class _ProgressPrinter:
@@ -271,6 +320,12 @@ def cmd_list(args) -> int:
             print(f"  {name:24} {getattr(b, 'description', '')}")
     if what in (None, "tables"):
         print("cost tables: " + (", ".join(shipped_tables()) or "none shipped"))
+    if what in (None, "recipes"):
+        from sim.costs.recipe import load_recipe, shipped_recipes
+
+        print("recipes (costs.recipe):")
+        for name in shipped_recipes():
+            print(f"  {name:24} {load_recipe(name).description}")
     return 0
 
 
@@ -279,6 +334,7 @@ def cmd_predict_step(args) -> int:
 
     from policies import registry
     from sim.costs.model import StepShape, TransformerOps
+    from sim.costs.recipe import load_recipe
     from sim.costs.roofline import RooflineBackend
     from sim.costs.step import StepCostModel
     from sim.costs.table import CostTable, TableBackend, resolve_table_dir
@@ -291,7 +347,8 @@ def cmd_predict_step(args) -> int:
         backend = roof
     else:
         table = CostTable(resolve_table_dir(args.table or gpu.name))
-        backend = TableBackend(ops, gpu, table, roof if args.fallback == "roofline" else None)
+        backend = TableBackend(ops, gpu, table, roof if args.fallback == "roofline" else None,
+                               generalise=args.fallback == "generalise", recipe=load_recipe(args.recipe))
     execution = registry.build("execution", args.mode, {})
     cost = StepCostModel(ops, backend, execution)
     B = args.batch
@@ -314,13 +371,22 @@ def cmd_predict_step(args) -> int:
     before = dict(backend.extrapolations)
     duration, rows, overhead, launches, syncs = cost.breakdown(shape)
     extrapolated = sorted(k for k, v in backend.extrapolations.items() if v != before.get(k, 0))
+    report = backend.lookup_report()
+    sources = report.get("ops", {})
+    error_bar = None
+    if isinstance(backend, TableBackend) and backend.error_bars() is not None and args.phase != "mixed":
+        error_bar = backend.error_bars().for_step(args.phase, args.mode, B,
+                                                  args.tokens if args.phase == "prefill" else args.context,
+                                                  backend.generalised)
     result = {
         "gpu": gpu.name, "model": model.name, "phase": args.phase, "batch": B, "tokens": args.tokens,
         "context": args.context, "mode": args.mode, "tensor_parallel_size": args.tp,
         "step_ms": duration * 1e3, "overhead_ms": overhead * 1e3, "launches": launches, "syncs": syncs,
-        "extrapolated": extrapolated, "cost_table": backend.identity,
+        "extrapolated": extrapolated, "cost_table": backend.identity, "recipe": report.get("recipe"),
         "ops": [{"name": r.name, "table_op": r.table_op, "count": r.count, "time_ms": r.time_s * 1e3,
-                 "flops": r.flops, "bytes": r.bytes, "kernels": r.kernels, "bound": r.bound} for r in rows],
+                 "flops": r.flops, "bytes": r.bytes, "kernels": r.kernels, "bound": r.bound,
+                 "source": sources.get(r.name, {}).get("source", "")} for r in rows],
+        "costs": report, "error_bar": error_bar,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -329,16 +395,29 @@ def cmd_predict_step(args) -> int:
           + (f", {args.tokens} tokens each" if args.phase == "prefill" else "")
           + (f", context {args.context}" if args.phase != "prefill" else "")
           + (f" + a {args.tokens}-token prefill chunk" if args.phase == "mixed" else "")
-          + f" | {args.mode} | costs: {backend.identity.get('table', backend.identity.get('backend'))}")
-    print(f"{'op':16}{'count':>6}{'time ms':>10}{'share':>8}{'GFLOP':>10}{'MB':>10}{'kernels':>9}  bound")
+          + (f" TP{args.tp}" if args.tp > 1 else "")
+          + f" | {args.mode} | costs: {backend.identity.get('table', backend.identity.get('backend'))}"
+          + cost_classes(report))
+    print(f"{'op':16}{'count':>6}{'time ms':>10}{'share':>8}{'GFLOP':>10}{'MB':>10}{'kernels':>9}  {'bound':9}source")
     for r in rows:
         print(f"{r.name:16}{r.count:>6}{r.time_s * 1e3:>10.4f}{100 * r.time_s / duration:>7.1f}%"
-              f"{r.flops / 1e9:>10.2f}{r.bytes / 1e6:>10.2f}{r.kernels:>9}  {r.bound}")
+              f"{r.flops / 1e9:>10.2f}{r.bytes / 1e6:>10.2f}{r.kernels:>9}  {r.bound:9}"
+              f"{sources.get(r.name, {}).get('source', '')}")
     print(f"{'launch/sync/idle':16}{'':>6}{overhead * 1e3:>10.4f}{100 * overhead / duration:>7.1f}%"
           f"{'':>10}{'':>10}{'':>9}  {launches} launch(es), {syncs} sync(s)")
     print(f"{'step':16}{'':>6}{duration * 1e3:>10.4f}{100.0:>7.1f}%")
+    for line in cost_notes_lines({k: v for k, v in report.items() if k != "extrapolated"}):
+        print(line)
     if extrapolated:
-        print("note: extrapolated beyond the measured grid for " + ", ".join(extrapolated))
+        ext = report.get("extrapolated", {})
+        print("note: extrapolated beyond the measured grid for " + ", ".join(
+            k + (f" ({ext[k]['max_over_grid']:.3g}x its largest point)" if ext.get(k, {}).get("max_over_grid", 1) > 1
+                 else f" ({ext[k]['min_under_grid']:.2g}x its smallest point)" if k in ext else "")
+            for k in extrapolated))
+    if error_bar:
+        print(error_bar["line"])
+    elif isinstance(backend, TableBackend) and backend.error_bars() is None:
+        print("error bar: none (this table has no validation measurements)")
     return 0
 
 
@@ -410,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace)
 
     li = sub.add_parser("list", help="registered policies, presets, bundled traces, shipped cost tables")
-    li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables"])
+    li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables",
+                                                "recipes"])
     li.set_defaults(func=cmd_list)
 
     ps = sub.add_parser("predict-step", help="predicted time of one engine step, with its per-op breakdown")
@@ -427,7 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     ps.add_argument("--backend", choices=["table", "roofline"], default="table")
     ps.add_argument("--table", help="cost table name or directory (default: the GPU's shipped table)")
-    ps.add_argument("--fallback", choices=["error", "roofline"], default="error")
+    ps.add_argument("--fallback", choices=["generalise", "roofline", "error"], default="generalise",
+                    help="ops the table did not measure at this shape: generalise from the GPU's other "
+                         "measurements (default), the roofline, or an error")
+    ps.add_argument("--recipe", default="fused",
+                    help="the engine's kernels per op: fused (the reference decoder), torch-unfused, or a .toml")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_predict_step)
 

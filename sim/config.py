@@ -9,7 +9,8 @@ A config file mirrors these sections (every key optional; defaults reproduce ``t
     [hardware]   gpu = "h100-sxm-80gb", server = "dgx-h100"
     [cluster]    num_replicas = 1
     [replica]    block_size_tokens, gpu_memory_utilization, preemption_mode, tensor_parallel_size, ...
-    [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory
+    [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory,
+                 fallback = "generalise" | "roofline" | "error", recipe = "fused" | "torch-unfused" | a .toml
     [policies.scheduling] name = "fcfs", plus that policy's own keys (and likewise for every kind)
     [metrics]    SLO thresholds for goodput, step log on/off
     [output]     dir
@@ -29,11 +30,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from policies.registry import DEFAULTS as DEFAULT_POLICIES
+from policies.registry import KINDS as POLICY_KINDS
 from sim.errors import ConfigError
-
-POLICY_KINDS = ("scheduling", "eviction", "speculation", "execution", "routing", "sparsity")
-DEFAULT_POLICIES = {"scheduling": "fcfs", "eviction": "lru", "speculation": "none",
-                    "execution": "cuda-graph", "routing": "round-robin", "sparsity": "dense"}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -196,13 +195,18 @@ class CostsConfig:
 
     backend: str = "table"                  # "table" | "roofline"
     table: str = "h100-sxm-80gb"
-    fallback: str = "error"                 # what a table does for an op it lacks: "error" | "roofline"
+    # what a table does for an op it has not measured at the model's shape: "generalise" (from the
+    # GPU's other measurements, sim.costs.generalise), "roofline" (the GPU spec), "error"
+    fallback: str = "generalise"
+    recipe: str = "fused"                   # the engine's kernels per op: a shipped recipe or a .toml path
 
     def __post_init__(self) -> None:
         _check(self.backend in ("table", "roofline"), "costs.backend",
                f"must be 'table' or 'roofline' (got {self.backend!r})")
-        _check(self.fallback in ("error", "roofline"), "costs.fallback",
-               f"must be 'error' or 'roofline' (got {self.fallback!r})")
+        _check(self.fallback in ("generalise", "roofline", "error"), "costs.fallback",
+               f"must be 'generalise', 'roofline' or 'error' (got {self.fallback!r})")
+        _check(isinstance(self.recipe, str) and bool(self.recipe), "costs.recipe",
+               f"must be a recipe name or path (got {self.recipe!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,6 +224,7 @@ class PolicyConfig:
 class PoliciesConfig:
     scheduling: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["scheduling"])
     eviction: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["eviction"])
+    residency: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["residency"])
     speculation: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["speculation"])
     execution: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["execution"])
     routing: PolicyConfig = PolicyConfig(name=DEFAULT_POLICIES["routing"])

@@ -1,13 +1,15 @@
-"""The simulation: owns the SimPy environment, builds the cluster from a config, replays the trace.
+"""The simulation: owns the SimPy environment and the run loop, builds the cluster from a config,
+replays the trace and assembles the results.
 
     from sim.config import SimConfig
     from sim.engine import Simulation
     results = Simulation(SimConfig()).run()       # the bundled Azure conv trace, Llama-3.1-8B on H100
     results.write("out/")
 
-One process feeds arrivals from the pre-sorted trace arrays and routes each request to a replica;
-each replica runs its own engine-step process (``sim.replica``); transfers run as processes of their
-own on the hardware links. Nothing in a run reads a wall clock except the progress display.
+The cluster (``sim.cluster``) feeds arrivals from the pre-sorted trace arrays and routes each request
+to a replica; each replica runs its own engine-step process (``sim.replica``); transfers run as
+processes of their own on the links (``sim.memory.transfers``). Nothing in a run reads a wall clock
+except the progress display.
 """
 from __future__ import annotations
 
@@ -15,24 +17,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import simpy
 
 import traces
 from policies import registry
+from sim.cluster import Cluster, policy_rng
 from sim.config import SimConfig
 from sim.costs.model import TransformerOps
+from sim.costs.recipe import load_recipe
 from sim.costs.roofline import RooflineBackend
 from sim.costs.step import StepCostModel
 from sim.costs.table import CostTable, TableBackend, resolve_table_dir
 from sim.errors import ConfigError
-from sim.hardware.gpu import GPUGroup, hbm_budget
-from sim.hardware.links import PCIeLink
-from sim.hardware.storage import HostDRAM, NVMeDrive
-from sim.memory.tiers import TieredKV, prefix_keys
-from sim.metrics import RequestLog, Results, StepLog, TokenLog, build_results, spill_dir
-from sim.replica import Replica, exact_delay
-from sim.request import Request
+from sim.hardware.gpu import hbm_budget
+from sim.metrics import Results, build_results, spill_dir
 from sim.specs import load_gpu, load_model, load_server, spec_to_dict
 from sim.workload import load_trace_for
 
@@ -49,12 +47,19 @@ class Progress:
 
 
 class Simulation:
-    """A configured cluster and trace, ready to run once."""
+    """A configured cluster and trace, ready to run once.
 
-    def __init__(self, config: SimConfig, trace: "traces.Trace | None" = None,
-                 progress: Callable[[Progress], None] | None = None) -> None:
+    ``guarded=True`` shows every policy immutable views (tests use it to prove that policies only
+    read); ``check_invariants=True`` has every replica check its invariants after every step.
+    """
+
+    def __init__(self, config: SimConfig, trace: traces.Trace | None = None,
+                 progress: Callable[[Progress], None] | None = None, *, guarded: bool = False,
+                 check_invariants: bool = False) -> None:
         self.config = config
         self.progress = progress
+        self.guarded = guarded
+        self.check_invariants = check_invariants
         rc = config.replica
         self.model = load_model(config.model.name)
         self.gpu = load_gpu(config.hardware.gpu)
@@ -67,25 +72,16 @@ class Simulation:
         if self.max_model_len > self.model.max_context_tokens:
             raise ConfigError(f"replica.max_model_len={rc.max_model_len} exceeds the context window of "
                               f"{self.model.name} ({self.model.max_context_tokens} tokens)")
-        # ---- policies (one instance per kind, shared by replicas: policies are pure)
-        pc = config.policies
-        self.scheduler = registry.build("scheduling", pc.scheduling.name, pc.scheduling.params)
-        self.eviction = registry.build("eviction", pc.eviction.name, pc.eviction.params)
-        self.speculation = registry.build("speculation", pc.speculation.name, pc.speculation.params)
-        self.execution = registry.build("execution", pc.execution.name, pc.execution.params)
-        self.routing = registry.build("routing", pc.routing.name, pc.routing.params)
-        self.sparsity = registry.build("sparsity", pc.sparsity.name, pc.sparsity.params)
-        # ---- costs
-        roofline = RooflineBackend(self.ops, self.gpu)
+        # ---- policies: validated now (a bad name or parameter fails before anything runs), built
+        # per replica when the cluster is
+        for kind in registry.KINDS:
+            self.build_policy(kind, -1)
+        # ---- costs: one backend per model (the target, and drafters named by speculation plans)
         self.table = None
-        if config.costs.backend == "roofline":
-            backend = roofline
-        else:
+        if config.costs.backend == "table":
             self.table = CostTable(resolve_table_dir(config.costs.table))
-            backend = TableBackend(self.ops, self.gpu, self.table,
-                                   roofline if config.costs.fallback == "roofline" else None)
-        self.backend = backend
-        self.cost = StepCostModel(self.ops, backend, self.execution)
+        self._backends: dict[str, object] = {}
+        self.backend = self._backend(self.model.name)
         # ---- KV geometry
         bs = rc.block_size_tokens
         kv_token_gpu = 2 * self.model.num_layers * self.ops.kv_heads * self.model.head_dim * self.model.bytes_per_kv
@@ -114,7 +110,39 @@ class Simulation:
         self._ran = False
 
     # ------------------------------------------------------------------ building
-    def _pcie_params(self) -> tuple[float, float, float]:
+    def build_policy(self, kind: str, replica: int):
+        """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide)."""
+        pc = getattr(self.config.policies, kind)
+        policy = registry.build(kind, pc.name, pc.params)
+        policy.attach(policy_rng(self.config.seed, kind, replica))
+        return policy
+
+    def _backend(self, model_name: str):
+        got = self._backends.get(model_name)
+        if got is not None:
+            return got
+        model = self.model if model_name == self.model.name else load_model(model_name)
+        ops = self.ops if model is self.model else TransformerOps(model, self.config.replica.tensor_parallel_size)
+        roofline = RooflineBackend(ops, self.gpu)
+        if self.table is None:
+            backend = roofline
+        else:
+            backend = TableBackend(ops, self.gpu, self.table,
+                                   roofline if self.config.costs.fallback == "roofline" else None,
+                                   generalise=self.config.costs.fallback == "generalise",
+                                   recipe=load_recipe(self.config.costs.recipe))
+        self._backends[model_name] = backend
+        return backend
+
+    def cost_model(self, model_name: str, execution) -> StepCostModel:
+        """Step pricing for ``model_name`` on this GPU under ``execution`` (the target model, or a
+        drafter a speculation plan names)."""
+        backend = self._backend(model_name)
+        return StepCostModel(backend.ops, backend, execution)
+
+    def pcie_params(self) -> tuple[float, float, float]:
+        """(H2D bandwidth, D2H bandwidth, latency) of one GPU's PCIe link: measured when the cost
+        table has them, else the GPU preset's."""
         spec = self.gpu.pcie
         h2d = (spec.latency_s, spec.h2d_bandwidth_bytes_per_s)
         d2h = (spec.latency_s, spec.d2h_bandwidth_bytes_per_s)
@@ -122,81 +150,6 @@ class Simulation:
             h2d = self.table.link("pcie_h2d") or h2d
             d2h = self.table.link("pcie_d2h") or d2h
         return h2d[1], d2h[1], max(h2d[0], d2h[0])
-
-    def _build(self, env: simpy.Environment) -> None:
-        rc = self.config.replica
-        n = len(self.trace)
-        self.requests = RequestLog(n)
-        self.spill = spill_dir()
-        self.replicas: list[Replica] = []
-        h2d_bw, d2h_bw, lat = self._pcie_params()
-        max_prompt = getattr(self.scheduler, "max_prompt_tokens", lambda m: m)(self.max_model_len)
-        for i in range(self.config.cluster.num_replicas):
-            kv = TieredKV(block_size=rc.block_size_tokens, hbm_blocks=self.hbm_blocks,
-                          dram_blocks=self.dram_blocks, nvme_blocks=self.nvme_blocks,
-                          hbm_bytes_per_block=self.hbm_bytes_per_block,
-                          host_bytes_per_block=self.host_bytes_per_block,
-                          prefix_caching=rc.prefix_caching, eviction=self.eviction)
-            gpu = GPUGroup(env, self.gpu, rc.tensor_parallel_size)
-            reserved = self.execution.reserved_sms(self.gpu.sm_count)
-            if reserved:
-                gpu.sms.get(reserved)
-            pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)
-            replica = Replica(
-                env=env, replica_id=i, kv=kv, cost=self.cost, gpu=gpu, pcie=pcie, scheduler=self.scheduler,
-                speculation=self.speculation, sparsity=self.sparsity, preemption_mode=rc.preemption_mode,
-                max_model_len=self.max_model_len, max_prompt_tokens=max_prompt, requests=self.requests,
-                step_log=StepLog(self.config.metrics.step_log, i, self.spill / f"steps-replica{i}.parquet",
-                                 tuple(p.num_blocks * p.bytes_per_block for p in kv.pools)),
-                token_log=TokenLog(),
-                rng=np.random.default_rng([self.config.seed, i]), bulk_decode=rc.bulk_decode)
-            replica.dram = HostDRAM(env, f"replica{i}", self.server)
-            replica.nvme = NVMeDrive(env, f"replica{i}", self.server)
-            self.replicas.append(replica)
-
-    def _arrivals(self, env: simpy.Environment):
-        tr = self.trace
-        t = tr.arrival_s
-        n = len(tr)
-        prompt, output, rid = tr.prompt_tokens, tr.output_tokens, tr.request_id
-        prio = tr.priority
-        hashed = tr.hash_offsets is not None and self.config.replica.prefix_caching
-        hbt = tr.hash_block_tokens or 0
-        bs = self.config.replica.block_size_tokens
-        replicas = self.replicas
-        views = [r.state_view for r in replicas]
-        cursor = [0]
-
-        def next_arrival() -> float:
-            return float(t[cursor[0]]) if cursor[0] < n else float("inf")
-
-        for r in replicas:
-            r.next_arrival_s = next_arrival
-        route = self.routing.route
-        needs_state = getattr(self.routing, "needs_state", False)
-        i = 0
-        while i < n:
-            target = float(t[i])
-            if target > env.now:
-                yield env.timeout(exact_delay(env.now, target))
-            now = env.now
-            while i < n and t[i] <= now:
-                keys = None
-                if hashed:
-                    keys = prefix_keys(tr.block_hashes(i), hbt, int(prompt[i]), bs)
-                req = Request(idx=i, req_id=int(rid[i]), arrival_s=float(t[i]), prompt_tokens=int(prompt[i]),
-                              output_tokens=int(output[i]), priority=int(prio[i]) if prio is not None else 0,
-                              hash_keys=keys)
-                if needs_state:
-                    for r in replicas:
-                        r.sync(now)
-                k = route(req, views, now)
-                if not 0 <= k < len(replicas):
-                    raise RuntimeError(f"routing policy {self.routing.name!r} chose replica {k} of "
-                                       f"{len(replicas)}")
-                replicas[k].submit(req)
-                i += 1
-                cursor[0] = i
 
     # ------------------------------------------------------------------ running
     def run(self) -> Results:
@@ -206,8 +159,13 @@ class Simulation:
         wall0 = time.perf_counter()
         env = simpy.Environment()
         self.env = env
-        self._build(env)
-        env.process(self._arrivals(env))
+        self.spill = spill_dir()
+        self.cluster = Cluster(self, env, guarded=self.guarded)
+        self.replicas = self.cluster.replicas
+        for r in self.replicas:
+            r.check_invariants = self.check_invariants
+        self.requests = self.cluster.requests
+        env.process(self.cluster.arrivals())
         span = float(self.trace.arrival_s[-1]) if len(self.trace) else 0.0
         n = len(self.trace)
         # env.run() with an event counter and, when asked, a wall-clock check every 1024 events
@@ -230,8 +188,7 @@ class Simulation:
         for r in self.replicas:
             if r.has_work():
                 raise RuntimeError(f"replica {r.replica_id} still has work after the event queue drained")
-        results = self._results(wall0, wall_run)
-        return results
+        return self._results(wall0, wall_run)
 
     def metadata(self) -> dict:
         cfg = self.config
@@ -263,22 +220,23 @@ class Simulation:
         }
         looked = kv_info["prefix_lookup_tokens"]
         kv_info["hbm_prefix_hit_rate"] = kv_info["prefix_hit_tokens"] / looked if looked else None
+        stats = self.cluster.link_stats()
         link_bytes = {
-            "pcie_h2d_bytes": int(sum(r.pcie.h2d.bytes_moved for r in reps)),
-            "pcie_d2h_bytes": int(sum(r.pcie.d2h.bytes_moved for r in reps)),
-            "pcie_h2d_transfers": int(sum(r.pcie.h2d.num_transfers for r in reps)),
-            "pcie_d2h_transfers": int(sum(r.pcie.d2h.num_transfers for r in reps)),
-            "nvme_read_bytes": int(sum(r.nvme.read.bytes_moved for r in reps)),
-            "nvme_write_bytes": int(sum(r.nvme.write.bytes_moved for r in reps)),
+            "pcie_h2d_bytes": int(stats["pcie_h2d"]["bytes"]), "pcie_d2h_bytes": int(stats["pcie_d2h"]["bytes"]),
+            "pcie_h2d_transfers": int(stats["pcie_h2d"]["transfers"]),
+            "pcie_d2h_transfers": int(stats["pcie_d2h"]["transfers"]),
+            "nvme_read_bytes": int(stats["nvme_read"]["bytes"]), "nvme_write_bytes": int(stats["nvme_write"]["bytes"]),
         }
         engine = {
             "replicas": len(reps), "launches": int(sum(r.num_launches for r in reps)),
-            "syncs": int(sum(r.num_syncs for r in reps)), "decode_runs": int(sum(r.num_runs for r in reps)),
-            "decode_run_steps": int(sum(r.run_steps for r in reps)),
-            "swaps_out": int(sum(r.num_swaps_out for r in reps)), "swaps_in": int(sum(r.num_swaps_in for r in reps)),
-            "swap_copies_dropped": int(sum(r.num_swap_drops for r in reps)),
+            "syncs": int(sum(r.num_syncs for r in reps)), "decode_runs": int(sum(r.runs.num_runs for r in reps)),
+            "decode_run_steps": int(sum(r.runs.run_steps for r in reps)),
+            "swaps_out": int(sum(r.preemption.num_out for r in reps)),
+            "swaps_in": int(sum(r.preemption.num_in for r in reps)),
+            "swap_copies_dropped": int(sum(r.preemption.num_drops for r in reps)),
+            "sm_share": reps[0].builder.sm_share,
         }
-        cost_notes = {"extrapolated_lookups": dict(sorted(self.backend.extrapolations.items()))}
+        cost_notes = self.backend.lookup_report(execution=self.config.policies.execution.name)
         timing = {"wall_s": wall_run, "simulated_s": float(self.env.now), "events": self.events,
                   "events_per_wall_s": self.events / wall_run if wall_run > 0 else None,
                   "requests_per_wall_s": len(self.trace) / wall_run if wall_run > 0 else None,
@@ -286,9 +244,10 @@ class Simulation:
                   "decode_runs": engine["decode_runs"]}
         mc = self.config.metrics
         res = build_results(requests=self.requests, trace=self.trace, step_logs=[r.steps for r in reps],
-                            token_logs=[r.tokens for r in reps], metadata=self.metadata(), kv_info=kv_info,
-                            link_bytes=link_bytes, engine_counts=engine, cost_notes=cost_notes,
-                            slo_ttft_s=mc.slo_ttft_s, slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill)
+                            token_log=self.cluster.tokens, metadata=self.metadata(), kv_info=kv_info,
+                            link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
+                            engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
+                            slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill)
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

@@ -50,19 +50,12 @@ def make_trace(arrival, prompt, output, hashes=None, hash_block_tokens=None, nam
                  output_tokens=np.asarray(output, np.int64), name=name, source="test", **kwargs)
 
 
-def run_checked(config: SimConfig, trace: Trace):
-    """Run with per-step invariant checks on; returns (simulation, results)."""
+def run_checked(config: SimConfig, trace: Trace, guarded: bool = True):
+    """Run with per-step invariant checks on and, by default, every policy shown guarded views (any
+    write to what a view shows raises); returns (simulation, results)."""
     from sim.engine import Simulation
 
-    sim = Simulation(config, trace=trace)
-    orig = sim._build
-
-    def build(env):
-        orig(env)
-        for r in sim.replicas:
-            r.check_invariants = True
-
-    sim._build = build
+    sim = Simulation(config, trace=trace, guarded=guarded, check_invariants=True)
     res = sim.run()
     return sim, res
 

@@ -1,12 +1,12 @@
 """``lru``: least recently used first, for cached HBM blocks and for swapped requests' DRAM copies."""
 from __future__ import annotations
 
-from policies.base import CacheView, SwapView
+from policies.base import CacheView, EvictionPolicy, SwapView
 from policies.registry import register
 
 
 @register("eviction", "lru")
-class LRU:
+class LRU(EvictionPolicy):
     """Evict the least recently used cached block; drop the longest-swapped request's DRAM copy."""
 
     def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> list[int]:

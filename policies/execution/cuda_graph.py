@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import KernelSequence, LaunchCosts, StepTiming
+from policies.base import ExecutionPolicy, KernelSequence, LaunchCosts, StepTiming
 from policies.registry import register
 
 
@@ -25,16 +25,10 @@ class CudaGraphParams:
 
 
 @register("execution", "cuda-graph")
-class CudaGraph:
+class CudaGraph(ExecutionPolicy):
     """One graph launch per step; per-node gaps from calibration."""
 
     Params = CudaGraphParams
-
-    def __init__(self, params: CudaGraphParams | None = None) -> None:
-        self.p = params or CudaGraphParams()
-
-    def reserved_sms(self, sm_count: int) -> int:
-        return 0
 
     def _base(self, seq: KernelSequence, launch: LaunchCosts) -> float:
         gaps = 0.0 if launch.times_include_gap else seq.num_kernels * launch.graph_kernel_s

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from policies.base import KernelSequence, LaunchCosts, StepTiming
+from policies.base import ExecutionPolicy, KernelSequence, LaunchCosts, StepTiming
 from policies.registry import register
 
 
@@ -56,17 +56,14 @@ class HostLaunchedParams:
 
 
 @register("execution", "host-launched")
-class HostLaunched:
+class HostLaunched(ExecutionPolicy):
     """Eager execution: one host launch per kernel, one sync per step (launch/GPU overlap modelled)."""
 
     Params = HostLaunchedParams
 
     def __init__(self, params: HostLaunchedParams | None = None) -> None:
-        self.p = params or HostLaunchedParams()
+        super().__init__(params)
         self._uniform: dict[int, np.ndarray] = {}
-
-    def reserved_sms(self, sm_count: int) -> int:
-        return 0
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
         if self.p.dispatch_s is not None or seq.host_s is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.base import SchedulerView, StepPlan
+from policies.base import SchedulerView, SchedulingPolicy, StepPlan
 from policies.registry import register
 from policies.scheduling.fcfs import check_batch_limits, plan_decodes, plan_swap_ins, split_running
 
@@ -34,13 +34,10 @@ class ChunkedPrefillParams:
 
 
 @register("scheduling", "chunked-prefill")
-class ChunkedPrefill:
+class ChunkedPrefill(SchedulingPolicy):
     """Token-budgeted steps: decodes first, then prefill chunks fill the rest (Sarathi-Serve)."""
 
     Params = ChunkedPrefillParams
-
-    def __init__(self, params: ChunkedPrefillParams | None = None) -> None:
-        self.p = params or ChunkedPrefillParams()
 
     def max_prompt_tokens(self, max_model_len: int) -> int:
         return max_model_len

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.base import SchedulerView, StepPlan
+from policies.base import SchedulerView, SchedulingPolicy, StepPlan
 from policies.registry import register
 
 
@@ -92,13 +92,10 @@ def plan_swap_ins(view: SchedulerView, free: int, watermark: int, seats: int, pl
 
 
 @register("scheduling", "fcfs")
-class FCFS:
+class FCFS(SchedulingPolicy):
     """Continuous batching, prefill-first, FCFS admission (vLLM default without chunked prefill)."""
 
     Params = FCFSParams
-
-    def __init__(self, params: FCFSParams | None = None) -> None:
-        self.p = params or FCFSParams()
 
     def token_budget(self, view: SchedulerView) -> int:
         return self.p.max_num_batched_tokens or view.max_model_len

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from policies.base import AttentionPlan, SparsityPolicy
 from policies.registry import register
 
 
 @register("sparsity", "dense")
-class Dense:
+class Dense(SparsityPolicy):
     """Full attention over the whole context; no selection step."""
 
-    identity = True   # lets the replica skip per-sequence bookkeeping on the hot path
+    is_dense = True   # lets the replica skip per-sequence bookkeeping on the hot path
 
-    def attended_tokens(self, context: np.ndarray) -> np.ndarray:
+    def plan(self, context: np.ndarray) -> AttentionPlan:
+        return AttentionPlan(tokens_read=context)
+
+    def attended(self, context: np.ndarray) -> np.ndarray:
         return context
 
-    def selection_tokens(self, context: np.ndarray) -> np.ndarray:
-        return np.zeros_like(context)
+    def steady(self) -> bool:
+        return True

@@ -8,7 +8,7 @@ described by the *table op* that prices it (``gemm``, ``attn_prefill``, ...) and
 ==============  ===============================================  =====================  ==========
 table op        what it is                                        x                      y, z
 ==============  ===============================================  =====================  ==========
-gemm            bf16 GEMM, weights [k, n]                         M (rows = tokens)      -
+gemm            GEMM, weights [k, n] (dtype: the weights')       M (rows = tokens)      -
 attn_prefill    causal attention of q new tokens over c+q keys    q (new tokens/seq)     y=c, z=seqs
 attn_decode     one query token per sequence over ctx keys        batch (sequences)      y=ctx
 rms_norm        RMSNorm over hidden h                             tokens                 -
@@ -107,10 +107,19 @@ class StepShape:
         return int(self.prefill_q.sum()) + self.num_decode_tokens
 
 
-class TransformerOps:
-    """Operator list of a Llama-style decoder under tensor parallelism ``tp`` (per-GPU shapes)."""
+def dtype_name(nbytes: int) -> str:
+    """Key name of an element size: 1 → fp8, 2 → bf16, 4 → fp32."""
+    return {1: "fp8", 2: "bf16", 4: "fp32"}.get(int(nbytes), f"b{int(nbytes)}")
 
-    def __init__(self, model: ModelSpec, tp: int = 1, dtype: str = "bf16") -> None:
+
+class TransformerOps:
+    """Operator list of a Llama-style decoder under tensor parallelism ``tp`` (per-GPU shapes).
+
+    GEMM keys carry the weights' element type (``dtype=fp8`` for ``bytes_per_weight = 1``), attention
+    keys the KV cache's (``bytes_per_kv``); ``dtype`` overrides both.
+    """
+
+    def __init__(self, model: ModelSpec, tp: int = 1, dtype: str | None = None) -> None:
         if tp < 1:
             raise ConfigError(f"replica.tensor_parallel_size must be >= 1 (got {tp})")
         for what, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
@@ -118,16 +127,18 @@ class TransformerOps:
             if value % tp and not (what == "num_kv_heads" and tp % value == 0):
                 raise ConfigError(f"replica.tensor_parallel_size={tp} does not divide "
                                   f"model {model.name}.{what}={value}")
-        self.model, self.tp, self.dtype = model, tp, dtype
+        w_dtype = dtype or dtype_name(model.bytes_per_weight)
+        kv_dtype = dtype or dtype_name(model.bytes_per_kv)
+        self.model, self.tp, self.dtype = model, tp, w_dtype
         h, d = model.hidden_size, model.head_dim
         self.q_heads = model.num_heads // tp
         self.kv_heads = max(1, model.num_kv_heads // tp)
         self.ffn = model.ffn_size // tp
-        attn_key = make_key(d=d, dtype=dtype, kvh=self.kv_heads, qh=self.q_heads)
+        attn_key = make_key(d=d, dtype=kv_dtype, kvh=self.kv_heads, qh=self.q_heads)
         qkv_n = (self.q_heads + 2 * self.kv_heads) * d
 
         def gemm(name: str, n: int, k: int, per_layer: bool = True, rows: str = "tokens") -> OpDef:
-            return OpDef(name, "gemm", make_key(dtype=dtype, k=k, n=n), per_layer, rows, n, k)
+            return OpDef(name, "gemm", make_key(dtype=w_dtype, k=k, n=n), per_layer, rows, n, k)
 
         ops = [
             OpDef("embed", "embed", make_key(h=h, v=model.vocab_size), False, "tokens"),

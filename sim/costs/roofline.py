@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import LaunchCosts
+from sim.costs.backend import BackendBase
 from sim.costs.model import StepShape, TransformerOps
 from sim.specs import GPUSpec
 
@@ -44,8 +45,8 @@ def roofline_launch(params: RooflineParams) -> LaunchCosts:
                        graph_kernel_s=params.graph_kernel_s, sync_s=params.sync_s)
 
 
-class RooflineBackend:
-    """Prices the ops of one model on one GPU from first principles."""
+class RooflineBackend(BackendBase):
+    """Prices the ops of one model on one GPU from first principles (a ``CostBackend``)."""
 
     def __init__(self, ops: TransformerOps, gpu: GPUSpec, params: RooflineParams | None = None) -> None:
         self.ops = ops
@@ -55,8 +56,10 @@ class RooflineBackend:
         self.kernels = np.ones(len(ops.ops), dtype=np.int64)
         self.host_call_s = self.launch.dispatch_s * self.kernels.astype(float)   # per op call
         self.step_host_s = 0.0
+        self.switch_s = 0.0
         self.identity = {"backend": "roofline", "gpu": gpu.name, "params": self.p.__repr__()}
         self.extrapolations: dict[str, int] = {}
+        self._init_shared(None)
         self._compute_rate = np.array([
             gpu.peak_bf16_flops * (self.p.attention_efficiency if op.table_op.startswith("attn")
                                    else self.p.gemm_efficiency if op.table_op == "gemm"
@@ -84,6 +87,15 @@ class RooflineBackend:
         if self.ops.tp == 1:
             t[[i for i, op in enumerate(self.ops.ops) if op.table_op == "allreduce"]] = 0.0
         return t
+
+    def times_at(self, op, xs: np.ndarray) -> np.ndarray:
+        """Seconds of one instance of ``op`` (an ``OpDef`` of ``ops``) at each row count in ``xs``."""
+        i = self.ops.index[op.name]
+        out = np.empty(len(xs))
+        for j, x in enumerate(xs):
+            n = int(x)
+            out[j] = self.fixed_times(n, n)[i]
+        return out
 
     # --------------------------------------------------------------- hot-path interface
     def fixed_times(self, tokens: int, sampled: int) -> np.ndarray:
@@ -120,3 +132,10 @@ class RooflineBackend:
         nbytes = ctx * 2 * ops.kv_heads * m.head_dim * m.bytes_per_kv + \
             2 * batch * query_tokens * ops.q_heads * m.head_dim * m.bytes_per_weight
         return np.maximum(np.maximum(flops / self._compute_rate[i], nbytes / self._mem_rate[i]), self._floor[i])
+
+    def lookup_report(self, execution: str | None = None) -> dict:
+        return {"backend": "roofline",
+                "ops": {op.name: {"table_op": op.table_op, "key": op.key, "source": "roofline"}
+                        for op in self.ops.ops},
+                "extrapolated_lookups": dict(sorted(self.extrapolations.items())),
+                "selection": self._selection_report(), "warnings": []}

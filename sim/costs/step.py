@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import KernelSequence
+from sim.costs.backend import CostBackend
 from sim.costs.model import StepShape, TransformerOps
 
 VAR_PREFILL, VAR_DECODE = 0, 1
@@ -31,9 +32,9 @@ class OpCost:
 
 
 class StepCostModel:
-    """Prices engine steps of one model on one replica."""
+    """Prices engine steps of one model on one replica, through a :class:`CostBackend` only."""
 
-    def __init__(self, ops: TransformerOps, backend, execution) -> None:
+    def __init__(self, ops: TransformerOps, backend: CostBackend, execution) -> None:
         self.ops = ops
         self.backend = backend
         self.execution = execution
@@ -50,8 +51,20 @@ class StepCostModel:
         self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
         self._seq_cache: dict[int, KernelSequence] = {}
         self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
-        self._one_step = getattr(execution, "step_time_one", None)
+        self._one_step = execution.step_time_one   # declared on ExecutionPolicy (a scalar path)
+        self._shares: dict[float, StepCostModel] = {}
         self.steps_priced = 0
+
+    def for_share(self, fraction: float) -> "StepCostModel":
+        """This cost model with the model's kernels confined to ``fraction`` of the GPU's SMs (see
+        ``CostBackend.for_share``); cached per value, ``1.0`` is this model itself."""
+        f = float(fraction)
+        if f == 1.0:
+            return self
+        got = self._shares.get(f)
+        if got is None:
+            got = self._shares[f] = StepCostModel(self.ops, self.backend.for_share(f), self.execution)
+        return got
 
     # ---------------------------------------------------------------- kernel layout
     def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
@@ -70,8 +83,7 @@ class StepCostModel:
                                     np.where(fixed > 0, kernels, 0)))
         seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
                              op_host_s=np.asarray(backend.host_call_s, dtype=np.float64), op_repeat=self._repeat,
-                             switch_s=float(getattr(backend, "switch_s", 0.0)),
-                             lead_s=float(getattr(backend, "step_host_s", 0.0)))
+                             switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s))
         self._seq_cache[key] = seq
         return seq
 
@@ -119,8 +131,8 @@ class StepCostModel:
                                               max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))
         fixed = self.backend.fixed_times(shape.num_tokens, shape.num_sampled)
         kern = self.backend.kernel_counts(shape.num_tokens, shape.num_sampled, has_p, has_d)
-        flops, nbytes = ops.flops_bytes(shape)
-        gpu = getattr(self.backend, "gpu", None)
+        flops, nbytes = self.backend.flops_bytes(shape)
+        gpu = self.backend.gpu
         rows: list[OpCost] = []
         for i, op in enumerate(ops.ops):
             count = self.num_layers if op.per_layer else 1
@@ -136,7 +148,7 @@ class StepCostModel:
             if t <= 0:
                 continue
             bound = "latency"
-            if gpu is not None and t > 0:
+            if t > 0:
                 compute = flops[i] / t / gpu.peak_bf16_flops
                 memory = nbytes[i] / t / gpu.hbm_bandwidth_bytes_per_s
                 if max(compute, memory) >= 0.10:

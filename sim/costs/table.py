@@ -10,7 +10,12 @@ A table is a directory written by ``tiersim calibrate`` (``calibration.fit``)::
 Inside a grid, times are interpolated; beyond it, the fitted ``overhead + x · per_x`` line (fixed
 overhead plus bytes over bandwidth or FLOPs over rate, whichever bound the largest points) continues
 the curve from the last grid point. Extrapolation is never silent: every lookup reports it, and the
-backend counts extrapolated lookups per op for the run summary.
+backend counts extrapolated lookups per op, with how far they went, for the run summary.
+
+A model whose shapes the table did not measure is priced from the same GPU's other grids
+(``sim.costs.generalise``); an engine whose kernels differ from the reference decoder's through a
+recipe (``sim.costs.recipe``). Both are resolved once, at construction, into per-op curves on the
+measured grids' points, so the hot path is the same for every model and engine.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import numba
 import numpy as np
 
 from policies.base import LaunchCosts
-from sim.costs.model import StepShape, TransformerOps
+from sim.costs.backend import BackendBase, stretch
+from sim.costs.model import OpDef, StepShape, TransformerOps, parse_key
 from sim.costs.roofline import RooflineBackend
 from sim.errors import CostTableError
 from sim.specs import GPUSpec
@@ -151,6 +157,28 @@ class Curve1D:
             self.slope = max((self.ts[-1] - self.ts[-2]) / (ux[-1] - ux[-2]), 0.0)
         else:
             self.slope = 0.0
+
+    @classmethod
+    def of(cls, xs: np.ndarray, ts: np.ndarray, slope: float, ks: np.ndarray | None = None) -> "Curve1D":
+        """A curve from unique increasing ``xs`` with its own slope beyond them (no re-aggregation)."""
+        c = cls.__new__(cls)
+        c.xs, c.ts = np.asarray(xs, float), np.asarray(ts, float)
+        c.slope = max(float(slope), 0.0)
+        c.ks = None if ks is None else np.asarray(ks, float)
+        return c
+
+    def at(self, x: np.ndarray) -> np.ndarray:
+        """Times at many x (no extrapolation bookkeeping)."""
+        return self.many(x)[0]
+
+    def kernels_many(self, x: np.ndarray, default: int) -> np.ndarray:
+        """Kernel counts at many x (nearest grid point in log x), ``default`` where unknown."""
+        x = np.asarray(x, float)
+        if self.ks is None:
+            return np.full(x.shape, default, dtype=float)
+        near = np.abs(np.log(np.maximum(self.xs, 1e-9))[None, :] - np.log(np.maximum(x, 1e-9))[:, None]).argmin(axis=1)
+        k = self.ks[near]
+        return np.where(np.isfinite(k) & (k > 0), np.round(k), default)
 
     def __call__(self, x: float) -> tuple[float, bool]:
         xs = self.xs
@@ -362,80 +390,415 @@ class PrefillGrid:
         return _prefill_eval(self.cs, self._ptr, self._lq, self._lt, self._eff_lq, self._eff_tab, q, c)
 
 
-class TableBackend:
-    """Prices a model's ops from a measured table; ops the table lacks use the roofline backend when
-    ``fallback`` is given, else construction fails naming the missing entries."""
+# token grid of the elementwise part (calibration/vendor/ops.py): generalised curves use the same points
+TOKEN_GRID = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 384, 512, 768,
+                       1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384], dtype=np.float64)
+# what one row of each elementwise table op moves, per unit of its key's size: the ratio between two
+# keys' values is the ratio of bytes per row (the element size cancels); see TransformerOps.flops_bytes
+_ROW_SIZE = {
+    "rms_norm": lambda p: float(p["h"]), "add": lambda p: float(p["h"]), "embed": lambda p: float(p["h"]),
+    "act": lambda p: float(p["f"]), "sample": lambda p: float(p["v"]),
+    "rope": lambda p: float(p["qh"]) * float(p["d"]) + float(p["kvh"]) * float(p["d"]),
+    "kv_write": lambda p: float(p["kvh"]) * float(p["d"]),
+}
+
+
+class TableBackend(BackendBase):
+    """Prices a model's ops from a measured table (a ``CostBackend``).
+
+    Each op's source, in order: the table's entry at the model's exact shape; else, with ``fallback``
+    (a ``RooflineBackend``), the roofline; else, with ``generalise`` (the default), the GPU's other
+    measurements by the rules of ``sim.costs.generalise``; else construction fails naming the missing
+    entries. ``recipe`` (``sim.costs.recipe``; default ``fused``) says which kernels the engine runs
+    for each op and which primitive prices each. Every op's source is in :meth:`lookup_report`.
+
+    Invariants: per-op curves never change after construction; only the extrapolation counters grow.
+    """
 
     def __init__(self, ops: TransformerOps, gpu: GPUSpec, table: CostTable,
-                 fallback: RooflineBackend | None = None) -> None:
+                 fallback: RooflineBackend | None = None, *, generalise: bool = True, recipe=None) -> None:
+        from sim.costs.recipe import load_recipe
+
         self.ops, self.gpu, self.table = ops, gpu, table
         self.roofline = fallback
+        self.recipe = recipe if recipe is not None else load_recipe("fused")
         self.identity = dict(table.identity)
+        if self.recipe.name != "fused":
+            self.identity["recipe"] = self.recipe.name
         tgpu = table.meta.get("gpu", {}).get("preset", "")
         if tgpu and tgpu != gpu.name:
             raise CostTableError(f"costs.table {table.dir.name!r} was measured on {tgpu}, but hardware.gpu "
                                  f"is {gpu.name}; use a table for {gpu.name} or costs.backend = \"roofline\"")
         missing = [(op, key) for op, key in ops.required_table_entries()
                    if not table.has(op, key) and not (op == "allreduce" and ops.tp == 1)]
-        if missing and fallback is None:
-            listing = "; ".join(f"{op} {key}" for op, key in missing[:4])
-            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-            raise CostTableError(
-                f"cost table {table.dir} has no entry for {listing}{more} (model {ops.model.name}, "
-                f"tensor_parallel_size={ops.tp}); measure them with `tiersim calibrate --models "
-                f"{ops.model.name}` or set costs.fallback = \"roofline\"")
-        self.missing = set(missing)
+        if missing and fallback is None and not generalise:
+            raise CostTableError(self._missing_message(missing, "set costs.fallback = \"roofline\" or "
+                                                                "\"generalise\""))
+        # with a fallback the roofline prices what the table lacks (the behaviour before generalisation)
+        self.missing = set(missing) if fallback is not None else set()
         if self.missing:
             self.identity["roofline_fallback_for"] = sorted(f"{op} {key}" for op, key in missing)
         roof_launch = fallback.launch if fallback else RooflineBackend(ops, gpu).launch
         self.launch = dataclasses.replace(table.launch(roof_launch), times_include_gap=True)
         self.kernels = np.array([table.kernels(op.table_op) for op in ops.ops], dtype=np.int64)
         self.switch_s = float(table.meta.get("launch", {}).get("switch_s", 0.0))
-        self.host_call_s, self.step_host_s = self._host_model(table)
+        self._init_shared(table.dir)
+        self.sources: dict[str, dict] = {}
+        self.warnings: list[str] = []
+        self.ext_over: dict[str, float] = {}
+        self.ext_under: dict[str, float] = {}
+        self._gemm_model = None
+        self._bytes_model = None
+        self._gemm_curves: dict[tuple[int, int], Curve1D] = {}
         self.curves: dict[int, Curve1D] = {}
         self.extrapolations: dict[str, int] = {}
+        cannot: list[tuple[str, str, str]] = []
+        host_kernels = np.zeros(len(ops.ops))     # recipe ops: host seconds of their kernels
         for i, op in enumerate(ops.ops):
-            if (op.table_op, op.key) in self.missing or op.table_op.startswith("attn"):
+            if op.table_op.startswith("attn") or (op.table_op == "allreduce" and ops.tp == 1):
                 continue
-            if op.table_op == "allreduce" and ops.tp == 1:
+            try:
+                base, src = self._base_curve(op)
+            except _CannotGeneralise as exc:
+                cannot.append((op.table_op, op.key, str(exc)))
                 continue
-            pts = table.points(op.table_op, op.key)
-            self.curves[i] = Curve1D(pts["x"].to_numpy(), pts["time_s"].to_numpy(),
-                                     table.tail(op.table_op, op.key),
-                                     pts["kernels"].to_numpy() if "kernels" in pts else None)
-        self._dense = self._build_dense()
+            rec = self.recipe.for_op(op)
+            if not rec.is_table:
+                base, nominal, host_kernels[i] = self._apply_recipe(op, rec, base)
+                self.kernels[i] = nominal
+                src = {**src, "recipe": [k.name for k in rec.kernels]}
+                if rec.scale != 1.0:
+                    src["scale"] = rec.scale if not isinstance(rec.scale, tuple) else [list(p) for p in rec.scale]
+            self.sources[op.name] = {"table_op": op.table_op, "key": op.key, **src}
+            if base is not None:
+                self.curves[i] = base
         ia, ip = ops.index["attn_decode"], ops.index["attn_prefill"]
-        akey = ops.ops[ia].key
-        self.decode = (DecodeGrid(table.points("attn_decode", akey), table.tail("attn_decode", akey))
-                       if ("attn_decode", akey) not in self.missing else None)
-        self.prefill = (PrefillGrid(table.points("attn_prefill", akey), table.tail("attn_prefill", akey))
-                        if ("attn_prefill", akey) not in self.missing else None)
         self._ia, self._ip = ia, ip
+        try:
+            self._init_attention(ops.ops[ia], ops.ops[ip])
+        except _CannotGeneralise as exc:
+            cannot.append(("attn_decode/attn_prefill", ops.ops[ia].key, str(exc)))
+        if cannot:
+            listing = "; ".join(f"{op} {key} ({why})" for op, key, why in cannot[:4])
+            more = f" and {len(cannot) - 4} more" if len(cannot) > 4 else ""
+            raise CostTableError(f"cost table {table.dir} has no entry for {listing}{more} (model "
+                                 f"{ops.model.name}, tensor_parallel_size={ops.tp}), and nothing measured on "
+                                 f"this GPU to generalise from; measure them with `tiersim calibrate --models "
+                                 f"{ops.model.name}` or set costs.fallback = \"roofline\"")
+        self.host_call_s, self.step_host_s = self._host_model(table, host_kernels)
+        self._dense = self._build_dense()
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
-    def _host_model(self, table: CostTable) -> tuple[np.ndarray, float]:
+    # ------------------------------------------------------------------ sources
+    def _missing_message(self, missing, hint: str) -> str:
+        listing = "; ".join(f"{op} {key}" for op, key in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        return (f"cost table {self.table.dir} has no entry for {listing}{more} (model {self.ops.model.name}, "
+                f"tensor_parallel_size={self.ops.tp}); measure them with `tiersim calibrate --models "
+                f"{self.ops.model.name}` or {hint}")
+
+    def _measured_curve(self, op: str, key: str) -> Curve1D:
+        pts = self.table.points(op, key)
+        return Curve1D(pts["x"].to_numpy(), pts["time_s"].to_numpy(), self.table.tail(op, key),
+                       pts["kernels"].to_numpy() if "kernels" in pts else None)
+
+    def _base_curve(self, op: OpDef) -> tuple[Curve1D | None, dict]:
+        """The table op's curve at the model's shape, and where it came from."""
+        t, key = op.table_op, op.key
+        m = self.ops.model
+        if self.table.has(t, key):
+            curve = self._measured_curve(t, key)
+            if t == "kv_write" and m.bytes_per_kv != 2:      # the key has no dtype: measured at bf16
+                ratio = m.bytes_per_kv / 2.0
+                return self._scaled(curve, ratio), {"source": "generalised", "from": f"{t} {key} (bf16 KV)",
+                                                    "how": f"bytes per row x {ratio:g}"}
+            return curve, {"source": "measured"}
+        if (t, key) in self.missing:
+            return None, {"source": "roofline"}
+        if t == "gemm":
+            return self._gemm_curve(op.n, op.k, key)
+        if t == "allreduce":
+            return self._allreduce_curve(key)
+        return self._elementwise_curve(op)
+
+    def _scaled(self, curve: Curve1D, ratio: float) -> Curve1D:
+        """A curve read at ``x · ratio`` (an op that moves ``ratio`` times the bytes per row)."""
+        xs = curve.xs / ratio
+        ts, ks = curve.ts, curve.ks
+        if xs[0] > 1.0:       # below the measured grid an elementwise op stays at its floor
+            xs, ts = np.concatenate(([1.0], xs)), np.concatenate(([ts[0]], ts))
+            ks = None if ks is None else np.concatenate(([ks[0]], ks))
+        return Curve1D.of(xs, ts, curve.slope * ratio, ks)
+
+    def _elementwise_curve(self, op: OpDef) -> tuple[Curve1D, dict]:
+        t = op.table_op
+        want = parse_key(op.key)
+        size = _ROW_SIZE.get(t)
+        keys = [k for (o, k) in self.table.groups if o == t]
+        if size is not None and keys:
+            target = size(want)
+            src = min(sorted(keys), key=lambda k: abs(np.log(size(parse_key(k)) / target)))
+            ratio = target / size(parse_key(src))
+            if t == "kv_write":
+                ratio *= self.ops.model.bytes_per_kv / 2.0
+            return self._scaled(self._measured_curve(t, src), ratio), {
+                "source": "generalised", "from": f"{t} {src}", "how": f"bytes per row x {ratio:.4g}"}
+        # never measured on this GPU: its kernels priced by their bytes
+        bm = self._bytes()
+        k = int(self.table.kernels(t, _NOMINAL_KERNELS.get(t, 1)))
+        shape_rows = TOKEN_GRID
+        nbytes = self._op_bytes_per_row(op) * shape_rows
+        ts = k * bm.time(nbytes / k)
+        slope = (ts[-1] - ts[-2]) / (shape_rows[-1] - shape_rows[-2])
+        return Curve1D.of(shape_rows, ts, slope, np.full(shape_rows.shape, float(k))), {
+            "source": "modelled", "from": bm.source, "how": f"{k} kernel(s) of its bytes (not measured on this GPU)"}
+
+    def _op_bytes_per_row(self, op: OpDef) -> float:
+        shape = StepShape(prefill_q=np.empty(0, np.int64), prefill_c=np.empty(0, np.int64), num_decode=1,
+                          decode_ctx_sum=0, num_sampled=1)
+        return float(self.ops.flops_bytes(shape)[1][self.ops.index[op.name]])
+
+    def _bytes(self):
+        if self._bytes_model is None:
+            from sim.costs.generalise import BytesModel
+
+            self._bytes_model = BytesModel.for_table(self.table, self.gpu)
+        return self._bytes_model
+
+    def _gemm_curve(self, n: int, k: int, key: str | None = None) -> tuple[Curve1D, dict]:
+        """GEMM time over M at (n, k) in the model's weight dtype: measured, else generalised."""
+        from sim.costs.generalise import M_GRID, dtype_name, fp8_factor, gemm_model_from_table
+        from sim.costs.model import make_key
+
+        dtype = dtype_name(self.ops.model.bytes_per_weight)
+        key = key or make_key(dtype=dtype, k=k, n=n)
+        if self.table.has("gemm", key):
+            return self._measured_curve("gemm", key), {"source": "measured"}
+        bf16 = make_key(dtype="bf16", k=k, n=n)
+        if self.table.has("gemm", bf16):
+            curve, src = self._measured_curve("gemm", bf16), {"source": "measured", "from": f"gemm {bf16}"}
+        else:
+            got = self._gemm_curves.get((n, k))
+            if got is None:
+                if self._gemm_model is None:
+                    self._gemm_model = gemm_model_from_table(self.table, self.gpu)
+                if self._gemm_model is None:
+                    raise _CannotGeneralise("fewer than two measured bf16 GEMM shapes")
+                xs = np.asarray(M_GRID, float)
+                ts = self._gemm_model.time(xs, n, k)
+                got = Curve1D.of(xs, ts, (ts[-1] - ts[-2]) / (xs[-1] - xs[-2]), self._nearest_gemm_kernels(n, k, xs))
+                self._gemm_curves[(n, k)] = got
+            curve = got
+            src = {"source": "generalised", "from": "GEMM model fitted on this GPU's measured GEMMs",
+                   "how": f"n={n}, k={k} over M"}
+        if dtype == "bf16":
+            return curve, src
+        if dtype != "fp8":
+            raise _CannotGeneralise(f"no {dtype} GEMM model (bytes_per_weight={self.ops.model.bytes_per_weight})")
+        factor = fp8_factor(curve.xs, n, k, self.gpu)
+        kern = curve.kernels_many(curve.xs, 1)
+        ts = stretch(curve.ts, kern, factor, self.share_curves.floor_s)
+        note = ("gemm fp8: no measured fp8 GEMM on this table; priced from bf16 by the stated model "
+                "(memory-bound: bytes moved; compute-bound: the GPU's fp8 peak"
+                + (f" {self.gpu.peak_fp8_flops / 1e12:,.0f} TFLOP/s)" if self.gpu.peak_fp8_flops > 0 else
+                   "; this GPU has no fp8 tensor cores: bf16 rate, weight-only quantization)"))
+        if note not in self.warnings:
+            self.warnings.append(note)
+        slope = curve.slope * float(factor[-1])
+        return Curve1D.of(curve.xs, ts, slope, curve.ks), {
+            "source": "generalised", "from": src.get("from", "gemm " + bf16) if src["source"] == "measured"
+            else src["from"], "how": "fp8 from bf16 (stated model)"}
+
+    def _nearest_gemm_kernels(self, n: int, k: int, xs: np.ndarray) -> np.ndarray:
+        keys = [key for (o, key) in self.table.groups if o == "gemm"]
+        best = min(sorted(keys), key=lambda key: abs(np.log(float(parse_key(key)["n"]) / n))
+                   + abs(np.log(float(parse_key(key)["k"]) / k)))
+        return self._measured_curve("gemm", best).kernels_many(xs, 1)
+
+    def _allreduce_curve(self, key: str) -> tuple[Curve1D, dict]:
+        from sim.costs.generalise import ring_allreduce_time
+
+        tp = self.ops.tp
+        xs = np.geomspace(1024.0, 2.0 ** 31, 64)
+        ts = ring_allreduce_time(xs, tp, self.gpu)
+        note = (f"allreduce tp={tp}: not measured on this table; a ring all-reduce over NVLink at "
+                f"{self.gpu.nvlink_bandwidth_bytes_per_s / 1e9:,.0f} GB/s x 0.7 plus 8 us prices it")
+        if note not in self.warnings:
+            self.warnings.append(note)
+        return Curve1D.of(xs, ts, (ts[-1] - ts[-2]) / (xs[-1] - xs[-2]), np.ones_like(xs)), {
+            "source": "modelled", "from": "GPU spec (NVLink)", "how": "ring all-reduce"}
+
+    # ------------------------------------------------------------------ recipes
+    def _apply_recipe(self, op: OpDef, rec, base: Curve1D | None) -> tuple[Curve1D, int, float]:
+        """The op's curve under a recipe (sum of its kernels at each x), its nominal kernels per call,
+        and the host seconds an eager engine spends issuing them."""
+        from sim.costs.recipe import extent
+
+        xs = base.xs if base is not None else TOKEN_GRID
+        ts = np.zeros_like(xs)
+        ks = np.zeros_like(xs)
+        nominal, host = 0, 0.0
+        per_op_host = self.table.meta.get("launch", {}).get("op_host_s", {})
+        for spec in rec.kernels:
+            if spec.price == "table":
+                if base is not None:
+                    t = base.at(xs)
+                    kk = base.kernels_many(xs, int(self._table_kernels(op)))
+                else:
+                    t = self._roof_ref().times_at(op, xs)
+                    kk = np.full(xs.shape, float(self._table_kernels(op)))
+                n_table = int(self._table_kernels(op))
+                n_call = n_table if spec.count == -1 else spec.count
+                if spec.count != -1:
+                    kk = np.full(xs.shape, float(spec.count))
+                ts += t
+                ks += kk
+                nominal += n_call
+                # the call's measured host cost, plus a dispatch for each kernel beyond the table's
+                host += float(per_op_host.get(op.table_op, self.launch.dispatch_s * n_table))
+                host += self.launch.dispatch_s * max(n_call - n_table, 0)
+            elif spec.price == "bytes":
+                t = self._bytes().time(xs * spec.bytes_per_row(self.ops)) * spec.count
+                ts += t
+                ks += spec.count
+                nominal += spec.count
+                host += self.launch.dispatch_s * spec.count
+            else:   # gemm
+                n, k = extent(self.ops, spec.n), extent(self.ops, spec.k)
+                curve, _ = self._gemm_curve(n, k)
+                ts += curve.at(xs) * spec.count
+                ks += curve.kernels_many(xs, 1) * spec.count
+                nominal += spec.count
+                host += float(per_op_host.get("gemm", self.launch.dispatch_s)) * spec.count
+        ts *= rec.scale_at(xs)
+        slope = (ts[-1] - ts[-2]) / (xs[-1] - xs[-2]) if xs.size > 1 else 0.0
+        return Curve1D.of(xs, ts, slope, ks), nominal, host
+
+    def _table_kernels(self, op: OpDef) -> int:
+        return int(self.table.kernels(op.table_op, _NOMINAL_KERNELS.get(op.table_op, 1)))
+
+    def recipe_kernels_per_layer(self) -> int:
+        """Nominal kernels of one layer under the recipe (table kernels at the table's per-op count;
+        one attention op): what a profiler counts for a layer, split-K GEMM pairs aside."""
+        total = 0
+        for i, op in enumerate(self.ops.ops):
+            if not op.per_layer or op.table_op == "attn_prefill" or (op.table_op == "allreduce" and self.ops.tp == 1):
+                continue
+            total += int(self.kernels[i]) + (self._attn_extra_k.get(i, 0) if op.table_op == "attn_decode" else 0)
+        return total
+
+    # ------------------------------------------------------------------ attention
+    def _init_attention(self, dec: OpDef, pre: OpDef) -> None:
+        m = self.ops.model
+        self._dec_r = 1.0
+        self._pre_rho, self._pre_floor = 1.0, 0.0
+        self._attn_extra: dict[int, list] = {}
+        self._attn_extra_k: dict[int, int] = {}
+        self._attn_scale: dict[int, object] = {}
+        # decode
+        if (dec.table_op, dec.key) in self.missing:
+            self.decode = None
+            self.sources[dec.name] = {"table_op": dec.table_op, "key": dec.key, "source": "roofline"}
+        else:
+            src = self._attention_source("attn_decode", dec.key, by="kv")
+            self.decode = DecodeGrid(self.table.points("attn_decode", src), self.table.tail("attn_decode", src))
+            sp = parse_key(src)
+            self._dec_r = (self.ops.kv_heads * m.head_dim * m.bytes_per_kv) / (
+                float(sp["kvh"]) * float(sp["d"]) * _dtype_bytes(sp.get("dtype", "bf16")))
+            entry = {"source": "measured"} if src == dec.key else {
+                "source": "generalised", "from": f"attn_decode {src}",
+                "how": f"same KV bytes: batch x {self._dec_r:.4g} (memory-bound in KV bytes)"}
+            self.sources[dec.name] = {"table_op": dec.table_op, "key": dec.key, **entry}
+            pts = self.table.points("attn_decode", src)
+            self._dec_ctx_max, self._dec_batch_max = float(pts["y"].max()), float(pts["x"].max())
+            self._dec_ctx_min = float(pts["y"].min())
+        # prefill
+        if (pre.table_op, pre.key) in self.missing:
+            self.prefill = None
+            self.sources[pre.name] = {"table_op": pre.table_op, "key": pre.key, "source": "roofline"}
+        else:
+            src = self._attention_source("attn_prefill", pre.key, by="q")
+            pts = self.table.points("attn_prefill", src)
+            self.prefill = PrefillGrid(pts, self.table.tail("attn_prefill", src))
+            sp = parse_key(src)
+            self._pre_rho = (self.ops.q_heads * m.head_dim) / (float(sp["qh"]) * float(sp["d"]))
+            self._pre_floor = float(pts["time_s"].min())
+            entry = {"source": "measured"} if src == pre.key else {
+                "source": "generalised", "from": f"attn_prefill {src}",
+                "how": f"time above the grid's floor x {self._pre_rho:.4g} (compute-bound in qh x d)"}
+            self.sources[pre.name] = {"table_op": pre.table_op, "key": pre.key, **entry}
+            self._pre_q_max, self._pre_c_max = float(pts["x"].max()), float(pts["y"].max())
+            self._pre_q_min = float(pts["x"].min())
+        # recipe: extra kernels priced with the attention call, and corrections
+        for i, op in ((self._ia, dec), (self._ip, pre)):
+            rec = self.recipe.for_op(op)
+            if rec.is_table:
+                continue
+            extra = [k for k in rec.kernels if k.price == "bytes"]
+            self._attn_extra[i] = extra
+            self._attn_extra_k[i] = sum(k.count for k in extra)
+            self._attn_scale[i] = rec
+            self.kernels[i] += self._attn_extra_k[i]
+            self.sources[op.name]["recipe"] = [k.name for k in rec.kernels]
+            if rec.scale != 1.0:
+                self.sources[op.name]["scale"] = rec.scale if not isinstance(rec.scale, tuple) else \
+                    [list(p) for p in rec.scale]
+
+    def _attention_source(self, op: str, key: str, by: str) -> str:
+        """The measured key that prices attention at ``key``: itself, else the nearest measured one
+        (same head dim first; then KV heads for decode, query heads for prefill; bf16 first)."""
+        if self.table.has(op, key):
+            return key
+        keys = [k for (o, k) in self.table.groups if o == op]
+        if not keys:
+            raise _CannotGeneralise(f"no measured {op}")
+        want = parse_key(key)
+
+        def dist(k: str) -> float:
+            p = parse_key(k)
+            return (10.0 * abs(np.log(float(p["d"]) / float(want["d"])))
+                    + abs(np.log(float(p["kvh" if by == "kv" else "qh"]) / float(want["kvh" if by == "kv" else "qh"])))
+                    + (0.0 if p.get("dtype", "bf16") == "bf16" else 1.0))
+
+        return min(sorted(keys), key=dist)
+
+    def _attn_extra_time(self, i: int, tokens: float) -> float:
+        extra = self._attn_extra.get(i)
+        if not extra:
+            return 0.0
+        bm = self._bytes()
+        return float(sum(float(bm.time(tokens * k.bytes_per_row(self.ops))) * k.count for k in extra))
+
+    # ------------------------------------------------------------------ host
+    def _host_model(self, table: CostTable, recipe_host: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Host seconds per op call of an eager engine, and its per-step host work before the first
         launch. Per-op call costs come from the tiny-shape call timings; when the table also measured
         the engine's whole host cost per layer and per step, the per-layer ops are scaled to add up
-        to that (the engine's Python, views and glue count too) and the step's fixed part leads."""
+        to that (the engine's Python, views and glue count too) and the step's fixed part leads.
+        Ops a recipe changes cost their kernels' calls, scaled alike."""
         launch = table.meta.get("launch", {})
         per_op = launch.get("op_host_s", {})
         ops = self.ops.ops
         base = np.array([float(per_op.get(op.table_op, self.launch.dispatch_s * self.kernels[i]))
                          for i, op in enumerate(ops)])
+        fused_base = base.copy()
+        if recipe_host is not None:
+            base = np.where(recipe_host > 0, recipe_host, base)
         layer_s = launch.get("engine_layer_host_s")
         step_s = launch.get("engine_step_host_s")
         if layer_s:
-            # one layer runs one attention op (decode or prefill): price the layer with decode's
+            # one layer runs one attention op (decode or prefill): price the layer with decode's; the
+            # scale is the fused engine's (the reference engine's measured host cost per layer)
             in_layer = np.array([op.per_layer and op.table_op != "attn_prefill" for op in ops])
-            scale = float(layer_s) / float(base[in_layer].sum())
+            scale = float(layer_s) / float(fused_base[in_layer].sum())
             base = np.where([op.per_layer for op in ops], base * scale, base)
         lead = 0.0
         if step_s:
-            outside = float(base[[not op.per_layer for op in ops]].sum())
+            outside = float(fused_base[[not op.per_layer for op in ops]].sum())
             lead = max(float(step_s) - outside - self.launch.sync_s, 0.0)
         return base, lead
 
+    # ------------------------------------------------------------------ hot path
     def kernel_counts(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> np.ndarray:
         """Kernels each op launches in this step, from the counts measured at the nearest grid point
         (0 for ops that do not run)."""
@@ -452,7 +815,7 @@ class TableBackend:
                 out[i] = self.kernels[i]
             elif op.rows == "decode":
                 out[i] = (self.decode.kernels_at(tokens, 1024.0, int(self.kernels[i])) if self.decode
-                          else self.kernels[i])
+                          else self.kernels[i]) + (self._attn_extra_k.get(i, 0) if self.decode else 0)
             elif not dense:
                 curve = self.curves.get(i)
                 if curve is not None:
@@ -495,8 +858,14 @@ class TableBackend:
                     k_arr[1:, i] = self.kernels[i]
         return nt, ns, tok_t, smp_t, tok_k, smp_k
 
-    def _note(self, name: str, n: int = 1) -> None:
+    def _note(self, name: str, n: int, over: float, under: float = 1.0) -> None:
+        """Count ``n`` lookups of ``name`` outside its grid: the largest coordinate was ``over`` times
+        the grid's largest, the smallest ``under`` times the grid's smallest."""
         self.extrapolations[name] = self.extrapolations.get(name, 0) + n
+        if over > self.ext_over.get(name, 1.0):
+            self.ext_over[name] = float(over)
+        if under < self.ext_under.get(name, 1.0):
+            self.ext_under[name] = float(under)
 
     def fixed_times(self, tokens: int, sampled: int) -> np.ndarray:
         d = self._dense
@@ -525,7 +894,7 @@ class TableBackend:
                 continue
             t, ext = curve(x)
             if ext:
-                self._note(op.table_op)
+                self._note(op.table_op, 1, x / curve.xs[-1], x / curve.xs[0])
             out[i] = t
         self._cache[key] = out
         return out
@@ -535,23 +904,121 @@ class TableBackend:
             return self.roofline.prefill_attention_time(q, c)
         t, ext = self.prefill.time(q, c)
         if ext:
-            self._note("attn_prefill")
+            self._note("attn_prefill", 1, max(float(np.max(q)) / self._pre_q_max, float(np.max(c)) / self._pre_c_max),
+                       float(np.min(q)) / self._pre_q_min)
+        if self._pre_rho != 1.0:
+            floor = min(self._pre_floor, t)
+            t = floor + (t - floor) * self._pre_rho
+        rec = self._attn_scale.get(self._ip)
+        if rec is not None:
+            rows = float(np.sum(q))
+            t = (t + self._attn_extra_time(self._ip, rows)) * float(rec.scale_at(rows))
         return t
 
     def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
         if self.decode is None:
             return self.roofline.decode_attention_times(batch, ctx_sums, query_tokens)
-        t, n_ext = self.decode.fast(batch, ctx_sums)
+        r = self._dec_r
+        if r == 1.0:
+            t, n_ext = self.decode.fast(batch, ctx_sums)
+        else:
+            # the batch that reads the same KV bytes with the same parallelism (batch x KV heads);
+            # under one sequence, one sequence over r times the context
+            t, n_ext = self.decode.fast(max(batch * r, 1.0), np.asarray(ctx_sums, np.float64) * r)
         if n_ext:
-            self._note("attn_decode", n_ext)
+            self._note("attn_decode", n_ext, max(float(np.max(ctx_sums)) / batch / self._dec_ctx_max,
+                                                 batch * r / self._dec_batch_max),
+                       min(float(np.min(ctx_sums)) / batch / self._dec_ctx_min, batch * r))
         if query_tokens > 1:
             # The table holds one query per sequence; several (speculative verify) cost what the
             # roofline says they add on top of one, since the KV is read once either way.
             ref = self._roof_ref().decode_attention_times(batch, ctx_sums, 1)
             t = t * (self._roof_ref().decode_attention_times(batch, ctx_sums, query_tokens) / ref)
+        rec = self._attn_scale.get(self._ia)
+        if rec is not None:
+            rows = float(batch * query_tokens)
+            t = (t + self._attn_extra_time(self._ia, rows)) * float(rec.scale_at(rows))
         return t
 
     def _roof_ref(self) -> RooflineBackend:
         if self.roofline is None:
             self.roofline = RooflineBackend(self.ops, self.gpu)
         return self.roofline
+
+    # ------------------------------------------------------------------ report
+    def flops_bytes(self, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """Per-op FLOPs and bytes of one instance; bytes follow the recipe's kernels."""
+        flops, nbytes = self.ops.flops_bytes(shape)
+        if self.recipe.name == "fused":
+            return flops, nbytes
+        from sim.costs.recipe import extent
+
+        for i, op in enumerate(self.ops.ops):
+            rec = self.recipe.for_op(op)
+            if rec.is_table:
+                continue
+            rows = self.ops.op_x(op, shape) if op.table_op != "allreduce" else 0.0
+            if op.table_op.startswith("attn"):
+                rows = float(shape.num_tokens)
+            total = 0.0
+            for k in rec.kernels:
+                if k.price == "table":
+                    total += nbytes[i]
+                elif k.price == "bytes":
+                    total += rows * k.bytes_per_row(self.ops) * k.count
+                else:
+                    n, kk = extent(self.ops, k.n), extent(self.ops, k.k)
+                    total += (rows * kk + kk * n + rows * n) * self.ops.model.bytes_per_weight * k.count
+            nbytes[i] = total
+        return flops, nbytes
+
+    def lookup_report(self, execution: str | None = None) -> dict:
+        ops = {}
+        for op in self.ops.ops:
+            if op.table_op == "allreduce" and self.ops.tp == 1:
+                continue
+            ops[op.name] = dict(self.sources.get(op.name, {"table_op": op.table_op, "key": op.key,
+                                                            "source": "roofline"}))
+        classes: dict[str, int] = {}
+        for entry in ops.values():
+            classes[entry["source"]] = classes.get(entry["source"], 0) + 1
+        ext = {name: {"lookups": n, "max_over_grid": round(self.ext_over.get(name, 1.0), 3),
+                      "min_under_grid": round(self.ext_under.get(name, 1.0), 3)}
+               for name, n in sorted(self.extrapolations.items())}
+        out = {"backend": "table", "table": self.table.dir.name, "recipe": self.recipe.name,
+               "classes": dict(sorted(classes.items())), "ops": ops,
+               "extrapolated_lookups": dict(sorted(self.extrapolations.items())), "extrapolated": ext,
+               "roofline_priced": sorted(n for n, e in ops.items() if e["source"] == "roofline"),
+               "selection": self._selection_report(), "warnings": list(self.warnings)}
+        if execution is not None:
+            bars = self.error_bars()
+            out["error_bars"] = bars.for_run(execution, self.generalised) if bars is not None else {
+                "line": "error bars: this table has no validation measurements", "classes": []}
+        return out
+
+    @property
+    def generalised(self) -> bool:
+        """Whether any op is priced from something other than its exact-shape measurement."""
+        return any(e.get("source") != "measured" for e in self.sources.values()) or self.recipe.name != "fused"
+
+    def error_bars(self):
+        """The table's validation error bars (``sim.costs.accuracy.ErrorBars``), or None."""
+        if not hasattr(self, "_error_bars"):
+            from sim.costs.accuracy import ErrorBars
+
+            self._error_bars = ErrorBars.for_table(self.table.dir)
+        return self._error_bars
+
+
+# kernels per call of each table op when a table does not say (the reference decoder's, fused recipe)
+_NOMINAL_KERNELS = {"rope": 10, "kv_write": 2, "act": 2}
+
+
+def _dtype_bytes(name: str) -> float:
+    from sim.costs.generalise import BYTES
+
+    return float(BYTES.get(name, 2))
+
+
+class _CannotGeneralise(Exception):
+    """Nothing measured on this GPU prices the op."""

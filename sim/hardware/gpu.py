@@ -1,11 +1,9 @@
-"""A replica's GPUs: the SM pool (a SimPy container, so work can be partitioned across SMs) and the
-HBM budget split into weights, activation workspace and KV cache.
+"""A replica's GPUs: the SMs the model's kernels may use, and the HBM budget split into weights,
+activation workspace and KV cache.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import simpy
 
 from sim.errors import ConfigError
 from sim.specs import GPUSpec, ModelSpec
@@ -44,14 +42,19 @@ def hbm_budget(gpu: GPUSpec, model: ModelSpec, *, tp: int, utilization: float,
 
 
 class GPUGroup:
-    """The ``tp`` GPUs of one replica. ``sms`` holds the SMs of one GPU (all GPUs run in lockstep);
-    execution policies take SMs out of it for their own use (e.g. a persistent scheduler)."""
+    """The ``tp`` GPUs of one replica (they run in lockstep). An execution policy may hold back SMs
+    for itself (a persistent scheduler's own SMs); the model's kernels get ``sm_share`` of the GPU,
+    and the cost backend prices them on that share."""
 
-    def __init__(self, env: simpy.Environment, spec: GPUSpec, tp: int) -> None:
+    def __init__(self, spec: GPUSpec, tp: int, reserved_sms: int = 0) -> None:
+        if not 0 <= reserved_sms < spec.sm_count:
+            raise ConfigError(f"the execution policy reserves {reserved_sms} of {spec.name}'s {spec.sm_count} SMs; "
+                              f"it must leave at least one to the model")
         self.spec = spec
         self.tp = tp
-        self.sms = simpy.Container(env, capacity=spec.sm_count, init=spec.sm_count)
+        self.reserved_sms = int(reserved_sms)
 
     @property
-    def sm_fraction_available(self) -> float:
-        return self.sms.level / self.spec.sm_count
+    def sm_share(self) -> float:
+        """Fraction of the GPU's SMs the model's kernels run on."""
+        return (self.spec.sm_count - self.reserved_sms) / self.spec.sm_count

@@ -1,6 +1,7 @@
 """Data links as SimPy resources: each direction of a link is one FIFO channel.
 
-A transfer queues for its channel, then holds it for ``latency_s + bytes / bandwidth``. Transfers on
+A transfer (``sim.memory.transfers``) queues for its channel, then holds it for ``latency_s + bytes /
+bandwidth``. Transfers on
 the same channel therefore serialise (they contend); transfers on different channels (H2D vs D2H, or
 PCIe vs NVMe) overlap with each other and with compute, which runs in the replica's own process.
 """
@@ -10,7 +11,8 @@ import simpy
 
 
 class Channel:
-    """One direction of a link. Owns its bandwidth and counts the bytes and transfers it carried."""
+    """One direction of a link. Owns its bandwidth and counts the bytes, transfers and busy time it
+    carried (updated by the transfer layer, the link's only user)."""
 
     __slots__ = ("env", "name", "bandwidth_bytes_per_s", "latency_s", "resource", "bytes_moved",
                  "num_transfers", "busy_s")
@@ -30,16 +32,6 @@ class Channel:
 
     def duration_s(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s
-
-    def transfer(self, nbytes: int):
-        """SimPy process body: wait for the channel, then move ``nbytes``."""
-        with self.resource.request() as slot:
-            yield slot
-            d = self.duration_s(nbytes)
-            yield self.env.timeout(d)
-            self.busy_s += d
-        self.bytes_moved += int(nbytes)
-        self.num_transfers += 1
 
     @property
     def queue_length(self) -> int:

@@ -5,7 +5,9 @@ Invariants (checked by :meth:`BlockPool.check`):
   * FREE   ⇔ refcount 0, no prefix key, on the free stack;
   * CACHED ⇔ refcount 0, registered under a prefix key, in the LRU order (evictable);
   * ACTIVE ⇔ refcount > 0 (held by one or more requests, or by a transfer in flight); an active block
-    may carry a prefix key so later requests can share it, and it is never evicted.
+    may carry a prefix key so later requests can share it, and it is never evicted;
+  * LOCKED ⊆ ACTIVE: blocks a transfer is reading or writing (on a link), with a count per block (a
+    prefix block two swapping requests share is locked twice); ``num_locked`` sums the counts.
 Allocation never raises on shortage: it returns ``None`` and the caller preempts, swaps or waits.
 Allocation takes FREE blocks first (most recently freed first), then evicts CACHED blocks chosen by the
 eviction policy. A request's blocks are released tail-first, so under LRU the end of a shared prefix
@@ -24,7 +26,8 @@ FREE, CACHED, ACTIVE = 0, 1, 2
 
 class BlockPool:
     __slots__ = ("tier", "num_blocks", "block_size", "bytes_per_block", "refcount", "key",
-                 "last_access", "hits", "_free", "_lru", "_by_key", "num_evicted", "num_hits")
+                 "last_access", "hits", "_free", "_lru", "_by_key", "_locks", "num_locked", "num_evicted",
+                 "num_hits")
 
     def __init__(self, tier: str, num_blocks: int, block_size: int, bytes_per_block: int) -> None:
         if num_blocks < 0:
@@ -40,6 +43,8 @@ class BlockPool:
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # stack: block 0 pops first
         self._lru: OrderedDict[int, None] = OrderedDict()                  # cached blocks, LRU first
         self._by_key: dict[int, int] = {}
+        self._locks = np.zeros(self.num_blocks, dtype=np.int32)
+        self.num_locked = 0
         self.num_evicted = 0
         self.num_hits = 0
 
@@ -61,6 +66,11 @@ class BlockPool:
     @property
     def num_active(self) -> int:
         return self.num_blocks - len(self._free) - len(self._lru)
+
+    @property
+    def num_keys(self) -> int:
+        """Blocks findable in the prefix cache (cached, or active and registered)."""
+        return len(self._by_key)
 
     def state(self, block: int) -> int:
         if self.refcount[block] > 0:
@@ -233,6 +243,53 @@ class BlockPool:
     def lookup(self, key: int) -> int:
         return self._by_key.get(key, -1)
 
+    def count_prefix(self, keys: np.ndarray, limit: int) -> int:
+        """How many of ``keys[:limit]`` are findable, counting from the first until one is missing."""
+        lookup = self._by_key
+        if not lookup:
+            return 0
+        n = 0
+        while n < limit:                       # converted a slice at a time: hits often end early
+            for k in keys[n:min(n + 32, limit)].tolist():
+                if k not in lookup:
+                    return n
+                n += 1
+        return n
+
+    def num_unreferenced(self, keys: np.ndarray) -> int:
+        """How many of the (findable) ``keys`` name a cached block nobody holds: a request that takes
+        them makes them unavailable to allocations."""
+        lookup = self._by_key
+        return int((self.refcount[[lookup[k] for k in keys.tolist()]] == 0).sum())
+
+    def retain_keys(self, keys: np.ndarray, now: float) -> list[int]:
+        """:meth:`retain` the blocks findable under ``keys`` (all must be); returns them in order."""
+        blocks = [self._by_key[k] for k in keys.tolist()]
+        for b in blocks:
+            self.retain(b, now)
+        return blocks
+
+    # ------------------------------------------------------------------ transfers
+    def lock(self, blocks: Sequence[int]) -> None:
+        """Mark active blocks as on a link (a transfer reads or writes them). A request holds each of
+        its blocks once, so ``blocks`` has no repeats."""
+        if not len(blocks):
+            return
+        idx = np.asarray(blocks, dtype=np.int64)
+        if (self.refcount[idx] <= 0).any():
+            raise RuntimeError(f"{self.tier}: only active blocks can be locked for a transfer")
+        self._locks[idx] += 1
+        self.num_locked += len(blocks)
+
+    def unlock(self, blocks: Sequence[int]) -> None:
+        if not len(blocks):
+            return
+        idx = np.asarray(blocks, dtype=np.int64)
+        if (self._locks[idx] <= 0).any():
+            raise RuntimeError(f"{self.tier}: unlocking blocks that are not locked")
+        self._locks[idx] -= 1
+        self.num_locked -= len(blocks)
+
     def lru_order(self, limit: int) -> list[int]:
         return list(islice(self._lru, limit))
 
@@ -262,3 +319,5 @@ class BlockPool:
             assert self.key[b] >= 0 and self._by_key.get(int(self.key[b])) == b
         for key, b in self._by_key.items():
             assert self.key[b] == key
+        assert int(self._locks.sum()) == self.num_locked, f"{self.tier}: locked count drifted"
+        assert (self.refcount[self._locks > 0] > 0).all(), f"{self.tier}: a locked block is not active"

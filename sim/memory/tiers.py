@@ -1,6 +1,6 @@
-"""KV residency of one replica across HBM, DRAM and NVMe: the only code that hands blocks to requests
-and moves them between tiers. Bandwidth and time belong to the hardware links; this module only
-decides which blocks each request holds where.
+"""KV residency of one replica across HBM, DRAM and NVMe: the only code that hands blocks to requests,
+takes them back, and moves them between tiers. Bandwidth and time belong to the links
+(``sim.memory.transfers``); this module decides which blocks each request holds where.
 
 Prefix caching: a request's prompt is cut into engine blocks; a full block gets a *prefix key* that
 identifies the whole prefix up to its end. Traces give prefix hashes over their own block size (512
@@ -16,7 +16,7 @@ import numpy as np
 
 from policies.base import RequestState
 from sim.memory.block_pool import BlockPool
-from sim.request import Request
+from sim.request import FrozenRequest, Request, unwrap
 
 
 def prefix_keys(hashes: np.ndarray, hash_block_tokens: int, prompt_tokens: int, block_size: int) -> np.ndarray:
@@ -35,37 +35,37 @@ def prefix_keys(hashes: np.ndarray, hash_block_tokens: int, prompt_tokens: int, 
     return (h & np.uint64(0x7FFFFFFFFFFFFFFF)).astype(np.int64)
 
 
-class _PoolCacheView:
-    """CacheView over one pool for eviction policies (read-only)."""
+class PoolCacheView:
+    """The evictable blocks of one pool, for eviction policies (read-only)."""
 
-    __slots__ = ("pool", "tier")
+    __slots__ = ("_pool", "tier")
 
     def __init__(self, pool: BlockPool) -> None:
-        self.pool = pool
+        self._pool = pool
         self.tier = pool.tier
 
     @property
     def num_cached(self) -> int:
-        return self.pool.num_cached
+        return self._pool.num_cached
 
     def lru_order(self, limit: int) -> list[int]:
-        return self.pool.lru_order(limit)
+        return self._pool.lru_order(limit)
 
     def last_access_s(self, block: int) -> float:
-        return float(self.pool.last_access[block])
+        return float(self._pool.last_access[block])
 
     def hits(self, block: int) -> int:
-        return int(self.pool.hits[block])
+        return int(self._pool.hits[block])
 
 
-class _SwapView:
+class SwapView:
     __slots__ = ("swapped",)
 
     def __init__(self, swapped: Sequence[Request]) -> None:
         self.swapped = swapped
 
     def dram_blocks(self, req: Request) -> int:
-        return len(req.dram_blocks)
+        return len(unwrap(req).dram_blocks)
 
 
 class TieredKV:
@@ -78,14 +78,15 @@ class TieredKV:
 
     def __init__(self, *, block_size: int, hbm_blocks: int, dram_blocks: int, nvme_blocks: int,
                  hbm_bytes_per_block: int, host_bytes_per_block: int, prefix_caching: bool,
-                 eviction) -> None:
+                 eviction, guarded: bool = False) -> None:
         self.block_size = block_size
         self.hbm = BlockPool("hbm", hbm_blocks, block_size, hbm_bytes_per_block)
         self.dram = BlockPool("dram", dram_blocks, block_size, host_bytes_per_block)
         self.nvme = BlockPool("nvme", nvme_blocks, block_size, host_bytes_per_block)
         self.prefix_caching = prefix_caching
         self.eviction = eviction
-        self._hbm_view = _PoolCacheView(self.hbm)
+        self.guarded = guarded          # eviction policies see swapped requests as immutable proxies
+        self.hbm_view = PoolCacheView(self.hbm)
         self.hit_tokens = 0
         self.lookup_tokens = 0
 
@@ -94,8 +95,8 @@ class TieredKV:
         return self.hbm, self.dram, self.nvme
 
     # ------------------------------------------------------------------ eviction hook
-    def _choose_hbm_victims(self, pool: BlockPool, k: int, now: float) -> Sequence[int]:
-        return self.eviction.evict_cached(self._hbm_view, k, now)
+    def choose_hbm_victims(self, pool: BlockPool, k: int, now: float) -> Sequence[int]:
+        return self.eviction.evict_cached(self.hbm_view, k, now)
 
     # ------------------------------------------------------------------ queries (pure)
     def prefix_hit_blocks(self, req: Request) -> int:
@@ -104,15 +105,7 @@ class TieredKV:
         keys = req.hash_keys
         if not self.prefix_caching or keys is None or req.num_computed > 0:
             return 0
-        limit = min(len(keys), (req.prompt_tokens - 1) // self.block_size)
-        lookup = self.hbm._by_key
-        n = 0
-        while n < limit:                       # converted a slice at a time: hits often end early
-            for k in keys[n:min(n + 32, limit)].tolist():
-                if k not in lookup:
-                    return n
-                n += 1
-        return n
+        return self.hbm.count_prefix(keys, min(len(keys), (req.prompt_tokens - 1) // self.block_size))
 
     def blocks_needed(self, req: Request, new_tokens: int) -> int:
         """Available HBM blocks that computing ``new_tokens`` more tokens consumes. For a request not
@@ -123,8 +116,7 @@ class TieredKV:
             hit = self.prefix_hit_blocks(req)
             fresh = -(-(hit * bs + new_tokens) // bs) - hit
             if hit:
-                rc, lookup, keys = self.hbm.refcount, self.hbm._by_key, req.hash_keys
-                fresh += int((rc[[lookup[k] for k in keys[:hit].tolist()]] == 0).sum())
+                fresh += self.hbm.num_unreferenced(req.hash_keys[:hit])
             return fresh
         return -(-(req.num_computed + new_tokens) // bs) - len(req.blocks)
 
@@ -149,11 +141,7 @@ class TieredKV:
         if keys is not None and self.prefix_caching:
             self.lookup_tokens += min(len(keys), (req.prompt_tokens - 1) // self.block_size) * self.block_size
         if hit:
-            pool = self.hbm
-            blocks = [pool._by_key[k] for k in keys[:hit].tolist()]
-            for b in blocks:
-                pool.retain(b, now)
-            req.blocks = blocks
+            req.blocks = self.hbm.retain_keys(keys[:hit], now)
             req.num_cached_blocks = hit
         else:
             req.blocks = []
@@ -170,16 +158,41 @@ class TieredKV:
         if need <= 0:
             return True
         if need == 1:
-            b = self.hbm.allocate_one(now, self._choose_hbm_victims)
+            b = self.hbm.allocate_one(now, self.choose_hbm_victims)
             if b < 0:
                 return False
             req.blocks.append(b)
             return True
-        got = self.hbm.allocate(need, now, self._choose_hbm_victims)
+        got = self.hbm.allocate(need, now, self.choose_hbm_victims)
         if got is None:
             return False
         req.blocks.extend(got)
         return True
+
+    def grow_run(self, reqs: Sequence[Request], who: np.ndarray, times: np.ndarray) -> None:
+        """One new block for ``reqs[who[k]]`` at ``times[k]``, for each k in order (a decode run's
+        allocations, see ``sim.replica.decode_run``): the same blocks, in the same order, as that many
+        :meth:`grow` calls of one token each. The caller planned them to fit."""
+        hbm = self.hbm
+        n = len(who)
+        if n <= hbm.num_free:
+            got = hbm.take_free(n, times)
+            for k, w in enumerate(who.tolist()):
+                reqs[w].blocks.append(got[k])
+            return
+        victims = self.choose_hbm_victims
+        for k, w in enumerate(who.tolist()):
+            b = hbm.allocate_one(float(times[k]), victims)
+            if b < 0:
+                raise RuntimeError("decode run allocated more blocks than were available")
+            reqs[w].blocks.append(b)
+
+    def truncate(self, req: Request, now: float) -> None:
+        """Release the blocks beyond what ``req.num_computed`` tokens need (rolled-back drafts)."""
+        keep = -(-req.num_computed // self.block_size)
+        if len(req.blocks) > keep:
+            self.hbm.release(req.blocks[keep:], now)
+            del req.blocks[keep:]
 
     def register_computed(self, req: Request) -> None:
         """Publish newly completed full prompt blocks in the prefix cache."""
@@ -201,9 +214,10 @@ class TieredKV:
 
     # ------------------------------------------------------------------ swapping
     def reserve_dram(self, req: Request, now: float,
-                     swapped: Sequence[Request]) -> tuple[list[int] | None, list[Request]]:
-        """DRAM blocks for ``req``'s KV, dropping swapped requests' copies (chosen by the eviction
-        policy) when DRAM is full. Returns (blocks or None, requests whose DRAM copy was dropped)."""
+                     swapped: Sequence[Request]) -> tuple[bool, list[Request]]:
+        """DRAM blocks for ``req``'s KV (into ``req.dram_blocks``), dropping swapped requests' copies
+        (chosen by the eviction policy) when DRAM is full. Returns (reserved, requests whose DRAM copy
+        was dropped)."""
         n = len(req.blocks)
         got = self.dram.allocate(n, now)
         dropped: list[Request] = []
@@ -211,21 +225,30 @@ class TieredKV:
             droppable = [r for r in swapped if r.state == RequestState.SWAPPED]
             short = n - self.dram.num_available
             if sum(len(r.dram_blocks) for r in droppable) >= short:
-                for victim in self.eviction.drop_swapped(_SwapView(droppable), short, now):
+                shown = [FrozenRequest(r) for r in droppable] if self.guarded else droppable
+                for victim in self.eviction.drop_swapped(SwapView(tuple(shown)), short, now):
+                    victim = unwrap(victim)
                     if victim.state != RequestState.SWAPPED:
                         raise RuntimeError(f"eviction policy dropped request {victim.req_id}, which is "
                                            f"not swapped out")
-                    self.dram.release(victim.dram_blocks, now)
-                    victim.dram_blocks = []
+                    self.drop_dram_copy(victim, now)
                     dropped.append(victim)
                 got = self.dram.allocate(n, now)
-        return got, dropped
+        if got is None:
+            return False, dropped
+        req.dram_blocks = got
+        return True, dropped
+
+    def drop_dram_copy(self, req: Request, now: float) -> None:
+        """Forget a swapped request's DRAM copy (it will recompute, or it was rejected)."""
+        self.dram.release(req.dram_blocks, now)
+        req.dram_blocks = []
 
     def finish_swap_out(self, req: Request, now: float) -> None:
         self.release(req, now)
 
     def reserve_hbm_for_swap_in(self, req: Request, now: float) -> bool:
-        got = self.hbm.allocate(len(req.dram_blocks), now, self._choose_hbm_victims)
+        got = self.hbm.allocate(len(req.dram_blocks), now, self.choose_hbm_victims)
         if got is None:
             return False
         req.blocks = got
@@ -233,8 +256,17 @@ class TieredKV:
         return True
 
     def finish_swap_in(self, req: Request, now: float) -> None:
-        self.dram.release(req.dram_blocks, now)
-        req.dram_blocks = []
+        self.drop_dram_copy(req, now)
+
+    # ------------------------------------------------------------------ transfers
+    def lock(self, req: Request) -> int:
+        """Lock ``req``'s HBM blocks for a transfer (swap out reads them, swap in writes them);
+        returns how many."""
+        self.hbm.lock(req.blocks)
+        return len(req.blocks)
+
+    def unlock(self, req: Request) -> None:
+        self.hbm.unlock(req.blocks)
 
     def check(self) -> None:
         for pool in self.pools:

@@ -59,7 +59,17 @@ def assert_equivalent(cfg_overrides: dict, trace) -> int:
 
 @settings(max_examples=examples(40), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(trace=traces_(), scheduling=st.sampled_from(["fcfs", "chunked-prefill"]),
+def bulk_schedulers() -> list[str]:
+    """Shipped schedulers that declare they can advance steady decode runs together."""
+    from policies import registry
+    from policies.base import SchedulingPolicy
+
+    return [n for n in registry.known("scheduling")
+            if not registry.lookup("scheduling", n).__module__.startswith("tests")
+            and registry.lookup("scheduling", n).steady_decode is not SchedulingPolicy.steady_decode]
+
+
+@given(trace=traces_(), scheduling=st.sampled_from(bulk_schedulers()),
        execution=st.sampled_from(["cuda-graph", "host-launched"]),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(24, 200),
        replicas=st.integers(1, 2), prefix=st.booleans(), admission=st.sampled_from(["chunk", "prompt"]))

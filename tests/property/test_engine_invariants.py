@@ -72,10 +72,19 @@ def _check_results(sim, res, trace):
 
 @settings(max_examples=examples(60), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
+def shipped(kind: str) -> list[str]:
+    """The registered policies of ``kind`` that ship with tiersim (not the tests' own plugins)."""
+    return [n for n in registry.known(kind) if not registry.lookup(kind, n).__module__.startswith("tests")]
+
+
 @given(trace=traces_(),
-       scheduling=st.sampled_from(registry.known("scheduling")),
-       execution=st.sampled_from(registry.known("execution")),
-       eviction=st.sampled_from(registry.known("eviction")),
+       scheduling=st.sampled_from(shipped("scheduling")),
+       execution=st.sampled_from(shipped("execution")),
+       eviction=st.sampled_from(shipped("eviction")),
+       residency=st.sampled_from(shipped("residency")),
+       routing=st.sampled_from(shipped("routing")),
+       speculation=st.sampled_from(shipped("speculation")),
+       sparsity=st.sampled_from(shipped("sparsity")),
        preemption=st.sampled_from(["recompute", "swap"]),
        block_size=st.sampled_from([4, 16]),
        blocks=st.integers(30, 90),
@@ -84,12 +93,15 @@ def _check_results(sim, res, trace):
        prefix=st.booleans(),
        budget=st.sampled_from([64, 512, 4096]),
        admission=st.sampled_from(["chunk", "prompt"]))
-def test_invariants_hold_for_every_policy(trace, scheduling, execution, eviction, preemption, block_size,
-                                          blocks, replicas, bulk, prefix, budget, admission):
+def test_invariants_hold_for_every_policy(trace, scheduling, execution, eviction, residency, routing, speculation,
+                                          sparsity, preemption, block_size, blocks, replicas, bulk, prefix, budget,
+                                          admission):
     chunked = {"policies.scheduling.admission": admission} if scheduling == "chunked-prefill" else {}
     cfg = small_config(**chunked, **{
         "policies.scheduling.name": scheduling, "policies.execution.name": execution,
         "policies.eviction.name": eviction, "replica.preemption_mode": preemption,
+        "policies.residency.name": residency, "policies.routing.name": routing,
+        "policies.speculation.name": speculation, "policies.sparsity.name": sparsity,
         "replica.block_size_tokens": block_size, "replica.num_hbm_blocks": blocks * (16 // block_size),
         "replica.dram_kv_bytes": 40 * 2 * 16 * 32768, "cluster.num_replicas": replicas,
         "replica.bulk_decode": bulk, "replica.prefix_caching": prefix,

@@ -44,8 +44,10 @@ def test_the_simulator_loads_it_and_names_what_it_lacks(table_dir):
     assert len(table.identity["sha256"]) == 64
     keys = [key for op, key in table.groups if op == "attn_decode"]   # from the Numba paged kernel
     assert keys and table.has("attn_decode", keys[0])
-    with pytest.raises(CostTableError) as err:
-        TableBackend(TransformerOps(load_model("llama-3.1-8b")), load_gpu("h100"), table)
+    if table.has("gemm", "dtype=bf16,k=4096,n=6144"):
+        pytest.skip("PyTorch is installed here: the quick suite measured the vendor parts on the CPU")
+    with pytest.raises(CostTableError) as err:      # exact entries only: names what is missing
+        TableBackend(TransformerOps(load_model("llama-3.1-8b")), load_gpu("h100"), table, generalise=False)
     msg = str(err.value)
     assert "has no entry for" in msg and "gemm dtype=bf16,k=4096,n=6144" in msg
     assert "tiersim calibrate --models llama-3.1-8b" in msg

@@ -38,9 +38,8 @@ def test_itl_statistics_match_brute_force(seed, n, zeros):
     out = np.empty((n, 4))
     qs = np.array([50.0, 90.0, 95.0, 99.0])
     ptr = np.array(seg_ptr)
-    total, mean, mx, q = itl_statistics(ptr[:-1], np.diff(ptr).astype(np.int32), np.array(seg_first, np.uint32),
-                                        np.array(seg_last, np.uint32),
-                                        step_end, np.array([0, steps]), np.zeros(n, np.int64),
+    total, mean, mx, q = itl_statistics(ptr[:-1], np.diff(ptr).astype(np.int32), np.array(seg_first, np.int64),
+                                        np.array(seg_last, np.int64), step_end, np.array([0, steps]),
                                         np.array(extra, np.int64), np.array(done), qs, out)
     assert total == len(all_gaps)
     if all_gaps:
@@ -59,7 +58,7 @@ def test_step_log_streams_chunks_to_parquet_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(StepLog, "CHUNK", 7)
     log = StepLog(True, 3, tmp_path / "s.parquet", (10_000, 2_000, 500))
     for k in range(30):
-        log.append(float(k), 1.0, float(k) + 1, tuple(range(k, k + len(INT_COLUMNS))))
+        log.append(float(k), 1.0, float(k) + 1, **{c: k + j for j, c in enumerate(INT_COLUMNS)})
     log.close()
     import pyarrow.parquet as pq
 

@@ -132,16 +132,24 @@ def test_mapping_units_and_keys(profiles, tmp_path):
     assert np.allclose(a.time_s, ALLREDUCE_MS * 1e-3)
 
 
-def test_table_loads_and_needs_the_fallback(profiles, tmp_path):
+def test_table_lacks_entries_that_generalisation_or_the_fallback_price(profiles, tmp_path):
     out = vidur_import.build_table(profiles, tmp_path / "t")
     ops = TransformerOps(load_model("llama-2-70b"), tp=2)
     gpu = load_gpu("a100-80gb")
     table = CostTable(out)
     with pytest.raises(CostTableError, match="no entry for kv_write"):
-        TableBackend(ops, gpu, table)
+        TableBackend(ops, gpu, table, generalise=False)
     backend = TableBackend(ops, gpu, table, fallback=RooflineBackend(ops, gpu))
     assert backend.identity["roofline_fallback_for"] == [
         "gemm dtype=bf16,k=8192,n=16000", "kv_write d=128,kvh=4", "sample v=32000"]
+    assert backend.lookup_report()["roofline_priced"] == ["kv_write", "lm_head", "sample"]
+    # by default the GPU's other measurements price them: the LM head from the GEMM model fitted on the
+    # four Vidur GEMMs, the KV write and argmax from their bytes on the measured residual add
+    gen = TableBackend(ops, gpu, table).lookup_report()
+    assert gen["ops"]["lm_head"]["source"] == "generalised" and "GEMM model" in gen["ops"]["lm_head"]["from"]
+    assert gen["ops"]["kv_write"]["source"] == gen["ops"]["sample"]["source"] == "modelled"
+    assert "add h=8192" in gen["ops"]["kv_write"]["from"]
+    assert gen["classes"] == {"generalised": 1, "measured": 16, "modelled": 2}
     with pytest.raises(CostTableError, match="measured on a100-80gb"):
         TableBackend(ops, load_gpu("h100-sxm-80gb"), table, fallback=RooflineBackend(ops, gpu))
 

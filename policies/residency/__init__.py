@@ -1,0 +1,1 @@
+"""Residency policies: where a preempted request's KV goes."""

@@ -1,0 +1,171 @@
+"""The cluster: pools of replicas, the router, the arrival process, and the links between replicas.
+
+A *pool* is a group of replicas with one role and one GPU type. Today every replica serves whole
+requests (role ``"mixed"``) on the configured GPU; the pool is where prefill-only and decode-only
+roles, heterogeneous GPUs and a shared KV store attach, without changing the replica. Inter-replica
+links (``network``) carry KV hand-offs between replicas as transfers (``sim.memory.transfers``).
+
+Arrivals come from one process over the pre-sorted trace arrays: at each arrival time the router
+picks a replica from read-only views that bring themselves up to date, and the request joins it.
+Requests carry their trace's ``priority``, ``tenant`` and ``session_id``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import simpy
+
+from policies import registry
+from sim.clock import exact_delay
+from sim.hardware.gpu import GPUGroup
+from sim.hardware.links import Channel, PCIeLink
+from sim.hardware.storage import HostDRAM, NVMeDrive
+from sim.memory.tiers import TieredKV, prefix_keys
+from sim.memory.transfers import TransferLog, Transfers
+from sim.metrics import RequestLog, StepLog, TokenLog
+from sim.replica import Replica
+from sim.replica.step import StepBuilder
+from sim.request import FrozenRequest, Request
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+
+ROLES = ("mixed",)
+
+
+@dataclass(slots=True)
+class Pool:
+    """Replicas that share a role and a GPU type."""
+
+    name: str
+    role: str
+    gpu: str
+    replicas: list = field(default_factory=list)
+
+
+def policy_rng(seed: int, kind: str, replica: int) -> np.random.Generator:
+    """The random generator of one policy instance: seeded by the run's seed, the kind and the
+    replica (-1 for cluster-wide policies), so adding a policy never shifts another's stream."""
+    return np.random.default_rng([seed, registry.KINDS.index(kind), replica + 1])
+
+
+class Cluster:
+    """Builds and owns the replicas of a simulation, routes arrivals to them."""
+
+    def __init__(self, sim: Simulation, env: simpy.Environment, *, guarded: bool = False) -> None:
+        cfg = sim.config
+        rc = cfg.replica
+        self.env = env
+        self.sim = sim
+        self.guarded = guarded
+        self.trace = sim.trace
+        self.requests = RequestLog(len(sim.trace))
+        self.tokens = TokenLog()
+        self.transfer_log = TransferLog()
+        self.pools = [Pool("main", "mixed", sim.gpu.name)]
+        self.replicas: list[Replica] = []
+        h2d_bw, d2h_bw, lat = sim.pcie_params()
+        for i in range(cfg.cluster.num_replicas):
+            policies = {kind: sim.build_policy(kind, i) for kind in registry.KINDS if kind != "routing"}
+            kv = TieredKV(block_size=rc.block_size_tokens, hbm_blocks=sim.hbm_blocks, dram_blocks=sim.dram_blocks,
+                          nvme_blocks=sim.nvme_blocks, hbm_bytes_per_block=sim.hbm_bytes_per_block,
+                          host_bytes_per_block=sim.host_bytes_per_block, prefix_caching=rc.prefix_caching,
+                          eviction=policies["eviction"], guarded=guarded)
+            gpu = GPUGroup(sim.gpu, rc.tensor_parallel_size,
+                           reserved_sms=policies["execution"].reserved_sms(sim.gpu.sm_count))
+            share = gpu.sm_share
+            cost = sim.cost_model(sim.model.name, policies["execution"])
+            builder = StepBuilder(cost=cost, sparsity=policies["sparsity"], sm_share=share,
+                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex))
+            pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)
+            dram, nvme = HostDRAM(env, f"replica{i}", sim.server), NVMeDrive(env, f"replica{i}", sim.server)
+            links = {"pcie_h2d": pcie.h2d, "pcie_d2h": pcie.d2h, "nvme_read": nvme.read, "nvme_write": nvme.write,
+                     "dram": dram.channel}
+            step_log = StepLog(cfg.metrics.step_log, i, sim.spill / f"steps-replica{i}.parquet",
+                               tuple(p.num_blocks * p.bytes_per_block for p in kv.pools))
+            replica = Replica(env=env, replica_id=i, kv=kv, builder=builder,
+                              transfers=Transfers(env, i, links, self.transfer_log), policies=policies,
+                              preemption_mode=rc.preemption_mode, max_model_len=sim.max_model_len,
+                              requests=self.requests, step_log=step_log, token_log=self.tokens,
+                              rng=np.random.default_rng([cfg.seed, i]), bulk_decode=rc.bulk_decode,
+                              guarded=guarded)
+            replica.gpu = gpu
+            self.replicas.append(replica)
+            self.pools[0].replicas.append(replica)
+        # links between replicas (KV hand-off): one channel per ordered pair, created on use, at the
+        # GPU's NVLink bandwidth (replicas of one node; 50 GB/s when the preset gives none)
+        self.network_bandwidth_bytes_per_s = sim.gpu.nvlink_bandwidth_bytes_per_s or 50e9
+        self._network: dict[tuple[int, int], Channel] = {}
+        self.router = sim.build_policy("routing", -1)
+        if self.router.observes():
+            for r in self.replicas:
+                r.observers.append(self.router)
+        self.num_arrived = 0
+
+    def network(self, src: int, dst: int) -> Channel:
+        """The link that carries KV from replica ``src`` to replica ``dst``."""
+        ch = self._network.get((src, dst))
+        if ch is None:
+            ch = self._network[(src, dst)] = Channel(self.env, f"net.{src}->{dst}",
+                                                     self.network_bandwidth_bytes_per_s, 5e-6)
+        return ch
+
+    def arrivals(self):
+        """SimPy process body: release the trace's requests at their arrival times."""
+        env = self.env
+        tr = self.trace
+        t = tr.arrival_s
+        n = len(tr)
+        prompt, output, rid = tr.prompt_tokens, tr.output_tokens, tr.request_id
+        prio, tenant, session = tr.priority, tr.tenant, tr.session_id
+        rc = self.sim.config.replica
+        hashed = tr.hash_offsets is not None and rc.prefix_caching
+        hbt = tr.hash_block_tokens or 0
+        bs = rc.block_size_tokens
+        replicas = self.replicas
+        views = [r.state_view for r in replicas]
+        cursor = [0]
+
+        def next_arrival() -> float:
+            return float(t[cursor[0]]) if cursor[0] < n else float("inf")
+
+        for r in replicas:
+            r.next_arrival_s = next_arrival
+        route = self.router.route
+        i = 0
+        while i < n:
+            target = float(t[i])
+            if target > env.now:
+                yield env.timeout(exact_delay(env.now, target))
+            now = env.now
+            while i < n and t[i] <= now:
+                keys = prefix_keys(tr.block_hashes(i), hbt, int(prompt[i]), bs) if hashed else None
+                req = Request(idx=i, req_id=int(rid[i]), arrival_s=float(t[i]), prompt_tokens=int(prompt[i]),
+                              output_tokens=int(output[i]), priority=int(prio[i]) if prio is not None else 0,
+                              tenant=tenant[i] if tenant is not None else None,
+                              session_id=session[i] if session is not None else None, hash_keys=keys)
+                k = route(FrozenRequest(req) if self.guarded else req, views, now)
+                if not 0 <= k < len(replicas):
+                    raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of "
+                                       f"{len(replicas)}")
+                replicas[k].submit(req)
+                i += 1
+                cursor[0] = i
+                self.num_arrived = i
+
+    def link_stats(self) -> dict:
+        """Bytes, transfers, busy seconds and utilisation per link kind, summed over replicas."""
+        out: dict[str, dict] = {}
+        for r in self.replicas:
+            for name, st in r.transfers.stats().items():
+                agg = out.setdefault(name, {"bytes": 0, "transfers": 0, "busy_s": 0.0})
+                for k in agg:
+                    agg[k] += st[k]
+        for _, ch in sorted(self._network.items()):
+            out.setdefault("network", {"bytes": 0, "transfers": 0, "busy_s": 0.0})
+            out["network"]["bytes"] += ch.bytes_moved
+            out["network"]["transfers"] += ch.num_transfers
+            out["network"]["busy_s"] += ch.busy_s
+        return out

@@ -1,0 +1,78 @@
+"""Block-group transfers over named, contended links: the only way KV bytes move between tiers or
+replicas (swap out and in today; write-back, prefetch and hand-off use the same call).
+
+A transfer is a SimPy process: it queues for its link's channel, holds it for ``latency + bytes /
+bandwidth``, then calls ``done(now)``. Links are one-direction channels (``sim.hardware.links``), so
+transfers on one link serialise and transfers on different links overlap with each other and with
+compute. Every transfer is logged (link, what, request, bytes, queued, start and end times), which gives
+bytes and busy time per link and the link utilisation over time.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import simpy
+
+from sim.hardware.links import Channel
+
+LINK_NAMES = ("pcie_h2d", "pcie_d2h", "nvme_read", "nvme_write")
+
+
+class TransferLog:
+    """One row per finished transfer; columns are plain lists (transfers are per block group, few)."""
+
+    COLUMNS = ("replica", "link", "what", "request", "bytes", "queued_s", "start_s", "end_s")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def add(self, *row) -> None:
+        self.rows.append(row)
+
+    def frame(self):
+        import pandas as pd
+
+        df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
+        return df.astype({"replica": np.int16, "request": np.int64, "bytes": np.int64})
+
+
+class Transfers:
+    """The links of one replica by name, and the moves over them."""
+
+    def __init__(self, env: simpy.Environment, replica_id: int, links: Mapping[str, Channel],
+                 log: TransferLog) -> None:
+        self.env = env
+        self.replica_id = replica_id
+        self.links = dict(links)
+        self.log = log
+
+    def link(self, name: str) -> Channel:
+        try:
+            return self.links[name]
+        except KeyError:
+            raise KeyError(f"replica {self.replica_id} has no link {name!r} "
+                           f"(links: {', '.join(sorted(self.links))})") from None
+
+    def start(self, link: str, nbytes: int, done: Callable[[float], None], *, what: str,
+              request: int = -1) -> simpy.Process:
+        """Move ``nbytes`` over ``link`` as a process of its own; ``done(now)`` runs when they arrive."""
+        return self.env.process(self._move(self.link(link), link, int(nbytes), done, what, request))
+
+    def _move(self, channel: Channel, name: str, nbytes: int, done, what: str, request: int):
+        queued = self.env.now
+        with channel.resource.request() as slot:
+            yield slot
+            start = self.env.now
+            d = channel.duration_s(nbytes)
+            yield self.env.timeout(d)
+            channel.busy_s += d
+        channel.bytes_moved += nbytes
+        channel.num_transfers += 1
+        self.log.add(self.replica_id, name, what, request, nbytes, queued, start, self.env.now)
+        done(self.env.now)
+
+    def stats(self) -> dict[str, dict]:
+        """Bytes, transfers and busy seconds per link."""
+        return {name: {"bytes": ch.bytes_moved, "transfers": ch.num_transfers, "busy_s": ch.busy_s}
+                for name, ch in self.links.items()}

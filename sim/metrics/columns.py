@@ -1,0 +1,45 @@
+"""The step log's columns, declared once, by name; the Python and the compiled writers both index
+rows through the constants defined here (``I_<COLUMN>`` for the integer buffer)."""
+from __future__ import annotations
+
+import numpy as np
+
+STEP_COLUMNS: dict[str, type] = {
+    "step": np.int64, "start_s": np.float64, "duration_s": np.float64,
+    "num_seqs": np.int32, "prefill_seqs": np.int32, "prefill_tokens": np.int32, "decode_seqs": np.int32,
+    "tokens": np.int32, "hbm_active_bytes": np.int64, "hbm_cached_bytes": np.int64,
+    "hbm_locked_bytes": np.int64, "dram_used_bytes": np.int64, "nvme_used_bytes": np.int64,
+    "frag_tokens": np.int64, "launches": np.int32, "syncs": np.int32, "preemptions": np.int32,
+}
+# free bytes per tier, derived when rows are written (capacity - used), not kept in the buffer
+FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
+# the step log's integer buffer, in this column order (the step index is implicit)
+INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in ("step", "start_s", "duration_s"))
+INT_INDEX = {k: j for j, k in enumerate(INT_COLUMNS)}
+
+# Integer-buffer positions by name. Module-level ints are compile-time constants in numba functions.
+I_NUM_SEQS = INT_INDEX["num_seqs"]
+I_PREFILL_SEQS = INT_INDEX["prefill_seqs"]
+I_PREFILL_TOKENS = INT_INDEX["prefill_tokens"]
+I_DECODE_SEQS = INT_INDEX["decode_seqs"]
+I_TOKENS = INT_INDEX["tokens"]
+I_HBM_ACTIVE = INT_INDEX["hbm_active_bytes"]
+I_HBM_CACHED = INT_INDEX["hbm_cached_bytes"]
+I_HBM_LOCKED = INT_INDEX["hbm_locked_bytes"]
+I_DRAM_USED = INT_INDEX["dram_used_bytes"]
+I_NVME_USED = INT_INDEX["nvme_used_bytes"]
+I_FRAG = INT_INDEX["frag_tokens"]
+I_LAUNCHES = INT_INDEX["launches"]
+I_SYNCS = INT_INDEX["syncs"]
+I_PREEMPTIONS = INT_INDEX["preemptions"]
+assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_COLUMNS), \
+    "every integer column has exactly one I_ constant"
+
+
+def step_schema():
+    """The Arrow schema of ``steps.parquet``: replica, every step column, the derived free bytes."""
+    import pyarrow as pa
+
+    types = {np.int64: pa.int64(), np.int32: pa.int32(), np.float64: pa.float64()}
+    return pa.schema([("replica", pa.int16())] + [(k, types[t]) for k, t in STEP_COLUMNS.items()]
+                     + [(k, pa.int64()) for k in FREE_COLUMNS])

@@ -1,0 +1,220 @@
+"""The per-step log of one replica: a bounded buffer that streams to Parquet in chunks.
+
+Memory stays bounded by the chunk, not by the length of the trace: step rows go to a Parquet spill file
+in fixed-size chunks as the run goes (only each step's end time, 8 bytes, stays in memory: token times
+need it), and the summary's step aggregates are accumulated per chunk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from sim.metrics.columns import (
+    I_DECODE_SEQS,
+    I_DRAM_USED,
+    I_FRAG,
+    I_HBM_ACTIVE,
+    I_HBM_CACHED,
+    I_HBM_LOCKED,
+    I_LAUNCHES,
+    I_NUM_SEQS,
+    I_NVME_USED,
+    I_SYNCS,
+    I_TOKENS,
+    INT_COLUMNS,
+    INT_INDEX,
+    STEP_COLUMNS,
+    step_schema,
+)
+
+
+class Growable:
+    """A 1-D numpy array that grows by half again when full."""
+
+    __slots__ = ("a", "n")
+
+    def __init__(self, dtype, capacity: int = 1 << 14) -> None:
+        self.a = np.empty(capacity, dtype=dtype)
+        self.n = 0
+
+    def reserve(self, k: int) -> np.ndarray:
+        need = self.n + k
+        if need > self.a.shape[0]:
+            cap = self.a.shape[0]
+            while cap < need:
+                cap += cap // 2 + 1
+            grown = np.empty(cap, dtype=self.a.dtype)
+            grown[:self.n] = self.a[:self.n]
+            self.a = grown
+        return self.a
+
+    def view(self) -> np.ndarray:
+        return self.a[:self.n]
+
+
+class StepLog:
+    """One row per engine step of one replica.
+
+    Rows are buffered in a chunk of ``CHUNK`` rows (times, and integer counts and bytes) and written
+    to ``path`` (Parquet) when the chunk fills. End times of all steps stay in memory (``end_s``).
+    Buffers are zero-filled: a column a writer leaves out reads 0. With ``enabled=False`` only end
+    times and the busy time are kept.
+
+    Invariants: ``n`` steps logged; buffer row ``r`` is step ``base + r``; steps ``< base`` are on disk.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, enabled: bool, replica: int, path: Path | None,
+                 capacity_bytes: tuple[int, int, int]) -> None:
+        self.enabled = enabled
+        self.capacity_bytes = capacity_bytes      # KV capacity of (HBM, DRAM, NVMe), whole replica
+        self.replica = replica
+        self.path = path
+        self.n = 0
+        self.base = 0
+        self.ends = Growable(np.float64)
+        self.f = np.zeros((self.CHUNK, 2))
+        self.i = np.zeros((self.CHUNK, len(INT_COLUMNS)), dtype=np.int64) if enabled else np.zeros((0, 0), np.int64)
+        self.busy_s = 0.0
+        self._writer = None
+        # summary aggregates over flushed rows
+        self.agg = {"rows": 0, "busy_s": 0.0, "active_weighted": 0.0, "frag_weighted": 0.0,
+                    "peak_active": 0, "peak_cached": 0, "peak_dram": 0, "peak_nvme": 0,
+                    "num_seqs": 0, "tokens": 0, "launches": 0, "syncs": 0}
+
+    @property
+    def end_s(self) -> np.ndarray:
+        return self.ends.view()
+
+    def _room(self, k: int) -> int:
+        """Buffer row where ``k`` more rows start, flushing the buffer first if they do not fit."""
+        r = self.n - self.base
+        if r + k > self.f.shape[0]:
+            self.flush()
+            r = 0
+            if k > self.f.shape[0]:
+                self.f = np.zeros((k, 2))
+                if self.enabled:
+                    self.i = np.zeros((k, len(INT_COLUMNS)), dtype=np.int64)
+        return r
+
+    def append(self, start_s: float, duration_s: float, end_s: float, **columns: int) -> None:
+        """One step; ``columns`` are integer columns by name (see ``sim.metrics.columns``)."""
+        r = self._room(1)
+        self.f[r, 0] = start_s
+        self.f[r, 1] = duration_s
+        if self.enabled:
+            row = self.i[r]
+            for k, v in columns.items():
+                row[INT_INDEX[k]] = v
+        ends = self.ends.reserve(1)
+        ends[self.n] = end_s
+        self.ends.n = self.n = self.n + 1
+        self.busy_s += duration_s
+
+    def extend_last(self, end_s: float) -> None:
+        """The last step ended later than logged (it waited for a transfer): move its end."""
+        r = self.n - 1 - self.base
+        old = self.f[r, 1]
+        self.f[r, 1] = end_s - self.f[r, 0]
+        self.ends.a[self.n - 1] = end_s
+        self.busy_s += self.f[r, 1] - old
+
+    def reserve_block(self, k: int) -> int:
+        """Buffer row where ``k`` steps written by a compiled kernel start; end times go to
+        ``self.ends.a`` from index ``self.n``; the caller then calls :meth:`commit_block`."""
+        r = self._room(k)
+        self.ends.reserve(k)
+        return r
+
+    def commit_block(self, k: int, busy_s: float) -> None:
+        self.ends.n = self.n = self.n + k
+        self.busy_s += busy_s
+
+    # ------------------------------------------------------------------ output
+    def flush(self) -> None:
+        """Write the buffered rows to ``path`` and reset the buffer."""
+        m = self.n - self.base
+        if m == 0:
+            return
+        if self.enabled:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            f, ib = self.f[:m], self.i[:m]
+            dur = f[:, 1]
+            col = {k: ib[:, j] for j, k in enumerate(INT_COLUMNS)}
+            a = self.agg
+            a["rows"] += m
+            a["busy_s"] += float(dur.sum())
+            a["active_weighted"] += float((col["hbm_active_bytes"] * dur).sum())
+            a["frag_weighted"] += float((col["frag_tokens"] * dur).sum())
+            a["peak_active"] = max(a["peak_active"], int(col["hbm_active_bytes"].max()))
+            a["peak_cached"] = max(a["peak_cached"], int(col["hbm_cached_bytes"].max()))
+            a["peak_dram"] = max(a["peak_dram"], int(col["dram_used_bytes"].max()))
+            a["peak_nvme"] = max(a["peak_nvme"], int(col["nvme_used_bytes"].max()))
+            for k in ("num_seqs", "tokens", "launches", "syncs"):
+                a[k] += int(col[k].sum())
+            schema = step_schema()
+            arrays = [pa.array(np.full(m, self.replica, np.int16)), pa.array(np.arange(self.base, self.n)),
+                      pa.array(f[:, 0].copy()), pa.array(dur.copy())]
+            arrays += [pa.array(col[k].astype(STEP_COLUMNS[k])) for k in INT_COLUMNS]
+            hbm_cap, dram_cap, nvme_cap = self.capacity_bytes
+            arrays += [pa.array(hbm_cap - col["hbm_active_bytes"] - col["hbm_cached_bytes"]),
+                       pa.array(dram_cap - col["dram_used_bytes"]), pa.array(nvme_cap - col["nvme_used_bytes"])]
+            if self._writer is None:
+                # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
+                self._writer = pq.ParquetWriter(self.path, schema, compression="none")
+            self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=self.CHUNK)
+            self.f[:m] = 0.0
+            self.i[:m] = 0
+        self.base = self.n
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, start, ends, durations, allocs, free0, cached0,
+                  active0, held0, inflight, nc_sum, B, bs, bpb, dram, nvme, launches, syncs):
+    """Write steps c..upto-1 of a decode run: times into ``f`` at buffer row ``row0``, end times into
+    ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's start
+    after its allocation (allocations take free blocks first, then evict cached ones), into the integer
+    columns named by ``sim.metrics.columns``. Returns the busy time of those steps."""
+    cum = 0
+    for s in range(c):
+        cum += allocs[s]
+    busy = 0.0
+    for j in range(upto - c):
+        s = c + j
+        r = row0 + j
+        f[r, 0] = start if s == 0 else ends[s - 1]
+        f[r, 1] = durations[s]
+        ends_out[g0 + j] = ends[s]
+        busy += durations[s]
+        if ib.shape[0] == 0:
+            continue
+        cum += allocs[s]
+        ev = cum - free0
+        if ev < 0:
+            ev = 0
+        act = active0 + cum
+        lk = held0 + cum + inflight
+        ib[r, I_NUM_SEQS] = B
+        ib[r, I_DECODE_SEQS] = B
+        ib[r, I_TOKENS] = B
+        ib[r, I_HBM_ACTIVE] = act * bpb
+        ib[r, I_HBM_CACHED] = (cached0 - ev) * bpb
+        ib[r, I_HBM_LOCKED] = (lk if lk < act else act) * bpb
+        ib[r, I_DRAM_USED] = dram
+        ib[r, I_NVME_USED] = nvme
+        ib[r, I_FRAG] = (held0 + cum) * bs - (nc_sum + B * (s + 1))
+        ib[r, I_LAUNCHES] = launches
+        ib[r, I_SYNCS] = syncs
+    return busy

@@ -1,0 +1,164 @@
+"""Token times: a compact log of the steps in which each request emitted tokens, and inter-token
+statistics computed from it in compiled passes.
+
+Token times are not logged per token: a request records the runs of consecutive steps in which it
+emitted a token; when it finishes, those runs move into the token log and the request object is
+released. Inter-token statistics come at the end: per-request mean/p50/p99/max, and exact global
+percentiles by two-pass histogram selection (no array of all gaps is ever built).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from sim.metrics.step_log import Growable
+from sim.request import STEP_ID_BITS, Request
+
+
+class TokenLog:
+    """Token emission of finished requests, cluster-wide: runs of consecutive steps, each (request
+    index, first step, last step) with global step ids, appended when a request finishes."""
+
+    def __init__(self) -> None:
+        self.req = Growable(np.int32)      # request index (traces are far below 2**31 requests)
+        self.first = Growable(np.int64)    # global step ids (see sim.request)
+        self.last = Growable(np.int64)
+
+    def add(self, req: Request) -> int:
+        """Append a finished request's runs; returns where they start (they stay contiguous)."""
+        k = len(req.seg_start)
+        n = self.req.n
+        if not k:
+            return n
+        self.req.reserve(k)[n:n + k] = req.idx
+        self.first.reserve(k)[n:n + k] = req.seg_start
+        self.last.reserve(k)[n:n + k] = req.seg_end
+        self.req.n = self.first.n = self.last.n = n + k
+        return n
+
+
+# ------------------------------------------------------------------------------ inter-token times
+_NB = 1 << 14          # histogram bins for exact global percentiles
+_LO, _HI = 1e-9, 1e5   # seconds; gaps at or below _LO share bin 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, buf):
+    """The inter-token gaps of request i into ``buf`` (grown as needed); returns (buf, count). Step
+    ids are global (``replica << STEP_ID_BITS | local``); ``offsets[replica]`` is where that replica's
+    steps start in ``step_end``."""
+    a = seg_off[i]
+    b = a + seg_cnt[i]
+    count = 0
+    for s in range(a, b):
+        count += np.int64(seg_last[s]) - np.int64(seg_first[s]) + 1
+    need = count + extra[i]
+    if need > buf.shape[0]:
+        buf = np.empty(need * 2)
+    prev = 0.0
+    k = 0
+    for s in range(a, b):
+        first = seg_first[s]
+        base = offsets[first >> STEP_ID_BITS] - ((first >> STEP_ID_BITS) << STEP_ID_BITS)
+        for st in range(first, seg_last[s] + 1):
+            t = step_end[base + st]
+            if k > 0:
+                buf[k - 1] = t - prev
+            prev = t
+            k += 1
+    ng = k - 1 if k > 0 else 0
+    for j in range(extra[i]):
+        buf[ng + j] = 0.0
+    return buf, ng + extra[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin(x):
+    if x <= _LO:
+        return 0
+    b = int((np.log(x) - np.log(_LO)) / (np.log(_HI) - np.log(_LO)) * (_NB - 2)) + 1
+    return min(max(b, 1), _NB - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, done, qs, out):
+    """Per request (finished ones): ``out[i]`` = (mean, p50, p99, max) of its inter-token gaps.
+    Globally over all gaps: (count, mean, max, exact percentiles ``qs``) by two-pass histogram
+    selection with numpy's default linear interpolation."""
+    n = seg_off.shape[0]
+    hist = np.zeros(_NB, np.int64)
+    buf = np.empty(1024)
+    total = 0
+    ssum = 0.0
+    gmax = 0.0
+    for i in range(n):
+        out[i, :] = np.nan
+        if not done[i]:
+            continue
+        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, buf)
+        if m == 0:
+            continue
+        g = buf[:m]
+        out[i, 0] = g.mean()
+        out[i, 1] = np.percentile(g, 50.0)
+        out[i, 2] = np.percentile(g, 99.0)
+        out[i, 3] = g.max()
+        for j in range(m):
+            hist[_bin(g[j])] += 1
+            ssum += g[j]
+            if g[j] > gmax:
+                gmax = g[j]
+        total += m
+    res = np.full(qs.shape[0], np.nan)
+    if total == 0:
+        return total, np.nan, np.nan, res
+    # ranks needed: floor(pos) and floor(pos) + 1 for each quantile
+    cum = np.cumsum(hist)
+    lo_rank = np.empty(qs.shape[0], np.int64)
+    want = np.zeros(_NB, np.bool_)
+    for k in range(qs.shape[0]):
+        pos = qs[k] / 100.0 * (total - 1)
+        r0 = int(np.floor(pos))
+        lo_rank[k] = r0
+        for r in (r0, min(r0 + 1, total - 1)):
+            want[np.searchsorted(cum, r, side="right")] = True
+    # second pass: collect the values in the wanted bins
+    kept = 0
+    for b in range(_NB):
+        if want[b]:
+            kept += hist[b]
+    vals = np.empty(kept)
+    v = 0
+    for i in range(n):
+        if not done[i]:
+            continue
+        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, buf)
+        for j in range(m):
+            b = _bin(buf[j])
+            if want[b]:
+                vals[v] = buf[j]
+                v += 1
+    # ascending values: bins are monotone in value, so lower wanted bins come first
+    vals = np.sort(vals)
+    for k in range(qs.shape[0]):
+        pos = qs[k] / 100.0 * (total - 1)
+        r0 = lo_rank[k]
+        r1 = min(r0 + 1, total - 1)
+        got0 = np.nan
+        got1 = np.nan
+        for r, which in ((r0, 0), (r1, 1)):
+            b = np.searchsorted(cum, r, side="right")
+            before = cum[b - 1] if b > 0 else 0
+            # index of rank r among the collected values: values of lower wanted bins come first
+            idx = 0
+            for bb in range(b):
+                if want[bb]:
+                    idx += hist[bb]
+            x = vals[idx + (r - before)]
+            if which == 0:
+                got0 = x
+            else:
+                got1 = x
+        t = pos - r0
+        res[k] = got0 + t * (got1 - got0)
+    return total, ssum / total, gmax, res

@@ -1,0 +1,87 @@
+"""The cost-backend protocol: both backends implement it; SM share and selection cost behave as measured."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies import registry
+from sim.costs.backend import CostBackend, ShareCurves
+from sim.costs.model import StepShape, TransformerOps
+from sim.costs.roofline import RooflineBackend
+from sim.costs.step import StepCostModel
+from sim.costs.table import CostTable, TableBackend, resolve_table_dir
+from sim.specs import load_gpu, load_model
+
+
+@pytest.fixture(scope="module")
+def h100():
+    gpu = load_gpu("h100")
+    ops = TransformerOps(load_model("llama-3.1-8b"))
+    return ops, gpu, TableBackend(ops, gpu, CostTable(resolve_table_dir("h100-sxm-80gb")))
+
+
+def step_s(cost: StepCostModel, shape: StepShape) -> float:
+    return cost.step(shape.prefill_q, shape.prefill_c, shape.num_decode, shape.decode_ctx_sum, shape.num_sampled)[0]
+
+
+def test_both_backends_implement_the_protocol(h100):
+    ops, gpu, table = h100
+    for backend in (table, RooflineBackend(ops, gpu), table.for_share(0.5)):
+        assert isinstance(backend, CostBackend)
+        assert backend.fixed_times(8, 8).shape == (len(ops.ops),)
+        assert backend.kernel_counts(8, 8, False, True).dtype == np.int64
+        rep = backend.lookup_report()
+        assert set(rep["ops"]) >= {"qkv_proj", "attn_decode", "lm_head"}
+
+
+def test_share_curves_from_the_h100_microkernels(h100):
+    _, _, table = h100
+    c = table.share_curves
+    assert "hbm_stream" in c.source and c.sm_count == 132
+    assert c.compute(0.5) == pytest.approx(0.5, rel=0.01)      # FMA rate linear in SMs
+    assert 0.95 < c.memory(0.5) <= 1.0                           # HBM saturates with half the SMs
+    assert c.memory(0.1) < 0.5                                  # ...but not with a tenth
+    assert 1e-6 < c.floor_s < 5e-6
+    a = ShareCurves.assumed(132)
+    assert a.memory(0.4) == pytest.approx(1.0) and a.memory(0.2) == pytest.approx(0.5, rel=0.02)
+
+
+def test_reserved_sms_lengthen_compute_bound_prefill_markedly_and_batch1_decode_slightly(h100):
+    ops, _, table = h100
+    cost = StepCostModel(ops, table, registry.build("execution", "cuda-graph", {}))
+    prefill, decode = StepShape.prefill(1, 4096), StepShape.decode(1, 1024)
+    half = cost.for_share(0.5)
+    assert half is cost.for_share(0.5) and cost.for_share(1.0) is cost
+    assert table.for_share(0.5) is table.for_share(0.5) and table.for_share(1.0) is table
+    p = step_s(half, prefill) / step_s(cost, prefill)
+    d = step_s(half, decode) / step_s(cost, decode)
+    assert 1.6 < p < 2.05          # compute-bound: nearly in proportion to the SMs lost
+    assert 1.0 < d < 1.05          # memory-bound: HBM is still saturated
+    # monotone in the reserved share
+    times = [step_s(cost.for_share(f), prefill) for f in (1.0, 0.9, 0.75, 0.5, 0.25)]
+    assert all(a < b for a, b in zip(times, times[1:]))
+    with pytest.raises(ValueError, match="sm_fraction"):
+        table.for_share(0.0)
+    # a derived backend's share is a share of the whole GPU
+    assert table.for_share(0.5).for_share(0.25) is table.for_share(0.25)
+    # decode runs price the same as single steps under a share
+    ctx = np.array([1025.0, 1026.0])
+    run, _, _ = half.decode_run(1, ctx)
+    assert run[0] == pytest.approx(half.step(np.empty(0, np.int64), np.empty(0, np.int64), 1, 1025, 1)[0])
+
+
+def test_selection_time_from_the_topk_microkernel(h100):
+    ops, gpu, table = h100
+    t_small = table.selection_time(1, 256, 8)
+    assert 20e-6 < t_small < 60e-6                               # measured: 27-53 us over k
+    assert table.selection_time(256, 8192, 64) == pytest.approx(72e-6, rel=0.1)
+    assert table.selection_time(0, 256, 8) == 0.0
+    before = table.extrapolations.get("topk", 0)
+    far = table.selection_time(512, 16384, 64)
+    assert far > table.selection_time(256, 8192, 64)
+    assert table.extrapolations["topk"] == before + 1
+    assert table.lookup_report()["selection"]["max_over_grid"] >= 2.0
+    roof = RooflineBackend(ops, gpu)
+    assert 0 < roof.selection_time(64, 4096, 32) < t_small       # no measurement: a lower bound
+    # fewer SMs: rows beyond them run in more waves
+    assert table.for_share(0.25).selection_time(256, 4096, 32) > table.selection_time(256, 4096, 32)
