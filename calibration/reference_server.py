@@ -85,7 +85,7 @@ def case_config(*, model: str, trace: str = "azure-conv", start_s: float = 0.0, 
         "trace.start_s": float(start_s), "trace.end_s": float(end_s), "trace.rate_scale": float(rate_scale),
         "trace.max_requests": int(max_requests),
         "replica.num_hbm_blocks": int(num_blocks), "replica.block_size_tokens": int(block_size),
-        "replica.prefix_caching": False, "replica.preemption_mode": "recompute",
+        "replica.prefix_caching": False, "replica.preemption_mode": "recompute", "replica.dram_kv_bytes": 0,
         "policies.scheduling.name": scheduler, "policies.execution.name": "cuda-graph",
     }
     for k, v in (params or {}).items():
@@ -168,6 +168,9 @@ class VirtualClock:
         self.t = 0.0
         self.skipped_s = 0.0
 
+    def start(self) -> None:
+        self.t, self.skipped_s = 0.0, 0.0
+
     def now(self) -> float:
         return self.t
 
@@ -191,6 +194,10 @@ class WallClock:
 
     def __init__(self, fast_forward: bool = True) -> None:
         self.fast_forward = fast_forward
+        self.start()
+
+    def start(self) -> None:
+        """Time 0 is now: the trace's clock starts when the serving loop does."""
         self.t0 = time.perf_counter()
         self.offset = 0.0
         self.skipped_s = 0.0
@@ -323,6 +330,7 @@ def serve(config: SimConfig, executor, clock, *, trace=None, deadline_s: float =
     was_gc = gc.isenabled()
     gc.collect()
     gc.disable()            # a collection inside a step would be charged to that step
+    clock.start()
     try:
         while True:
             t = clock.now()
@@ -350,13 +358,14 @@ def serve(config: SimConfig, executor, clock, *, trace=None, deadline_s: float =
             end = clock.end_step(start, timing)
             k = len(rows)
             ctx = [c for _, c in step.decode]
-            rows.append((k, start, end - start, timing.launch_perf - start_perf,
+            dur = timing.duration_s if timing.duration_s == timing.duration_s else end - start  # priced: exact
+            rows.append((k, start, dur, timing.launch_perf - start_perf,
                          timing.done_perf - timing.launch_perf, len(step.prefill) + len(step.decode),
                          len(step.prefill), step.prefill_tokens, len(step.decode), sum(ctx) + len(ctx),
                          max(ctx) + 1 if ctx else 0, step.num_sampled(), kv_blocks, timing.graph,
                          timing.graph_batch, step.num_preempted,
                          [n_ for _, n_, _ in step.prefill], [c for _, _, c in step.prefill]))
-            busy += end - start
+            busy += dur
             engine.commit(step, k, end)
             prev_end = end
             if check:
