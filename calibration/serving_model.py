@@ -24,7 +24,10 @@ only what raggedness forces:
   checks it against the reference attention on the device before use. ``"loop"`` — one
   ``torch_ops.attention_prefill``/``attention_decode`` call per sequence (the reference ops
   themselves): used on the CPU and wherever the varlen kernel is missing or fails its probe; on a GPU
-  it is launch-bound at large batches and CUDA graphs are then off.
+  it is launch-bound at large batches and CUDA graphs are then off. ``"emulated"`` — the loop path
+  fed from the varlen kernel's device inputs (query offsets, key offsets, key counts), with decode
+  "graphs" that re-run the captured step on their static buffers: the GPU path's data flow (packing,
+  padding rows, dummy region, staging copies) run on the CPU, so tests can check it against ``loop``.
 - **CUDA graphs** for decode-only steps (``varlen`` path only), captured at vLLM's batch sizes
   (``CAPTURE_SIZES``). With ``graph_match="pad"`` (vLLM's behaviour) a batch replays the smallest
   captured graph that holds it, the padding rows writing and reading a one-token dummy region; with
@@ -158,9 +161,13 @@ class ServingModel:
             return self.torch.ops.aten._flash_attention_forward(
                 q, kc, vc, meta.cu_q, meta.k_start, meta.max_q, meta.max_k, 0.0, True, False,
                 seqused_k=meta.k_used, **self._varlen_kwargs)[0]
+        seqs = meta.seqs
+        if self.attention_path == "emulated":     # what the varlen kernel reads, read on the host
+            cu, ks, ku = meta.cu_q.tolist(), meta.k_start.tolist(), meta.k_used.tolist()
+            seqs = [(cu[j], cu[j + 1], ks[j], ku[j]) for j in range(len(ku))]
         o = self.ops
         outs = []
-        for q0, q1, k0, kl in meta.seqs:
+        for q0, q1, k0, kl in seqs:
             qs = q[q0:q1].transpose(0, 1).unsqueeze(0)
             ks = kc[k0:k0 + kl].transpose(0, 1).unsqueeze(0)
             vs = vc[k0:k0 + kl].transpose(0, 1).unsqueeze(0)
@@ -345,6 +352,18 @@ class _Graph:
         self.batch, self.i64, self.i32, self.graph, self.out = batch, i64, i32, graph, out
 
 
+class _Rerun:
+    """The CPU stand-in for a CUDA graph (``emulated`` attention): replaying re-runs the step."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
 class TorchExecutor:
     """Runs the reference server's steps on :class:`ServingModel` (see the module docstring).
 
@@ -355,7 +374,8 @@ class TorchExecutor:
     name = "torch"
 
     def __init__(self, spec, *, device: str, arena_tokens: int, max_positions: int, graphs: bool,
-                 graph_match: str = "pad", max_graph_batch: int = 256, progress=None, seed: int = 0) -> None:
+                 graph_match: str = "pad", max_graph_batch: int = 256, progress=None, seed: int = 0,
+                 attention: str | None = None) -> None:
         import torch
 
         self.torch = torch
@@ -365,19 +385,23 @@ class TorchExecutor:
             torch.set_num_threads(1)
         t0 = time.perf_counter()
         self.model = ServingModel(spec, device=device, arena_tokens=arena_tokens, max_positions=max_positions,
-                                  seed=seed)
+                                  seed=seed, attention=attention)
         self.cuda = self.model.device.type == "cuda"
         self.build_s = time.perf_counter() - t0
         self.max_positions = int(max_positions)
         self.graph_match = graph_match
         self.probe_note = "CPU: reference attention per sequence"
-        if self.cuda:
+        if self.cuda and attention is None:
             ok, self.probe_note = probe_varlen(self.model)
             self.model.attention_path = "varlen" if ok else "loop"
             self.progress(f"  attention: {self.model.attention_path} ({self.probe_note})")
-        self.use_graphs = bool(graphs and self.cuda and self.model.attention_path == "varlen")
+        elif attention is not None:
+            self.probe_note = f"attention path {attention!r} chosen by the caller"
+        path = self.model.attention_path
+        self.use_graphs = bool(graphs and (self.cuda and path == "varlen" or path == "emulated"))
         self.graph_sizes = tuple(b for b in CAPTURE_SIZES if b <= max_graph_batch) if self.use_graphs else ()
         self.graphs: dict[int, _Graph] = {}
+        self.graph_note = ""
         self.id_pool = np.random.default_rng(seed).integers(0, self.model.spec.vocab_size, ID_POOL, dtype=np.int64)
         self._host64 = self._host32 = None
         self.region_start: dict[int, int] = {}     # request idx -> first arena token of its region
@@ -385,12 +409,37 @@ class TorchExecutor:
         self.last_token: dict[int, int] = {}
         self.arena = TokenArena(arena_tokens)
         t1 = time.perf_counter()
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - the probe passed on small shapes but a real step failed
+            if self.model.attention_path != "varlen" or attention is not None:
+                raise
+            self._fall_back(f"varlen attention failed in the warm-up ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")
+            self._warm_up()
         self.warmup_s = time.perf_counter() - t1
         t2 = time.perf_counter()
         if self.use_graphs:
-            self._capture()
+            try:
+                self._capture()
+            except Exception as exc:  # noqa: BLE001 - the run goes on eagerly, and says so
+                self.graphs.clear()
+                self.graph_sizes, self.use_graphs = (), False
+                self.graph_note = f"graph capture failed ({type(exc).__name__}: {str(exc)[:160]}); all steps eager"
+                self.progress(f"  {self.graph_note}")
+                if self.cuda:
+                    torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t2
+
+    def _fall_back(self, why: str) -> None:
+        """Give up the varlen kernel: reference attention per sequence, no graphs."""
+        self.probe_note = why
+        self.model.attention_path = "loop"
+        self.use_graphs, self.graph_sizes = False, ()
+        self.progress(f"  attention: loop ({why})")
+        self.reset()
+        if self.cuda:
+            self.torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -449,10 +498,11 @@ class TorchExecutor:
         self.last_token.clear()
 
     def _capture(self) -> None:
-        """Capture the decode graphs, largest first, in one shared memory pool (as vLLM does)."""
+        """Capture the decode graphs, largest first, in one shared memory pool (as vLLM does). On the
+        CPU (``emulated`` attention) a "graph" re-runs the step on its static buffers."""
         torch = self.torch
         m = self.model
-        pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle() if self.cuda else None
         dev = m.device
         for b in sorted(self.graph_sizes, reverse=True):
             i64 = torch.zeros(3 * b, dtype=torch.int64, device=dev)
@@ -464,6 +514,11 @@ class TorchExecutor:
             cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev)
             meta = AttnMeta(cu_q, i32[:b + 1], i32[b + 1:], 1, self.max_positions)
             ids, pos, dest = i64[:b], i64[b:2 * b], i64[2 * b:]
+            if not self.cuda:
+                out = m.forward(ids, pos, dest, meta)
+                self.graphs[b] = _Graph(b, i64, i32, _Rerun(lambda o=out, a=(ids, pos, dest, meta): o.copy_(
+                    m.forward(*a))), out)
+                continue
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -474,7 +529,8 @@ class TorchExecutor:
             with torch.cuda.graph(g, pool=pool):
                 out = m.forward(ids, pos, dest, meta)
             self.graphs[b] = _Graph(b, i64, i32, g, out)
-        torch.cuda.synchronize()
+        if self.cuda:
+            torch.cuda.synchronize()
         self.progress(f"  captured {len(self.graphs)} decode graphs (batch {min(self.graph_sizes)}-"
                       f"{max(self.graph_sizes)})")
 
@@ -516,7 +572,7 @@ class TorchExecutor:
         out = {"device": str(m.device), "torch": torch.__version__, "dtype": str(m.dtype).replace("torch.", ""),
                "attention_path": m.attention_path, "attention_probe": self.probe_note,
                "arena_tokens": m.arena_tokens, "kv_arena_bytes": m.kv_bytes,
-               "graphs": {"sizes": list(self.graph_sizes), "match": self.graph_match},
+               "graphs": {"sizes": list(self.graph_sizes), "match": self.graph_match, "note": self.graph_note},
                "build_s": self.build_s, "warmup_s": self.warmup_s, "capture_s": self.capture_s}
         if self.cuda:
             out["gpu_name"] = torch.cuda.get_device_name(m.device)
@@ -546,7 +602,7 @@ class TorchExecutor:
     def run(self, step) -> StepTiming:
         self._regions_for(step)
         inp = pack_step(step, self.region_start, self.last_token, self.id_pool, self.model.arena_tokens + 1,
-                        with_seqs=self.model.attention_path == "loop")
+                        with_seqs=self.model.attention_path != "varlen")
         g = None if step.prefill else self._graph_for(len(step.decode))
         if g is not None:
             launch, done, sampled = self._replay(g, inp)

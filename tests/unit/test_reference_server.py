@@ -284,3 +284,51 @@ def test_cases_mode_records_each_case_isolates_failures_and_skips_done_ones(tmp_
     runs = rs.read_run(out)
     assert set(runs) == {"1b-code-light", "8b-code-light"}
     assert runs["1b-code-light"].meta["steps"] == small[0].predicted_steps
+
+
+class _FixedStepClock(rs.VirtualClock):
+    """Every step lasts 1 ms: schedules no longer depend on how fast this machine is."""
+
+    def end_step(self, start, timing):
+        self.t = start + 1e-3
+        return self.t
+
+
+@torch_needed
+@pytest.mark.parametrize("scheduler,params,match", [("fcfs", {"watermark": 0.0}, "pad"),
+                                                    ("chunked-prefill", {"max_num_batched_tokens": 32}, "exact")])
+def test_the_gpu_data_path_samples_the_reference_tokens(trace, scheduler, params, match):
+    """The device path (varlen inputs: query offsets, key offsets and counts; decode graphs with padding
+    rows and the dummy region), emulated on the CPU, samples exactly the tokens that the reference
+    attention per sequence does, step by step."""
+    from calibration.serving_model import CAPTURE_SIZES, TorchExecutor
+
+    class Recording(TorchExecutor):
+        log = None              # set after construction: the warm-up's steps are not recorded
+
+        def run(self, step):
+            timing = super().run(step)
+            if self.log is not None:
+                self.log.append(dict(self.last_token))
+            return timing
+
+    config = tiny_config(scheduler, **params)
+    logs, recs = [], []
+    for attention, graphs in (("loop", False), ("emulated", True)):
+        ex = Recording("tiny-llama", device="cpu", arena_tokens=2048, max_positions=1024, graphs=graphs,
+                       graph_match=match, max_graph_batch=8, attention=attention)
+        ex.log = []
+        recs.append(rs.serve(config, ex, _FixedStepClock(), trace=trace, check=True))
+        logs.append(ex.log)
+    assert logs[0] == logs[1]
+    s = recs[1].steps
+    decode_only = (s["prefill_seqs"] == 0).to_numpy()
+    graph = s["graph"].to_numpy()
+    assert not graph[~decode_only].any()
+    if match == "pad":
+        assert graph[decode_only & (s["decode_seqs"] <= 8).to_numpy()].all()
+        assert (s["graph_batch"][graph] >= s["decode_seqs"][graph]).all()
+    else:
+        assert (graph[decode_only] == s["decode_seqs"][decode_only].isin(CAPTURE_SIZES).to_numpy()).all()
+        assert (s["graph_batch"][graph] == s["decode_seqs"][graph]).all()
+    assert graph.any() and (~graph & decode_only).any() == (match == "exact")
