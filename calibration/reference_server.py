@@ -42,6 +42,20 @@ Commands::
 ``--cases`` runs ``calibration.e2e_cases.CASES`` in one process (one model build per model), rewrites
 ``RUN_DIR`` after every case (temporary files renamed into place, so a killed run keeps every
 finished case), records a failed case and carries on, and skips cases ``RUN_DIR`` already holds.
+It prints its plan and wall-time estimate first; a case that would not fit what is left of
+``--budget-s`` (300 s) is skipped and recorded as such.
+
+The GPU run (one H200; the device machine's ``python3`` has PyTorch with CUDA; the command runs in
+the repository root; four files come back, plus the log)::
+
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 -m calibration.reference_server --cases --device cuda \\
+        --out $OUT/e2e 2>&1 | tee $OUT/e2e-log.txt
+
+Estimated wall time: about 240 s (``python -m calibration.e2e_cases`` prints the breakdown: 179 s of
+tiersim-predicted busy time, 0.4 ms of host work per step, 40 s of model builds, probes, warm-ups and
+graph captures). Afterwards, here: copy ``e2e/`` into ``calibration/tables/h200/e2e/runN/`` (the raw
+records stay in the repo, about 1 MB) and run ``tiersim validate --e2e calibration/tables/h200/e2e/runN``.
+A second lease repeats the same command into ``run2`` (repeatability).
 
 This module must not import simpy or ``sim.engine`` (device machines have no simpy).
 """
@@ -255,6 +269,9 @@ class PricedExecutor:
 
     def release(self, req: Request) -> None:
         pass
+
+    def describe(self) -> dict:
+        return {"device": "none: steps priced by tiersim", "cost_table": self.identity}
 
     def run(self, step: Step) -> StepTiming:
         nd = len(step.decode)

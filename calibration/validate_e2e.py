@@ -195,8 +195,9 @@ def per_request(meas: dict, sim: dict) -> dict:
     return out
 
 
-def price_measured_steps(steps, config) -> np.ndarray:
-    """tiersim's price of every measured step from its own shape, in its own mode."""
+def price_measured_steps(steps, config, mode: str | None = None) -> np.ndarray:
+    """tiersim's price of every measured step from its own shape, in its own mode (or all in ``mode``:
+    a ``priced`` run's steps ran in its config's execution policy)."""
     from policies import registry
     from sim.costs.model import TransformerOps
     from sim.costs.roofline import RooflineBackend
@@ -216,7 +217,8 @@ def price_measured_steps(steps, config) -> np.ndarray:
               for g, mode in ((True, "cuda-graph"), (False, "host-launched"))}
     out = np.empty(len(steps))
     empty = np.empty(0, np.int64)
-    for i, (g, pq, pc, nd, ctx, smp) in enumerate(zip(steps["graph"], steps["prefill_q"], steps["prefill_c"],
+    graph = steps["graph"] if mode is None else [mode == "cuda-graph"] * len(steps)
+    for i, (g, pq, pc, nd, ctx, smp) in enumerate(zip(graph, steps["prefill_q"], steps["prefill_c"],
                                                       steps["decode_seqs"], steps["decode_ctx_sum"], steps["sampled"])):
         q = np.asarray(pq, np.int64) if len(pq) else empty
         c = np.asarray(pc, np.int64) if len(pc) else empty
@@ -257,6 +259,9 @@ def compare_case(name: str, rec, *, out: Path, gpu: str | None = None, table: st
     meta = rec.meta
     steps = rec.steps
     auto, share = choose_execution(steps)
+    priced_run = meta.get("executor") == "priced"
+    if priced_run:     # a dry run: its steps were priced in its config's policy, not measured
+        auto = meta["config"]["policies"]["execution"]["name"]
     mode = auto if execution == "auto" else execution
     gpu = gpu or meta.get("gpu_preset") or meta["config"]["hardware"]["gpu"]
     notes = []
@@ -274,12 +279,14 @@ def compare_case(name: str, rec, *, out: Path, gpu: str | None = None, table: st
         res, gaps = replay(rec, config, name)
     meas = measured(rec)
     sim = simulated(res, gaps)
-    host = float(np.nanmedian(steps["host_s"].to_numpy(float))) if len(steps) else 0.0
+    hs = steps["host_s"].to_numpy(float)
+    hs = hs[np.isfinite(hs)]          # a priced run has no host time
+    host = float(np.median(hs)) if hs.size else math.nan
     host_res = None
     if math.isfinite(host) and host > 0:
         host_res = simulated(*replay(rec, replay_config(meta, out=out, gpu=gpu, table=table, execution=mode,
                                                         backend=backend, cpu_overhead_s=host), name))
-    priced = price_measured_steps(steps, config)
+    priced = price_measured_steps(steps, config, mode=auto if priced_run else None)
     en = res.summary["engine"]
     sim_steps = res.steps
     measured_busy = float(steps["duration_s"].sum())
@@ -297,7 +304,7 @@ def compare_case(name: str, rec, *, out: Path, gpu: str | None = None, table: st
                   "utilization_measured": measured_busy / span if span > 0 else math.nan,
                   "utilization_simulated": en["utilization"],
                   "preemptions_measured": int(r["preemptions"].sum()), "preemptions_simulated": int(en["preemptions"]),
-                  "host_median_s": host, "host_mean_s": float(np.nanmean(steps["host_s"])) if len(steps) else math.nan},
+                  "host_median_s": host, "host_mean_s": float(hs.mean()) if hs.size else math.nan},
         "step_pricing": step_agreement(steps, priced),
         "with_host": None if host_res is None else {"cpu_overhead_s": host, "latency": latency_table(meas, host_res)},
         "_plot": {"meas": meas, "sim": sim, "priced": priced, "sim_durations": sim_steps["duration_s"].to_numpy(float)},
@@ -323,6 +330,7 @@ def plot_case(c: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     meas, sim, priced = c["_plot"]["meas"], c["_plot"]["sim"], c["_plot"]["priced"]
     fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
@@ -379,6 +387,9 @@ def plot_case(c: dict, path: Path) -> None:
     a.set_title("Step durations")
     a.legend(fontsize=8)
     m = c["meta"]
+    for a in ax.flat:       # log axes: major labels only (minor ones overlap)
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.yaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(f"{c['case']}: {m['model']} on {m.get('gpu_name', m.get('device', '?'))}, "
                  f"{m['scheduler']['name']}, {len(c['_rec'].requests)} requests", fontsize=11)
     fig.tight_layout()

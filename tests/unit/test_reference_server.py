@@ -332,3 +332,25 @@ def test_the_gpu_data_path_samples_the_reference_tokens(trace, scheduler, params
         assert (graph[decode_only] == s["decode_seqs"][decode_only].isin(CAPTURE_SIZES).to_numpy()).all()
         assert (s["graph_batch"][graph] == s["decode_seqs"][graph]).all()
     assert graph.any() and (~graph & decode_only).any() == (match == "exact")
+
+
+def test_validate_e2e_finds_no_error_in_a_priced_run(trace, tmp_path, capsys):
+    """A dry run is tiersim's replay, so the comparison must report exactly zero everywhere: the
+    comparison's own bookkeeping (percentiles, token gaps, per-request matching, shape pricing) is right."""
+    import pyarrow.parquet as pq
+
+    from sim.cli import main
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(trace.to_arrow(), path)
+    config = tiny_config("chunked-prefill", model="llama-3.2-1b", trace=str(path), max_num_batched_tokens=32)
+    rec = rs.run_case(config, rs.PricedExecutor(config))
+    rs.write_run(tmp_path / "run", {"dry": rec})
+    assert main(["validate", "--e2e", str(tmp_path / "run")]) == 0
+    c = json.loads((tmp_path / "run" / "e2e" / "summary.json").read_text())["cases"][0]
+    for metric in ("ttft", "itl", "e2e"):
+        for q in ("p50", "p90", "p99"):
+            assert c["latency"][metric][q]["error"] == 0.0, (metric, q)
+    assert all(v["median_abs"] == 0.0 for v in c["per_request"].values())
+    assert c["steps"]["measured"] == c["steps"]["simulated"]
+    assert c["step_pricing"]["all"]["median_abs"] == 0.0 and c["execution"] == "cuda-graph"
