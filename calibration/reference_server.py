@@ -16,12 +16,14 @@ How it works:
 - **Steps** run on ``calibration.serving_model`` (the reference decoder's weights and ops, over a
   token arena with ragged per-sequence contexts: one mixed forward pass per step, as tiersim prices
   it); decode-only steps replay CUDA graphs captured at vLLM's batch sizes.
-- **Time**: each step is measured on the host clock, from the moment the engine starts scheduling it
-  to the moment its sampled tokens are back on the host, so host work (scheduling, input
-  preparation) is inside the step, as in a real engine. With ``fast_forward`` (the default for the
-  GPU cases) an idle engine jumps its clock to the next arrival instead of sleeping; busy time is
-  always real, so the timeline equals a real-time run's except for the sleep-to-wake latency a
-  real-time run adds after idle gaps (``--realtime`` runs it that way).
+- **Time**: each step is measured on the host clock, from the moment the engine takes in arrivals
+  and starts scheduling it to the moment its sampled tokens are back on the host (``host_s`` of
+  scheduling and input preparation, then ``forward_s``), so that host work is inside the step, as in
+  a real engine; committing the tokens afterwards (``post_s``) is the gap before the next step.
+  With ``fast_forward`` (the default for the GPU cases) an idle engine jumps its clock to the next
+  arrival instead of sleeping; busy time is always real, so the timeline equals a real-time run's
+  except for the sleep-to-wake latency a real-time run adds after idle gaps (``--realtime`` runs it
+  that way).
 - **Records**: per request arrival, first scheduled, first token, finish, preemptions and the steps
   that emitted its tokens (so ITL is computed exactly as tiersim does: gaps between consecutive steps
   that emitted a token); per step start, duration, host and forward time, prefill chunks, decodes,
@@ -286,7 +288,7 @@ class PricedExecutor:
 
 
 # ============================================================================ serving
-STEP_COLUMNS = ("step", "start_s", "duration_s", "host_s", "forward_s", "num_seqs", "prefill_seqs",
+STEP_COLUMNS = ("step", "start_s", "duration_s", "host_s", "forward_s", "post_s", "num_seqs", "prefill_seqs",
                 "prefill_tokens", "decode_seqs", "decode_ctx_sum", "decode_ctx_max", "sampled", "kv_blocks",
                 "graph", "graph_batch", "preemptions", "prefill_q", "prefill_c")
 
@@ -343,27 +345,25 @@ def serve(config: SimConfig, executor, clock, *, trace=None, deadline_s: float =
     wall0 = time.perf_counter()
     report = _Progress(label or config.model.name, n, printer=progress) if progress else None
     i = 0
-    prev_end = None         # end of the last step while the engine has been busy since
     was_gc = gc.isenabled()
     gc.collect()
     gc.disable()            # a collection inside a step would be charged to that step
     clock.start()
     try:
         while True:
-            t = clock.now()
+            t = clock.now()             # a step starts here: intake of arrivals, then scheduling
+            t_perf = time.perf_counter()
             while i < n and arr[i] <= t:
                 engine.submit(Request(idx=i, req_id=int(rid[i]), arrival_s=float(arr[i]),
                                       prompt_tokens=int(prompt[i]), output_tokens=int(output[i]),
                                       priority=int(prio[i]) if prio is not None else 0), float(arr[i]))
                 i += 1
             if not engine.has_work():
-                prev_end = None
                 if i >= n:
                     break
                 clock.idle_until(float(arr[i]))
                 continue
-            start = t if prev_end is None else prev_end
-            start_perf = time.perf_counter() - (clock.now() - start)
+            start = t
             plan = engine.plan(start)
             step = engine.apply(plan, start)
             if not (step.prefill or step.decode):
@@ -376,15 +376,15 @@ def serve(config: SimConfig, executor, clock, *, trace=None, deadline_s: float =
             k = len(rows)
             ctx = [c for _, c in step.decode]
             dur = timing.duration_s if timing.duration_s == timing.duration_s else end - start  # priced: exact
-            rows.append((k, start, dur, timing.launch_perf - start_perf,
-                         timing.done_perf - timing.launch_perf, len(step.prefill) + len(step.decode),
-                         len(step.prefill), step.prefill_tokens, len(step.decode), sum(ctx) + len(ctx),
-                         max(ctx) + 1 if ctx else 0, step.num_sampled(), kv_blocks, timing.graph,
-                         timing.graph_batch, step.num_preempted,
-                         [n_ for _, n_, _ in step.prefill], [c for _, _, c in step.prefill]))
+            row = [k, start, dur, timing.launch_perf - t_perf, timing.done_perf - timing.launch_perf, 0.0,
+                   len(step.prefill) + len(step.decode), len(step.prefill), step.prefill_tokens, len(step.decode),
+                   sum(ctx) + len(ctx), max(ctx) + 1 if ctx else 0, step.num_sampled(), kv_blocks, timing.graph,
+                   timing.graph_batch, step.num_preempted, [n_ for _, n_, _ in step.prefill],
+                   [c for _, _, c in step.prefill]]
             busy += dur
             engine.commit(step, k, end)
-            prev_end = end
+            row[5] = time.perf_counter() - timing.done_perf        # post_s: committing the step's tokens
+            rows.append(row)
             if check:
                 engine.check()
             if report is not None:
@@ -398,7 +398,7 @@ def serve(config: SimConfig, executor, clock, *, trace=None, deadline_s: float =
     if report is not None:
         report(clock, len(engine.done), len(rows), busy, force=True)
     wall = time.perf_counter() - wall0
-    steps = pd.DataFrame.from_records(rows, columns=list(STEP_COLUMNS))
+    steps = pd.DataFrame.from_records([tuple(r) for r in rows], columns=list(STEP_COLUMNS))
     requests, tokens = _request_tables(engine, trace)
     finish = requests["finish_s"].max() if len(requests) else 0.0
     span = max(float(finish) - float(arr[0]), 1e-12)

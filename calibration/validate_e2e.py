@@ -16,9 +16,10 @@ the report says whether they do) with the run's config: model, scheduler and its
   own shape and in its own mode (``cuda-graph`` for a replayed graph, ``host-launched`` for an eager
   step), against its measured duration — schedule-independent, so it separates pricing error from
   divergence of the two schedules;
-- a second replay with the server's measured host time per step (its median, as the execution
-  policy's ``cpu_overhead_s``): tiersim as shipped prices GPU steps only, while a Python engine spends
-  host time scheduling and preparing inputs between them.
+- a second replay with the server's measured host time per step (the median of scheduling and input
+  preparation before the launch plus committing the tokens after it, as the execution policy's
+  ``cpu_overhead_s``): tiersim as shipped prices GPU steps only, while a Python engine spends host
+  time around each of them.
 
 Execution mode: tiersim has ``cuda-graph`` and ``host-launched`` policies (no capture buckets yet),
 while the server replays graphs for decode-only steps and runs the rest eagerly. The replay uses the
@@ -279,8 +280,9 @@ def compare_case(name: str, rec, *, out: Path, gpu: str | None = None, table: st
         res, gaps = replay(rec, config, name)
     meas = measured(rec)
     sim = simulated(res, gaps)
-    hs = steps["host_s"].to_numpy(float)
-    hs = hs[np.isfinite(hs)]          # a priced run has no host time
+    # the server's host work per step: scheduling and inputs before the launch, committing after
+    hs = (steps["host_s"] + steps["post_s"]).to_numpy(float)
+    hs = hs[np.isfinite(hs)]          # a priced run has none
     host = float(np.median(hs)) if hs.size else math.nan
     host_res = None
     if math.isfinite(host) and host > 0:
@@ -443,8 +445,8 @@ def write_report(cases: list[dict], out: Path) -> Path:
                       f"{s['busy_measured_s']:.2f} / {s['busy_simulated_s']:.2f} s; utilization "
                       f"{_apct(s['utilization_measured'])} / {_apct(s['utilization_simulated'])}; preemptions "
                       f"{s['preemptions_measured']} / {s['preemptions_simulated']}; server host time per step "
-                      f"(inside the measured step) median {_ms(s['host_median_s'])} ms, mean "
-                      f"{_ms(s['host_mean_s'])} ms.",
+                      f"(scheduling and inputs, inside the measured step, plus committing, after it) median "
+                      f"{_ms(s['host_median_s'])} ms, mean {_ms(s['host_mean_s'])} ms.",
                   "", "| measured steps priced by shape | steps | measured s | priced s | median abs. err "
                       "| p90 abs. err | median signed | median signed vs forward only |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
