@@ -140,21 +140,15 @@ def load_slice(config: SimConfig):
 
 
 def build_engine(config: SimConfig, on_release=None) -> Engine:
-    from policies import registry
+    from calibration.serving_engine import build_policies
     from sim.errors import ConfigError
 
-    rc, pc = config.replica, config.policies
-    if rc.preemption_mode != "recompute" or rc.prefix_caching or rc.tensor_parallel_size != 1:
-        raise ConfigError("the reference server runs one GPU with recompute preemption and no prefix caching "
-                          "(replica.preemption_mode, replica.prefix_caching, replica.tensor_parallel_size)")
-    if pc.speculation.name != "none" or config.cluster.num_replicas != 1:
-        raise ConfigError("the reference server has one replica and no speculation")
+    rc = config.replica
     if not rc.num_hbm_blocks:
         raise ConfigError("replica.num_hbm_blocks: the reference server needs a fixed KV capacity")
     model = load_model_spec(config.model.name)
     max_len = rc.max_model_len or model.max_context_tokens
-    scheduler = registry.build("scheduling", pc.scheduling.name, pc.scheduling.params)
-    return Engine(scheduler=scheduler, num_blocks=rc.num_hbm_blocks, block_size=rc.block_size_tokens,
+    return Engine(policies=build_policies(config), num_blocks=rc.num_hbm_blocks, block_size=rc.block_size_tokens,
                   max_model_len=max_len, on_release=on_release)
 
 
@@ -239,32 +233,33 @@ class WallClock:
 
 
 # ============================================================================ executors
+def step_builder(sim, replica: int = 0, execution=None):
+    """The ``sim.replica.step.StepBuilder`` that ``sim.cluster.Cluster`` gives ``replica`` of ``sim``
+    (a ``sim.engine.Simulation``), optionally under another execution policy instance."""
+    from sim.hardware.gpu import GPUGroup
+    from sim.replica.step import StepBuilder
+
+    execution = execution if execution is not None else sim.build_policy("execution", replica)
+    share = GPUGroup(sim.gpu, sim.config.replica.tensor_parallel_size,
+                     reserved_sms=execution.reserved_sms(sim.gpu.sm_count)).sm_share
+    return StepBuilder(cost=sim.cost_model(sim.model.name, execution), sparsity=sim.build_policy("sparsity", replica),
+                       sm_share=share, drafter_cost=lambda name, ex=execution: sim.cost_model(name, ex))
+
+
 class PricedExecutor:
-    """Prices each step with tiersim's cost model for ``config`` (same backend, table and execution
-    policy as ``sim.engine.Simulation`` builds) instead of running it. Run on a ``VirtualClock`` it
-    reproduces tiersim's replay; used for dry runs and run-time estimates."""
+    """Prices each step with tiersim's own step builder for ``config`` (the one a replica of
+    ``sim.engine.Simulation`` gets: backend, table, recipe, execution policy, SM share) instead of
+    running it. Run on a ``VirtualClock`` it reproduces tiersim's replay; used for dry runs and
+    run-time estimates, on the CPU (it imports the simulator, hence simpy)."""
 
     name = "priced"
 
-    def __init__(self, config: SimConfig) -> None:
-        from policies import registry
-        from sim.costs.model import TransformerOps
-        from sim.costs.roofline import RooflineBackend
-        from sim.costs.step import StepCostModel
-        from sim.costs.table import CostTable, TableBackend, resolve_table_dir
-        from sim.specs import load_gpu
+    def __init__(self, config: SimConfig, trace=None) -> None:
+        from sim.engine import Simulation
 
-        ops = TransformerOps(load_model_spec(config.model.name), config.replica.tensor_parallel_size)
-        gpu = load_gpu(config.hardware.gpu)
-        roof = RooflineBackend(ops, gpu)
-        if config.costs.backend == "roofline":
-            backend = roof
-        else:
-            backend = TableBackend(ops, gpu, CostTable(resolve_table_dir(config.costs.table)),
-                                   roof if config.costs.fallback == "roofline" else None)
-        pc = config.policies.execution
-        self.cost = StepCostModel(ops, backend, registry.build("execution", pc.name, pc.params))
-        self.identity = dict(backend.identity)
+        sim = Simulation(config, trace=trace if trace is not None else load_slice(config))
+        self.builder = step_builder(sim)
+        self.identity = dict(sim.backend.identity)
 
     def start_case(self, trace) -> None:
         pass
@@ -275,16 +270,19 @@ class PricedExecutor:
     def describe(self) -> dict:
         return {"device": "none: steps priced by tiersim", "cost_table": self.identity}
 
+    def recover(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def run(self, step: Step) -> StepTiming:
-        nd = len(step.decode)
-        if step.prefill:
-            pq = np.array([n for _, n, _ in step.prefill], dtype=np.int64)
-            pc = np.array([c for _, _, c in step.prefill], dtype=np.int64)
-        else:
-            pq = pc = np.empty(0, dtype=np.int64)
-        ctx_sum = sum(c for _, c in step.decode) + nd
-        duration, _, _ = self.cost.step(pq, pc, nd, ctx_sum, step.num_sampled(), 1)
-        return StepTiming(duration_s=duration)
+        from sim.replica.step import Step as SimStep
+
+        priced = self.builder.price(SimStep(prefill=[(r, n) for r, n, _ in step.prefill],
+                                            decode=[r for r, _ in step.decode], drafts=None, draft_plan=None,
+                                            preempted=step.preempted))
+        return StepTiming(duration_s=priced.duration_s)
 
 
 # ============================================================================ serving
@@ -382,7 +380,8 @@ def serve(config: SimConfig, executor, clock, *, trace=None, deadline_s: float =
                    timing.graph_batch, step.num_preempted, [n_ for _, n_, _ in step.prefill],
                    [c for _, _, c in step.prefill]]
             busy += dur
-            engine.commit(step, k, end)
+            finished = engine.commit(step, k, end)
+            engine.observe(step, start, end, finished)
             row[5] = time.perf_counter() - timing.done_perf        # post_s: committing the step's tokens
             rows.append(row)
             if check:
@@ -513,7 +512,7 @@ def case_meta(config: SimConfig, executor, server: dict, extra: dict | None = No
         "num_blocks": config.replica.num_hbm_blocks, "block_size_tokens": config.replica.block_size_tokens,
         "executor": executor.name, "server": server, "python": platform.python_version(),
     }
-    meta.update(getattr(executor, "describe", lambda: {})())
+    meta.update(executor.describe())
     meta.update(extra or {})
     return meta
 
@@ -647,14 +646,10 @@ def main_cases(args) -> int:
                 traceback.print_exc()
                 rec = CaseRecord(meta={"status": "failed", "error": f"{type(exc).__name__}: {exc}", "model": model,
                                        "case": case.as_dict()})
-                recover = getattr(executor, "recover", None)
-                if recover is not None:
-                    recover()
+                executor.recover()
             done[case.name] = rec
             write_run(out, done)
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()
+        executor.close()
         del executor
     ok = sum(1 for r in done.values() if r.meta.get("status") == "ok")
     print(f"cases: {ok} of {len(done)} recorded in {out} ({time.perf_counter() - t0:.0f} s)", flush=True)

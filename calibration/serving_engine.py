@@ -4,13 +4,19 @@ The reference server (``calibration.reference_server``) must make the same sched
 tiersim's replica so that an end-to-end difference comes from step pricing, not from policy. So it
 does not reimplement a policy: it builds tiersim's scheduler class from the registry, shows it
 :class:`ServerView` (the ``policies.base.SchedulerView`` over this module's state) and applies the
-returned plan exactly as ``sim.replica.Replica`` does (``_apply``, ``_commit``, ``_preempt``,
-``_finish``, ``_reject_reason``, ``_unblock``), with tiersim's block accounting
-(``sim.memory.tiers.TieredKV``: the HBM pool only) and tiersim's request record (``sim.request``).
+returned plan exactly as ``sim.replica.loop.Replica`` does (``_apply``, ``_commit``, ``finish``,
+``_reject_reason``, ``_unblock``, and ``sim.replica.preemption.Preemption.preempt`` for recompute),
+with tiersim's block accounting (``sim.memory.tiers.TieredKV``, the KV owner: the HBM pool only) and
+tiersim's request record and state machine (``sim.request``). It cannot import those modules: they
+bring simpy, which the device machine lacks.
+
+Policies are built per replica as ``sim.cluster`` builds them (every kind but routing, each with its
+own random generator), and those that observe hear each step's outcome, as in the simulator.
 
 Scope, stated rather than silently narrowed: one replica, recompute preemption, no prefix caching,
-no speculation, no swapping (the Azure traces carry no prefix hashes; swap needs a DRAM tier the
-server does not have). :class:`Engine` refuses a config that asks for any of them.
+no speculation, dense attention, no swapping (the Azure traces carry no prefix hashes; swap needs a
+DRAM tier the server does not have). :func:`build_policies` refuses a config that asks for any of
+them, and the engine refuses a residency policy that asks to swap.
 
 Nothing here imports torch or simpy: the engine runs on the device machine (which has no simpy) and
 in CPU tests, and the ``priced`` executor of ``calibration.reference_server`` drives it on a virtual
@@ -27,12 +33,61 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from policies.base import RequestState, StepPlan
+import numpy as np
+
+from policies.base import RequestState, StepOutcome, StepPlan
 from sim.memory.tiers import TieredKV
 from sim.metrics import REJECT_REASONS
 from sim.request import Request
 
-WAITING, RUNNING, FINISHED = RequestState.WAITING, RequestState.RUNNING, RequestState.FINISHED
+WAITING, RUNNING, FINISHED, REJECTED = (RequestState.WAITING, RequestState.RUNNING, RequestState.FINISHED,
+                                        RequestState.REJECTED)
+
+
+def policy_rng(seed: int, kind: str, replica: int) -> np.random.Generator:
+    """``sim.cluster.policy_rng``, which this module cannot import (``sim.cluster`` imports simpy);
+    a test checks that the two agree."""
+    from policies import registry
+
+    return np.random.default_rng([seed, registry.KINDS.index(kind), replica + 1])
+
+
+def build_policies(config) -> dict:
+    """One replica's policy instances for ``config``, as ``sim.cluster.Cluster`` builds replica 0's."""
+    from policies import registry
+    from sim.errors import ConfigError
+
+    rc, pc = config.replica, config.policies
+    if rc.preemption_mode != "recompute" or rc.prefix_caching or rc.tensor_parallel_size != 1:
+        raise ConfigError("the reference server runs one GPU with recompute preemption and no prefix caching "
+                          "(replica.preemption_mode, replica.prefix_caching, replica.tensor_parallel_size)")
+    if config.cluster.num_replicas != 1:
+        raise ConfigError("cluster.num_replicas: the reference server is one replica")
+    policies = {}
+    for kind in registry.KINDS:
+        if kind == "routing":
+            continue
+        p = getattr(pc, kind)
+        policy = registry.build(kind, p.name, p.params)
+        policy.attach(policy_rng(config.seed, kind, 0))
+        policies[kind] = policy
+    if not policies["speculation"].emits_one_token:
+        raise ConfigError(f"policies.speculation: the reference server does not draft tokens "
+                          f"(got {pc.speculation.name!r})")
+    if not policies["sparsity"].is_dense:
+        raise ConfigError(f"policies.sparsity: the reference server runs dense attention (got {pc.sparsity.name!r})")
+    return policies
+
+
+class _ResidencyView:
+    """What a residency policy sees when the server preempts (``policies.base.ResidencyView``)."""
+
+    __slots__ = ("block_size",)
+    preemption_mode = "recompute"
+    num_free_dram_blocks = 0
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
 
 
 class ServerView:
@@ -113,7 +168,11 @@ class Step:
 
     prefill: list
     decode: list
-    num_preempted: int
+    preempted: list        # requests preempted before this step
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted)
 
     @property
     def prefill_tokens(self) -> int:
@@ -127,25 +186,28 @@ class Step:
 class Engine:
     """Waiting queue, running batch, KV blocks and request progress of the reference server.
 
-    ``scheduler`` is a tiersim scheduling policy instance; ``num_blocks`` × ``block_size`` tokens is
-    the KV capacity it schedules against (``replica.num_hbm_blocks``). ``on_release(req)`` is called
-    whenever a request gives its KV back (finish or preemption), so the executor can free the
-    physical cache behind it.
+    ``policies``: one replica's policy instances (:func:`build_policies`); ``num_blocks`` ×
+    ``block_size`` tokens is the KV capacity the scheduler plans against (``replica.num_hbm_blocks``).
+    ``on_release(req)`` is called whenever a request gives its KV back (finish or preemption), so the
+    executor can free the physical cache behind it.
     """
 
-    def __init__(self, *, scheduler, num_blocks: int, block_size: int, max_model_len: int,
+    def __init__(self, *, policies: dict, num_blocks: int, block_size: int, max_model_len: int,
                  on_release: Callable[[Request], None] | None = None) -> None:
-        from policies import registry
-
-        self.scheduler = scheduler
+        self.policies = policies
+        self.scheduler = policies["scheduling"]
+        self.residency = policies["residency"]
         self.kv = TieredKV(block_size=block_size, hbm_blocks=num_blocks, dram_blocks=0, nvme_blocks=0,
                            hbm_bytes_per_block=1, host_bytes_per_block=1, prefix_caching=False,
-                           eviction=registry.build("eviction", "lru", {}))
+                           eviction=policies["eviction"])
         self.max_model_len = int(max_model_len)
-        self.max_prompt_tokens = getattr(scheduler, "max_prompt_tokens", lambda m: m)(self.max_model_len)
+        self.max_prompt_tokens = self.scheduler.max_prompt_tokens(self.max_model_len)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.view = ServerView(self)
+        self._residency_view = _ResidencyView(block_size)
+        self.observers = [p for p in policies.values() if p.observes()]
+        self._evicted_seen = 0
         self.on_release = on_release or (lambda req: None)
         self.done: list[Request] = []        # finished or rejected, in the order they ended
         self.reject_reasons: dict[int, int] = {}   # request idx -> index into sim.metrics.REJECT_REASONS
@@ -170,7 +232,7 @@ class Engine:
         return ""
 
     def _reject(self, req: Request, reason: str, now: float) -> None:
-        req.state = RequestState.REJECTED
+        req.to(REJECTED)
         req.finish_s = now
         self.reject_reasons[req.idx] = REJECT_REASONS.index(reason)
         self.done.append(req)
@@ -185,17 +247,17 @@ class Engine:
     def apply(self, plan: StepPlan, now: float) -> Step:
         """Preemptions, admissions and block growth of ``plan`` (``Replica._apply``, recompute only)."""
         kv = self.kv
-        name = getattr(self.scheduler, "name", type(self.scheduler).__name__)
+        name = self.scheduler.name
         if plan.swap_in:
             raise RuntimeError(f"scheduling policy {name!r} swapped in a request, but the reference server "
                                f"has no DRAM tier")
-        npre = 0
+        preempted = []
         for req in plan.preempt:
             if req.state != RUNNING:
                 raise RuntimeError(f"scheduling policy {name!r} preempted request {req.req_id}, which is not "
                                    f"running")
             self._preempt(req, now)
-            npre += 1
+            preempted.append(req)
         prefill = []
         admitted = 0
         for req, n in plan.prefill:
@@ -205,7 +267,7 @@ class Engine:
                 kv.admit(req, now)
                 n = min(n, req.tokens_to_compute)
                 kv.grow(req, n, now)
-                req.state = RUNNING
+                req.to(RUNNING)
                 if req.first_scheduled_s < 0:
                     req.first_scheduled_s = now
                 self.running.append(req)
@@ -233,16 +295,19 @@ class Engine:
                                    f"but it is not decoding")
             if req.num_computed < len(req.blocks) * bs or kv.grow(req, 1, now):
                 decode.append((req, req.num_computed))
-        return Step(prefill=prefill, decode=decode, num_preempted=npre)
+        return Step(prefill=prefill, decode=decode, preempted=preempted)
 
     def _preempt(self, req: Request, now: float) -> None:
+        """``sim.replica.preemption.Preemption.preempt`` for recompute (the only mode here)."""
         self.running.remove(req)
         req.num_preemptions += 1
+        if req.blocks and self.residency.preempt_to(self._residency_view, req, now) == "swap":
+            raise RuntimeError(f"residency policy {self.residency.name!r} asked to swap request {req.req_id} "
+                               f"out; the reference server has no DRAM tier")
         self.kv.release(req, now)
         self.on_release(req)
-        req.state = WAITING
-        req.num_computed = 0
-        req.num_cached_blocks = 0
+        req.to(WAITING)
+        req.restart()
         # preempted requests go back in front, earliest arrival first (Replica._to_waiting_front)
         i = 0
         w = self.waiting
@@ -253,7 +318,7 @@ class Engine:
     def unblock(self, now: float) -> None:
         """Nothing could be planned although work is queued: reject the head if it can never run."""
         if self.running:
-            name = getattr(self.scheduler, "name", type(self.scheduler).__name__)
+            name = self.scheduler.name
             raise RuntimeError(f"scheduling policy {name!r} planned no work for {len(self.running)} running "
                                f"requests")
         if self.waiting:
@@ -285,11 +350,21 @@ class Engine:
             self.running = [r for r in self.running if id(r) not in gone]
             for req in finished:
                 req.finish_s = end
-                req.state = FINISHED
+                req.to(FINISHED)
                 self.kv.release(req, end)
                 self.on_release(req)
                 self.done.append(req)
         return finished
+
+    def observe(self, step: Step, start: float, end: float, finished: list) -> None:
+        """Hand the step's outcome to every observing policy (``Replica.observe``)."""
+        if not self.observers:
+            return
+        evicted = self.kv.hbm.num_evicted
+        outcome = StepOutcome(0, start, end, 1, finished, (), 0, evicted - self._evicted_seen, step.preempted)
+        self._evicted_seen = evicted
+        for p in self.observers:
+            p.observe(outcome)
 
     def check(self) -> None:
         """Assert the invariants in the module docstring (tests call this after every step)."""

@@ -403,7 +403,7 @@ class TorchExecutor:
         self.graphs: dict[int, _Graph] = {}
         self.graph_note = ""
         self.id_pool = np.random.default_rng(seed).integers(0, self.model.spec.vocab_size, ID_POOL, dtype=np.int64)
-        self._host64 = self._host32 = None
+        self._host64 = self._host32 = self._out_host = None
         self.region_start: dict[int, int] = {}     # request idx -> first arena token of its region
         self.region_len: dict[int, int] = {}
         self.last_token: dict[int, int] = {}
@@ -490,9 +490,9 @@ class TorchExecutor:
         for r in reqs:
             self.region_start[r.idx], self.region_len[r.idx] = self.arena.allocate(n), n
         for _ in range(2):
-            self.run(Step(prefill=[(reqs[0], n, 0)], decode=[], num_preempted=0))
-            self.run(Step(prefill=[(reqs[1], n // 2, 0)], decode=[(reqs[2], n - 1)], num_preempted=0))
-            self.run(Step(prefill=[], decode=[(r, n - 1) for r in reqs], num_preempted=0))
+            self.run(Step(prefill=[(reqs[0], n, 0)], decode=[], preempted=[]))
+            self.run(Step(prefill=[(reqs[1], n // 2, 0)], decode=[(reqs[2], n - 1)], preempted=[]))
+            self.run(Step(prefill=[], decode=[(r, n - 1) for r in reqs], preempted=[]))
         for r in reqs:
             self.release(r)
         self.last_token.clear()
@@ -659,7 +659,7 @@ class TorchExecutor:
         if not self.cuda:
             return out.tolist()
         torch = self.torch
-        host = self._out_host = getattr(self, "_out_host", None)
+        host = self._out_host
         if host is None or host.numel() < out.numel():
             host = self._out_host = torch.empty(max(out.numel(), 512), dtype=out.dtype, pin_memory=True)
         host[:out.numel()].copy_(out, non_blocking=True)

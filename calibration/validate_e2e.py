@@ -147,10 +147,13 @@ def replay(rec, config, name: str):
 
     sim = Simulation(config, trace=recorded_trace(rec, name))
     res = sim.run()
+    from sim.request import STEP_ID_BITS
+
     rep = sim.replicas[0]           # one replica: its token log and step end times give the gaps
     log = rep.tokens
-    runs = pd.DataFrame({"idx": log.req.view(), "seg_first": log.first.view().astype(np.int64),
-                         "seg_last": log.last.view().astype(np.int64)})
+    local = (1 << STEP_ID_BITS) - 1     # global step ids -> the replica's own step indices
+    runs = pd.DataFrame({"idx": log.req.view(), "seg_first": log.first.view().astype(np.int64) & local,
+                         "seg_last": log.last.view().astype(np.int64) & local})
     gaps, _ = itl_gaps(runs, rep.steps.end_s, len(rec.requests))
     return res, gaps
 
@@ -196,26 +199,20 @@ def per_request(meas: dict, sim: dict) -> dict:
     return out
 
 
-def price_measured_steps(steps, config, mode: str | None = None) -> np.ndarray:
+def price_measured_steps(steps, config, trace, mode: str | None = None) -> np.ndarray:
     """tiersim's price of every measured step from its own shape, in its own mode (or all in ``mode``:
-    a ``priced`` run's steps ran in its config's execution policy)."""
+    a ``priced`` run's steps ran in its config's execution policy): the step builder a replica of
+    this config gets, under the ``cuda-graph`` or the ``host-launched`` policy."""
+    from calibration.reference_server import step_builder
     from policies import registry
-    from sim.costs.model import TransformerOps
-    from sim.costs.roofline import RooflineBackend
-    from sim.costs.step import StepCostModel
-    from sim.costs.table import CostTable, TableBackend, resolve_table_dir
-    from sim.specs import load_gpu, load_model
+    from sim.engine import Simulation
 
-    ops = TransformerOps(load_model(config.model.name))
-    gpu = load_gpu(config.hardware.gpu)
-    roof = RooflineBackend(ops, gpu)
-    if config.costs.backend == "roofline":
-        backend = roof
-    else:
-        table = CostTable(resolve_table_dir(config.costs.table))
-        backend = TableBackend(ops, gpu, table, roof if config.costs.fallback == "roofline" else None)
-    models = {g: StepCostModel(ops, backend, registry.build("execution", mode, {}))
-              for g, mode in ((True, "cuda-graph"), (False, "host-launched"))}
+    sim = Simulation(config, trace=trace)
+    base = config.policies.execution
+    models = {}
+    for g, name in ((True, "cuda-graph"), (False, "host-launched")):
+        params = base.params if name == base.name else {}
+        models[g] = step_builder(sim, execution=registry.build("execution", name, params)).cost
     out = np.empty(len(steps))
     empty = np.empty(0, np.int64)
     graph = steps["graph"] if mode is None else [mode == "cuda-graph"] * len(steps)
@@ -288,7 +285,7 @@ def compare_case(name: str, rec, *, out: Path, gpu: str | None = None, table: st
     if math.isfinite(host) and host > 0:
         host_res = simulated(*replay(rec, replay_config(meta, out=out, gpu=gpu, table=table, execution=mode,
                                                         backend=backend, cpu_overhead_s=host), name))
-    priced = price_measured_steps(steps, config, mode=auto if priced_run else None)
+    priced = price_measured_steps(steps, config, recorded_trace(rec, name), mode=auto if priced_run else None)
     en = res.summary["engine"]
     sim_steps = res.steps
     measured_busy = float(steps["duration_s"].sum())
