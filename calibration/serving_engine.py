@@ -95,7 +95,7 @@ class ServerView:
 
     The one adapter between tiersim's scheduler interface and the server's state: when that interface
     grows (the engine refactor may add members), this class is the only place to follow it. Answers
-    equal ``sim.replica.SchedulerViewImpl``'s for a replica without prefix caching or swap.
+    equal ``sim.replica.views.SchedulerViewImpl``'s for a replica without prefix caching or swap.
     """
 
     __slots__ = ("_e", "_kv", "block_size", "num_blocks", "max_model_len")
@@ -214,7 +214,7 @@ class Engine:
 
     # ------------------------------------------------------------------ arrivals
     def submit(self, req: Request, now: float) -> None:
-        """A request arrives (``sim.replica.Replica.submit``): rejected now, or queued."""
+        """A request arrives (``sim.replica.loop.Replica.submit``): rejected now, or queued."""
         reason = self.reject_reason(req)
         if reason:
             self._reject(req, reason, now)
