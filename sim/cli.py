@@ -9,6 +9,7 @@
     tiersim calibrate --out DIR [--quick] [--parts ...]
     tiersim calibrate import-profile TRACE [--out RECIPE]
     tiersim validate [--measurements FILE] [--out DIR]
+    tiersim validate --e2e RUN_DIR          (a reference-server run against tiersim's replay of it)
 
 User errors print one line, ``tiersim: error: ...``, and exit with status 2 (``TIERSIM_DEBUG=1``
 shows the traceback).
@@ -534,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         ca.set_defaults(_calibration_missing=str(exc))
     ca.set_defaults(func=cmd_calibrate)
 
-    va = sub.add_parser("validate", help="compare predicted step times with measured ones")
+    va = sub.add_parser("validate", help="compare predicted step times with measured ones (--e2e: whole runs)")
     try:
         from calibration import validate
 
