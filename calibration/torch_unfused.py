@@ -273,9 +273,9 @@ def count_cuda_layer(step) -> dict:
     return {"count": got["kernels"], "kernel_names": got["names"]}
 
 
-def record(device: str = "cpu") -> list[dict]:
-    """Kernels per layer of the stock decoder at :data:`COUNT_POINTS` on ``device`` (one layer, real
-    shapes, a 1,024-token vocabulary: the layer does not touch it)."""
+def record(device: str = "cpu", points=COUNT_POINTS) -> list[dict]:
+    """Kernels per layer of the stock decoder at ``points`` (default :data:`COUNT_POINTS`) on ``device``
+    (one layer, real shapes, a 1,024-token vocabulary: the layer does not touch it)."""
     import dataclasses
 
     import torch
@@ -283,7 +283,7 @@ def record(device: str = "cpu") -> list[dict]:
     from sim.specs import load_model
 
     out = []
-    for name, phase, batch, length in COUNT_POINTS:
+    for name, phase, batch, length in points:
         spec = dataclasses.replace(load_model(name), num_layers=1, vocab_size=1024)
         dec = StockDecoder(spec, device=device, dtype=torch.bfloat16, batch=batch, capacity_tokens=64, num_layers=1)
         step = dec.make_layer_step(phase, batch, length)
