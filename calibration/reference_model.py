@@ -79,7 +79,10 @@ class ReferenceModel:
     """
 
     def __init__(self, spec: str | ModelSpec, *, device="cpu", dtype=None, kv_capacity_tokens: int = 4096,
-                 seed: int = 0, weight_std: float = 0.02) -> None:
+                 seed: int = 0, weight_std: float = 0.02, reduce=None, lm_head_rows: int | None = None) -> None:
+        """``reduce`` (tensor parallelism): applied to the o_proj and down_proj outputs before their
+        residual adds (an in-place all-reduce over the ranks; default none). ``lm_head_rows``: the LM
+        head's rows (this rank's vocabulary shard; default the whole vocabulary)."""
         import torch
 
         from calibration import torch_ops
@@ -106,7 +109,9 @@ class ReferenceModel:
                                     norm_weight(), mat(2 * f, h), mat(h, f))
                        for _ in range(spec.num_layers)]
         self.final_norm = norm_weight()
-        self.lm_head = self.embed_table if spec.tied_embeddings else mat(v, h)
+        self.lm_head = mat(lm_head_rows, h) if lm_head_rows else (self.embed_table if spec.tied_embeddings
+                                                                  else mat(v, h))
+        self.reduce = reduce
         positions = min(self.capacity + 1, spec.max_context_tokens)
         self.cos, self.sin = torch_ops.rope_tables(positions, d, device=self.device, dtype=self.dtype)
         self.kv = torch.empty(spec.num_layers, 2, self.capacity * kvh * d, device=self.device,
@@ -179,13 +184,18 @@ class ReferenceModel:
                 keys = start + new
                 attn = o.attention_prefill(qs, k_cache[:, :, :keys], v_cache[:, :, :keys])
             attn = attn.transpose(1, 2).reshape(tokens, qh * d)
-            x = o.add(x, o.linear(attn, w.o))                                   # o_proj, attn_residual
+            x = o.add(x, self._reduced(o.linear(attn, w.o)))                    # o_proj, (allreduce,) residual
             hn = o.rms_norm(x, w.ffn_norm)                                      # ffn_norm
             gu = o.linear(hn, w.gate_up)                                        # gate_up_proj
-            x = o.add(x, o.linear(o.act(gu), w.down))                           # act, down_proj, ffn_residual
+            x = o.add(x, self._reduced(o.linear(o.act(gu), w.down)))            # act, down_proj, (allreduce,) residual
         last = x.view(batch, new, h)[:, -1]
         logits = o.linear(o.rms_norm(last, self.final_norm), self.lm_head)     # final_norm, lm_head
         return logits, o.sample(logits)                                         # sample
+
+    def _reduced(self, y):
+        if self.reduce is not None:
+            self.reduce(y)
+        return y
 
     def forward_mixed(self, ids, positions, slots, sample_rows, batch: int, ctx: int, chunk: int, cached: int):
         """One mixed step (module docstring): ``ids`` [chunk + batch] (the chunk's tokens, then one per
@@ -214,10 +224,10 @@ class ReferenceModel:
             dec = o.attention_decode(q[chunk:].view(batch, 1, qh, d).transpose(1, 2), kd, vd, d_cap)  # attn_decode
             attn = self.torch.cat((pre.transpose(1, 2).reshape(chunk, qh * d),
                                    dec.transpose(1, 2).reshape(batch, qh * d)))
-            x = o.add(x, o.linear(attn, w.o))                                   # o_proj, attn_residual
+            x = o.add(x, self._reduced(o.linear(attn, w.o)))                    # o_proj, (allreduce,) residual
             hn = o.rms_norm(x, w.ffn_norm)                                      # ffn_norm
             gu = o.linear(hn, w.gate_up)                                        # gate_up_proj
-            x = o.add(x, o.linear(o.act(gu), w.down))                           # act, down_proj, ffn_residual
+            x = o.add(x, self._reduced(o.linear(o.act(gu), w.down)))            # act, down_proj, (allreduce,) residual
         last = x.index_select(0, sample_rows)
         logits = o.linear(o.rms_norm(last, self.final_norm), self.lm_head)     # final_norm, lm_head
         return logits, o.sample(logits)                                         # sample
