@@ -301,6 +301,9 @@ def _green_sweep(ctx, sink, env, work: Workloads, reserved_list, total: int, dea
         if time.monotonic() > deadline:
             ctx.progress(f"green: budget spent before {reserved} SMs")
             break
+        if reserved == 0:   # the baseline: all SMs, no green context (one of all SMs may round down)
+            sink.add(*_rows("green", 0, total, total, work, env, {**env.base_extra(), "mechanism": "none (all SMs)"}))
+            continue
         try:
             part = GreenPartition(torch, total - reserved)
         except Exception as exc:  # noqa: BLE001 - the stack does not offer them: say why, once
