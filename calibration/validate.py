@@ -17,6 +17,9 @@ they are read from a file written and committed before the measurement (``calibr
 joined on (point id, mode), so they cannot be tuned after the fact.
 
 Nothing here runs on a GPU; it reads measurement files and a cost table.
+
+``tiersim validate --e2e RUN_DIR`` compares whole runs instead: a reference server's measured TTFT,
+ITL and E2E against tiersim's replay of the same requests (``calibration.validate_e2e``).
 """
 from __future__ import annotations
 
@@ -48,11 +51,15 @@ def add_arguments(p) -> None:
                    help="validation Parquet file(s) (raw/validation.parquet of a calibration run); "
                         "default: the ones shipped with the cost table")
     p.add_argument("--table", default="h100-sxm-80gb", help="cost table name or directory to test")
-    p.add_argument("--out", default="validation-report", help="report directory")
+    p.add_argument("--out", default=None, help="report directory (default: validation-report; with --e2e, "
+                                                 "RUN_DIR/e2e)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--predictions", default=None, metavar="FILE",
                    help="compare with predictions committed before the measurement (a Parquet of point, "
                         "mode, predicted_s: calibration.gpu16.predict) instead of predicting now")
+    from calibration import validate_e2e
+
+    validate_e2e.add_arguments(p)
 
 
 def _measurement_files(table_dir: Path, given: list[str] | None,
@@ -320,6 +327,10 @@ def write_report(points: pd.DataFrame, summary: list[dict], out: Path, table_dir
 def main(args) -> int:
     from sim.costs.table import resolve_table_dir
 
+    if getattr(args, "e2e", None):
+        from calibration import validate_e2e
+
+        return validate_e2e.main(args)
     table_dir = resolve_table_dir(args.table)
     committed = getattr(args, "predictions", None)
     files = _measurement_files(table_dir, args.measurements,
@@ -336,7 +347,7 @@ def main(args) -> int:
     else:
         points = predict(load_measurements(files), table_dir)
     summary = summarize(points, by_group=bool(committed))
-    out = Path(args.out)
+    out = Path(args.out or "validation-report")
     write_report(points, summary, out, table_dir, files, note)
     if args.json:
         print(json.dumps(summary, indent=2))
