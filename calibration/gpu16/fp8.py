@@ -17,6 +17,8 @@ that reads the same KV bytes).
 """
 from __future__ import annotations
 
+import warnings
+
 from calibration.gpu16.plan import FP8_ANCHOR_M, FP8_KV_DECODE, LM_HEAD_MAX_M, fp8_points, fp8_shapes, gemm_point_id
 from calibration.raw import make_row
 
@@ -54,7 +56,9 @@ def fp8_kv_attention(torch, device) -> dict:
                                         k.to(torch.float8_e4m3fn)))):
         for backend in ("flash", "efficient", "cudnn", "math"):
             try:
-                torch_ops._call_sdpa(backend, "native", *args, None, False)
+                with warnings.catch_warnings():   # torch warns why a backend declined; the error says it too
+                    warnings.simplefilter("ignore")
+                    torch_ops._call_sdpa(backend, "native", *args, None, False)
                 out[f"{label} / {backend}"] = "runs"
             except Exception as exc:  # noqa: BLE001
                 text = str(exc).splitlines()[0][:160] if str(exc) else ""

@@ -348,7 +348,7 @@ def _prediction_lines(rows_path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calibration.gpu16", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output directory (rows.parquet, meta.json, log.txt)")
+    ap.add_argument("--out", help="output directory (rows.parquet, meta.json, log.txt); required")
     ap.add_argument("--budget-s", type=float, default=270.0, help="wall-clock budget of the whole command")
     ap.add_argument("--lease", default="1", help="label of this lease in the metadata (1, 2, ...)")
     ap.add_argument("--quick", action="store_true", help="tiny grids: CPU, NUMBA_ENABLE_CUDASIM=1, tests")
@@ -361,9 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         for p in lease_plan.LEASE_PARTS:
             print(f"{p.name:16}{p.estimate_s:>6.0f} s  {p.what}")
         return 0
+    if not args.out:
+        ap.error("--out DIR is required")
     parts = [s.strip() for s in args.parts.split(",")] if args.parts else None
     for name in parts or []:
-        lease_plan.part_plan(name)   # an unknown name lists the known ones
+        try:
+            if lease_plan.part_plan(name) not in lease_plan.LEASE_PARTS:
+                raise ValueError(f"{name!r} runs on several GPUs: python -m calibration.gpu16.tp")
+        except ValueError as exc:
+            print(f"python -m calibration.gpu16: error: {exc}", file=sys.stderr)
+            return 2
     meta = run_lease(Path(args.out), args.budget_s, args.quick, parts, args.lease, not args.in_process)
     failed = [n for n, e in meta["parts"].items() if e["status"] in ("failed", "timeout")]
     return 1 if failed else 0

@@ -163,15 +163,14 @@ class GreenPartition:
         raise RuntimeError("; ".join(errors))
 
     def _torch_api(self, sms: int) -> None:
-        import inspect
-
         from torch.cuda import green_contexts as g
 
-        if not getattr(g, "SUPPORTED", False):
+        if not getattr(g, "SUPPORTED", True):
             raise RuntimeError("this torch was built without green contexts")
-        params = inspect.signature(g.GreenContext.create).parameters
-        self._gc = g.GreenContext.create(num_sms=sms, device_id=0) if "num_sms" in params else \
-            g.GreenContext.create(sms, 0)
+        try:
+            self._gc = g.GreenContext.create(num_sms=sms, device_id=0)
+        except TypeError:   # an older signature: create(num_sms, device_id)
+            self._gc = g.GreenContext.create(sms, 0)
         self.how = "torch.cuda.green_contexts.GreenContext (set_context)"
 
     def _driver_api(self, sms: int) -> None:
