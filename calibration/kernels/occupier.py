@@ -4,10 +4,10 @@ One block per held SM. Each block asks for the most dynamic shared memory a bloc
 Hopper, after the opt-in attribute); every block on an SM also takes 1 KiB reserved, and an SM has 228 KiB,
 so nothing else can start on an SM that holds an occupier block, and N blocks land on N distinct SMs.
 Thread 0 of each block records which SM it holds (``%smid``, through a two-line CUDA C function linked
-into the kernel, when NVRTC links it; else -1), then polls a host flag in mapped memory (with ``nanosleep``
-back-off, at most ``poll_cap`` polls: a host that never lets go cannot hang the GPU) and exits when the
-flag is set. :func:`probe_sms` launches small blocks that record their SMs, to check that none lands on a
-held one.
+into the kernel, when NVRTC links it; else -1), then polls a host flag in mapped memory (about every
+20 us, ``nanosleep`` in between; at most ``poll_cap`` polls: a host that never lets go cannot hang the
+GPU) and exits when the flag is set. :meth:`Occupier.probe` launches small blocks that record their SMs,
+to check that none lands on a held one.
 
 Host protocol (:class:`Occupier`): ``hold(n, stream)`` launches on a non-blocking stream (never the legacy
 default stream, which other work would wait behind), waits until all ``n`` blocks report their SM,
@@ -24,12 +24,23 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.kernels.devicefns import backoff, poll_load
+from calibration.kernels.devicefns import poll_load
 from calibration.kernels.runtime import SIMULATED, cuda, jit, sm_count
 
 SMID_SOURCE = Path(__file__).with_name("smid.cu")
 THREADS = 64
-POLL_CAP = 5_000_000          # polls per block: a few seconds to tens of seconds, then the kernel ends
+POLL_CAP = 1_000_000          # polls per block, about 20 us apart: the kernel ends by itself after ~20-30 s
+BACKOFF_NS = 20_000           # one poll of host memory per block every ~20 us (little PCIe traffic)
+
+if SIMULATED:
+    @jit(device=True)
+    def backoff():
+        pass
+else:
+    @jit(device=True)
+    def backoff():
+        """Sleep about 20 us between polls."""
+        cuda.nanosleep(np.uint32(BACKOFF_NS))
 OPT_IN_FALLBACK_BYTES = 227 * 1024
 PROBE_BLOCKS_PER_SM = 4
 DYN_DTYPE = np.dtype(np.int32) if SIMULATED else np.int32   # the simulator sizes dynamic arrays by itemsize
