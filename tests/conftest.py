@@ -12,9 +12,9 @@ from traces import Trace
 # fuzz campaign): ``pytest --hypothesis-profile=thorough``. Tests size their example counts with
 # :func:`examples`, relative to the ci profile.
 _CI_EXAMPLES = 100
-settings.register_profile("ci", max_examples=_CI_EXAMPLES, deadline=None,
+settings.register_profile("ci", max_examples=_CI_EXAMPLES, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=20 * _CI_EXAMPLES, deadline=None,
+settings.register_profile("thorough", max_examples=20 * _CI_EXAMPLES, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
 
