@@ -73,6 +73,15 @@ class StepPoint:
                         cached=self.cached, tp=self.tp)
 
     @property
+    def max_position(self) -> int:
+        """The largest token position the step uses (0-based)."""
+        if self.phase == "prefill":
+            return self.tokens - 1
+        if self.phase == "decode":
+            return self.tokens
+        return max(self.cached + self.chunk - 1, self.tokens)
+
+    @property
     def cache_tokens(self) -> int:
         """Cache slots the step's views need (batch x capacity, plus a mixed step's chunk sequence)."""
         if self.phase == "mixed":
@@ -86,7 +95,12 @@ def _points(part: str, model: str, recipe: str, quick: bool, mixed: bool, tp: in
     out += [StepPoint(part, model, recipe, "decode", b, c, tp=tp) for b, c in dec]
     if mixed:
         out += [StepPoint(part, model, recipe, "mixed", b, c, q, cached, tp=tp) for q, cached, b, c in mix]
-    return out
+    # no position past the model's context window (Llama-2-7B has 4,096: its rotary table ends there;
+    # lease 1 hit a device-side index assert on the decode at context 4,096)
+    from calibration.reference_model import resolve_spec
+
+    window = resolve_spec(model).max_context_tokens
+    return [p for p in out if p.max_position < window]
 
 
 def step_points(part: str, quick: bool = False) -> list[StepPoint]:

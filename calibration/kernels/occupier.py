@@ -19,6 +19,7 @@ protocol (every block reports, the kernel ends on the flag) is exercised.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def kernels() -> tuple[object, object, str]:
     """(occupier, probe, how SMs are identified); the linked ``%smid`` version when it compiles."""
     if "occupier" not in _KERNELS:
         try:
+            if not SIMULATED and os.environ.get("TIERSIM_OCCUPIER_SMID") != "1":
+                # lease 1: the linked-%smid test launch left the context with an illegal address; the
+                # SM ids are a diagnostic only, so they are off unless asked for
+                raise RuntimeError("linked %smid off (TIERSIM_OCCUPIER_SMID=1 turns it on)")
             occ, probe = _make_kernels(_smid_function())
             how = "simulator stand-in" if SIMULATED else "%smid (linked CUDA C)"
             if not SIMULATED:   # compile now, so that a link failure falls back here and not mid-hold
