@@ -175,7 +175,14 @@ class Occupier:
             self.opt_in_error = allow_dynamic_shared(self.kernel, self.smem)
             self._attr_done = True
         smem = self.smem if not self.opt_in_error else 48 * 1024
-        self.kernel[blocks, THREADS, self.stream, smem](self.flag, self.held, POLL_CAP)
+        try:
+            self.kernel[blocks, THREADS, self.stream, smem](self.flag, self.held, POLL_CAP)
+        except Exception as exc:  # noqa: BLE001 - lease 2: the opt-in did not take (INVALID_VALUE at launch)
+            if smem <= 48 * 1024:
+                raise
+            self.opt_in_error = f"launch with {smem} B of dynamic shared memory refused ({type(exc).__name__}); 48 KiB"
+            self.smem = smem = 48 * 1024
+            self.kernel[blocks, THREADS, self.stream, smem](self.flag, self.held, POLL_CAP)
         self.blocks = blocks
         deadline = time.perf_counter() + timeout_s
         while np.count_nonzero(self.held[:blocks]) < blocks:
