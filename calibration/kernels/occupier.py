@@ -30,6 +30,7 @@ from calibration.kernels.runtime import SIMULATED, cuda, jit, sm_count
 
 SMID_SOURCE = Path(__file__).with_name("smid.cu")
 THREADS = 64
+UNKNOWN_SM = 9999            # the SM id a block reports when %smid is not linked in
 POLL_CAP = 1_000_000          # polls per block, about 20 us apart: the kernel ends by itself after ~20-30 s
 BACKOFF_NS = 20_000           # one poll of host memory per block every ~20 us (little PCIe traffic)
 
@@ -108,7 +109,9 @@ def kernels() -> tuple[object, object, str]:
 
             @jit(device=True)
             def no_smid():
-                return np.int32(-1)
+                # a started block must leave held != 0 (held = smid + 1): 9999 marks "SM unknown"; with
+                # -1 here no block ever looked started (lease 2's hold timed out with every block running)
+                return np.int32(UNKNOWN_SM)
             occ, probe = _make_kernels(no_smid)
             how = f"unidentified ({_ERRORS['smid']})"
         _KERNELS.update(occupier=occ, probe=probe, how=how)
@@ -191,7 +194,7 @@ class Occupier:
                 self.release()
                 raise TimeoutError(f"only {started} of {blocks} occupier blocks started within {timeout_s:.0f} s "
                                    f"(more blocks than SMs, or SMs busy)")
-        self.held_sms = [int(abs(v)) - 1 for v in self.held[:blocks]]
+        self.held_sms = [-1 if int(abs(v)) - 1 == UNKNOWN_SM else int(abs(v)) - 1 for v in self.held[:blocks]]
         return self.held_sms
 
     def release(self) -> bool:
