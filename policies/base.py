@@ -248,6 +248,10 @@ class Policy:
         """What the last step(s) did. The default ignores it; stateful policies (adaptive k, ARC,
         fair schedulers) keep their state here. Called only for policies that override it."""
 
+    watches_arrivals: ClassVar[bool] = False
+    """True for a policy that must hear of a request when it arrives, not when the replica next plans
+    (prefetching its KV, say): arrivals are then released as SimPy events at their times."""
+
     @classmethod
     def observes(cls) -> bool:
         return cls.observe is not Policy.observe
@@ -461,6 +465,11 @@ class ExecutionPolicy(Policy):
 
 
 class RoutingPolicy(Policy):
+    reads_state: ClassVar[bool] = True
+    """False for a router that never reads the replica views (its choice depends on the request and
+    its own state only): the cluster then routes every request up front, in arrival order, and each
+    replica pulls its arrivals as it plans, with no SimPy event per arrival. Same results, faster."""
+
     def route(self, request: RequestLike, replicas: Sequence[ReplicaView], now: float) -> int:
         """The index (into ``replicas``) of the replica ``request`` joins. Views bring themselves up
         to date when read, so a router that reads none of them costs nothing extra."""

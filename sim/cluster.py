@@ -11,6 +11,7 @@ Requests carry their trace's ``priority``, ``tenant`` and ``session_id``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,43 @@ def policy_rng(seed: int, kind: str, replica: int) -> np.random.Generator:
     """The random generator of one policy instance: seeded by the run's seed, the kind and the
     replica (-1 for cluster-wide policies), so adding a policy never shifts another's stream."""
     return np.random.default_rng([seed, registry.KINDS.index(kind), replica + 1])
+
+
+class _Unread:
+    """A replica view for a router that declared it reads none: reading one is that router's bug."""
+
+    __slots__ = ("replica_id",)
+
+    def __init__(self, replica_id: int) -> None:
+        self.replica_id = replica_id
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(f"a routing policy with reads_state = False read {name!r} of a replica view; "
+                           f"declare reads_state = True")
+
+
+class ArrivalFeed:
+    """The requests routed to one replica, in arrival order, pulled by the replica as it plans."""
+
+    __slots__ = ("_cluster", "_replica", "_idx", "_t", "_next")
+
+    def __init__(self, cluster: Cluster, replica: Replica, idx: np.ndarray) -> None:
+        self._cluster, self._replica = cluster, replica
+        self._idx = idx.tolist()
+        self._t = cluster.trace.arrival_s[idx].tolist()
+        self._next = 0
+
+    def next_s(self) -> float:
+        """When the next request routed here arrives (inf: none left)."""
+        return self._t[self._next] if self._next < len(self._t) else math.inf
+
+    def pull(self, now: float) -> None:
+        """Hand the replica every request that has arrived by ``now``."""
+        t, j = self._t, self._next
+        while j < len(t) and t[j] <= now:
+            self._replica.submit(self._cluster.make_request(self._idx[j]), notify=False)
+            j += 1
+        self._next = j
 
 
 class Cluster:
@@ -112,18 +150,57 @@ class Cluster:
                                                      self.network_bandwidth_bytes_per_s, 5e-6)
         return ch
 
+    def make_request(self, i: int) -> Request:
+        """Request ``i`` of the trace, with its prefix keys, priority, tenant and session."""
+        tr = self.trace
+        keys = (prefix_keys(tr.block_hashes(i), self._hbt, int(tr.prompt_tokens[i]), self._bs)
+                if self._hashed else None)
+        prio, tenant, session = tr.priority, tr.tenant, tr.session_id
+        return Request(idx=i, req_id=int(tr.request_id[i]), arrival_s=float(tr.arrival_s[i]),
+                       prompt_tokens=int(tr.prompt_tokens[i]), output_tokens=int(tr.output_tokens[i]),
+                       priority=int(prio[i]) if prio is not None else 0,
+                       tenant=tenant[i] if tenant is not None else None,
+                       session_id=session[i] if session is not None else None, hash_keys=keys)
+
+    def _route(self, req: Request, views, now: float) -> int:
+        k = self.router.route(FrozenRequest(req) if self.guarded else req, views, now)
+        if not 0 <= k < len(self.replicas):
+            raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of {len(self.replicas)}")
+        return k
+
+    def start(self) -> None:
+        """Set up arrivals: when the router reads no replica state, every request is routed now (in
+        arrival order, as it would be one at a time) and each replica pulls its own arrivals when it
+        next plans, with no SimPy event per arrival; otherwise one process releases them at their
+        arrival times and routes each on the replicas' state then."""
+        rc = self.sim.config.replica
+        tr = self.trace
+        self._hashed = tr.hash_offsets is not None and rc.prefix_caching
+        self._hbt = tr.hash_block_tokens or 0
+        self._bs = rc.block_size_tokens
+        if self.router.reads_state or any(r.watches_arrivals for r in self.replicas):
+            self.env.process(self.arrivals())
+            return
+        views = [_Unread(r.replica_id) for r in self.replicas]
+        t = tr.arrival_s
+        per: list[list[int]] = [[] for _ in self.replicas]
+        for i in range(len(tr)):
+            stub = Request(idx=i, req_id=int(tr.request_id[i]), arrival_s=float(t[i]),
+                           prompt_tokens=int(tr.prompt_tokens[i]), output_tokens=int(tr.output_tokens[i]),
+                           priority=int(tr.priority[i]) if tr.priority is not None else 0,
+                           tenant=tr.tenant[i] if tr.tenant is not None else None,
+                           session_id=tr.session_id[i] if tr.session_id is not None else None)
+            per[self._route(stub, views, float(t[i]))].append(i)
+        for r, idx in zip(self.replicas, per):
+            r.feed = ArrivalFeed(self, r, np.asarray(idx, dtype=np.int64))
+            r.next_arrival_s = r.feed.next_s
+        self.num_arrived = len(tr)
+
     def arrivals(self):
         """SimPy process body: release the trace's requests at their arrival times."""
         env = self.env
-        tr = self.trace
-        t = tr.arrival_s
-        n = len(tr)
-        prompt, output, rid = tr.prompt_tokens, tr.output_tokens, tr.request_id
-        prio, tenant, session = tr.priority, tr.tenant, tr.session_id
-        rc = self.sim.config.replica
-        hashed = tr.hash_offsets is not None and rc.prefix_caching
-        hbt = tr.hash_block_tokens or 0
-        bs = rc.block_size_tokens
+        t = self.trace.arrival_s
+        n = len(t)
         replicas = self.replicas
         views = [r.state_view for r in replicas]
         cursor = [0]
@@ -133,7 +210,6 @@ class Cluster:
 
         for r in replicas:
             r.next_arrival_s = next_arrival
-        route = self.router.route
         i = 0
         while i < n:
             target = float(t[i])
@@ -141,16 +217,8 @@ class Cluster:
                 yield env.timeout(exact_delay(env.now, target))
             now = env.now
             while i < n and t[i] <= now:
-                keys = prefix_keys(tr.block_hashes(i), hbt, int(prompt[i]), bs) if hashed else None
-                req = Request(idx=i, req_id=int(rid[i]), arrival_s=float(t[i]), prompt_tokens=int(prompt[i]),
-                              output_tokens=int(output[i]), priority=int(prio[i]) if prio is not None else 0,
-                              tenant=tenant[i] if tenant is not None else None,
-                              session_id=session[i] if session is not None else None, hash_keys=keys)
-                k = route(FrozenRequest(req) if self.guarded else req, views, now)
-                if not 0 <= k < len(replicas):
-                    raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of "
-                                       f"{len(replicas)}")
-                replicas[k].submit(req)
+                req = self.make_request(i)
+                replicas[self._route(req, views, now)].submit(req)
                 i += 1
                 cursor[0] = i
                 self.num_arrived = i

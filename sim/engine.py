@@ -165,7 +165,7 @@ class Simulation:
         for r in self.replicas:
             r.check_invariants = self.check_invariants
         self.requests = self.cluster.requests
-        env.process(self.cluster.arrivals())
+        self.cluster.start()
         span = float(self.trace.arrival_s[-1]) if len(self.trace) else 0.0
         n = len(self.trace)
         # env.run() with an event counter and, when asked, a wall-clock check every 1024 events

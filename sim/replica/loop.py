@@ -67,10 +67,12 @@ class Replica:
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
                                and policies["sparsity"].steady())
         self.observers = [p for p in policies.values() if p.observes()]
+        self.watches_arrivals = any(p.watches_arrivals for p in policies.values())
         self._evicted_seen = 0
         self._wake: simpy.Event | None = None
         self.t_end = -1.0          # exact end of the last step (see _clock)
         self.next_arrival_s = lambda: math.inf   # the cluster sets this: when the next request arrives
+        self.feed = None            # the cluster's ArrivalFeed when this replica pulls its own arrivals
         self.check_invariants = False   # tests turn this on: O(blocks) checks after every step
         self.process = env.process(self._loop())
         # counters
@@ -80,15 +82,17 @@ class Replica:
         self.fetch_wait_s = 0.0
 
     # ================================================================== arrivals and wake-ups
-    def submit(self, req: Request) -> None:
-        """A request routed here (called by the cluster's arrival process at its arrival time)."""
+    def submit(self, req: Request, notify: bool = True) -> None:
+        """A request routed here: by the cluster's arrival process at its arrival time, or pulled by
+        this replica from its feed (``notify=False``: the replica is the one asking)."""
         req.replica = self.replica_id
         reason = self._reject_reason(req)
         if reason:
-            self._reject(req, reason, self.env.now)
+            self._reject(req, reason, req.arrival_s)
             return
         self.waiting.append(req)
-        self.notify()
+        if notify:
+            self.notify()
 
     def _reject_reason(self, req: Request) -> str:
         total = req.prompt_tokens + req.output_tokens
@@ -122,21 +126,19 @@ class Replica:
 
     # ================================================================== main loop
     def _loop(self):
-        env = self.env
+        feed = self.feed
         while True:
+            if feed is not None:
+                feed.pull(self.clock())
             if not (self.waiting or self.running or self.swapped):
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
+                yield from self._wait()
                 continue
             now = self.clock()
             plan = self.view.unwrap_plan(self.scheduler.schedule(self.view, now))
             step = self._apply(plan, now)
             if not (step.prefill or step.decode):
                 if self.num_swapping_in or self.num_swapping_out:
-                    self._wake = env.event()
-                    yield self._wake
-                    self._wake = None
+                    yield from self._wait()
                     continue
                 if plan.is_empty() or not (plan.prefill or plan.decode):
                     self._unblock(now)
@@ -148,6 +150,21 @@ class Replica:
                 yield from self._single_step(step)
             if self.check_invariants:
                 self.check()
+
+    def _wait(self):
+        """Sleep until notified (a transfer landed, a request was submitted) or, with a feed, until the
+        next request routed here arrives."""
+        env = self.env
+        t = self.feed.next_s() if self.feed is not None else math.inf
+        if t < math.inf and not (self.num_swapping_in or self.num_swapping_out):
+            yield env.timeout(exact_delay(env.now, t))      # nothing in flight can wake it sooner
+            return
+        self._wake = env.event()
+        if t < math.inf:
+            yield env.any_of([self._wake, env.timeout(exact_delay(env.now, t))])
+        else:
+            yield self._wake
+        self._wake = None
 
     def clock(self) -> float:
         """The replica's time: the exact end of its last step when it has just finished one (SimPy's
