@@ -116,6 +116,9 @@ class Run:
     held0: int
     dram_used: int
     nvme_used: int
+    dram_cached: int
+    nvme_cached: int
+    loading: int
     inflight: int
     next_alloc: int = 0
     committed: int = 0
@@ -162,7 +165,7 @@ class DecodeRuns:
         rem = np.array([q.output_tokens - q.num_generated for q in reqs], dtype=np.int64)
         now = r.clock()
         t_next = r.next_arrival_s()
-        K, allocs, who, when, held0 = plan_run(nc, rem, bs, hbm.num_available, self._cap(now, t_next))
+        K, allocs, who, when, held0 = plan_run(nc, rem, bs, kv.run_budget(now), self._cap(now, t_next))
         nc_sum = sum(ncs)
         durations, launches, syncs = r.builder.decode_run(nc, nc_sum, K)
         self.last_step_s = float(durations[-1])
@@ -178,7 +181,8 @@ class DecodeRuns:
         run = Run(reqs, nc_sum, allocs, K, now, ends, durations, launches, syncs, r.steps.n, who, when,
                   hbm.num_free, hbm.num_cached, hbm.num_active, held0,
                   dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
-                  hbm.num_locked)
+                  dram.num_cached * dram.bytes_per_block, nvme.num_cached * nvme.bytes_per_block,
+                  len(r.moves.loading), hbm.num_locked)
         self.num_runs += 1
         self.run_ = run
         self.in_run, self.stop = True, False
@@ -246,7 +250,8 @@ class DecodeRuns:
         busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, run.start, run.ends,
                              run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
                              run.inflight, run.nc_sum, B, kv.block_size, kv.hbm.bytes_per_block,
-                             run.dram_used, run.nvme_used, run.launches, run.syncs)
+                             run.dram_used, run.nvme_used, run.dram_cached, run.nvme_cached, run.loading,
+                             run.launches, run.syncs)
         steps.commit_block(upto - c, busy)
         m = upto - c
         r.num_launches += run.launches * m

@@ -16,29 +16,29 @@ def _run_recording(cfg, trace):
     seqs: dict[int, list] = {}
     orig_one, orig_many = BlockPool.allocate_one, BlockPool.allocate
 
-    def one(self, now, choose=None):
-        b = orig_one(self, now, choose)
+    def one(self, now, choose=None, owner=-1):
+        b = orig_one(self, now, choose, owner)
         seqs.setdefault(id(self), []).append((self.tier, b, now))
         return b
 
-    def many(self, n, now, choose=None):
-        got = orig_many(self, n, now, choose)
+    def many(self, n, now, choose=None, owner=-1):
+        got = orig_many(self, n, now, choose, owner)
         if got:
             seqs.setdefault(id(self), []).extend((self.tier, b, now) for b in got)
         return got
 
-    orig_take = BlockPool.take_free
+    orig_run = BlockPool.allocate_run
 
-    def take(self, n, times):
-        got = orig_take(self, n, times)
+    def run(self, times, owners, choose=None):
+        got = orig_run(self, times, owners, choose)
         seqs.setdefault(id(self), []).extend((self.tier, b, float(t)) for b, t in zip(got, times))
         return got
 
-    BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = one, many, take
+    BlockPool.allocate_one, BlockPool.allocate, BlockPool.allocate_run = one, many, run
     try:
         sim, res = run_checked(cfg, trace)
     finally:
-        BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = orig_one, orig_many, orig_take
+        BlockPool.allocate_one, BlockPool.allocate, BlockPool.allocate_run = orig_one, orig_many, orig_run
     per_pool = sorted((seq[0][0], tuple(seq)) for seq in seqs.values())
     return sim, res, per_pool
 
