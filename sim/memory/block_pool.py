@@ -660,11 +660,15 @@ class BlockPool:
             raise RuntimeError(f"{self.tier}: a block being loaded must be locked")
         self.ready[idx] = 1 if ready else 0
 
-    def tag_prefetched(self, blocks: Sequence[int]) -> None:
-        """Count these blocks as prefetched: their first hit is on time (landed) or late (still
-        loading); eviction or discard before any hit counts them as wasted."""
+    def tag_prefetched(self, blocks: Sequence[int], source: int = 1) -> None:
+        """Count these blocks as prefetched (from tier ``source`` > 0): their first hit is on time
+        (landed) or late (still loading); eviction or discard before any hit counts them as wasted."""
         if len(blocks):
-            self._tag[np.asarray(blocks, dtype=np.int64)] = 1
+            self._tag[np.asarray(blocks, dtype=np.int64)] = source
+
+    def prefetched_from(self, blocks: np.ndarray) -> np.ndarray:
+        """The source tier of each block's prefetch not yet used (0: none)."""
+        return self._tag[blocks]
 
     def untag_unused(self) -> int:
         """At the end of a run: prefetched blocks never used count as wasted; returns how many."""

@@ -498,15 +498,21 @@ class TieredKV:
         self._decisions.pop(req.idx, None)
         if self.futures is not None:
             self.futures.admit(req.idx)
+        served = None          # the tier each hit block came from (prefetched ones: their source)
         if not hit:
             req.blocks = []
         elif lk.tiers is None or hit <= lk.hbm_lead:
+            if lk.tiers is not None or self.prefetch_blocks:
+                served = self.hbm.prefetched_from(self.hbm.find(keys[:hit])).astype(np.int64)
             req.blocks = self.hbm.retain_keys(keys[:hit], now, req.idx)
         else:
             tiers = lk.tiers[:hit]
             hpos = np.flatnonzero(tiers == HBM)
             lpos = np.flatnonzero(tiers != HBM)
             blocks = np.empty(hit, dtype=np.int64)
+            served = tiers.astype(np.int64)
+            if self.prefetch_blocks:
+                served[hpos] = self.hbm.prefetched_from(self.hbm.find(keys[hpos]))
             blocks[hpos] = self.hbm.retain_keys(keys[hpos], now, req.idx)
             got, waits = self._alloc(HBM, lpos.shape[0], now, req.idx)
             if got is None:
@@ -533,8 +539,7 @@ class TieredKV:
             if limit:
                 self.hit_ratio_sum += hit / limit
             if hit:
-                counts = (np.bincount(lk.tiers[:hit], minlength=4) if lk.tiers is not None
-                          else np.array([hit, 0, 0, 0]))
+                counts = (np.bincount(served, minlength=4) if served is not None else np.array([hit, 0, 0, 0]))
                 self.tier_hit_tokens += counts * bs
                 self.tier_hit_requests += counts > 0
                 if limit:
@@ -572,7 +577,8 @@ class TieredKV:
         self.hbm.register_many(new, keys[lpos], now, lpos)
         self.hbm.lock(new)
         self.hbm.set_ready(new, False)
-        self.hbm.tag_prefetched(new)
+        for t in (DRAM, NVME, STORE):
+            self.hbm.tag_prefetched(new[tiers[lpos] == t], t)
         self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], now, waits, True)
         self.prefetch_requests += 1
         self.prefetch_blocks += lpos.shape[0]
