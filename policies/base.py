@@ -348,6 +348,10 @@ class EvictionPolicy(Policy):
     """True for an offline policy that reads ``CacheView.next_use_s`` (the engine then computes, before
     the run, when every prefix key is next used)."""
 
+    lru_equivalent: ClassVar[bool] = False
+    """True for a policy whose ``evict_cached`` is exactly ``view.lru_order(num_blocks)``: the block
+    pool then evicts from its LRU head itself, without building the list and asking."""
+
     def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> Sequence[int]:
         """Choose ``num_blocks`` cached blocks to evict (the view holds at least that many)."""
         raise NotImplementedError
@@ -397,8 +401,10 @@ class ResidencyPolicy(Policy):
 
     def prefetch(self, view: ResidencyView, now: float) -> Sequence[RequestLike]:
         """Waiting requests whose lower-tier prefix to start loading into HBM now, ahead of their
-        admission (asked at every planning point; requests already loading are skipped). Default:
-        none."""
+        admission (asked at planning points where the queue, the lower tiers' contents or the released
+        requests changed since the last ask; a request with nothing below HBM, or whose prefix the
+        residency policy would recompute, is skipped, as are blocks already in HBM or loading).
+        Default: none."""
         return ()
 
 

@@ -78,7 +78,7 @@ class ConfigResidency(ResidencyPolicy):
     def prefetch(self, view: ResidencyView, now: float):
         if not self.p.prefetch_depth:
             return ()
-        return [r for r in islice(view.waiting, self.p.prefetch_depth) if view.lower_hit_blocks(r)]
+        return list(islice(view.waiting, self.p.prefetch_depth))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -49,39 +49,59 @@ WRITE_LINKS = {(HBM, DRAM): ("pcie_d2h",), (HBM, NVME): ("pcie_d2h", "nvme_write
 _NONE = np.empty(0, dtype=np.int64)
 
 
+_M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+_LOW63 = np.uint64(0x7FFFFFFFFFFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True)
+def _prefix_keys(hashes, hash_block_tokens, n, block_size, out):
+    j = 0
+    for b in range(n):
+        end = (b + 1) * block_size
+        t = (end - 1) // hash_block_tokens
+        if t >= hashes.shape[0]:
+            break
+        # mix (trace hash, offset in its block) into one 64-bit key; works for arbitrary 64-bit hashes
+        h = np.uint64(hashes[t]) * _M1
+        h ^= np.uint64(end - t * hash_block_tokens) * _M2
+        h ^= h >> np.uint64(31)
+        out[j] = np.int64(h & _LOW63)
+        j += 1
+    return j
+
+
 def prefix_keys(hashes: np.ndarray, hash_block_tokens: int, prompt_tokens: int, block_size: int) -> np.ndarray:
     """Prefix keys of the full engine blocks of a prompt (see module docstring)."""
     n = prompt_tokens // block_size
     if n == 0 or hashes.size == 0:
         return np.empty(0, dtype=np.int64)
-    ends = (np.arange(n, dtype=np.int64) + 1) * block_size
-    t_end = (ends - 1) // hash_block_tokens
-    valid = t_end < hashes.size
-    ends, t_end = ends[valid], t_end[valid]
-    # mix (trace hash, offset in its block) into one 64-bit key; works for arbitrary 64-bit hashes
-    h = hashes[t_end].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    h ^= (ends - t_end * hash_block_tokens).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(31)
-    return (h & np.uint64(0x7FFFFFFFFFFFFFFF)).astype(np.int64)
+    out = np.empty(n, dtype=np.int64)
+    return out[:_prefix_keys(np.asarray(hashes, dtype=np.int64), int(hash_block_tokens), n, block_size, out)]
 
 
 @numba.njit(cache=True, nogil=True)
-def lookup_tiers(keys, limit, ht0, b0, ht1, b1, ht2, b2, ht3, b3, out):
-    """For each of ``keys[:limit]`` the first tier whose table holds it, into ``out``, until a key no
-    tier holds; returns how many were found."""
+def lookup_tiers(keys, limit, ht0, b0, ht1, b1, ht2, b2, ht3, b3, out, counts):
+    """For each of ``keys[:limit]`` the first tier whose table holds it, into ``out`` (and counted per
+    tier in ``counts``), until a key no tier holds; returns (blocks found, index of the first one not in
+    HBM, or the number found)."""
+    lead = -1
     for j in range(limit):
         k = keys[j]
         if ht_find(ht0, b0, k) >= 0:
-            out[j] = 0
+            t = 0
         elif ht_find(ht1, b1, k) >= 0:
-            out[j] = 1
+            t = 1
         elif ht_find(ht2, b2, k) >= 0:
-            out[j] = 2
+            t = 2
         elif ht_find(ht3, b3, k) >= 0:
-            out[j] = 3
+            t = 3
         else:
-            return j
-    return limit
+            return j, (lead if lead >= 0 else j)
+        out[j] = t
+        counts[t] += 1
+        if t and lead < 0:
+            lead = j
+    return limit, (lead if lead >= 0 else limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +200,7 @@ class TieredKV:
         self.sessions = None
         self.futures = None
         self._recompute_table: np.ndarray | None = None
+        self._recompute_memo: dict[tuple[int, int, int], float] = {}
         self._now = 0.0
         self._moves: list[Move] = []
         self._waits: tuple[list, list, list, list] = ([], [], [], [])
@@ -191,6 +212,7 @@ class TieredKV:
         self.tier_hit_tokens = np.zeros(4, dtype=np.int64)
         self.tier_hit_requests = np.zeros(4, dtype=np.int64)
         self.admissions = 0
+        self.releases = 0                 # requests that gave their blocks back (prefetch re-asks then)
         self.hit_ratio_sum = 0.0          # per-request prefix hit ratio, summed over admissions
         self.tier_ratio_sum = np.zeros(4)  # ... and the share of it each tier served
         self.loads = np.zeros(4, dtype=np.int64)          # load copies per source tier
@@ -206,6 +228,8 @@ class TieredKV:
 
     def _chooser(self, t: int):
         policy, view = self._evictions[t], self._views[t]
+        if type(policy).lru_equivalent:
+            return None         # the pool evicts from its LRU head (what the policy would choose)
 
         def choose(pool: BlockPool, k: int, now: float):
             return policy.evict_cached(view, k, now)
@@ -237,9 +261,15 @@ class TieredKV:
 
     # ------------------------------------------------------------------ eviction hook
     def choose_hbm_victims(self, pool: BlockPool, k: int, now: float) -> Sequence[int]:
-        return self._choose[HBM](pool, k, now)
+        choose = self._choose[HBM]
+        return pool.lru_array(k) if choose is None else choose(pool, k, now)
 
     # ------------------------------------------------------------------ lookups (pure)
+    def lower_versions(self) -> tuple[int, int, int]:
+        """Changes whenever the set of keys findable below HBM changes."""
+        cs = self._cs
+        return int(cs[1][C_VERSION]), int(cs[2][C_VERSION]), int(cs[3][C_VERSION])
+
     def _lower_keys(self) -> bool:
         cs = self._cs
         return bool(cs[1][C_KEYS] or cs[2][C_KEYS] or cs[3][C_KEYS])
@@ -264,16 +294,14 @@ class TieredKV:
             return memo[1]
         p = self._pools
         out = np.empty(limit, dtype=np.int8)
-        found = int(lookup_tiers(keys, limit, p[0].ht, p[0].bits, p[1].ht, p[1].bits, p[2].ht, p[2].bits,
-                                 p[3].ht, p[3].bits, out))
-        tiers = out[:found]
-        lower = np.flatnonzero(tiers != HBM)
-        lead = int(lower[0]) if lower.size else found
-        if not lower.size:
+        counts = np.zeros(4, dtype=np.int64)
+        found, lead = lookup_tiers(keys, limit, p[0].ht, p[0].bits, p[1].ht, p[1].bits, p[2].ht, p[2].bits,
+                                   p[3].ht, p[3].bits, out, counts)
+        if lead == found:
             got = PrefixLookup(found, found, None, (found, 0, 0, 0)) if found else NO_LOOKUP
         else:
-            counts = np.bincount(tiers, minlength=4)
-            got = PrefixLookup(found, lead, tiers, (int(counts[0]), int(counts[1]), int(counts[2]), int(counts[3])))
+            c = counts.tolist()
+            got = PrefixLookup(found, lead, out[:found], (c[0], c[1], c[2], c[3]))
         self._lookups[req.idx] = (versions, got)
         return got
 
@@ -330,14 +358,18 @@ class TieredKV:
 
     def recompute_estimate_s(self, req: Request) -> float:
         """Prefill seconds the request's lower-tier prefix would add if recomputed: its prefill from
-        the first block not in HBM, less its prefill from the end of the blocks found."""
+        the first block not in HBM, less its prefill from the end of the blocks found (priced by the
+        replica's cost model; remembered per (tokens, from, to))."""
         lk = self.lookup(req)
         if lk.tiers is None or self.prefill_s is None:
             return 0.0
         bs = self.block_size
         total = req.num_tokens
         a, b = lk.hbm_lead * bs, lk.found * bs
-        return self.prefill_s(total - a, a) - self.prefill_s(total - b, b)
+        got = self._recompute_memo.get((total, a, b))
+        if got is None:
+            got = self._recompute_memo[(total, a, b)] = self.prefill_s(total - a, a) - self.prefill_s(total - b, b)
+        return got
 
     def blocks_needed(self, req: Request, new_tokens: int) -> int:
         """Available HBM blocks that computing ``new_tokens`` more tokens consumes. For a request not
@@ -409,11 +441,12 @@ class TieredKV:
         return got, self._evicted(t, now)
 
     def _evicted(self, t: int, now: float) -> list[Move]:
-        keys, pos = self._pools[t].last_evicted()
+        pool = self._pools[t]
         dest = self._demotion(t, now)
         if dest < 0:
-            self.dropped_blocks[t] += keys.shape[0]
+            self.dropped_blocks[t] += int(pool.c[C_NEV])
             return []
+        keys, pos = pool.last_evicted()
         m = self._write(t, dest, keys, pos, now)
         return [m] if m is not None else []
 
@@ -657,6 +690,7 @@ class TieredKV:
     def release(self, req: Request, now: float, offload: bool = True) -> None:
         """Give back every HBM block of a finished or recompute-preempted request (first copying its
         prompt blocks down if the residency policy offloads them)."""
+        self.releases += 1
         if req.blocks:
             if (offload and self.residency is not None and req.num_cached_blocks and not self.exclusive
                     and self.prefix_caching):
@@ -777,16 +811,18 @@ class TieredKV:
 
     # ------------------------------------------------------------------ costs for ranking policies
     def block_recompute_s(self, positions: np.ndarray) -> np.ndarray:
-        """Prefill seconds of one block at each position (the marginal time of prefilling one more
-        block at that context), from a table priced once per run over positions."""
+        """Prefill seconds one block at each position adds to a long prefill (2,048 more tokens after
+        it: the compute-bound regime a recomputed prefix runs in), from a table priced once per run on
+        a geometric grid of positions and interpolated."""
         if self.prefill_s is None:
             return np.zeros(len(positions))
         if self._recompute_table is None:
-            bs = self.block_size
-            grid = np.unique(np.geomspace(1, 8192, 48).astype(np.int64))
-            t = np.array([self.prefill_s(int(g) * bs, 0) for g in grid])
-            per_pos = np.diff(np.interp(np.arange(0, 8193), np.concatenate(([0], grid)), np.concatenate(([0.0], t))))
-            self._recompute_table = np.maximum(per_pos, 0.0)
+            bs, rest = self.block_size, 2048
+            top = max(2, -(-131072 // bs))
+            grid = np.unique(np.concatenate(([0], np.geomspace(1, top, 40).astype(np.int64))))
+            cost = np.array([self.prefill_s(rest + bs, int(g) * bs) - self.prefill_s(rest, (int(g) + 1) * bs)
+                             for g in grid])
+            self._recompute_table = np.maximum(np.interp(np.arange(top + 1), grid, cost), 0.0)
         pos = np.clip(np.asarray(positions, dtype=np.int64), 0, self._recompute_table.shape[0] - 1)
         return self._recompute_table[pos]
 

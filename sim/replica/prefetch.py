@@ -6,8 +6,9 @@ this module starts them as transfers (each hop queueing on its link, after the c
 applies them when they land — first bringing a decode run in progress up to that instant, then waking
 the replica — and moves a LOADING request to RUNNING once its last block has landed. The stall of such a
 request is measured from its admission (when it could otherwise have started its prefill) to that
-moment. Prefetch asks the residency policy, at each planning point, which waiting requests' lower-tier
-prefixes to start loading now.
+moment. Prefetch asks the residency policy, at planning points where something it could act on has
+changed (the queue, the contents of the lower tiers, a request released its blocks), which waiting
+requests' lower-tier prefixes to start loading now.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class KVMoves:
         self.stall_s = 0.0
         self.max_stall_s = 0.0
         self.writeback_wait_s = 0.0      # steps that waited for the write-back of the blocks they reuse
+        self.landings = 0
+        self._asked: tuple | None = None
 
     def start_pending(self) -> None:
         """Start every copy the KV owner has decided since the last call."""
@@ -56,6 +59,7 @@ class KVMoves:
         r.sync(now)              # a decode run in progress first catches up to now
         self.kv.land(m, now)
         self.in_flight -= 1
+        self.landings += 1
         if m.kind == "load" and self.loading:
             self._wake_loaded(now)
         r.notify()
@@ -87,6 +91,11 @@ class KVMoves:
         r = self.r
         if not r.waiting:
             return
+        kv = self.kv
+        state = (id(r.waiting[0]), len(r.waiting), kv.lower_versions(), kv.releases)
+        if state == self._asked:
+            return          # nothing the policy could act on has changed since it was last asked
+        self._asked = state
         chosen = self.residency.prefetch(r.preemption.view, now)
         if not chosen:
             return

@@ -225,3 +225,22 @@ def test_kv_dtype_changes_capacity_transfer_bytes_and_attention_time(dtype, rati
         steps[d] = float(st[(st["decode_seqs"] == 16) & (st["prefill_seqs"] == 0)]["duration_s"].mean())
     assert steps[dtype] < 0.9 * steps[""]
     assert np.isfinite(steps[dtype])
+
+
+def test_prefix_keys_are_the_mix_of_each_blocks_trace_hash_and_offset():
+    from sim.memory.tiers import prefix_keys
+
+    def reference(hashes, hbt, prompt, bs):       # the definition, vectorised
+        ends = (np.arange(prompt // bs, dtype=np.int64) + 1) * bs
+        t = (ends - 1) // hbt
+        ends, t = ends[t < hashes.size], t[t < hashes.size]
+        h = hashes[t].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= (ends - t * hbt).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(31)
+        return (h & np.uint64(0x7FFFFFFFFFFFFFFF)).astype(np.int64)
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        hbt, bs, prompt = int(rng.choice([16, 64, 100, 512])), int(rng.choice([4, 16, 512])), int(rng.integers(1, 5000))
+        hashes = rng.integers(-2**63, 2**63 - 1, int(rng.integers(0, -(-prompt // hbt) + 1)), dtype=np.int64)
+        assert np.array_equal(prefix_keys(hashes, hbt, prompt, bs), reference(hashes, hbt, prompt, bs))

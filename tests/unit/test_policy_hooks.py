@@ -393,6 +393,19 @@ def test_a_time_dependent_eviction_policy_is_asked_at_each_allocation_of_a_decod
     assert len(batched) < len(clocked) / 4                              # ...or asked for together
 
 
+def test_an_lru_equivalent_policy_lets_the_pool_evict_from_its_lru_head_with_the_same_result():
+    import pandas as pd
+
+    hashes = [list(range(1, 9)), list(range(20, 40))]
+    tr = make_trace([0.0, 1.0], [512, 1280], [2, 300], hashes, 64)
+    base = {"replica.num_hbm_blocks": 110, "policies.scheduling.watermark": 0.0}
+    sim, asked = run_checked(small_config(**base, **{"policies.eviction.name": "test-batched-lru"}), tr)
+    _, own = run_checked(small_config(**base), tr)          # lru declares lru_equivalent
+    assert sim.replicas[0].kv.eviction.calls
+    pd.testing.assert_frame_equal(asked.requests, own.requests)
+    pd.testing.assert_frame_equal(asked.steps, own.steps)
+
+
 class _PeekingAtTheFuture(EvictionPolicy):
     def evict_cached(self, view, num_blocks, now):
         view.next_use_s(view.candidates())
