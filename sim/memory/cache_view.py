@@ -106,5 +106,5 @@ class PoolCacheView:
         if futures is None:
             raise RuntimeError("next_use_s: only an eviction policy that declares needs_future = True "
                                "sees the trace's future")
-        out = futures.next_use_s(np.atleast_1d(self.key(block)))
+        out = futures.next_use_of_blocks(self._pool, np.atleast_1d(block))
         return float(out[0]) if np.ndim(block) == 0 else out

@@ -41,6 +41,29 @@ def _next_use(keys, ht, bits, offsets, uses, ptr, admitted, arrival, out):
         out[j] = arrival[uses[p]] if p < end else inf
 
 
+@numba.njit(cache=True, nogil=True)
+def _next_use_blocks(blocks, pool_keys, ckey, ckid, ht, bits, offsets, uses, ptr, admitted, arrival, out):
+    """:func:`_next_use` for blocks of a pool, with each block's key id remembered while its key stays
+    (the key table is large: a lookup per block and eviction would dominate)."""
+    inf = np.inf
+    for j in range(blocks.shape[0]):
+        b = blocks[j]
+        k = pool_keys[b]
+        if ckey[b] != k:
+            ckey[b] = k
+            ckid[b] = ht_find(ht, bits, k) if k >= 0 else -1
+        kid = ckid[b]
+        if kid < 0:
+            out[j] = inf
+            continue
+        p = ptr[kid]
+        end = offsets[kid + 1]
+        while p < end and admitted[uses[p]]:
+            p += 1
+        ptr[kid] = p
+        out[j] = arrival[uses[p]] if p < end else inf
+
+
 class FutureUses:
     """Next use of every prefix key of a trace (see the module docstring)."""
 
@@ -63,6 +86,7 @@ class FutureUses:
         self.admitted = np.zeros(n, dtype=np.bool_)
         self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
         self.num_keys = int(uniq.shape[0])
+        self._block_ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def admit(self, idx: int) -> None:
         """Request ``idx`` has been admitted: its keys' next uses move past it."""
@@ -73,4 +97,16 @@ class FutureUses:
         keys = np.asarray(keys, dtype=np.int64)
         out = np.empty(keys.shape[0], dtype=np.float64)
         _next_use(keys, self.ht, self.bits, self.offsets, self.uses, self.ptr, self.admitted, self.arrival_s, out)
+        return out
+
+    def next_use_of_blocks(self, pool, blocks: np.ndarray) -> np.ndarray:
+        """:meth:`next_use_s` of the keys the blocks of ``pool`` carry now."""
+        got = self._block_ids.get(id(pool))
+        if got is None:
+            got = self._block_ids[id(pool)] = (np.full(pool.num_blocks, -2, dtype=np.int64),
+                                               np.full(pool.num_blocks, -1, dtype=np.int64))
+        blocks = np.asarray(blocks, dtype=np.int64)
+        out = np.empty(blocks.shape[0], dtype=np.float64)
+        _next_use_blocks(blocks, pool.key, got[0], got[1], self.ht, self.bits, self.offsets, self.uses, self.ptr,
+                         self.admitted, self.arrival_s, out)
         return out
