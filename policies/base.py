@@ -272,6 +272,8 @@ class ResidencyView(Protocol):
 
     def num_free_blocks(self, tier: str) -> int: ...
 
+    num_prefetched_blocks: int       # HBM blocks prefetched and held for waiting requests
+
     def hbm_hit_blocks(self, req: RequestLike) -> int:
         """Leading prompt blocks of a waiting request in HBM, before the first one that is not."""
 

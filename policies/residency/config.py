@@ -3,6 +3,10 @@ says (vLLM's ``preemption_mode``: recompute, or swap to CPU memory); the KV hier
 this policy's parameters, and their defaults are an HBM-only prefix cache (evicted blocks dropped,
 nothing offloaded or prefetched).
 
+Prefetch (``prefetch_depth`` > 0) loads the lower-tier prefixes of the first waiting requests into HBM
+and holds them there for those requests, while the held blocks stay within ``prefetch_fraction`` of
+HBM and at least as much again is left available to the running batch.
+
 ``"auto"`` picks from the replica's tiers (``replica.dram_kv_bytes``, ``replica.nvme_kv_bytes``, the
 cluster's shared store) and ``replica.kv_tier_mode``: inclusive tiers write a request's prompt blocks
 down to the next tier when it releases them (so an HBM eviction is free) and push a lower tier's
@@ -26,6 +30,7 @@ class ConfigResidencyParams:
     dram_evict_to: str = "drop"     # "drop" | "nvme" | "store" | "auto"
     nvme_evict_to: str = "drop"     # "drop" | "store" | "auto"
     prefetch_depth: int = 0         # waiting requests, from the head of the queue, to prefetch for
+    prefetch_fraction: float = 0.1  # at most this share of HBM held by prefetched blocks
     load: str = "when-faster"       # "when-faster" (Mooncake's threshold) | "always" | "never"
 
     def __post_init__(self) -> None:
@@ -36,6 +41,8 @@ class ConfigResidencyParams:
                 raise ValueError(f"{key} must be one of {', '.join(ok)} (got {getattr(self, key)!r})")
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0 (got {self.prefetch_depth})")
+        if not 0 < self.prefetch_fraction <= 1:
+            raise ValueError(f"prefetch_fraction must be in (0, 1] (got {self.prefetch_fraction})")
         if self.load not in ("when-faster", "always", "never"):
             raise ValueError(f"load must be 'when-faster', 'always' or 'never' (got {self.load!r})")
 
@@ -76,9 +83,21 @@ class ConfigResidency(ResidencyPolicy):
         return super().load_or_recompute(view, req, now)
 
     def prefetch(self, view: ResidencyView, now: float):
+        """The head of the queue, while what is held for it stays within ``prefetch_fraction`` of HBM and
+        leaves the running batch room to grow."""
         if not self.p.prefetch_depth:
             return ()
-        return list(islice(view.waiting, self.p.prefetch_depth))
+        room = self.p.prefetch_fraction * view.num_blocks("hbm") - view.num_prefetched_blocks
+        room = min(room, view.num_available_blocks("hbm") - self.p.prefetch_fraction * view.num_blocks("hbm"))
+        out = []
+        for r in islice(view.waiting, self.p.prefetch_depth):
+            need = sum(view.lower_hit_blocks(r).values())
+            if need > room:
+                break
+            if need:
+                out.append(r)
+                room -= need
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,7 +15,9 @@ residency policy decides, per request, whether to load it or recompute it (``loa
 Loading allocates and registers the request's HBM blocks at once, *not ready* and locked, and the
 request waits (state LOADING) until every one has landed; a second request wanting the same block
 waits for the same copy. Prefetch does the same for a waiting request's lower-tier prefix before it is
-admitted, with the copy holding the blocks instead of the request.
+admitted, the blocks held for that request (not evictable: HBM is the scarcest tier, and a prefetched
+block evicted before its request is admitted is bandwidth thrown away) until its admission takes them
+over.
 
 Where evicted blocks go is the residency policy's call (``demote_to``): dropped, or written back to a
 lower tier. A write-back copies the victims' bytes out before their blocks are reused, so whatever
@@ -219,6 +221,8 @@ class TieredKV:
         self.load_blocks = np.zeros(4, dtype=np.int64)
         self.prefetch_requests = 0
         self.prefetch_blocks = 0
+        self._holds: dict[int, list[int]] = {}     # HBM blocks prefetched for a waiting request
+        self.num_held = 0
         self.recompute_choices = 0        # admissions that found a lower-tier prefix and recomputed it
         self.recompute_choice_tokens = 0
         self.write_blocks = np.zeros((4, 4), dtype=np.int64)   # [source, destination]
@@ -531,6 +535,7 @@ class TieredKV:
         self._decisions.pop(req.idx, None)
         if self.futures is not None:
             self.futures.admit(req.idx)
+        held = self._holds.pop(req.idx, None)
         served = None          # the tier each hit block came from (prefetched ones: their source)
         if not hit:
             req.blocks = []
@@ -558,6 +563,9 @@ class TieredKV:
             self._waits[HBM].extend(waits)
             self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], now, waits, False)
             req.blocks = blocks.tolist()
+        if held:
+            self.hbm.release(held, now)      # the request holds what was prefetched for it now
+            self.num_held -= len(held)
         if lk.found > hit:
             self.recompute_choices += 1
             self.recompute_choice_tokens += (lk.found - hit) * bs
@@ -586,9 +594,10 @@ class TieredKV:
         return bool(req.blocks) and not self.hbm.ready[req.blocks].all()
 
     def prefetch(self, req: Request, now: float) -> int:
-        """Start loading a waiting request's lower-tier prefix into HBM ahead of its admission (the
-        copies hold the blocks; they land as cached blocks). Its own HBM hits are kept from being
-        evicted by the allocation. Returns the blocks started (0: nothing to load, or no room)."""
+        """Start loading a waiting request's lower-tier prefix into HBM ahead of its admission; the
+        blocks are held for it until then (:meth:`admit` takes them over, :meth:`drop_prefetch` gives
+        them back). Its own HBM hits are kept from being evicted by the allocation. Returns the blocks
+        started (0: nothing to load, or no room)."""
         self._now = now
         if req.state != RequestState.WAITING:
             return 0
@@ -613,9 +622,18 @@ class TieredKV:
         for t in (DRAM, NVME, STORE):
             self.hbm.tag_prefetched(new[tiers[lpos] == t], t)
         self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], now, waits, True)
+        self._holds.setdefault(req.idx, []).extend(got)
+        self.num_held += lpos.shape[0]
         self.prefetch_requests += 1
         self.prefetch_blocks += lpos.shape[0]
         return lpos.shape[0]
+
+    def drop_prefetch(self, req: Request, now: float) -> None:
+        """Give back the blocks prefetched for a request that will not be admitted (rejected)."""
+        held = self._holds.pop(req.idx, None)
+        if held:
+            self.hbm.release(held, now)
+            self.num_held -= len(held)
 
     def grow(self, req: Request, new_tokens: int, now: float) -> bool:
         """Allocate the HBM blocks needed to compute ``new_tokens`` more tokens. False on shortage."""
@@ -730,8 +748,6 @@ class TieredKV:
             hbm = self.hbm
             hbm.unlock(m.dst_blocks)
             hbm.set_ready(m.dst_blocks, True)
-            if m.prefetch:
-                hbm.release(m.dst_blocks, now)
             return
         dst = self._pools[m.dst]
         dst.unlock(m.dst_blocks)

@@ -113,6 +113,7 @@ class Replica:
         return ""
 
     def _reject(self, req: Request, reason: str, now: float) -> None:
+        self.kv.drop_prefetch(req, now)
         req.to(REJECTED)
         self.log.reject(req, REASON_CODE[reason], now)
 
@@ -401,5 +402,6 @@ class Replica:
             assert len(r.blocks) == -(-r.num_computed // bs)
         for r in list(self.running) + self.moves.loading:
             assert all(rc[b] > 0 for b in r.blocks), f"request {r.req_id} holds a block nobody references"
-        held = sum(len(r.blocks) for r in self.running) + sum(len(r.blocks) for r in self.moves.loading)
+        held = (sum(len(r.blocks) for r in self.running) + sum(len(r.blocks) for r in self.moves.loading)
+                + self.kv.num_held)
         assert self.kv.hbm.num_active <= held + self.kv.hbm.num_locked

@@ -206,6 +206,11 @@ class ResidencyViewImpl:
     def num_free_blocks(self, tier: str) -> int:
         return self._pool(tier).num_free
 
+    @property
+    def num_prefetched_blocks(self) -> int:
+        """HBM blocks prefetched and held for waiting requests (loading or landed, not yet admitted)."""
+        return self._r.kv.num_held
+
     def hbm_hit_blocks(self, req) -> int:
         """Leading prompt blocks of a waiting request in HBM, before the first one that is not."""
         return self._r.kv.lookup(unwrap(req)).hbm_lead

@@ -185,22 +185,34 @@ def test_replicas_share_prefixes_through_the_store():
     assert res.summary["kv_tiers"]["token_hit_rate"]["store"] > 0
 
 
+def _queued_c():
+    """A finishes, B (11,000 tokens) pushes A's blocks down to DRAM, D (2,048 tokens, 200 outputs) runs
+    while C, with A's prompt, waits behind it (one request at a time)."""
+    a, b, d = list(range(1, 26)), list(range(100, 272)), list(range(300, 332))
+    return make_trace([0.0, 1.0, 1.95, 1.9], [1600, 11000, 1600, 2048], [2, 2, 2, 200], [a, b, a, d], 64)
+
+
+_QUEUED = {"replica.num_hbm_blocks": 800, "policies.residency.hbm_evict_to": "dram",
+           "policies.scheduling.max_num_seqs": 1}
+
+
 def test_prefetch_loads_a_queued_requests_prefix_before_it_is_admitted():
-    # D (long) keeps the replica busy while C waits; C's prefix is in DRAM. Prefetched, it is resident
-    # by C's admission: no stall. Without prefetch C waits for its copy after admission.
-    d = list(range(300, 400))
-    tr = make_trace([0.0, 1.0, 1.95, 1.9], [1600, 1600, 1600, 6400], [2, 2, 2, 40],
-                    [list(range(1, 26)), list(range(100, 125)), list(range(1, 26)), d], 64)
-    base = {"replica.num_hbm_blocks": 520, "policies.residency.hbm_evict_to": "dram",
-            "policies.scheduling.max_num_seqs": 1}
-    _, lazy = run_checked(_cfg(**base), tr)
-    _, eager = run_checked(_cfg(**base, **{"policies.residency.prefetch_depth": 1}), tr)
-    assert _reqs(lazy).loc[2, "kv_stall_s"] > 0
-    assert _reqs(eager).loc[2, "kv_stall_s"] == 0
+    # prefetched while C waits, its prefix is resident by C's admission: no stall; without prefetch
+    # C waits for its copy after admission
+    _, lazy = run_checked(_cfg(**_QUEUED), _queued_c())
+    _, eager = run_checked(_cfg(**_QUEUED, **{"policies.residency.prefetch_depth": 1,
+                                             "policies.residency.prefetch_fraction": 0.3}), _queued_c())
+    rl, re = _reqs(lazy), _reqs(eager)
+    assert rl.loc[2, "kv_stall_s"] > 0 and re.loc[2, "kv_stall_s"] == 0
+    assert re.loc[2, "ttft_s"] < rl.loc[2, "ttft_s"]
     pf = eager.summary["kv_tiers"]["prefetch"]
-    assert pf["requests"] == 1 and pf["on_time_blocks"] == pf["blocks"] > 0 and pf["late_blocks"] == 0
-    assert _reqs(eager).loc[2, "prefix_hit_tokens"] == _reqs(lazy).loc[2, "prefix_hit_tokens"] == 99 * 16
-    assert _reqs(eager).loc[2, "lower_hit_tokens"] > 0 and _reqs(lazy).loc[2, "lower_hit_tokens"] > 0
+    assert pf["requests"] == 1 and pf["on_time_blocks"] == pf["blocks"] == 99 and pf["late_blocks"] == 0
+    assert re.loc[2, "prefix_hit_tokens"] == rl.loc[2, "prefix_hit_tokens"] == 99 * 16
+    assert re.loc[2, "lower_hit_tokens"] == rl.loc[2, "lower_hit_tokens"] == 99 * 16
+    # held for C while it waited, not evictable; nothing prefetched without room for it
+    _, tight = run_checked(_cfg(**_QUEUED, **{"policies.residency.prefetch_depth": 1,
+                                             "policies.residency.prefetch_fraction": 0.05}), _queued_c())
+    assert tight.summary["kv_tiers"]["prefetch"]["blocks"] == 0
 
 
 @pytest.mark.parametrize("dtype,ratio", [("fp8", 0.5), ("int4", 0.3125)])

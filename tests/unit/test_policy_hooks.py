@@ -344,15 +344,12 @@ def test_load_or_recompute_decides_whether_a_lower_tier_hit_is_loaded():
 
 
 def test_prefetch_starts_loads_for_waiting_requests():
-    from tests.unit.test_kv_tiers import test_prefetch_loads_a_queued_requests_prefix_before_it_is_admitted as base
+    from tests.unit.test_kv_tiers import _queued_c
 
-    del base    # the scenario: C waits behind a long request D, its prefix in DRAM
-    d = list(range(300, 400))
-    tr = make_trace([0.0, 1.0, 1.95, 1.9], [1600, 1600, 1600, 6400], [2, 2, 2, 40],
-                    [list(range(1, 26)), list(range(100, 125)), list(range(1, 26)), d], 64)
-    cfg = {"replica.num_hbm_blocks": 520, "policies.scheduling.max_num_seqs": 1}
-    _, lazy = run_checked(_tier_cfg(**cfg, **{"policies.residency.name": "test-demote-dram"}), tr)
-    _, eager = run_checked(_tier_cfg(**cfg, **{"policies.residency.name": "test-demote-prefetch"}), tr)
+    # C waits behind a long request, its prefix in DRAM
+    cfg = {"replica.num_hbm_blocks": 800, "policies.scheduling.max_num_seqs": 1}
+    _, lazy = run_checked(_tier_cfg(**cfg, **{"policies.residency.name": "test-demote-dram"}), _queued_c())
+    _, eager = run_checked(_tier_cfg(**cfg, **{"policies.residency.name": "test-demote-prefetch"}), _queued_c())
     assert lazy.summary["kv_tiers"]["prefetch"]["blocks"] == 0
     assert eager.summary["kv_tiers"]["prefetch"]["on_time_blocks"] > 0
     assert eager.summary["kv_tiers"]["stall"]["total_s"] < lazy.summary["kv_tiers"]["stall"]["total_s"]
