@@ -15,8 +15,11 @@ Kinds and what each decides (``KINDS`` in ``policies.registry`` is the one list)
 
 =============  ==================================================================================
 scheduling     which requests run this step and how many tokens each; preemptions; swap-ins
-eviction       which cached HBM blocks to evict; which swapped requests' DRAM copies to drop
-residency      where a preempted request's KV goes (recompute, or swap to DRAM)
+eviction       which cached blocks of a tier (HBM, DRAM, NVMe, the shared store) to evict; which swapped
+               requests' DRAM copies to drop
+residency      where a preempted request's KV goes (recompute, or swap to DRAM); where evicted and
+               released blocks go (drop, or a lower tier); whether a lower-tier prefix hit is loaded or
+               recomputed; which waiting requests' prefixes to prefetch
 speculation    how many draft tokens each decode proposes and with which drafter (priced); how many
                the verifier accepts
 execution      how a step's kernels are launched (host launches, CUDA graphs); SMs it reserves
@@ -45,6 +48,8 @@ class RequestState(IntEnum):
     SWAPPING_IN = 4    # its KV is on the way back to HBM (HBM blocks allocated and locked)
     FINISHED = 5
     REJECTED = 6
+    LOADING = 7        # admitted; its prefix hits are on their way in from a lower tier (HBM blocks
+                       # allocated, locked, not ready): it joins the running batch when they land
 
 
 class RequestLike(Protocol):
@@ -181,17 +186,50 @@ class SchedulerView(Protocol):
 
 
 class CacheView(Protocol):
-    """Evictable (cached, unreferenced) blocks of one tier, for eviction policies."""
+    """Evictable (cached, unreferenced) blocks of one tier, for eviction policies: a ranking view.
 
-    tier: str
+    Per-block accessors take one block id (and return a number) or an array of ids (and return an
+    array), so ranking policies stay vectorised (``sim.memory.cache_view``)."""
+
+    tier: str                        # "hbm" | "dram" | "nvme" | "store"
     num_cached: int
+    num_blocks: int                  # the tier's capacity
+    bytes_per_block: int
 
-    def lru_order(self, limit: int) -> list[int]:
+    def lru_order(self, limit: int) -> np.ndarray:
         """Up to ``limit`` evictable block ids, least recently used first."""
 
-    def last_access_s(self, block: int) -> float: ...
+    def mru_order(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` evictable block ids, most recently used first."""
 
-    def hits(self, block: int) -> int: ...
+    def candidates(self) -> np.ndarray:
+        """Every evictable block, least recently used first."""
+
+    def last_access_s(self, block): ...
+
+    def hits(self, block):
+        """Hits since the block's content arrived in this tier (its frequency)."""
+
+    def inserted_s(self, block):
+        """When the block's content (its prefix key) arrived in this tier."""
+
+    def position(self, block):
+        """The block's index in its prompt (0: the head of the prefix)."""
+
+    def owner(self, block):
+        """Trace index of the request that last held the block (-1: none, a copy)."""
+
+    def session(self, block):
+        """Session id of that request (None when the trace has none)."""
+
+    def key(self, block): ...
+
+    def recompute_s(self, block):
+        """Prefill seconds recomputing the block's tokens at its position would cost."""
+
+    def next_use_s(self, block):
+        """When the trace next uses the block's prefix (inf: never). Only for a policy that declares
+        ``needs_future``: the engine computes it offline from the whole trace."""
 
 
 class SwapView(Protocol):
@@ -218,11 +256,41 @@ class ReplicaView(Protocol):
 
 
 class ResidencyView(Protocol):
-    """What a residency policy sees when a running request is preempted."""
+    """What a residency policy sees of its replica's KV tiers (``sim.replica.views``)."""
 
     preemption_mode: str             # the replica's configured default: "recompute" | "swap"
     num_free_dram_blocks: int
     block_size: int
+    tier_mode: str                   # "inclusive" | "exclusive" (replica.kv_tier_mode)
+    tiers: tuple[str, ...]           # tiers with capacity, top down: "hbm", "dram", "nvme", "store"
+    waiting: Sequence[RequestLike]   # the replica's queue (FCFS order)
+
+    def num_blocks(self, tier: str) -> int: ...
+
+    def num_available_blocks(self, tier: str) -> int:
+        """Blocks an allocation in ``tier`` can get now (free plus evictable cached)."""
+
+    def num_free_blocks(self, tier: str) -> int: ...
+
+    num_prefetched_blocks: int       # HBM blocks prefetched and held for waiting requests
+
+    def hbm_hit_blocks(self, req: RequestLike) -> int:
+        """Leading prompt blocks of a waiting request in HBM, before the first one that is not."""
+
+    def lower_hit_blocks(self, req: RequestLike) -> dict[str, int]:
+        """Blocks of the request's prefix found in each lower tier."""
+
+    def prefix_hit_blocks(self, req: RequestLike) -> int:
+        """Leading prompt blocks the request takes from the cache if admitted now."""
+
+    def load_s(self, req: RequestLike) -> float:
+        """Seconds to copy its lower-tier prefix into HBM over idle links."""
+
+    def recompute_s(self, req: RequestLike) -> float:
+        """Prefill seconds recomputing that prefix would add."""
+
+    def link_backlog_s(self, link: str) -> float:
+        """Seconds of copies queued or in flight on a link (``pcie_h2d``, ``nvme_read``, ...)."""
 
 
 # ---------------------------------------------------------------------------------------- kinds
@@ -290,22 +358,81 @@ class SchedulingPolicy(Policy):
 
 
 class EvictionPolicy(Policy):
+    """One instance per tier of each replica (and one for the shared store). ``evict_cached`` for
+    ``n`` blocks must choose what ``n`` successive calls for one block each would (decode runs ask for
+    all of a run's evictions at once), unless the policy declares ``time_dependent``."""
+
+    time_dependent: ClassVar[bool] = False
+    """True when the choice depends on ``now`` (a TTL): decode runs then ask at each allocation's time."""
+
+    needs_future: ClassVar[bool] = False
+    """True for an offline policy that reads ``CacheView.next_use_s`` (the engine then computes, before
+    the run, when every prefix key is next used)."""
+
+    lru_equivalent: ClassVar[bool] = False
+    """True for a policy whose ``evict_cached`` is exactly ``view.lru_order(num_blocks)``: the block
+    pool then evicts from its LRU head itself, without building the list and asking."""
+
     def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> Sequence[int]:
         """Choose ``num_blocks`` cached blocks to evict (the view holds at least that many)."""
         raise NotImplementedError
 
     def drop_swapped(self, view: SwapView, num_blocks: int, now: float) -> Sequence[RequestLike]:
         """Choose swapped requests whose DRAM copies to drop (they will recompute) to free at least
-        ``num_blocks`` DRAM blocks."""
-        raise NotImplementedError
+        ``num_blocks`` DRAM blocks. The default drops the longest-swapped first."""
+        chosen, freed = [], 0
+        for req in view.swapped:
+            if freed >= num_blocks:
+                break
+            chosen.append(req)
+            freed += view.dram_blocks(req)
+        return chosen
 
 
 class ResidencyPolicy(Policy):
+    """Where KV lives across the tiers. Every default reproduces an HBM-only prefix cache: evicted
+    blocks are dropped, nothing is offloaded or prefetched, and a lower-tier hit (there is none then)
+    would be loaded when that is faster than recomputing it."""
+
     def preempt_to(self, view: ResidencyView, req: RequestLike, now: float) -> str:
         """Where a preempted running request's KV goes: ``"recompute"`` (dropped; the request
         re-prefills later) or ``"swap"`` (copied to DRAM over PCIe, brought back on swap-in). The
         default follows ``replica.preemption_mode``."""
         return view.preemption_mode
+
+    def demote_to(self, view: ResidencyView, tier: str, now: float) -> str:
+        """Where blocks evicted from ``tier`` go: ``"drop"`` or a lower tier (``"dram"``, ``"nvme"``,
+        ``"store"``), written back over the links before their blocks are reused. Asked at every
+        eviction, and when a decode run is planned (a run stops at the first eviction that is written
+        back), so the answer must depend on the view, not on time alone. Default: drop."""
+        return "drop"
+
+    def offload_to(self, view: ResidencyView, req: RequestLike, now: float) -> str:
+        """When a finished or recompute-preempted request releases its blocks, where a copy of its
+        prompt blocks goes (write-through; blocks the tier already has are skipped): ``"none"``, or a
+        lower tier. Not used in exclusive mode. Default: none."""
+        return "none"
+
+    def offloads(self) -> bool:
+        """False if :meth:`offload_to` always answers ``"none"``: releasing a finished request's blocks
+        then starts no copy, and a decode run may advance past completions in one event. The default
+        is True for a policy that overrides :meth:`offload_to` (always correct, only slower)."""
+        return type(self).offload_to is not ResidencyPolicy.offload_to
+
+    def load_or_recompute(self, view: ResidencyView, req: RequestLike, now: float) -> str:
+        """For a waiting request whose prefix continues in a lower tier: ``"load"`` it (the request
+        waits for the copies) or ``"recompute"`` it (only the HBM blocks before the first lower-tier one
+        are used). Asked whenever the prefix found changes. Default, as Mooncake's bandwidth threshold:
+        load when the copy over idle links is faster than recomputing those tokens."""
+        return "load" if view.load_s(req) < view.recompute_s(req) else "recompute"
+
+    def prefetch(self, view: ResidencyView, now: float) -> Sequence[RequestLike]:
+        """Waiting requests whose lower-tier prefix to start loading into HBM now, ahead of their
+        admission (asked at planning points where the queue, the lower tiers' contents or the released
+        requests changed since the last ask; a request with nothing below HBM, or whose prefix the
+        residency policy would recompute, is skipped, as are blocks already in HBM or loading).
+        Default: none."""
+        return ()
 
 
 class SpeculationPolicy(Policy):

@@ -32,7 +32,8 @@ _ENTRY_POINTS_LOADED = False
 
 _BUILTIN_MODULES = (
     "policies.scheduling.fcfs", "policies.scheduling.chunked_prefill",
-    "policies.eviction.lru",
+    "policies.eviction.lru", "policies.eviction.lfu", "policies.eviction.fifo", "policies.eviction.arc",
+    "policies.eviction.twoq", "policies.eviction.ttl", "policies.eviction.cost", "policies.eviction.belady",
     "policies.residency.config",
     "policies.speculation.none",
     "policies.execution.host_launched", "policies.execution.cuda_graph",

@@ -83,6 +83,7 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     if dropped:
         lines.append("trace: the reader dropped " + ", ".join(f"{v:,} {k}" for k, v in dropped.items())
                      + " rows of the file (see summary.json: trace.dropped_rows)")
+    lines += kv_tier_lines(summary)
     lines += cost_notes_lines(costs)
     tail = []
     if out_dir:
@@ -92,6 +93,34 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     if tail:
         lines.append(" | ".join(tail))
     return "\n".join(lines)
+
+
+def kv_tier_lines(summary: dict) -> list[str]:
+    """One or two lines on the KV hierarchy, when a lower tier served or stored anything."""
+    kt = summary.get("kv_tiers") or {}
+    rate = kt.get("token_hit_rate") or {}
+    lower = {t: v for t, v in rate.items() if t != "hbm" and v}
+    writes = sum((kt.get("write_blocks") or {}).values())
+    if not lower and not writes:
+        return []
+    order = ("hbm", "dram", "nvme", "store")
+    hits = ", ".join(f"{t.upper() if t != 'store' else 'store'} {100 * (rate.get(t) or 0):.1f} %"
+                     for t in order if t == "hbm" or t in lower)
+    st, pf, ls = kt["stall"], kt["prefetch"], summary.get("link_stats", {})
+
+    def gb(link):
+        return ls.get(link, {}).get("bytes", 0) / 1e9
+
+    nvme = f", NVMe read {gb('nvme_read'):.1f} GB, write {gb('nvme_write'):.1f} GB" if "nvme_read" in ls and (
+        gb("nvme_read") or gb("nvme_write")) else ""
+    net = f", store read {gb('net_read'):.1f} GB, write {gb('net_write'):.1f} GB" if "net_read" in ls else ""
+    return [f"KV tiers ({kt.get('mode')}): prefix hits {100 * (kt.get('token_hit_rate_all') or 0):.1f} % of prompt "
+            f"tokens ({hits}) | {kt.get('recompute_choices', 0):,} lower-tier prefixes recomputed | write-back "
+            f"{kt.get('writeback_bytes', 0) / 1e9:.1f} GB",
+            f"KV loads: {st['requests']:,} requests waited {st['total_s']:.1f} s (mean {1e3 * st['mean_s']:.1f} ms, "
+            f"max {st['max_s']:.2f} s) | prefetch {pf['blocks']:,} blocks: {pf['on_time_blocks']:,} on time, "
+            f"{pf['late_blocks']:,} late, {pf['wasted_blocks']:,} wasted | PCIe H2D {gb('pcie_h2d'):.1f} GB, "
+            f"D2H {gb('pcie_d2h'):.1f} GB{nvme}{net}"]
 
 
 def cost_classes(costs: dict) -> str:

@@ -23,6 +23,8 @@ from sim.clock import exact_delay
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import Channel, PCIeLink
 from sim.hardware.storage import HostDRAM, NVMeDrive
+from sim.memory.future import FutureUses
+from sim.memory.store import SharedStore
 from sim.memory.tiers import TieredKV, prefix_keys
 from sim.memory.transfers import TransferLog, Transfers
 from sim.metrics import RequestLog, StepLog, TokenLog
@@ -46,10 +48,12 @@ class Pool:
     replicas: list = field(default_factory=list)
 
 
-def policy_rng(seed: int, kind: str, replica: int) -> np.random.Generator:
+def policy_rng(seed: int, kind: str, replica: int, tier: int = 0) -> np.random.Generator:
     """The random generator of one policy instance: seeded by the run's seed, the kind and the
-    replica (-1 for cluster-wide policies), so adding a policy never shifts another's stream."""
-    return np.random.default_rng([seed, registry.KINDS.index(kind), replica + 1])
+    replica (-1 for cluster-wide policies) and, for the eviction policies of lower KV tiers, the tier,
+    so adding a policy never shifts another's stream."""
+    key = [seed, registry.KINDS.index(kind), replica + 1] + ([tier] if tier else [])
+    return np.random.default_rng(key)
 
 
 class _Unread:
@@ -105,12 +109,24 @@ class Cluster:
         self.pools = [Pool("main", "mixed", sim.gpu.name)]
         self.replicas: list[Replica] = []
         h2d_bw, d2h_bw, lat = sim.pcie_params()
+        cc = cfg.cluster
+        # the KV store the replicas share (Mooncake Store / LMCache-like), when configured
+        self.store = None
+        if cc.shared_kv_bytes:
+            self.store = SharedStore(num_blocks=cc.shared_kv_bytes // sim.host_bytes_per_block,
+                                     block_size=rc.block_size_tokens, bytes_per_block=sim.host_bytes_per_block,
+                                     eviction=sim.build_policy("eviction", -1, tier=3))
+        futures = self._futures(sim) if sim.eviction_needs_future else None
         for i in range(cfg.cluster.num_replicas):
             policies = {kind: sim.build_policy(kind, i) for kind in registry.KINDS if kind != "routing"}
+            lower = {t: sim.build_policy("eviction", i, tier=k) for k, t in ((1, "dram"), (2, "nvme"))}
             kv = TieredKV(block_size=rc.block_size_tokens, hbm_blocks=sim.hbm_blocks, dram_blocks=sim.dram_blocks,
                           nvme_blocks=sim.nvme_blocks, hbm_bytes_per_block=sim.hbm_bytes_per_block,
                           host_bytes_per_block=sim.host_bytes_per_block, prefix_caching=rc.prefix_caching,
-                          eviction=policies["eviction"], guarded=guarded)
+                          eviction=policies["eviction"], guarded=guarded, lower_eviction=lower,
+                          tier_mode=rc.kv_tier_mode, store=self.store)
+            kv.sessions = self.trace.session_id
+            kv.futures = futures
             gpu = GPUGroup(sim.gpu, rc.tensor_parallel_size,
                            reserved_sms=policies["execution"].reserved_sms(sim.gpu.sm_count))
             share = gpu.sm_share
@@ -121,6 +137,12 @@ class Cluster:
             dram, nvme = HostDRAM(env, f"replica{i}", sim.server), NVMeDrive(env, f"replica{i}", sim.server)
             links = {"pcie_h2d": pcie.h2d, "pcie_d2h": pcie.d2h, "nvme_read": nvme.read, "nvme_write": nvme.write,
                      "dram": dram.channel}
+            if self.store is not None:
+                # the replica's NIC, each direction a channel (reads from and writes to the shared store)
+                links["net_read"] = Channel(env, f"replica{i}.net_read", cc.shared_kv_bandwidth_bytes_per_s,
+                                            cc.shared_kv_latency_s)
+                links["net_write"] = Channel(env, f"replica{i}.net_write", cc.shared_kv_bandwidth_bytes_per_s,
+                                             cc.shared_kv_latency_s)
             step_log = StepLog(cfg.metrics.step_log, i, sim.spill / f"steps-replica{i}.parquet",
                                tuple(p.num_blocks * p.bytes_per_block for p in kv.pools))
             replica = Replica(env=env, replica_id=i, kv=kv, builder=builder,
@@ -141,6 +163,15 @@ class Cluster:
             for r in self.replicas:
                 r.observers.append(self.router)
         self.num_arrived = 0
+
+    def _futures(self, sim: Simulation) -> FutureUses:
+        """Every request's prefix keys, computed offline, for an eviction policy that needs the trace's
+        future (Belady's optimum)."""
+        tr, rc = self.trace, sim.config.replica
+        hashed = tr.hash_offsets is not None and rc.prefix_caching
+        keys = [prefix_keys(tr.block_hashes(i), tr.hash_block_tokens or 0, int(tr.prompt_tokens[i]),
+                            rc.block_size_tokens) if hashed else None for i in range(len(tr))]
+        return FutureUses(keys, tr.arrival_s)
 
     def network(self, src: int, dst: int) -> Channel:
         """The link that carries KV from replica ``src`` to replica ``dst``."""

@@ -34,6 +34,9 @@ from policies.registry import DEFAULTS as DEFAULT_POLICIES
 from policies.registry import KINDS as POLICY_KINDS
 from sim.errors import ConfigError
 
+# bytes per KV element; int4 carries an fp16 scale and zero point per group of 32 (KIVI, ICML 2024)
+KV_DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5 + 4.0 / 32}
+
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
@@ -140,11 +143,23 @@ class HardwareConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
+    """Replicas, and the KV store they share (Mooncake Store / LMCache-like; 0 bytes = none): every
+    replica looks it up after its own tiers and reads or writes it over its NIC (``net_read`` /
+    ``net_write``, at the store bandwidth per replica, then PCIe)."""
+
     num_replicas: int = 1
+    shared_kv_bytes: int = 0
+    shared_kv_bandwidth_bytes_per_s: float = 50e9    # one 400 Gb/s NIC per GPU (DGX H100's ConnectX-7)
+    shared_kv_latency_s: float = 10e-6
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_replicas <= MAX_NUM_REPLICAS, "cluster.num_replicas",
                f"must be in [1, {MAX_NUM_REPLICAS}] (got {self.num_replicas:,})")
+        _check(self.shared_kv_bytes >= 0, "cluster.shared_kv_bytes", f"must be >= 0 (got {self.shared_kv_bytes})")
+        _check(self.shared_kv_bandwidth_bytes_per_s > 0, "cluster.shared_kv_bandwidth_bytes_per_s",
+               f"must be > 0 (got {self.shared_kv_bandwidth_bytes_per_s})")
+        _check(self.shared_kv_latency_s >= 0, "cluster.shared_kv_latency_s",
+               f"must be >= 0 (got {self.shared_kv_latency_s})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,7 +167,13 @@ class ReplicaConfig:
     """One serving instance: memory layout and engine limits.
 
     HBM left for KV = hbm_bytes * gpu_memory_utilization - weights/tp - activation_reserve_bytes.
-    ``dram_kv_bytes``/``nvme_kv_bytes`` size the lower KV tiers (swap space, offload targets).
+    ``dram_kv_bytes``/``nvme_kv_bytes`` size the lower KV tiers (swap space, and the prefix cache's
+    lower tiers when the residency policy keeps blocks there). ``kv_tier_mode``: ``"inclusive"`` (a lower
+    tier keeps a copy of what it pushed up) or ``"exclusive"`` (a block lives in one tier at a time).
+    ``kv_dtype`` overrides the model's KV element size everywhere (capacity, transfer bytes, attention
+    time): ``"bf16"``/``"fp16"`` 2 bytes, ``"fp8"`` 1, ``"int4"`` 0.625 (4 bits plus an fp16 scale and an
+    fp16 zero point per group of 32 elements, KIVI's layout: Liu et al., ICML 2024); ``""`` keeps the
+    model's.
     """
 
     tensor_parallel_size: int = 1
@@ -167,6 +188,8 @@ class ReplicaConfig:
     num_hbm_blocks: int = 0                 # > 0: use exactly this many HBM KV blocks (like vLLM's
                                             # num_gpu_blocks_override), capped by what fits
     bulk_decode: bool = True                # advance predictable decode steps together (exact)
+    kv_tier_mode: str = "inclusive"         # or "exclusive"
+    kv_dtype: str = ""                      # "" (the model's), "bf16", "fp16", "fp8", "int4"
 
     def __post_init__(self) -> None:
         _check(1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE, "replica.tensor_parallel_size",
@@ -187,6 +210,10 @@ class ReplicaConfig:
         _check(self.dram_kv_bytes >= 0, "replica.dram_kv_bytes", f"must be >= 0 (got {self.dram_kv_bytes})")
         _check(self.nvme_kv_bytes >= 0, "replica.nvme_kv_bytes", f"must be >= 0 (got {self.nvme_kv_bytes})")
         _check(self.num_hbm_blocks >= 0, "replica.num_hbm_blocks", f"must be >= 0 (got {self.num_hbm_blocks})")
+        _check(self.kv_tier_mode in ("inclusive", "exclusive"), "replica.kv_tier_mode",
+               f"must be 'inclusive' or 'exclusive' (got {self.kv_tier_mode!r})")
+        _check(self.kv_dtype in KV_DTYPE_BYTES or self.kv_dtype == "", "replica.kv_dtype",
+               f"must be one of {', '.join(repr(k) for k in KV_DTYPE_BYTES)} or '' (got {self.kv_dtype!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,7 +1,7 @@
 """The simulation: owns the SimPy environment and the run loop, builds the cluster from a config,
 replays the trace and assembles the results.
 
-    from sim.config import SimConfig
+    from sim.config import KV_DTYPE_BYTES, SimConfig
     from sim.engine import Simulation
     results = Simulation(SimConfig()).run()       # the bundled Azure conv trace, Llama-3.1-8B on H100
     results.write("out/")
@@ -13,16 +13,18 @@ except the progress display.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import simpy
 
 import traces
 from policies import registry
 from sim.cluster import Cluster, policy_rng
-from sim.config import SimConfig
+from sim.config import KV_DTYPE_BYTES, SimConfig
 from sim.costs.model import TransformerOps
 from sim.costs.recipe import load_recipe
 from sim.costs.roofline import RooflineBackend
@@ -62,6 +64,9 @@ class Simulation:
         self.check_invariants = check_invariants
         rc = config.replica
         self.model = load_model(config.model.name)
+        if rc.kv_dtype:
+            # one KV element size everywhere: capacity, transfer bytes and attention time
+            self.model = dataclasses.replace(self.model, bytes_per_kv=KV_DTYPE_BYTES[rc.kv_dtype])
         self.gpu = load_gpu(config.hardware.gpu)
         self.server = load_server(config.hardware.server)
         tp = rc.tensor_parallel_size
@@ -76,6 +81,7 @@ class Simulation:
         # per replica when the cluster is
         for kind in registry.KINDS:
             self.build_policy(kind, -1)
+        self.eviction_needs_future = registry.lookup("eviction", config.policies.eviction.name).needs_future
         # ---- costs: one backend per model (the target, and drafters named by speculation plans)
         self.table = None
         if config.costs.backend == "table":
@@ -85,7 +91,7 @@ class Simulation:
         # ---- KV geometry
         bs = rc.block_size_tokens
         kv_token_gpu = 2 * self.model.num_layers * self.ops.kv_heads * self.model.head_dim * self.model.bytes_per_kv
-        self.hbm_bytes_per_block = bs * kv_token_gpu
+        self.hbm_bytes_per_block = int(round(bs * kv_token_gpu))
         self.host_bytes_per_block = self.hbm_bytes_per_block * tp
         self.hbm_blocks = budget.kv_bytes // self.hbm_bytes_per_block
         if rc.num_hbm_blocks:
@@ -110,11 +116,12 @@ class Simulation:
         self._ran = False
 
     # ------------------------------------------------------------------ building
-    def build_policy(self, kind: str, replica: int):
-        """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide)."""
+    def build_policy(self, kind: str, replica: int, tier: int = 0):
+        """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide);
+        ``tier`` > 0: an eviction policy for a lower KV tier (1 DRAM, 2 NVMe, 3 the shared store)."""
         pc = getattr(self.config.policies, kind)
         policy = registry.build(kind, pc.name, pc.params)
-        policy.attach(policy_rng(self.config.seed, kind, replica))
+        policy.attach(policy_rng(self.config.seed, kind, replica, tier))
         return policy
 
     def _backend(self, model_name: str):
@@ -204,6 +211,54 @@ class Simulation:
                       "server": spec_to_dict(self.server)},
         }
 
+    def _kv_tiers(self) -> dict:
+        """The KV hierarchy's figures, summed over replicas (``summary["kv_tiers"]``): hits per tier
+        (token-weighted, and per request), loads and the load-or-recompute choices, write-backs,
+        evictions, prefetch, and the time requests waited for their prefix to land."""
+        reps = self.replicas
+        for r in reps:
+            r.kv.hbm.untag_unused()         # prefetched blocks never used are wasted
+        per = [r.kv.stats() for r in reps]
+
+        def add(a, b):
+            if isinstance(a, dict):
+                return {k: add(a.get(k, 0), b.get(k, 0)) for k in {*a, *b}}
+            return a + b
+
+        tot = per[0]
+        for st in per[1:]:
+            tot = add(tot, st)
+        rc = self.config.replica
+        looked = int(sum(r.kv.lookup_tokens for r in reps))
+        admissions = tot.pop("admissions")
+        ratio = np.sum([r.kv.tier_ratio_sum for r in reps], axis=0)
+        tot.pop("hit_ratio_sum")
+        hits = tot["hit_tokens"]
+        bpb = self.host_bytes_per_block
+        stalls = [r.moves for r in reps]
+        n_stalled = sum(m.num_stalled for m in stalls)
+        stall_s = sum(m.stall_s for m in stalls)
+        store = self.cluster.store
+        out = {
+            "mode": rc.kv_tier_mode, "bytes_per_kv": self.model.bytes_per_kv,
+            "blocks_per_replica": {"hbm": self.hbm_blocks, "dram": self.dram_blocks, "nvme": self.nvme_blocks},
+            "store_blocks": store.pool.num_blocks if store is not None else 0,
+            "lookup_tokens": looked,
+            "token_hit_rate": {t: (v / looked if looked else None) for t, v in sorted(hits.items())},
+            "token_hit_rate_all": (sum(hits.values()) / looked if looked else None),
+            "request_hit_fraction": {t: (float(ratio[i]) / admissions if admissions else None)
+                                     for i, t in enumerate(("hbm", "dram", "nvme", "store"))},
+            "requests_with_hits": tot["hit_requests"],
+            "prefill_tokens_saved": int(sum(hits.values())),
+            "writeback_bytes": int(sum(tot["write_blocks"].values()) * bpb),
+            "stall": {"requests": n_stalled, "total_s": stall_s, "mean_s": stall_s / n_stalled if n_stalled else 0.0,
+                      "max_s": max((m.max_stall_s for m in stalls), default=0.0),
+                      "writeback_wait_s": sum(m.writeback_wait_s for m in stalls)},
+            **tot,
+        }
+        out["admissions"] = admissions
+        return out
+
     def _results(self, wall0: float, wall_run: float) -> Results:
         reps = self.replicas
         kv0 = reps[0].kv
@@ -219,7 +274,9 @@ class Simulation:
             "hbm_evicted_blocks": int(sum(r.kv.hbm.num_evicted for r in reps)),
         }
         looked = kv_info["prefix_lookup_tokens"]
-        kv_info["hbm_prefix_hit_rate"] = kv_info["prefix_hit_tokens"] / looked if looked else None
+        hbm_hits = int(sum(int(r.kv.tier_hit_tokens[0]) for r in reps))
+        kv_info["hbm_prefix_hit_rate"] = hbm_hits / looked if looked else None
+        kv_info["prefix_hit_rate"] = kv_info["prefix_hit_tokens"] / looked if looked else None
         stats = self.cluster.link_stats()
         link_bytes = {
             "pcie_h2d_bytes": int(stats["pcie_h2d"]["bytes"]), "pcie_d2h_bytes": int(stats["pcie_d2h"]["bytes"]),
@@ -247,7 +304,7 @@ class Simulation:
                             token_log=self.cluster.tokens, metadata=self.metadata(), kv_info=kv_info,
                             link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
                             engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
-                            slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill)
+                            slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers())
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

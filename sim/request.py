@@ -10,8 +10,9 @@ output_tokens``; its KV then holds ``prompt + output - 1`` tokens (the last samp
 back).
 
 Ownership: ``state`` changes only through :meth:`Request.to`, which refuses transitions the life cycle
-does not have. The KV placement fields (``blocks``, ``dram_blocks``, ``num_cached_blocks``) are written
-only by ``sim.memory`` (the KV owner); progress counters by the replica that runs the request.
+does not have. The KV placement fields (``blocks``, ``dram_blocks``, ``num_cached_blocks``,
+``lower_hit_tokens``) are written only by ``sim.memory`` (the KV owner); progress counters and the
+load-stall times by the replica that runs the request.
 
 Token emission is kept as runs of consecutive engine steps (``seg_start``/``seg_end``, inclusive) that
 each produced one token. Step ids are global: ``replica << STEP_ID_BITS | local step``, so a request's
@@ -31,12 +32,13 @@ from policies.base import RequestState
 
 STEP_ID_BITS = 40            # local step ids below 2**40 (a trillion steps per replica)
 
-W, R, SO, S, SI, F, X = (RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT,
-                         RequestState.SWAPPED, RequestState.SWAPPING_IN, RequestState.FINISHED,
-                         RequestState.REJECTED)
+W, R, SO, S, SI, F, X, L = (RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT,
+                            RequestState.SWAPPED, RequestState.SWAPPING_IN, RequestState.FINISHED,
+                            RequestState.REJECTED, RequestState.LOADING)
 # the life cycle: which states each state may move to
 TRANSITIONS: dict[int, frozenset] = {
-    W: frozenset({R, X}),                # admitted; or rejected (can never run)
+    W: frozenset({R, L, X}),             # admitted (with a prefix still loading); or rejected
+    L: frozenset({R}),                   # its prefix has landed
     R: frozenset({W, SO, F}),            # recompute-preempted; swapped out; finished
     SO: frozenset({S}),
     S: frozenset({SI, W, X}),            # swapped in; DRAM copy dropped (recompute); rejected
@@ -70,6 +72,9 @@ class Request:
     blocks: list = field(default_factory=list)        # HBM block table
     dram_blocks: list = field(default_factory=list)   # while swapped out
     num_cached_blocks: int = 0   # leading blocks registered in the prefix cache
+    lower_hit_tokens: int = 0    # prompt tokens loaded from a lower tier (summed over admissions)
+    kv_wait_since_s: float = -1.0   # when it started waiting for its prefix to load (LOADING)
+    kv_stall_s: float = 0.0      # seconds spent LOADING (summed over admissions)
     # times (seconds, simulated)
     first_scheduled_s: float = -1.0
     first_token_s: float = -1.0

@@ -10,8 +10,13 @@ STEP_COLUMNS: dict[str, type] = {
     "tokens": np.int32, "hbm_active_bytes": np.int64, "hbm_cached_bytes": np.int64,
     "hbm_locked_bytes": np.int64, "dram_used_bytes": np.int64, "nvme_used_bytes": np.int64,
     "frag_tokens": np.int64, "launches": np.int32, "syncs": np.int32, "preemptions": np.int32,
+    # the KV hierarchy: cached (evictable, findable) bytes below HBM; requests waiting for their prefix
+    # to load; prompt tokens served from the cache at this step's admissions, and those loaded from a
+    # lower tier
+    "dram_cached_bytes": np.int64, "nvme_cached_bytes": np.int64, "loading_seqs": np.int32,
+    "prefix_hit_tokens": np.int32, "loaded_tokens": np.int32,
 }
-# free bytes per tier, derived when rows are written (capacity - used), not kept in the buffer
+# free bytes per tier, derived when rows are written (capacity - used - cached), not kept in the buffer
 FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
 # the step log's integer buffer, in this column order (the step index is implicit)
 INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in ("step", "start_s", "duration_s"))
@@ -32,6 +37,11 @@ I_FRAG = INT_INDEX["frag_tokens"]
 I_LAUNCHES = INT_INDEX["launches"]
 I_SYNCS = INT_INDEX["syncs"]
 I_PREEMPTIONS = INT_INDEX["preemptions"]
+I_DRAM_CACHED = INT_INDEX["dram_cached_bytes"]
+I_NVME_CACHED = INT_INDEX["nvme_cached_bytes"]
+I_LOADING = INT_INDEX["loading_seqs"]
+I_PREFIX_HIT = INT_INDEX["prefix_hit_tokens"]
+I_LOADED = INT_INDEX["loaded_tokens"]
 assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_COLUMNS), \
     "every integer column has exactly one I_ constant"
 

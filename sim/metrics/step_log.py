@@ -13,13 +13,16 @@ import numpy as np
 
 from sim.metrics.columns import (
     I_DECODE_SEQS,
+    I_DRAM_CACHED,
     I_DRAM_USED,
     I_FRAG,
     I_HBM_ACTIVE,
     I_HBM_CACHED,
     I_HBM_LOCKED,
     I_LAUNCHES,
+    I_LOADING,
     I_NUM_SEQS,
+    I_NVME_CACHED,
     I_NVME_USED,
     I_PREFILL_SEQS,
     I_PREFILL_TOKENS,
@@ -85,6 +88,7 @@ class StepLog:
         # summary aggregates over flushed rows
         self.agg = {"rows": 0, "busy_s": 0.0, "active_weighted": 0.0, "frag_weighted": 0.0,
                     "peak_active": 0, "peak_cached": 0, "peak_dram": 0, "peak_nvme": 0,
+                    "peak_dram_cached": 0, "peak_nvme_cached": 0,
                     "num_seqs": 0, "tokens": 0, "launches": 0, "syncs": 0}
 
     @property
@@ -158,6 +162,8 @@ class StepLog:
             a["peak_cached"] = max(a["peak_cached"], int(col["hbm_cached_bytes"].max()))
             a["peak_dram"] = max(a["peak_dram"], int(col["dram_used_bytes"].max()))
             a["peak_nvme"] = max(a["peak_nvme"], int(col["nvme_used_bytes"].max()))
+            a["peak_dram_cached"] = max(a["peak_dram_cached"], int(col["dram_cached_bytes"].max()))
+            a["peak_nvme_cached"] = max(a["peak_nvme_cached"], int(col["nvme_cached_bytes"].max()))
             for k in ("num_seqs", "tokens", "launches", "syncs"):
                 a[k] += int(col[k].sum())
             schema = step_schema()
@@ -166,7 +172,8 @@ class StepLog:
             arrays += [pa.array(col[k].astype(STEP_COLUMNS[k])) for k in INT_COLUMNS]
             hbm_cap, dram_cap, nvme_cap = self.capacity_bytes
             arrays += [pa.array(hbm_cap - col["hbm_active_bytes"] - col["hbm_cached_bytes"]),
-                       pa.array(dram_cap - col["dram_used_bytes"]), pa.array(nvme_cap - col["nvme_used_bytes"])]
+                       pa.array(dram_cap - col["dram_used_bytes"] - col["dram_cached_bytes"]),
+                       pa.array(nvme_cap - col["nvme_used_bytes"] - col["nvme_cached_bytes"])]
             if self._writer is None:
                 # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
                 self._writer = pq.ParquetWriter(self.path, schema, compression="none")
@@ -184,14 +191,15 @@ class StepLog:
 
 @numba.njit(cache=True, nogil=True)
 def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, durations, allocs, free0, cached0,
-                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, launches, syncs):
+                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, dram_cached, nvme_cached, loading,
+                  launches, syncs):
     """Write steps c..upto-1 of a run's segment starting at step ``seg0`` (``B`` decodes and, when
     ``n`` > 0, a prefill chunk of ``n`` tokens per step): times into ``f`` at buffer row ``row0``, end
     times into ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's
     start after its allocation (allocations take free blocks first, then evict cached ones; the
     ``*0`` figures are the segment's at ``seg0`` before that step's allocation, ``nc0`` the tokens
-    computed by every running request), into the integer columns named by ``sim.metrics.columns``.
-    Returns the busy time of those steps."""
+    computed by every running request; lower tiers and loading requests do not change during a run),
+    into the integer columns named by ``sim.metrics.columns``. Returns the busy time of those steps."""
     cum = 0
     for s in range(seg0, c):
         cum += allocs[s]
@@ -223,6 +231,9 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
         ib[r, I_HBM_LOCKED] = (lk if lk < act else act) * bpb
         ib[r, I_DRAM_USED] = dram
         ib[r, I_NVME_USED] = nvme
+        ib[r, I_DRAM_CACHED] = dram_cached
+        ib[r, I_NVME_CACHED] = nvme_cached
+        ib[r, I_LOADING] = loading
         ib[r, I_FRAG] = (held0 + cum) * bs - (nc0 + T * (s - seg0 + 1))
         ib[r, I_LAUNCHES] = launches[s]
         ib[r, I_SYNCS] = syncs[s]

@@ -85,6 +85,26 @@ class Results:
         return out
 
 
+def link_timeline(transfers, t0: float, t1: float, windows: int = 60) -> dict:
+    """Utilisation of each link kind over simulated time: the busy fraction of each of ``windows``
+    equal windows of [t0, t1], summed over replicas (a link of every replica busy reads
+    ``num_replicas``); only links that carried anything."""
+    span = max(t1 - t0, 1e-12)
+    edges = t0 + span * np.arange(windows + 1) / windows
+    out: dict = {"window_s": span / windows, "start_s": t0}
+    if transfers is None or not len(transfers):
+        return out
+    for link, g in transfers.groupby("link", sort=True):
+        s, e = g["start_s"].to_numpy(), g["end_s"].to_numpy()
+        busy = np.zeros(windows)
+        for i in range(0, len(s), 8192):          # chunks keep the (transfers x windows) array small
+            lo = np.maximum(s[i:i + 8192, None], edges[None, :-1])
+            hi = np.minimum(e[i:i + 8192, None], edges[None, 1:])
+            busy += np.clip(hi - lo, 0.0, None).sum(axis=0)
+        out[link] = [round(float(b) / (span / windows), 6) for b in busy]
+    return out
+
+
 def spill_dir() -> Path:
     """A temporary directory for step files, removed when the process exits or the results that use
     it are garbage-collected."""
@@ -94,7 +114,7 @@ def spill_dir() -> Path:
 def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], token_log: TokenLog,
                   metadata: dict, kv_info: dict, link_bytes: dict, link_stats: dict, transfer_log,
                   engine_counts: dict, cost_notes: dict, slo_ttft_s: float, slo_tpot_s: float, timing: dict,
-                  spill: Path | None = None) -> Results:
+                  spill: Path | None = None, kv_tiers: dict | None = None) -> Results:
     import pandas as pd
 
     n = requests.n
@@ -136,6 +156,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         "prompt_tokens": trace.prompt_tokens, "output_tokens": trace.output_tokens,
         "generated_tokens": requests.generated, "preemptions": requests.preemptions,
         "swaps": requests.swaps, "prefix_hit_tokens": requests.prefix_hit_tokens,
+        "lower_hit_tokens": requests.lower_hit_tokens, "kv_stall_s": requests.kv_stall_s,
     }, copy=False)
 
     # ---- summary
@@ -173,11 +194,16 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
                    "preemptions": int(requests.preemptions.sum())},
         "costs": cost_notes,
     }
+    transfers = transfer_log.frame()
+    if kv_tiers is not None:
+        summary["kv_tiers"] = {**kv_tiers, "link_utilization_timeline": link_timeline(transfers, t0, t1)}
     if step_logs and step_logs[0].enabled and num_steps:
         aggs = [log.agg for log in step_logs]
         w = sum(a["busy_s"] for a in aggs)
         rows = sum(a["rows"] for a in aggs)
         summary["kv"].update({
+            "dram_peak_cached_bytes": max(a["peak_dram_cached"] for a in aggs),
+            "nvme_peak_cached_bytes": max(a["peak_nvme_cached"] for a in aggs),
             "hbm_peak_active_bytes": max(a["peak_active"] for a in aggs),
             "hbm_mean_active_bytes": sum(a["active_weighted"] for a in aggs) / w if w > 0 else 0.0,
             "hbm_peak_cached_bytes": max(a["peak_cached"] for a in aggs),
@@ -191,7 +217,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         summary["engine"]["syncs"] = sum(a["syncs"] for a in aggs)
     res = Results(summary=summary, requests=reqs, metadata=metadata, timing=timing,
                   step_files=[str(log.path) for log in step_logs if log.enabled and log.path],
-                  transfers=transfer_log.frame())
+                  transfers=transfers)
     if spill is not None:
         weakref.finalize(res, shutil.rmtree, str(spill), True)
     return res

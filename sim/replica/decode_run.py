@@ -185,6 +185,9 @@ class Run:
     nc0: int
     dram_used: int
     nvme_used: int
+    dram_cached: int
+    nvme_cached: int
+    loading: int
     inflight: int
     next_fin: int = 0
     next_alloc: int = 0
@@ -215,7 +218,7 @@ class DecodeRuns:
         if not step.prefill:
             if len(step.decode) != len(r.running) or not sched.steady_decode(r.view):
                 return None
-            return sched.steady_through_finishes(r.view), None
+            return sched.steady_through_finishes(r.view) and r.kv.finishes_quiet(), None
         if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running):
             return None
         got = sched.steady_chunk(r.view)
@@ -256,7 +259,7 @@ class DecodeRuns:
             reqs = dec + [creq]
         now = r.clock()
         t_next = r.next_arrival_s()
-        K, allocs, who, when, count, held0, fin = plan_run(nc, rem, bs, hbm.num_available,
+        K, allocs, who, when, count, held0, fin = plan_run(nc, rem, bs, kv.run_budget(now),
                                                            self._cap(now, t_next), span and B > 0, c0, n, todo)
         durations, launches, syncs = self._price(nc, nc_sum, rem, fin, K, c0, n)
         self.last_step_s = float(durations[-1])
@@ -278,7 +281,8 @@ class DecodeRuns:
         run = Run(reqs, B, n, rem, fin.tolist(), allocs, K, now, ends, durations, launches, syncs, cl, cs, r.steps.n,
                   who, when, count, 0, B, hbm.num_free, hbm.num_cached, hbm.num_active, held0, nc_sum + c0,
                   dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
-                  hbm.num_locked)
+                  dram.num_cached * dram.bytes_per_block, nvme.num_cached * nvme.bytes_per_block,
+                  len(r.moves.loading), hbm.num_locked)
         self.num_runs += 1
         self.run_ = run
         self.in_run, self.stop = True, False
@@ -390,7 +394,8 @@ class DecodeRuns:
         busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, a, run.start, run.ends,
                              run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
                              run.inflight, run.nc0, B, run.n, kv.block_size, kv.hbm.bytes_per_block,
-                             run.dram_used, run.nvme_used, run.launches, run.syncs)
+                             run.dram_used, run.nvme_used, run.dram_cached, run.nvme_cached, run.loading,
+                             run.launches, run.syncs)
         steps.commit_block(upto - c, busy)
         m = upto - c
         r.num_launches += int(run.cum_launches[upto]) - int(run.cum_launches[c])
@@ -416,9 +421,15 @@ class DecodeRuns:
             if g >= q.output_tokens:
                 finished.append(q)
         if run.n:
+            # the chunk's full prompt blocks are published step by step, at each step's end, as
+            # single stepping does (their registration time is their last use)
             q = run.reqs[run.B]
-            q.num_computed += m * run.n
-            kv.register_computed(q)
+            if q.hash_keys is None or not kv.prefix_caching:
+                q.num_computed += m * run.n
+            else:
+                for s in range(c, upto):
+                    q.num_computed += run.n
+                    kv.register_computed(q, float(run.ends[s]))
         run.committed = upto
         if finished:
             r.finish(finished, float(run.ends[upto - 1]))

@@ -7,9 +7,16 @@ steady decode run, by one event for the whole run (``sim.replica.decode_run``), 
 one by one. An arrival or a finished transfer interrupts the run; the step in progress completes and
 the replica plans afresh.
 
+Copies between KV tiers (loads of lower-tier prefix hits, prefetch, write-back) are decided by the KV
+owner and carried out by ``sim.replica.prefetch``; an admitted request whose prefix is still loading
+waits there (LOADING) and joins ``running`` when it has landed; a step that reuses blocks whose old
+contents are being written back ends only after that copy.
+
 Invariants: ``running`` holds RUNNING requests in admission order; ``waiting`` holds WAITING
 requests (recompute-preempted first, then by arrival); ``swapped`` holds SWAPPED requests in
-swap-out order; a request is in at most one of them, or in flight on a link, or done.
+swap-out order; ``moves.loading`` holds LOADING requests; a request is in at most one of them, or in
+flight on a link, or done. Every block of a RUNNING request is ready (no step reads KV that has not
+landed).
 """
 from __future__ import annotations
 
@@ -26,13 +33,14 @@ from sim.memory.transfers import Transfers
 from sim.metrics import REASON_CODE, RequestLog, StepLog, TokenLog
 from sim.replica.decode_run import DecodeRuns
 from sim.replica.preemption import Preemption
+from sim.replica.prefetch import KVMoves
 from sim.replica.step import Step, StepBuilder, log_step
 from sim.replica.views import RouterView, SchedulerViewImpl
 from sim.request import STEP_ID_BITS, Request
 
-WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED = (
+WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED, LOADING = (
     RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT, RequestState.SWAPPED,
-    RequestState.SWAPPING_IN, RequestState.FINISHED, RequestState.REJECTED)
+    RequestState.SWAPPING_IN, RequestState.FINISHED, RequestState.REJECTED, RequestState.LOADING)
 
 
 class Replica:
@@ -60,10 +68,14 @@ class Replica:
         self.swapped: list[Request] = []
         self.num_swapping_in = 0
         self.num_swapping_out = 0
+        self.guarded = guarded
         self.view = SchedulerViewImpl(self, guarded)
         self.state_view = RouterView(self)
         self.preemption_mode = preemption_mode
         self.preemption = Preemption(self)
+        self.moves = KVMoves(self)
+        kv.attach(residency=policies["residency"], view=self.preemption.view, links=transfers.links,
+                  prefill_s=builder.prefill_s)
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
                                and policies["sparsity"].steady())
         self.observers = [p for p in policies.values() if p.observes()]
@@ -105,6 +117,7 @@ class Replica:
         return ""
 
     def _reject(self, req: Request, reason: str, now: float) -> None:
+        self.kv.drop_prefetch(req, now)
         req.to(REJECTED)
         self.log.reject(req, REASON_CODE[reason], now)
 
@@ -118,7 +131,7 @@ class Replica:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self.num_swapping_in
-                    or self.num_swapping_out)
+                    or self.num_swapping_out or self.moves.loading or self.moves.in_flight)
 
     def sync(self, now: float) -> None:
         """Bring a decode run in progress up to ``now`` (see ``DecodeRuns.sync``)."""
@@ -134,10 +147,12 @@ class Replica:
                 yield from self._wait()
                 continue
             now = self.clock()
+            self.kv.at(now)
+            self.moves.prefetch(now)
             plan = self.view.unwrap_plan(self.scheduler.schedule(self.view, now))
             step = self._apply(plan, now)
             if not (step.prefill or step.decode):
-                if self.num_swapping_in or self.num_swapping_out:
+                if self.num_swapping_in or self.num_swapping_out or self.moves.loading or self.moves.in_flight:
                     yield from self._wait()
                     continue
                 if plan.is_empty() or not (plan.prefill or plan.decode):
@@ -200,17 +215,23 @@ class Replica:
         for req in plan.swap_in:
             self.preemption.start_swap_in(req, now)
         prefill = []
-        admitted = hit = 0
+        admitted = hit = loaded = 0
         for req, n in plan.prefill:
             if req.state == WAITING:
                 if not kv.can_admit(req, n):
                     break       # blocks ran short (e.g. prefix hits were evicted since planning)
+                lower0 = req.lower_hit_tokens
                 hit += kv.admit(req, now)
+                loaded += req.lower_hit_tokens - lower0
+                if req.first_scheduled_s < 0:
+                    req.first_scheduled_s = now
+                if kv.waiting_on_load(req):
+                    self.moves.wait(req, now)       # its prefill starts when its prefix has landed
+                    admitted += 1
+                    continue
                 n = min(n, req.tokens_to_compute)
                 kv.grow(req, n, now)
                 req.to(RUNNING)
-                if req.first_scheduled_s < 0:
-                    req.first_scheduled_s = now
                 self.running.append(req)
                 admitted += 1
                 prefill.append((req, n))
@@ -235,12 +256,17 @@ class Replica:
         if decode and not self.speculation.emits_one_token:
             draft_plan = self.speculation.propose(self.view.frozen(decode), now)
             drafts = self._reserve_drafts(decode, draft_plan, now)
+        waits = kv.take_waits("hbm")
+        self.moves.start_pending()
+        if self.check_invariants:
+            for req in decode + [r for r, _ in prefill]:
+                assert not kv.waiting_on_load(req), f"request {req.req_id} runs before its prefix landed"
         return Step(prefill=prefill, decode=decode, drafts=drafts, draft_plan=draft_plan, preempted=preempted,
-                    prefix_hit_tokens=hit)
+                    prefix_hit_tokens=hit, loaded_tokens=loaded, waits=waits or None)
 
     def _dequeue_admitted(self, admitted: int) -> None:
         w = self.waiting
-        head_ok = all(w[i].state == RUNNING for i in range(min(admitted, len(w))))
+        head_ok = all(w[i].state != WAITING for i in range(min(admitted, len(w))))
         if head_ok:
             for _ in range(admitted):
                 w.popleft()
@@ -265,17 +291,30 @@ class Replica:
         start = self.clock()
         priced = self.builder.price(step)
         end = start + priced.duration_s
-        if priced.fetch_bytes:
-            # KV the step reads from host memory: the step ends when both compute and the copy are done
+        waits = [m for m in step.waits if m.landed_s < 0] if step.waits else None
+        if priced.fetch_bytes or waits:
+            # KV the step reads from host memory, and write-backs of the blocks it overwrites: the step
+            # ends when compute and the copies are done
             got = {}
-            copy = self.transfers.start("pcie_h2d", priced.fetch_bytes, lambda t: got.setdefault("t", t),
-                                        what="sparse_fetch")
+            events = [env.timeout(exact_delay(env.now, end))]
+            if priced.fetch_bytes:
+                events.append(self.transfers.start("pcie_h2d", priced.fetch_bytes, lambda t: got.setdefault("t", t),
+                                                   what="sparse_fetch"))
+            if waits:
+                events += [m.event for m in waits]
             self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs)
-            yield env.all_of([env.timeout(exact_delay(env.now, end)), copy])
-            self.fetch_bytes += priced.fetch_bytes
-            if got["t"] > end:
-                self.fetch_wait_s += got["t"] - end
-                end = got["t"]
+            yield env.all_of(events)
+            if priced.fetch_bytes:
+                self.fetch_bytes += priced.fetch_bytes
+                if got["t"] > end:
+                    self.fetch_wait_s += got["t"] - end
+                    end = got["t"]
+            if waits:
+                landed = max(m.landed_s for m in waits)
+                if landed > end:
+                    self.moves.writeback_wait_s += landed - end
+                    end = landed
+            if end > start + priced.duration_s:
                 self.steps.extend_last(end)
         else:
             self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs)
@@ -295,7 +334,8 @@ class Replica:
             p.observe(outcome)
 
     def _log_step(self, start, duration, end, step: Step, launches, syncs) -> None:
-        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs)
+        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs,
+                 len(self.moves.loading))
         self.num_launches += launches
         self.num_syncs += syncs
 
@@ -305,7 +345,7 @@ class Replica:
         accepted = []
         for req, n in step.prefill:
             req.num_computed += n
-            kv.register_computed(req)
+            kv.register_computed(req, end)
             if req.num_computed == req.num_tokens:
                 req.num_generated += 1
                 req.record_tokens(step_id, step_id)
@@ -351,6 +391,7 @@ class Replica:
             log.finish(req)
             log.seg_off[req.idx] = self.tokens.add(req)
             log.seg_cnt[req.idx] = len(req.seg_start)
+        self.moves.start_pending()          # copies of the released prompt blocks (write-through)
 
     def check(self) -> None:
         """Assert the replica's invariants (see the module docstring and ``TieredKV``)."""
@@ -369,5 +410,16 @@ class Replica:
             assert 0 <= r.num_computed <= r.num_tokens
         for r in self.waiting:
             assert not r.blocks and r.num_computed == 0
-        held = sum(len(r.blocks) for r in self.running)
+        ready = self.kv.hbm.ready
+        rc = self.kv.hbm.refcount
+        for r in self.running:
+            assert all(ready[b] for b in r.blocks), f"request {r.req_id} is running with KV still loading"
+        for r in self.moves.loading:
+            assert r.state == LOADING and id(r) not in seen, f"request {r.req_id} loading twice or in a queue"
+            seen.add(id(r))
+            assert len(r.blocks) == -(-r.num_computed // bs)
+        for r in list(self.running) + self.moves.loading:
+            assert all(rc[b] > 0 for b in r.blocks), f"request {r.req_id} holds a block nobody references"
+        held = (sum(len(r.blocks) for r in self.running) + sum(len(r.blocks) for r in self.moves.loading)
+                + self.kv.num_held)
         assert self.kv.hbm.num_active <= held + self.kv.hbm.num_locked

@@ -31,6 +31,8 @@ class Step:
     draft_plan: DraftPlan | None
     preempted: list        # requests preempted before this step
     prefix_hit_tokens: int = 0
+    loaded_tokens: int = 0         # of those, tokens that come from a lower tier
+    waits: list | None = None      # write-backs of the blocks this step reuses (it ends after them)
 
 
 @dataclass(slots=True)
@@ -123,6 +125,14 @@ class StepBuilder:
             syncs += sc
         return total, launches, syncs
 
+    def prefill_s(self, tokens: int, context: int) -> float:
+        """Seconds of one prefill step of ``tokens`` tokens after ``context`` tokens of KV (prices what
+        recomputing a prefix costs)."""
+        if tokens <= 0:
+            return 0.0
+        return self.cost.step(np.array([tokens], dtype=np.int64), np.array([context], dtype=np.int64), 0, 0, 1,
+                              1)[0]
+
     def decode_run(self, nc: np.ndarray, nc_sum: int, K: int, first: int = 0) -> tuple[np.ndarray, int, int]:
         """Durations of K decode-only steps ``first .. first+K-1`` of a run of a fixed batch whose KV
         before the run's step 0 is ``nc`` tokens per request (each step adds one), plus launches and
@@ -155,7 +165,7 @@ class StepBuilder:
 
 
 def log_step(steps, kv, running, step: Step, start: float, duration: float, end: float, launches: int,
-             syncs: int) -> None:
+             syncs: int, loading: int = 0) -> None:
     """Append one step's row: its batch, and the KV state at its start after its allocations."""
     hbm = kv.hbm
     bpb = hbm.bytes_per_block
@@ -177,4 +187,7 @@ def log_step(steps, kv, running, step: Step, start: float, duration: float, end:
         hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
         dram_used_bytes=dram.num_active * dram.bytes_per_block,
         nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
-        launches=launches, syncs=syncs, preemptions=len(step.preempted))
+        launches=launches, syncs=syncs, preemptions=len(step.preempted),
+        dram_cached_bytes=dram.num_cached * dram.bytes_per_block,
+        nvme_cached_bytes=nvme.num_cached * nvme.bytes_per_block,
+        loading_seqs=loading, prefix_hit_tokens=step.prefix_hit_tokens, loaded_tokens=step.loaded_tokens)
