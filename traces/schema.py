@@ -10,7 +10,9 @@ A trace is one row per request. Required columns:
 ==================  ============  ====================================================================
 
 Optional columns: ``block_hashes`` (list<int64>, prefix-block hashes over ``hash_block_tokens``-token
-blocks, recorded as table metadata), ``session_id`` (string), ``priority`` (int32), ``tenant`` (string).
+blocks, recorded as table metadata), ``session_id`` (string), ``priority`` (int32), ``tenant`` (string),
+``acceptance_rate`` (float64 in [0, 1]: the rate at which a speculative drafter's tokens are accepted
+for this request, for ``acceptance = "column"``).
 
 In memory the simulator uses :class:`Trace`, which holds numpy arrays (block hashes in CSR form). On disk
 and between tools the form is an Arrow table (:meth:`Trace.to_arrow`), whose schema metadata carries
@@ -43,6 +45,7 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "session_id": pa.string(),
     "priority": pa.int32(),
     "tenant": pa.string(),
+    "acceptance_rate": pa.float64(),
 }
 CANONICAL_COLUMNS: dict[str, pa.DataType] = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
 
@@ -166,6 +169,15 @@ def _int_array(name: str, values: Any, dtype: type, checks: list[RowCheck]) -> n
     return arr.astype(dtype)
 
 
+def _rate_array(values: Any, checks: list[RowCheck]) -> np.ndarray:
+    """``acceptance_rate``: finite floats in [0, 1]."""
+    arr = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0.0) | (arr > 1.0)
+    if bad.any():
+        checks.append(RowCheck("acceptance_rate", bad, lambda i: f"acceptance rate {arr[i]!r} is not in [0, 1]"))
+    return arr
+
+
 def _str_array(name: str, values: Any, checks: list[RowCheck]) -> np.ndarray:
     arr = np.asarray(values, dtype=object)
     bad = np.fromiter((not isinstance(v, str) for v in arr), dtype=bool, count=arr.size)
@@ -212,6 +224,7 @@ class Trace:
     session_id: np.ndarray | None = None
     priority: np.ndarray | None = None
     tenant: np.ndarray | None = None
+    acceptance_rate: np.ndarray | None = None
     name: str = "trace"
     source: str = ""
     meta: dict = field(default_factory=dict)
@@ -233,6 +246,7 @@ class Trace:
             "session_id": None if self.session_id is None else _str_array("session_id", self.session_id, checks),
             "tenant": None if self.tenant is None else _str_array("tenant", self.tenant, checks),
             "priority": None if self.priority is None else _int_array("priority", self.priority, np.int32, checks),
+            "acceptance_rate": None if self.acceptance_rate is None else _rate_array(self.acceptance_rate, checks),
         }
         for key, arr in {**columns, **optional}.items():
             if arr is not None and arr.shape != (n,):
@@ -365,6 +379,8 @@ class Trace:
             arrays["priority"] = pa.array(self.priority, pa.int32())
         if self.tenant is not None:
             arrays["tenant"] = pa.array(self.tenant, pa.string())
+        if self.acceptance_rate is not None:
+            arrays["acceptance_rate"] = pa.array(self.acceptance_rate, pa.float64())
         metadata = {META_META: json.dumps(self.meta, sort_keys=True, default=str).encode(),
                     META_NAME: self.name.encode(), META_SOURCE: self.source.encode()}
         if self.hash_block_tokens is not None:
@@ -424,7 +440,8 @@ class Trace:
                    hash_offsets=offsets, hash_values=values,
                    hash_block_tokens=hash_block_tokens if offsets is not None else None,
                    session_id=np_cols.get("session_id"), priority=np_cols.get("priority"),
-                   tenant=np_cols.get("tenant"), name="trace" if label is None else label, source=source,
+                   tenant=np_cols.get("tenant"), acceptance_rate=np_cols.get("acceptance_rate"),
+                   name="trace" if label is None else label, source=source,
                    meta=meta)
 
     def to_pandas(self):
@@ -457,6 +474,8 @@ class Trace:
                 feed(key, b"".join(len(b).to_bytes(4, "little") + b for b in (s.encode() for s in arr)))
         if self.priority is not None:
             feed("priority", self.priority.astype("<i4").tobytes())
+        if self.acceptance_rate is not None:
+            feed("acceptance_rate", self.acceptance_rate.astype("<f8").tobytes())
         return {"name": self.name, "source": self.source, "num_requests": len(self),
                 "transforms": copy.deepcopy(self.meta.get("transforms", [])), "sha256": h.hexdigest()}
 
@@ -522,6 +541,7 @@ def take_rows(trace: Trace, index: np.ndarray, **changes: Any) -> Trace:
         "session_id": None if trace.session_id is None else trace.session_id[index],
         "priority": None if trace.priority is None else trace.priority[index],
         "tenant": None if trace.tenant is None else trace.tenant[index],
+        "acceptance_rate": None if trace.acceptance_rate is None else trace.acceptance_rate[index],
     }
     if trace.hash_offsets is not None:
         fields["hash_offsets"], fields["hash_values"] = _take_csr(trace.hash_offsets, trace.hash_values, index)
