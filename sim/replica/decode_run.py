@@ -260,11 +260,12 @@ class DecodeRuns:
             q.num_computed += m
             g = q.num_generated = q.num_generated + m
             se = q.seg_end              # Request.record_tokens, inlined: this loop is the hot path
-            if se and se[-1] == prev:
+            if se and se[-1] == prev:   # (runs never follow a speculative step: its run emitted 1 each)
                 se[-1] = g_last
             else:
                 q.seg_start.append(g_first)
                 se.append(g_last)
+                q.seg_tokens.append(1)
             if q.first_token_s < 0:
                 q.first_token_s = first_end
             if g >= q.output_tokens:
