@@ -7,7 +7,7 @@ links (``network``) carry KV hand-offs between replicas as transfers (``sim.memo
 
 Arrivals come from one process over the pre-sorted trace arrays: at each arrival time the router
 picks a replica from read-only views that bring themselves up to date, and the request joins it.
-Requests carry their trace's ``priority``, ``tenant`` and ``session_id``.
+Requests carry their trace's ``priority``, ``tenant``, ``session_id`` and ``acceptance_rate``.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ class Cluster:
             share = gpu.sm_share
             cost = sim.cost_model(sim.model.name, policies["execution"])
             builder = StepBuilder(cost=cost, sparsity=policies["sparsity"], sm_share=share,
-                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex))
+                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex),
+                                  drafter=policies["speculation"].drafter())
             pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)
             dram, nvme = HostDRAM(env, f"replica{i}", sim.server), NVMeDrive(env, f"replica{i}", sim.server)
             links = {"pcie_h2d": pcie.h2d, "pcie_d2h": pcie.d2h, "nvme_read": nvme.read, "nvme_write": nvme.write,
@@ -119,7 +120,7 @@ class Cluster:
         t = tr.arrival_s
         n = len(tr)
         prompt, output, rid = tr.prompt_tokens, tr.output_tokens, tr.request_id
-        prio, tenant, session = tr.priority, tr.tenant, tr.session_id
+        prio, tenant, session, rate = tr.priority, tr.tenant, tr.session_id, tr.acceptance_rate
         rc = self.sim.config.replica
         hashed = tr.hash_offsets is not None and rc.prefix_caching
         hbt = tr.hash_block_tokens or 0
@@ -145,7 +146,8 @@ class Cluster:
                 req = Request(idx=i, req_id=int(rid[i]), arrival_s=float(t[i]), prompt_tokens=int(prompt[i]),
                               output_tokens=int(output[i]), priority=int(prio[i]) if prio is not None else 0,
                               tenant=tenant[i] if tenant is not None else None,
-                              session_id=session[i] if session is not None else None, hash_keys=keys)
+                              session_id=session[i] if session is not None else None, hash_keys=keys,
+                              acceptance_rate=float(rate[i]) if rate is not None else float("nan"))
                 k = route(FrozenRequest(req) if self.guarded else req, views, now)
                 if not 0 <= k < len(replicas):
                     raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of "
