@@ -106,8 +106,9 @@ class Drafter:
     - ``"none"``: free drafts (an oracle, or tokens that come from elsewhere): no time, no memory;
     - ``"model"``: a draft model, ``model`` (a model preset name or TOML path, e.g. ``llama-3.2-1b``
       drafting for ``llama-3.1-8b``): its weights and its KV (per token, per layer of the draft model)
-      take HBM; it prefills every prompt chunk with the target and runs one autoregressive step per
-      draft token;
+      take HBM; it prefills every prompt chunk with the target (with ``lazy_prefill``, only when the
+      request first drafts: a policy that stops drafting then stops paying for it) and runs one
+      autoregressive step per draft token;
     - ``"eagle"``: an EAGLE head (Li et al., ICML 2024, arXiv:2401.15077): ``layers`` decoder layers
       of the target's shape plus a 2h -> h fusion layer, reusing the target's embedding and LM head;
       its weights and its one layer of KV per token take HBM; autoregressive like a draft model;
@@ -122,6 +123,7 @@ class Drafter:
     layers: int = 1
     heads: int = 4
     host_s: float = 0.0
+    lazy_prefill: bool = False     # a drafter with KV prefills a prompt only when the request first drafts
 
     def __post_init__(self) -> None:
         if self.kind not in DRAFTER_KINDS:

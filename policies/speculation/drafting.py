@@ -9,6 +9,9 @@ Parameters (in ``[policies.speculation]``, next to the policy's own):
 ``draft_model``        the draft model's preset (``drafter = "model"``), e.g. ``llama-3.2-1b``
 ``eagle_layers``       decoder layers of an EAGLE head (the EAGLE paper uses 1)
 ``medusa_heads``       Medusa heads (one per draft position; a draft may be at most this deep)
+``draft_prefill``      ``"eager"`` (the default, as vLLM does: a draft model or EAGLE head prefills
+                       every prompt with the target) or ``"lazy"`` (only when the request first drafts,
+                       as one catch-up chunk: a policy that drafts nothing pays nothing)
 ``ngram_host_s``       host seconds per request per n-gram proposal. Default 3 us: vLLM's Numba n-gram
                        matcher took 1.9 s over its whole 5,000-request ShareGPT benchmark (vLLM PR
                        #13365), some 10^6 request-steps, i.e. 2-4 us each; the cost grows with the
@@ -35,6 +38,7 @@ class DraftingParams:
     draft_model: str = "llama-3.2-1b"
     eagle_layers: int = 1
     medusa_heads: int = 4
+    draft_prefill: str = "eager"
     ngram_host_s: float = 3e-6
     ngram_match_rate: float = 1.0
     acceptance: str = "iid"
@@ -58,6 +62,8 @@ class DraftingParams:
         if self.drafter == "medusa" and depth > self.medusa_heads:
             raise ValueError(f"medusa_heads = {self.medusa_heads}: Medusa drafts at most one token per head, "
                              f"so drafts of depth {depth} need at least {depth} heads")
+        if self.draft_prefill not in ("eager", "lazy"):
+            raise ValueError(f"draft_prefill must be 'eager' or 'lazy' (got {self.draft_prefill!r})")
         if self.ngram_host_s < 0:
             raise ValueError(f"ngram_host_s must be >= 0 (got {self.ngram_host_s})")
         if not 0.0 <= self.ngram_match_rate <= 1.0:
@@ -72,7 +78,8 @@ class DraftingParams:
     def make_drafter(self) -> Drafter:
         return Drafter(kind=self.drafter, model=self.draft_model if self.drafter == "model" else "",
                        layers=self.eagle_layers, heads=self.medusa_heads,
-                       host_s=self.ngram_host_s if self.drafter == "ngram" else 0.0)
+                       host_s=self.ngram_host_s if self.drafter == "ngram" else 0.0,
+                       lazy_prefill=self.draft_prefill == "lazy")
 
 
 class DraftingPolicy(SpeculationPolicy):

@@ -13,10 +13,12 @@ its SMs):
 - a draft model (a model preset's full cost model) or an EAGLE head (the target's ops as a
   ``StepCostModel.subset``: ``layers`` per-layer ops, two more o_proj-sized GEMM calls for the 2h -> h
   fusion layer, the embedding, final norm, LM head and sampling) prefills every prompt chunk the
-  target prefills, in the same step. Before drafting, a request whose drafter KV lags (it did not
-  draft in earlier steps, or the drafter never saw its last accepted draft) catches up as a prefill
-  chunk in the first draft pass. Then one pass per draft token: the first over the drafting
-  requests, each later one over ``width`` rows per request still drafting (tree chains);
+  target prefills, in the same step (or, with ``lazy_prefill``, only when the request first drafts).
+  Before drafting, a request whose drafter KV lags catches up in the first draft pass: the last
+  accepted tokens (EAGLE re-reads them with the target's features; a draft model never saw a last
+  accepted draft) as a multi-token decode row, a longer lag (it sat out steps, or prefills lazily) as
+  a prefill chunk. Then one pass per draft token: the first over the drafting requests, each later
+  one over ``width`` rows per request still drafting (tree chains);
 - Medusa: one pass of its heads over the drafting requests, whatever the depth;
 - prompt lookup (n-gram): ``host_s`` per drafting request, on the step's critical path;
 - ``none``: free.
@@ -39,6 +41,7 @@ from sim.errors import ConfigError
 from sim.specs import ModelSpec, load_model
 
 _EMPTY = np.empty(0, dtype=np.int64)
+CATCH_UP_AS_DECODE = 8      # catch-ups of up to this many tokens run as decode rows, longer ones as chunks
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class Drafting:
         elif self.kind == "medusa":
             self.cost = target_cost.subset(medusa_repeat(target_cost, drafter.heads))
         self.refeeds_accepted = self.kind == "eagle"
+        self.eager_prefill = self.keeps_kv and not drafter.lazy_prefill
 
     @property
     def free(self) -> bool:
@@ -138,25 +142,32 @@ class Drafting:
                 return 0.0, 0, 0
             n = len(drafting)
             return cost.step(_EMPTY, _EMPTY, n, sum(r.num_computed + 1 for r, _ in drafting), n, 1)
-        # draft model / EAGLE: pass 0 = the step's prompt chunks, catch-up chunks, first drafts
+        # draft model / EAGLE: pass 0 = the step's prompt chunks (unless the drafter prefills lazily),
+        # catch-up chunks, first drafts. A short catch-up (the last accepted drafts) is a multi-token
+        # decode row, as engines run it; a long one (a drafter that sat out steps) a prefill chunk.
         qs, cs = [], []
-        for r, n in prefill:
-            qs.append(r.num_computed + n - r.num_draft_computed)
-            cs.append(r.num_draft_computed)
-        nd0 = ctx0 = 0
+        if self.eager_prefill:
+            for r, n in prefill:
+                qs.append(r.num_computed + n - r.num_draft_computed)
+                cs.append(r.num_draft_computed)
+        nd0 = ctx0 = rows0 = 0
+        query0 = 1
         for r, _ in drafting:
-            lag = r.num_computed - r.num_draft_computed
-            if lag:
-                qs.append(lag + 1)
+            q = r.num_computed + 1 - r.num_draft_computed     # tokens the drafter has not seen, the new one too
+            if q > CATCH_UP_AS_DECODE:
+                qs.append(q)
                 cs.append(r.num_draft_computed)
             else:
                 nd0 += 1
+                rows0 += q
                 ctx0 += r.num_computed + 1
+                if q > query0:
+                    query0 = q
         total = launches = syncs = 0
         if qs or nd0:
             pq = np.array(qs, dtype=np.int64) if qs else _EMPTY
             pc = np.array(cs, dtype=np.int64) if qs else _EMPTY
-            total, launches, syncs = cost.step(pq, pc, nd0, ctx0, len(drafting), 1)
+            total, launches, syncs = cost.step(pq, pc, nd0, ctx0, len(drafting), query0, rows0)
         if drafting:
             deepest = max(d for _, d in drafting)
             if deepest > 1:
@@ -213,6 +224,12 @@ class Drafting:
         j = np.arange(1, k)
         t, lc, sc = self._passes(np.full(k - 1, rows), (rows * (context + 1 + j)).astype(np.float64))
         return total + t, launches + lc, syncs + sc
+
+    def prefilled(self, req) -> None:
+        """The drafter's KV after a prompt chunk: it prefilled the chunk with the target (lazily
+        prefilling drafters catch up when the request first drafts)."""
+        if self.eager_prefill:
+            req.num_draft_computed = req.num_computed
 
     def commit(self, req, computed_before: int, depth: int) -> None:
         """The drafter's KV after a step in which ``req`` drafted ``depth`` tokens (0: it did not

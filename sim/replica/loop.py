@@ -310,11 +310,10 @@ class Replica:
         kv = self.kv
         finished = []
         accepted = []
-        keeps = self.drafting.keeps_kv
+        drafting = self.drafting
         for req, n in step.prefill:
             req.num_computed += n
-            if keeps:
-                req.num_draft_computed = req.num_computed    # the drafter prefilled the chunk too
+            drafting.prefilled(req)
             kv.register_computed(req)
             if req.num_computed == req.num_tokens:
                 req.num_generated += 1
@@ -333,7 +332,6 @@ class Replica:
                 if req.num_generated >= req.output_tokens:
                     finished.append(req)
         else:
-            drafting = self.drafting
             spec = self.spec
             for req, d, a in zip(step.decode, step.drafts, step.accepted):
                 before = req.num_computed

@@ -100,7 +100,7 @@ class StepBuilder:
         fetch = self._sparse_extras(plan, nd)
         duration += fetch[0]
         draft = 0.0
-        if step.prefill and self.drafting.keeps_kv:
+        if step.prefill and self.drafting.eager_prefill:
             draft, lc, sc = self.drafting.time(step.prefill, step.decode, drafts, step.width)
             duration += draft
             launches += lc

@@ -203,6 +203,24 @@ def test_a_lagging_drafter_catches_up_in_its_first_pass():
             + cost.step(empty, empty, 1, 502, 1, 1)[0] + cost.step(empty, empty, 1, 503, 1, 1)[0])
     assert math.isclose(t, want, rel_tol=1e-12)
 
+    class Short:        # the drafter never saw the last accepted draft: a 2-token decode row, not a chunk
+        num_computed, num_draft_computed = 500, 499
+
+    t = d.time([], [Short()], [1], 1)[0]
+    assert math.isclose(t, cost.step(empty, empty, 1, 501, 1, 2, 2)[0], rel_tol=1e-12)
+
+
+def test_a_lazily_prefilling_drafter_pays_for_the_prompt_only_when_it_drafts():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    prompt = make_trace([0.0], [2048], [1])
+    _, plain = run_checked(small_config(**base), prompt)
+    _, lazy = run_checked(small_config(**base, **spec(name="fixed-k", draft_prefill="lazy")), prompt)
+    assert lazy.steps.iloc[0]["duration_s"] == plain.steps.iloc[0]["duration_s"]      # no draft prefill
+    sim, res = run_checked(small_config(**base, **spec(name="fixed-k", k=2, draft_prefill="lazy", alpha=0.0)),
+                           make_trace([0.0], [2048], [6]))
+    first, later = res.steps.iloc[1], res.steps.iloc[2]       # the first decode step catches the prompt up
+    assert first["draft_s"] > 3 * later["draft_s"] > 0       # a 2,048-token 1B prefill beside the drafts
+
 
 def test_a_tree_verifies_width_times_depth_tokens_and_accepts_more():
     base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
