@@ -331,6 +331,21 @@ class SchedulingPolicy(Policy):
         False (the default) is always correct, only slower."""
         return False
 
+    def steady_through_finishes(self, view: SchedulerView) -> bool:
+        """True if, when :meth:`steady_decode` holds, it keeps holding as running requests finish
+        (while nothing arrives, no transfer completes and free blocks only shrink): the plan stays
+        "decode all running requests" with fewer of them. The replica then advances past completions
+        in one event. False (the default) is always correct, only slower."""
+        return False
+
+    def steady_chunk(self, view: SchedulerView) -> tuple[RequestLike, int] | None:
+        """``(request, tokens)`` if, while nothing arrives or finishes, no transfer completes and free
+        blocks only shrink, every following step's plan would be exactly "decode every decoding
+        request, plus a chunk of ``tokens`` of ``request``" for as long as ``request`` has more than
+        ``tokens`` left to compute (chunked prefill's steady phase). The replica then advances those
+        steps together, exactly. None (the default) is always correct, only slower."""
+        return None
+
     def max_prompt_tokens(self, max_model_len: int) -> int:
         """The longest prompt (plus recomputed output) this scheduler can ever run; longer requests are
         rejected on arrival ("exceeds scheduler token budget")."""

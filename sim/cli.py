@@ -9,6 +9,7 @@
     tiersim calibrate --out DIR [--quick] [--parts ...]
     tiersim calibrate import-profile TRACE [--out RECIPE]
     tiersim validate [--measurements FILE] [--out DIR]
+    tiersim validate --e2e RUN_DIR          (a reference-server run against tiersim's replay of it)
 
 User errors print one line, ``tiersim: error: ...``, and exit with status 2 (``TIERSIM_DEBUG=1``
 shows the traceback).
@@ -16,14 +17,17 @@ shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from sim.errors import TiersimError
+from sim.errors import ConfigError, TiersimError
 
 
 def _fmt_s(x, scale=1.0) -> str:
@@ -77,6 +81,10 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                      f" D2H {ln['pcie_d2h_bytes'] / 1e9:.2f} GB")
     if "speculation" in summary:
         lines.append(speculation_line(summary["speculation"]))
+    dropped = tr.get("dropped_rows") or {}
+    if dropped:
+        lines.append("trace: the reader dropped " + ", ".join(f"{v:,} {k}" for k, v in dropped.items())
+                     + " rows of the file (see summary.json: trace.dropped_rows)")
     lines += cost_notes_lines(costs)
     tail = []
     if out_dir:
@@ -189,10 +197,62 @@ class _ProgressPrinter:
         self.shown = True
 
 
+# ====================================================================== paths
+@contextlib.contextmanager
+def _output_dir(path: Path, option: str) -> Iterator[Path]:
+    """Create (or check) an output directory before a run, so a bad one fails in a second, not after
+    the run; a directory created here and still empty when the body fails is removed again."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a directory")
+    new = [p for p in (path, *path.parents) if not p.exists()]   # the directories mkdir will create
+
+    def remove_new() -> None:
+        with contextlib.suppress(OSError):
+            for p in new:   # deepest first; rmdir refuses a directory that is not empty
+                p.rmdir()
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        remove_new()
+        raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        yield path
+    except BaseException:
+        remove_new()
+        raise
+
+
+def _write_results(results, out: Path, option: str, config_toml: str) -> Path:
+    """Write results to ``out``; if that fails (disk full, the directory removed meanwhile), keep the
+    finished work in a fresh temporary directory and say where, as a one-line error."""
+    try:
+        results.write(out)
+        (out / "config.toml").write_text(config_toml)
+        return out
+    except OSError as exc:
+        rescue = Path(tempfile.mkdtemp(prefix="tiersim-results-"))
+        results.write(rescue)
+        (rescue / "config.toml").write_text(config_toml)
+        raise TiersimError(f"{option} {out}: cannot write the results ({exc.strerror or exc}); "
+                           f"they are in {rescue} instead") from None
+
+
+def _config_file(path: str, option: str = "--config"):
+    from sim.config import load_config
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {p}: a directory, not a config file")
+    return load_config(p)
+
+
 # ====================================================================== commands
 def cmd_run(args) -> int:
     from policies import registry
-    from sim.config import SimConfig, load_config, with_overrides
+    from sim.config import SimConfig, with_overrides
     from sim.engine import Simulation
 
     for mod in args.plugin or []:
@@ -205,7 +265,7 @@ def cmd_run(args) -> int:
             raise TiersimError("--preset and --config both give the base config; use one (copy the preset's file "
                                "to change it: tiersim list presets shows where they are)")
         scenario = load_scenario(args.preset)
-    config = scenario.config if scenario else load_config(args.config) if args.config else SimConfig()
+    config = scenario.config if scenario else _config_file(args.config) if args.config else SimConfig()
     overrides = list(args.set or [])
     if args.trace:
         overrides += [f"trace.path={json.dumps(args.trace)}"]
@@ -219,11 +279,11 @@ def cmd_run(args) -> int:
         config = with_overrides(config, overrides)
     t0 = time.perf_counter()
     progress = None if args.quiet or args.no_progress else _ProgressPrinter()
-    sim = Simulation(config, progress=progress)
-    results = sim.run()
-    out = Path(config.output.dir)
-    results.write(out)
-    (out / "config.toml").write_text(config.to_toml())
+    option = "--out" if args.out else "output.dir"
+    with _output_dir(Path(config.output.dir), option) as out:
+        sim = Simulation(config, progress=progress)
+        results = sim.run()
+    out = _write_results(results, out, option, config.to_toml())
     wall = time.perf_counter() - t0
     if args.plot:
         from sim.plots import plot_run
@@ -403,13 +463,15 @@ def cmd_predict_step(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from sim.config import SimConfig, load_config, with_overrides
+    from sim.config import SimConfig, with_overrides
     from sim.sweep import grid, parse_axis, run_sweep
 
-    config = load_config(args.config) if args.config else SimConfig()
+    config = _config_file(args.config) if args.config else SimConfig()
     if args.set:
         config = with_overrides(config, list(args.set))
     axes = dict(parse_axis(a) for a in args.grid)
+    with _output_dir(Path(args.out), "--out"):
+        pass
     table = run_sweep(config, grid(axes), args.out, progress=None if args.quiet else print)
     if not args.quiet:
         cols = [c for c in table.columns if c.startswith("set:")] + [
@@ -515,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         ca.set_defaults(_calibration_missing=str(exc))
     ca.set_defaults(func=cmd_calibrate)
 
-    va = sub.add_parser("validate", help="compare predicted step times with measured ones")
+    va = sub.add_parser("validate", help="compare predicted step times with measured ones (--e2e: whole runs)")
     try:
         from calibration import validate
 

@@ -3,7 +3,8 @@
 A config file mirrors these sections (every key optional; defaults reproduce ``tiersim run``)::
 
     seed = 0
-    [trace]      bundled = "azure-conv" | path = "..." + format = "azure"; rate_scale, max_requests, ...
+    [trace]      bundled = "azure-conv" | path = "..." + format = "azure"; rate_scale, max_requests, ...;
+                 for csv/parquet files columns = {arrival_s = "ts", ...}, time_unit, time_format
     [model]      name = "llama-3.1-8b"
     [hardware]   gpu = "h100-sxm-80gb", server = "dgx-h100"
     [cluster]    num_replicas = 1
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,9 +40,32 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _finite(key: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+           f"must be a finite number (got {value!r})")
+
+
+# A change of rate beyond a million-fold either way is a typo, not an experiment: compressed further,
+# inter-arrival gaps of real traces (~1e-7 s) fall below the resolution of simulated time near a step;
+# stretched further, an hour-long trace spans more than the 1e9 s that float64 time resolves steps in.
+RATE_SCALE_RANGE = (1e-6, 1e6)
+MAX_BLOCK_SIZE_TOKENS = 2**20                       # more than any model's context window
+MAX_ACTIVATION_RESERVE_BYTES = 2**40                # 1 TiB: more memory than any GPU has
+MAX_TENSOR_PARALLEL_SIZE = 64
+MAX_NUM_REPLICAS = 1024                             # each replica is a full engine with its own block pools
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TraceConfig:
-    """Which requests to replay. ``bundled`` names a trace shipped with tiersim; ``path`` overrides it."""
+    """Which requests to replay. ``bundled`` names a trace shipped with tiersim; ``path`` overrides it.
+
+    ``columns``, ``time_unit`` and ``time_format`` read any CSV or Parquet file (format "csv" or
+    "parquet", implied by ``columns``): ``columns`` maps canonical names (arrival_s, prompt_tokens,
+    output_tokens, and optionally request_id, session_id, tenant, priority, block_hashes) to the file's
+    columns. ``hash_block_tokens`` is the prefix-hash block size of a mooncake or parquet file.
+    ``columns`` is a plain dict (so config files and ``--set trace.columns.arrival_s=...`` can build it);
+    treat it as read-only.
+    """
 
     bundled: str = "azure-conv"
     path: str = ""
@@ -53,17 +78,53 @@ class TraceConfig:
     max_total_tokens: int = 0        # > 0: shorten prompts so prompt + output fits, as Vidur's trace
                                      # replay does (its default is 4096); 0 = leave requests as they are
     synthetic: str = ""              # e.g. "poisson rate=5 n=1000 prompt=lognormal:1024:0.8 output=fixed:128"
+    columns: dict[str, str] = field(default_factory=dict)   # csv/parquet: canonical name -> the file's column
+    time_unit: str = ""              # csv/parquet arrival column: "s" (the default), "ms", "us", "ns", "datetime"
+    time_format: str = ""            # with time_unit = "datetime": a strptime format ("" infers it)
+    hash_block_tokens: int = 0       # tokens per prefix-hash block; 0 = the file's (parquet metadata, mooncake 512)
 
     def __post_init__(self) -> None:
+        from traces.io import FORMATS
+        from traces.schema import CANONICAL_NAMES as CANONICAL_COLUMNS
+        from traces.schema import MAX_ARRIVAL_S, MAX_TOKENS, TIME_UNITS
+
+        for key in ("rate_scale", "start_s", "end_s"):
+            _finite(f"trace.{key}", getattr(self, key))
+        lo, hi = RATE_SCALE_RANGE
         _check(self.rate_scale > 0, "trace.rate_scale", f"must be > 0 (got {self.rate_scale})")
+        _check(lo <= self.rate_scale <= hi, "trace.rate_scale",
+               f"must be in [{lo:g}, {hi:g}] (got {self.rate_scale:g}): a change of rate beyond a million-fold "
+               "collapses inter-arrival gaps or stretches the trace past the 1e9 s float64 time resolves steps in")
         _check(self.max_requests >= 0, "trace.max_requests", f"must be >= 0 (got {self.max_requests})")
         _check(self.start_s >= 0, "trace.start_s", f"must be >= 0 (got {self.start_s})")
         _check(self.end_s >= 0, "trace.end_s", f"must be >= 0 (got {self.end_s})")
+        for key in ("start_s", "end_s"):
+            _check(getattr(self, key) <= MAX_ARRIVAL_S, f"trace.{key}",
+                   f"must be <= {MAX_ARRIVAL_S:.0e} s, the longest a trace may span (got {getattr(self, key):g})"
+                   .replace("e+0", "e"))
         _check(self.end_s == 0 or self.end_s > self.start_s, "trace.end_s",
                f"must be > trace.start_s ({self.start_s}) (got {self.end_s})")
         _check(self.repeat >= 1, "trace.repeat", f"must be >= 1 (got {self.repeat})")
         _check(self.max_total_tokens == 0 or self.max_total_tokens >= 2, "trace.max_total_tokens",
                f"must be 0 (off) or >= 2 (got {self.max_total_tokens})")
+        _check(self.repeat <= 10**6, "trace.repeat", f"must be <= 1,000,000 (got {self.repeat:,})")
+        _check(isinstance(self.columns, Mapping), "trace.columns",
+               'expected a table such as {arrival_s = "ts", prompt_tokens = "in", output_tokens = "out"} '
+               f"(got {self.columns!r})")
+        for canonical, source in self.columns.items():
+            _check(canonical in CANONICAL_COLUMNS, f"trace.columns.{canonical}",
+                   f"unknown canonical column (known: {', '.join(CANONICAL_COLUMNS)})")
+            _check(isinstance(source, str) and source != "", f"trace.columns.{canonical}",
+                   f"expected the name of a column in the file (got {source!r})")
+        object.__setattr__(self, "columns", dict(self.columns))
+        _check(self.time_unit in ("", *TIME_UNITS), "trace.time_unit",
+               f"must be one of {', '.join(TIME_UNITS)} (got {self.time_unit!r})")
+        _check(not self.time_format or self.time_unit == "datetime", "trace.time_format",
+               f'is only used with trace.time_unit = "datetime" (got trace.time_unit = {self.time_unit!r})')
+        _check(0 <= self.hash_block_tokens <= MAX_TOKENS, "trace.hash_block_tokens",
+               f"must be 0 (the file's) or a block size in [1, {MAX_TOKENS:,}] tokens (got {self.hash_block_tokens})")
+        _check(self.format in ("", *FORMATS), "trace.format",
+               f"must be one of {', '.join(FORMATS)} (got {self.format!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +143,8 @@ class ClusterConfig:
     num_replicas: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.num_replicas >= 1, "cluster.num_replicas", f"must be >= 1 (got {self.num_replicas})")
+        _check(1 <= self.num_replicas <= MAX_NUM_REPLICAS, "cluster.num_replicas",
+               f"must be in [1, {MAX_NUM_REPLICAS}] (got {self.num_replicas:,})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,14 +169,18 @@ class ReplicaConfig:
     bulk_decode: bool = True                # advance predictable decode steps together (exact)
 
     def __post_init__(self) -> None:
-        _check(self.tensor_parallel_size >= 1, "replica.tensor_parallel_size",
-               f"must be >= 1 (got {self.tensor_parallel_size})")
+        _check(1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE, "replica.tensor_parallel_size",
+               f"must be in [1, {MAX_TENSOR_PARALLEL_SIZE}] (got {self.tensor_parallel_size})")
         _check(self.block_size_tokens >= 1, "replica.block_size_tokens",
                f"must be >= 1 (got {self.block_size_tokens})")
+        _check(self.block_size_tokens <= MAX_BLOCK_SIZE_TOKENS, "replica.block_size_tokens",
+               f"must be <= {MAX_BLOCK_SIZE_TOKENS:,}, longer than any model's context window "
+               f"(got {self.block_size_tokens:,})")
+        _finite("replica.gpu_memory_utilization", self.gpu_memory_utilization)
         _check(0 < self.gpu_memory_utilization <= 1, "replica.gpu_memory_utilization",
                f"must be in (0, 1] (got {self.gpu_memory_utilization})")
-        _check(self.activation_reserve_bytes >= 0, "replica.activation_reserve_bytes",
-               f"must be >= 0 (got {self.activation_reserve_bytes})")
+        _check(0 <= self.activation_reserve_bytes <= MAX_ACTIVATION_RESERVE_BYTES, "replica.activation_reserve_bytes",
+               f"must be in [0, {MAX_ACTIVATION_RESERVE_BYTES:,}] (1 TiB) (got {self.activation_reserve_bytes:,})")
         _check(self.max_model_len >= 0, "replica.max_model_len", f"must be >= 0 (got {self.max_model_len})")
         _check(self.preemption_mode in ("recompute", "swap"), "replica.preemption_mode",
                f"must be 'recompute' or 'swap' (got {self.preemption_mode!r})")
@@ -174,6 +240,8 @@ class MetricsConfig:
     step_log: bool = True
 
     def __post_init__(self) -> None:
+        _finite("metrics.slo_ttft_s", self.slo_ttft_s)
+        _finite("metrics.slo_tpot_s", self.slo_tpot_s)
         _check(self.slo_ttft_s > 0, "metrics.slo_ttft_s", f"must be > 0 (got {self.slo_ttft_s})")
         _check(self.slo_tpot_s > 0, "metrics.slo_tpot_s", f"must be > 0 (got {self.slo_tpot_s})")
 
@@ -228,21 +296,34 @@ SECTIONS = {"trace": TraceConfig, "model": ModelConfig, "hardware": HardwareConf
 
 
 def _coerce(cls, key: str, name: str, value: Any) -> Any:
-    """Check one value against the dataclass field's type; ints are accepted for floats."""
-    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[name]
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(ftype))
+    """Check one value against the dataclass field's type; ints are accepted for floats, floats must be
+    finite (nan and inf are never a sensible setting) and tables are accepted for dict fields."""
+    ftype = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
+    if ftype.startswith("dict"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table such as {{arrival_s = \"ts\"}}, got "
+                              f"{type(value).__name__} ({_short(value)})")
+        return dict(value)
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(ftype)
     if expected is None:
         return value
-    if isinstance(value, bool) and str(ftype) != "bool":
+    if isinstance(value, bool) and ftype != "bool":
         raise ConfigError(f"{key}: expected {ftype}, got a boolean ({value!r})")
     if not isinstance(value, expected):
-        raise ConfigError(f"{key}: expected {ftype}, got {type(value).__name__} ({value!r})")
-    return float(value) if str(ftype) == "float" else value
+        raise ConfigError(f"{key}: expected {ftype}, got {type(value).__name__} ({_short(value)})")
+    if ftype == "float" and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+    return float(value) if ftype == "float" else value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _section(cls, data: Any, where: str):
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a table of keys, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a table of keys, got {type(data).__name__} ({_short(data)})")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -284,18 +365,34 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> SimConfig:
             name = params.pop("name", DEFAULT_POLICIES[kind])
             if not isinstance(name, str):
                 raise ConfigError(f"policies.{kind}.name: expected a string (got {name!r})")
+            for key, value in params.items():   # each policy checks its own parameters; nan/inf never fit
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"policies.{kind}.{key}: must be a finite number (got {value!r})")
             chosen[kind] = PolicyConfig(name=name, params=MappingProxyType(params))
         kwargs["policies"] = PoliciesConfig(**chosen)
     return SimConfig(**kwargs)
 
 
 def load_config(path: str | Path) -> SimConfig:
+    """Read and validate a TOML config file (UTF-8; a BOM and CRLF line endings are accepted)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory, not a config file")
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                          "save the config as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return from_dict(data, str(path))

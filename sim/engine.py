@@ -33,65 +33,9 @@ from sim.hardware.gpu import hbm_budget
 from sim.metrics import Results, build_results, spill_dir
 from sim.replica.drafting import drafter_footprint
 from sim.specs import load_gpu, load_model, load_server, spec_to_dict
+from sim.workload import load_trace_for
 
 VERSION = "0.1.0"
-
-
-def load_trace_for(config: SimConfig) -> "traces.Trace":
-    """The trace a config names, with its window, request cap, rate scale and repeats applied."""
-    tc = config.trace
-    if tc.synthetic:
-        trace = synthetic_trace(tc.synthetic, config.seed)
-    elif tc.path:
-        trace = traces.load_trace(tc.path, format=tc.format or None)
-    else:
-        trace = traces.load_trace(traces.bundled_path(tc.bundled), format=tc.format or None)
-    if tc.start_s > 0 or tc.end_s > 0:
-        end = tc.end_s if tc.end_s > 0 else float(trace.arrival_s[-1]) + 1.0
-        trace = traces.time_window(trace, tc.start_s, end)
-    if tc.max_requests:
-        trace = traces.head(trace, tc.max_requests)
-    if tc.max_total_tokens:
-        from traces.transform import vidur_trim
-
-        trace = vidur_trim(trace, tc.max_total_tokens)
-    if tc.rate_scale != 1.0:
-        trace = traces.scale_rate(trace, tc.rate_scale)
-    if tc.repeat > 1:
-        trace = traces.repeat(trace, tc.repeat)
-    if len(trace) == 0:
-        raise ConfigError("trace: no requests left after the window and request cap")
-    return trace
-
-
-def synthetic_trace(spec: str, seed: int) -> "traces.Trace":
-    """``"poisson rate=5 n=1000 prompt=lognormal:1024:0.8 output=fixed:128"`` (or ``gamma ... cv=3``,
-    ``duration=600`` instead of ``n``)."""
-    words = spec.split()
-    if not words or words[0] not in ("poisson", "gamma"):
-        raise ConfigError(f"trace.synthetic: {spec!r} must start with 'poisson' or 'gamma'")
-    opts = {}
-    for w in words[1:]:
-        if "=" not in w:
-            raise ConfigError(f"trace.synthetic: {w!r} is not key=value")
-        k, v = w.split("=", 1)
-        opts[k] = v
-    known = {"rate", "n", "duration", "cv", "prompt", "output", "seed"}
-    bad = sorted(set(opts) - known)
-    if bad:
-        raise ConfigError(f"trace.synthetic: unknown key {bad[0]!r} (known: {', '.join(sorted(known))})")
-    try:
-        rate = float(opts["rate"])
-    except (KeyError, ValueError):
-        raise ConfigError(f"trace.synthetic: {spec!r} needs rate=<requests per second>") from None
-    try:
-        return traces.synthesize(
-            rate_per_s=rate, num_requests=int(opts["n"]) if "n" in opts else None,
-            duration_s=float(opts["duration"]) if "duration" in opts else None, arrival=words[0],
-            cv=float(opts.get("cv", 1.0)), prompt=opts.get("prompt", "lognormal:1024:0.8"),
-            output=opts.get("output", "lognormal:128:0.8"), seed=int(opts.get("seed", seed)))
-    except ValueError as exc:
-        raise ConfigError(f"trace.synthetic: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

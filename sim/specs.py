@@ -6,6 +6,7 @@ and cite their sources; users may pass a path to their own TOML file wherever a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -149,16 +150,38 @@ def _build(cls, data: Mapping[str, Any], source: str):
                      and f.default_factory is dataclasses.MISSING)
     if missing:
         raise ConfigError(f"{source}: missing key(s) {', '.join(missing)} for {cls.__name__}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        _check_type(source, key, types[key], value)
     try:
         return cls(**data)
-    except TypeError as exc:  # wrong value types surface here
+    except TypeError as exc:  # a type the checks above do not know
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_type(source: str, key: str, ftype: str, value: Any) -> None:
+    """A preset value against its field's type: an int is no float's problem, but a bool is not a number,
+    a float is not an int, and nan or inf is not a hardware figure."""
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(ftype)
+    if expected is None:
+        return
+    if (isinstance(value, bool) and ftype != "bool") or not isinstance(value, expected):
+        got = "a boolean" if isinstance(value, bool) else type(value).__name__
+        raise ConfigError(f"{source}: {key}: expected {ftype}, got {got} ({value!r})")
+    if ftype == "float" and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key}: must be a finite number (got {value!r})")
 
 
 def _read_toml(path: Path) -> dict:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
@@ -168,6 +191,9 @@ def available_presets(kind: str) -> list[str]:
 
 
 def _resolve(kind: str, name_or_path: str) -> Path:
+    if not isinstance(name_or_path, str):
+        raise ConfigError(f"expected a {kind.rstrip('s')} preset name or a path to a .toml file "
+                          f"(got {name_or_path!r})")
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.exists():
         return path

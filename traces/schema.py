@@ -17,6 +17,10 @@ for this request, for ``acceptance = "column"``).
 In memory the simulator uses :class:`Trace`, which holds numpy arrays (block hashes in CSR form). On disk
 and between tools the form is an Arrow table (:meth:`Trace.to_arrow`), whose schema metadata carries
 ``tiersim.hash_block_tokens``, ``tiersim.meta`` (JSON), ``tiersim.name`` and ``tiersim.source``.
+
+Limits (what the simulator can represent; readers refuse values beyond them with the row and field):
+arrivals at most :data:`MAX_ARRIVAL_S` seconds after the trace start, and at most :data:`MAX_TOKENS`
+prompt or output tokens per request.
 """
 from __future__ import annotations
 
@@ -24,30 +28,48 @@ import copy
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
-import pyarrow as pa
 
 from sim.errors import TiersimError
 
-REQUIRED_COLUMNS: dict[str, pa.DataType] = {
-    "request_id": pa.int64(),
-    "arrival_s": pa.float64(),
-    "prompt_tokens": pa.int64(),
-    "output_tokens": pa.int64(),
-}
-OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
-    "block_hashes": pa.list_(pa.int64()),
-    "session_id": pa.string(),
-    "priority": pa.int32(),
-    "tenant": pa.string(),
-    "acceptance_rate": pa.float64(),
-}
-CANONICAL_COLUMNS: dict[str, pa.DataType] = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Canonical columns and their Arrow types, by name. The mappings to ``pyarrow`` types are built on
+# first use (module ``__getattr__`` below), so that importing the schema does not import pyarrow.
+_REQUIRED_TYPES = {"request_id": "int64", "arrival_s": "float64", "prompt_tokens": "int64", "output_tokens": "int64"}
+_OPTIONAL_TYPES = {"block_hashes": "list<int64>", "session_id": "string", "priority": "int32", "tenant": "string",
+                   "acceptance_rate": "float64"}
+REQUIRED_NAMES = tuple(_REQUIRED_TYPES)
+OPTIONAL_NAMES = tuple(_OPTIONAL_TYPES)
+CANONICAL_NAMES = REQUIRED_NAMES + OPTIONAL_NAMES
+TIME_UNITS: dict[str, float | None] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "datetime": None}
+
+
+def _arrow_type(name: str):
+    import pyarrow as pa
+
+    return pa.list_(pa.int64()) if name == "list<int64>" else getattr(pa, name)()
+
+
+def canonical_types() -> dict:
+    """Canonical column name -> pyarrow type (imports pyarrow)."""
+    return __getattr__("CANONICAL_COLUMNS")
+
+
+def __getattr__(name: str):
+    if name in ("REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "CANONICAL_COLUMNS"):
+        types = {"REQUIRED_COLUMNS": _REQUIRED_TYPES, "OPTIONAL_COLUMNS": _OPTIONAL_TYPES,
+                 "CANONICAL_COLUMNS": {**_REQUIRED_TYPES, **_OPTIONAL_TYPES}}[name]
+        value = {k: _arrow_type(v) for k, v in types.items()}
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 META_HASH_BLOCK_TOKENS = b"tiersim.hash_block_tokens"
 META_META = b"tiersim.meta"
@@ -56,6 +78,18 @@ META_SOURCE = b"tiersim.source"
 
 _INT32 = np.iinfo(np.int32)
 
+MAX_ARRIVAL_S = 1e9
+"""Latest arrival, in seconds after the trace start (31.7 years).
+
+Simulated time is a float64 count of seconds. At 1e9 s adjacent float64 values are 1.2e-7 s apart,
+still about 100x finer than the shortest engine step (~10 us), so step times and latencies keep their
+precision; at 1e18 s they are 128 s apart and a request's whole life rounds away (TTFT = E2E = 0). No
+public trace comes close: BurstGPT, the longest, spans 121 days (1.05e7 s)."""
+
+MAX_TOKENS = 10**8
+"""Most prompt or output tokens in one request: 100x the longest context window of any current model,
+far below int64, so a larger count is a corrupt value rather than a workload."""
+
 
 class TraceError(TiersimError, ValueError):
     """A trace that cannot be read or is not valid. ``str()`` is one line naming file, row and field.
@@ -63,6 +97,9 @@ class TraceError(TiersimError, ValueError):
     ``path`` is the file (or the trace source) and ``row`` the 1-based data row, with ``line`` the
     1-based physical line where the format has lines. ``field`` is the column as the source names it.
     ``more_rows`` counts further bad rows after the first one reported. Any of them may be None.
+    Advice in a message names what a user can set: the ``[trace]`` config keys (``trace.columns``,
+    ``trace.time_unit``, ``trace.hash_block_tokens``, ...), which match ``load_trace``'s keyword
+    arguments one for one, or the CLI's ``--format``.
     """
 
     def __init__(self, detail: str, *, path: str | PurePath | None = None, row: int | None = None,
@@ -109,6 +146,23 @@ def _rebuild_trace_error(detail, path, row, line, field, more_rows, label) -> Tr
                       label=label)
 
 
+ARRIVAL_LIMIT = (f"beyond the {MAX_ARRIVAL_S:.0e} s ({MAX_ARRIVAL_S / 31_557_600:.1f} years) a trace may span, "
+                 "past which float64 time loses the resolution of an engine step").replace("e+0", "e")
+
+
+def beyond_arrival_limit(arrival_s: float) -> str:
+    """The detail of an error for an arrival past :data:`MAX_ARRIVAL_S`."""
+    return f"arrival {arrival_s:.4g} s after the trace start is {ARRIVAL_LIMIT}"
+
+
+def show(value: object, limit: int = 40) -> str:
+    """``repr`` of a source value for a message, cut to ``limit`` characters (a field may be megabytes)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(str(value)):,} characters)"
+
+
 @dataclass(frozen=True, slots=True)
 class RowCheck:
     """One per-row rule over a column: ``bad[i]`` is True where row i breaks it.
@@ -147,34 +201,63 @@ def raise_first_failure(checks: Iterable[RowCheck], *, path: str | PurePath | No
 def _count_check(name: str, values: np.ndarray) -> RowCheck:
     def explain(i: int) -> str:
         v = values[i]
+        if v > MAX_TOKENS:
+            return f"token count {v:,} exceeds the limit of {MAX_TOKENS:,} per request"
         return f"negative token count {v}" if v < 0 else f"token count {v} (must be >= 1)"
-    return RowCheck(name, values < 1, explain)
+    return RowCheck(name, (values < 1) | (values > MAX_TOKENS), explain)
 
 
 def _int_array(name: str, values: Any, dtype: type, checks: list[RowCheck]) -> np.ndarray:
-    """Coerce to an integer array; float input must hold whole, finite numbers (else a RowCheck)."""
+    """Coerce to an integer array; float input must hold whole, finite numbers in range (else a RowCheck).
+
+    Booleans are refused: True is not a count. Values outside ``dtype`` are refused, never wrapped.
+    """
     arr = np.asarray(values)
-    if arr.dtype.kind in "iub":
-        if dtype is np.int32 and arr.size and (arr.min() < _INT32.min or arr.max() > _INT32.max):
-            checks.append(RowCheck(name, (arr < _INT32.min) | (arr > _INT32.max),
-                                   lambda i: f"{arr[i]} does not fit in int32"))
+    info = np.iinfo(dtype)
+    if arr.dtype.kind == "b":
+        checks.append(RowCheck(name, np.ones(arr.shape, bool), lambda i: f"a boolean ({arr[i]}), not a number"))
+        return np.zeros(arr.shape, dtype)
+    if arr.dtype.kind in "iu":
+        if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+            too_big = (arr > info.max) if arr.dtype.kind == "u" else (arr < info.min) | (arr > info.max)
+            checks.append(RowCheck(name, too_big, lambda i: f"{arr[i]} does not fit in {np.dtype(dtype).name}"))
             return np.zeros(arr.shape, dtype)
         return arr.astype(dtype, copy=False)
     if arr.dtype.kind != "f":
-        raise TypeError(f"{name} must be an integer array (got dtype {arr.dtype})")
+        raise TraceError(f"column '{name}' must hold integers (got {_dtype_name(arr)})", field=name)
     bad = ~np.isfinite(arr) | (arr != np.round(arr))
-    if bad.any():
-        checks.append(RowCheck(name, bad, lambda i: f"not a whole number: {arr[i]!r}"))
+    out_of_range = ~bad & ((arr < info.min) | (arr >= -float(info.min)))
+    if (bad | out_of_range).any():
+        checks.append(RowCheck(name, bad | out_of_range, lambda i: (
+            f"not a whole number: {show(arr[i])}" if bad[i] else f"{arr[i]:g} does not fit in {np.dtype(dtype).name}")))
         return np.zeros(arr.shape, dtype)
     return arr.astype(dtype)
 
 
+def _dtype_name(arr: np.ndarray) -> str:
+    """What an array holds, for messages: 'strings' for text, else the numpy dtype."""
+    if arr.dtype.kind in "OUS" and arr.size and isinstance(arr.flat[0], str):
+        return "strings"
+    return f"dtype {arr.dtype}"
+
+
+def _float_array(name: str, values: Any, checks: list[RowCheck]) -> np.ndarray:
+    """Coerce to float64; booleans and non-numbers are refused (a RowCheck, or a TraceError for a dtype)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "b":
+        checks.append(RowCheck(name, np.ones(arr.shape, bool), lambda i: f"a boolean ({arr[i]}), not a number"))
+        return np.zeros(arr.shape, np.float64)
+    if arr.dtype.kind not in "iuf":
+        raise TraceError(f"column '{name}' must hold numbers (got {_dtype_name(arr)})", field=name)
+    return arr.astype(np.float64, copy=False)
+
+
 def _rate_array(values: Any, checks: list[RowCheck]) -> np.ndarray:
-    """``acceptance_rate``: finite floats in [0, 1]."""
-    arr = np.asarray(values, dtype=np.float64)
+    """``acceptance_rate``: finite numbers in [0, 1]."""
+    arr = _float_array("acceptance_rate", values, checks)
     bad = ~np.isfinite(arr) | (arr < 0.0) | (arr > 1.0)
     if bad.any():
-        checks.append(RowCheck("acceptance_rate", bad, lambda i: f"acceptance rate {arr[i]!r} is not in [0, 1]"))
+        checks.append(RowCheck("acceptance_rate", bad, lambda i: f"acceptance rate {show(arr[i])} is not in [0, 1]"))
     return arr
 
 
@@ -182,7 +265,7 @@ def _str_array(name: str, values: Any, checks: list[RowCheck]) -> np.ndarray:
     arr = np.asarray(values, dtype=object)
     bad = np.fromiter((not isinstance(v, str) for v in arr), dtype=bool, count=arr.size)
     if bad.any():
-        checks.append(RowCheck(name, bad, lambda i: f"expected a string, got {arr[i]!r}"))
+        checks.append(RowCheck(name, bad, lambda i: f"expected a string, got {show(arr[i])}"))
     return arr
 
 
@@ -232,22 +315,27 @@ class Trace:
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen dataclass: normalise fields once, here
         checks: list[RowCheck] = []
-        arrival = np.asarray(self.arrival_s, dtype=np.float64)
-        n = arrival.shape[0] if arrival.ndim == 1 else -1
-        if arrival.ndim != 1:
-            self._fail(f"arrival_s must be one-dimensional (got shape {arrival.shape})")
-        prompt = _int_array("prompt_tokens", self.prompt_tokens, np.int64, checks)
-        output = _int_array("output_tokens", self.output_tokens, np.int64, checks)
-        rid = (np.arange(n, dtype=np.int64) if self.request_id is None
-               else _int_array("request_id", self.request_id, np.int64, checks))
+        try:
+            arrival = _float_array("arrival_s", self.arrival_s, checks)
+            n = arrival.shape[0] if arrival.ndim == 1 else -1
+            if arrival.ndim != 1:
+                self._fail(f"arrival_s must be one-dimensional (got shape {arrival.shape})")
+            prompt = _int_array("prompt_tokens", self.prompt_tokens, np.int64, checks)
+            output = _int_array("output_tokens", self.output_tokens, np.int64, checks)
+            rid = (np.arange(n, dtype=np.int64) if self.request_id is None
+                   else _int_array("request_id", self.request_id, np.int64, checks))
+            optional: dict[str, np.ndarray | None] = {
+                "session_id": None if self.session_id is None else _str_array("session_id", self.session_id, checks),
+                "tenant": None if self.tenant is None else _str_array("tenant", self.tenant, checks),
+                "priority": None if self.priority is None else _int_array("priority", self.priority, np.int32,
+                                                                              checks),
+                "acceptance_rate": None if self.acceptance_rate is None else _rate_array(self.acceptance_rate,
+                                                                                         checks),
+            }
+        except TraceError as exc:
+            self._fail(exc.detail, field=exc.field)
         columns = {"arrival_s": arrival, "prompt_tokens": prompt, "output_tokens": output,
                    "request_id": rid}
-        optional: dict[str, np.ndarray | None] = {
-            "session_id": None if self.session_id is None else _str_array("session_id", self.session_id, checks),
-            "tenant": None if self.tenant is None else _str_array("tenant", self.tenant, checks),
-            "priority": None if self.priority is None else _int_array("priority", self.priority, np.int32, checks),
-            "acceptance_rate": None if self.acceptance_rate is None else _rate_array(self.acceptance_rate, checks),
-        }
         for key, arr in {**columns, **optional}.items():
             if arr is not None and arr.shape != (n,):
                 self._fail(f"column '{key}' has shape {arr.shape}, expected ({n},) like arrival_s")
@@ -256,6 +344,8 @@ class Trace:
         offsets, values = self._normalised_hashes(n)
         self._check_rows(arrival, prompt, output, rid, offsets)
 
+        if not isinstance(self.meta, Mapping):
+            self._fail(f"meta must be a mapping (got {type(self.meta).__name__})")
         meta = copy.deepcopy(dict(self.meta))
         meta.setdefault("transforms", [])
         if n > 1 and np.any(arrival[1:] < arrival[:-1]):
@@ -295,7 +385,8 @@ class Trace:
 
     def _check_rows(self, arrival, prompt, output, rid, offsets) -> None:
         checks = [RowCheck("arrival_s", ~np.isfinite(arrival) | (arrival < 0),
-                           lambda i: f"arrival must be finite and >= 0 (got {arrival[i]!r})"),
+                           lambda i: f"arrival must be finite and >= 0 (got {show(arrival[i])})"),
+                  RowCheck("arrival_s", arrival > MAX_ARRIVAL_S, lambda i: beyond_arrival_limit(arrival[i])),
                   _count_check("prompt_tokens", prompt), _count_check("output_tokens", output)]
         if rid.size:
             order = np.argsort(rid, kind="stable")
@@ -319,7 +410,7 @@ class Trace:
 
     def __repr__(self) -> str:
         span = float(self.arrival_s[-1]) if len(self) else 0.0
-        extras = [k for k in OPTIONAL_COLUMNS if self._optional(k) is not None]
+        extras = [k for k in OPTIONAL_NAMES if self._optional(k) is not None]
         return (f"Trace(name={self.name!r}, requests={len(self)}, span_s={span:.3f}, "
                 f"optional={extras}, source={self.source!r})")
 
@@ -353,7 +444,7 @@ class Trace:
         a = self.arrival_s
         if len(a) > 1 and np.any(a[1:] < a[:-1]):
             i = int(np.argmax(a[1:] < a[:-1])) + 1
-            self._fail(f"arrival {a[i]!r} is earlier than the previous one", row=i + 1, field="arrival_s")
+            self._fail(f"arrival {show(a[i])} is earlier than the previous one", row=i + 1, field="arrival_s")
 
     def replace(self, **changes: Any) -> "Trace":
         """A new, re-validated Trace with some fields replaced (``dataclasses.replace``)."""
@@ -362,6 +453,8 @@ class Trace:
     # ----------------------------------------------------------------------------------------------
     def to_arrow(self) -> pa.Table:
         """The canonical Arrow table: required columns, then the optional ones present, with metadata."""
+        import pyarrow as pa
+
         arrays: dict[str, pa.Array] = {
             "request_id": pa.array(self.request_id, pa.int64()),
             "arrival_s": pa.array(self.arrival_s, pa.float64()),
@@ -385,71 +478,89 @@ class Trace:
                     META_NAME: self.name.encode(), META_SOURCE: self.source.encode()}
         if self.hash_block_tokens is not None:
             metadata[META_HASH_BLOCK_TOKENS] = str(self.hash_block_tokens).encode()
-        schema = pa.schema([pa.field(k, CANONICAL_COLUMNS[k], nullable=False) for k in arrays],
+        schema = pa.schema([pa.field(k, canonical_types()[k], nullable=False) for k in arrays],
                            metadata=metadata)
         return pa.Table.from_arrays(list(arrays.values()), schema=schema)
 
     @classmethod
     def from_arrow(cls, table: pa.Table, *, source: str | None = None, name: str | None = None,
-                   hash_block_tokens: int | None = None) -> "Trace":
+                   hash_block_tokens: int | None = None, path: str | PurePath | None = None) -> "Trace":
         """Build a validated Trace from a canonical Arrow table (e.g. one written by :meth:`to_arrow`).
 
         ``source``/``name``/``hash_block_tokens`` default to the ``tiersim.*`` schema metadata. Extra
-        columns are ignored; missing required columns, nulls and uncastable types raise TraceError.
+        columns are ignored; missing or duplicate required columns, nulls, booleans, values that do not
+        fit and malformed metadata raise TraceError. ``path`` is the file the table came from: errors
+        then name that file and its row (not the trace name the metadata stores).
         """
+        import pyarrow as pa
+
         md = table.schema.metadata or {}
-        source = source if source is not None else md.get(META_SOURCE, b"").decode()
-        label = name if name is not None else (md[META_NAME].decode() if META_NAME in md else None)
-        path = source or None
+        source = source if source is not None else md.get(META_SOURCE, b"").decode(errors="replace")
+        label = name if name is not None else (
+            md[META_NAME].decode(errors="replace") if META_NAME in md else None)
+        where: dict[str, Any] = {"path": path} if path is not None else {"path": source or None, "label": label}
+
+        def fail(detail: str, **at: Any) -> NoReturn:
+            raise TraceError(detail, **where, **at)
+
         found = table.column_names
-        for col in REQUIRED_COLUMNS:
+        for col in CANONICAL_NAMES:
+            if found.count(col) > 1:
+                at = [i + 1 for i, c in enumerate(found) if c == col]
+                fail(f"column '{col}' appears {len(at)} times (columns {', '.join(map(str, at))})", field=col)
+        for col in REQUIRED_NAMES:
             if col not in found:
-                raise TraceError(f"missing column '{col}' (found: {', '.join(found) or 'none'})",
-                                 path=path, label=label, field=col)
-        cols: dict[str, Any] = {}
-        for col, typ in CANONICAL_COLUMNS.items():
+                fail(f"missing column '{col}' (found: {', '.join(found) or 'none'})", field=col)
+        np_cols: dict[str, np.ndarray] = {}
+        offsets = values = None
+        for col in CANONICAL_NAMES:
             if col not in found:
                 continue
             chunked = table.column(col)
             if chunked.null_count:
-                i = _first_null(chunked)
-                raise TraceError("empty or missing value", path=path, label=label, row=i + 1, field=col)
+                fail("empty or missing value", row=_first_null(chunked) + 1, field=col)
+            if col != "block_hashes":
+                np_cols[col] = chunked.to_numpy()
+                continue
             try:
-                arr = chunked.cast(typ).combine_chunks() if chunked.type != typ else chunked.combine_chunks()
+                lists = chunked.cast(canonical_types()[col]) if chunked.type != canonical_types()[col] else chunked
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise TraceError(f"column type {chunked.type} cannot be read as {typ}: {exc}".splitlines()[0],
-                                 path=path, label=label, field=col) from None
-            cols[col] = arr
-        offsets = values = None
-        if "block_hashes" in cols:
-            offsets, values, _, null_inside = csr_from_arrow(cols.pop("block_hashes"))
+                fail(f"column type {chunked.type} cannot be read as a list of int64 hashes: "
+                     f"{str(exc).splitlines()[0][:120]}", field=col)
+            offsets, values, _, null_inside = csr_from_arrow(lists)
             if null_inside.any():
-                raise TraceError("null inside the list of hashes", path=path, label=label,
-                                 row=int(np.argmax(null_inside)) + 1, field="block_hashes")
-            if hash_block_tokens is None:
-                if META_HASH_BLOCK_TOKENS not in md:
-                    raise TraceError("block_hashes present but the block size is unknown: the table has no "
-                                     "tiersim.hash_block_tokens metadata; pass hash_block_tokens",
-                                     path=path, label=label, field="block_hashes")
-                hash_block_tokens = int(md[META_HASH_BLOCK_TOKENS])
-        np_cols = {k: (v.to_numpy(zero_copy_only=False) if k in ("session_id", "tenant") else v.to_numpy())
-                   for k, v in cols.items()}
-        meta = json.loads(md[META_META]) if META_META in md else {}
-        return cls(arrival_s=np_cols["arrival_s"], prompt_tokens=np_cols["prompt_tokens"],
-                   output_tokens=np_cols["output_tokens"], request_id=np_cols["request_id"],
-                   hash_offsets=offsets, hash_values=values,
-                   hash_block_tokens=hash_block_tokens if offsets is not None else None,
-                   session_id=np_cols.get("session_id"), priority=np_cols.get("priority"),
-                   tenant=np_cols.get("tenant"), acceptance_rate=np_cols.get("acceptance_rate"),
-                   name="trace" if label is None else label, source=source,
-                   meta=meta)
+                fail("null inside the list of hashes", row=int(np.argmax(null_inside)) + 1, field=col)
+        if offsets is not None and hash_block_tokens is None:
+            hash_block_tokens = _metadata_block_tokens(md, fail)
+        meta: Any = {}
+        if META_META in md:
+            try:
+                meta = json.loads(md[META_META])
+            except (ValueError, RecursionError) as exc:   # JSONDecodeError and UnicodeDecodeError
+                fail(f"metadata '{META_META.decode()}' is not valid JSON ({str(exc).splitlines()[0][:80]})")
+            if not isinstance(meta, dict):
+                fail(f"metadata '{META_META.decode()}' must be a JSON object (got {type(meta).__name__})")
+        try:
+            return cls(arrival_s=np_cols["arrival_s"], prompt_tokens=np_cols["prompt_tokens"],
+                       output_tokens=np_cols["output_tokens"], request_id=np_cols["request_id"],
+                       hash_offsets=offsets, hash_values=values,
+                       hash_block_tokens=hash_block_tokens if offsets is not None else None,
+                       session_id=np_cols.get("session_id"), priority=np_cols.get("priority"),
+                       tenant=np_cols.get("tenant"), acceptance_rate=np_cols.get("acceptance_rate"),
+                       name="trace" if label is None else label, source=source, meta=meta)
+        except TraceError as exc:
+            if path is None:
+                raise
+            raise TraceError(exc.detail, path=path, row=exc.row, field=exc.field,
+                             more_rows=exc.more_rows) from None
 
     def to_pandas(self):
         """The canonical table as a pandas DataFrame (``block_hashes`` as one int64 array per row)."""
         return self.to_arrow().to_pandas()
 
     def identity(self) -> dict:
-        """What a simulation result records about its input: name, source, size, transforms, sha256.
+        """What a simulation result records about its input: name, source, size, transforms, sha256,
+        and ``dropped_rows`` (reason -> count of rows the reader dropped from the file) when it dropped any.
 
         The digest covers the canonical column bytes (little-endian, in canonical order, strings
         length-prefixed UTF-8) and the hash block size, so equal digests mean equal request streams.
@@ -476,11 +587,36 @@ class Trace:
             feed("priority", self.priority.astype("<i4").tobytes())
         if self.acceptance_rate is not None:
             feed("acceptance_rate", self.acceptance_rate.astype("<f8").tobytes())
-        return {"name": self.name, "source": self.source, "num_requests": len(self),
-                "transforms": copy.deepcopy(self.meta.get("transforms", [])), "sha256": h.hexdigest()}
+        out = {"name": self.name, "source": self.source, "num_requests": len(self),
+               "transforms": copy.deepcopy(self.meta.get("transforms", [])), "sha256": h.hexdigest()}
+        dropped = self.dropped_rows
+        if dropped:   # only then: results of traces that drop nothing stay byte-identical
+            out["dropped_rows"] = dropped
+        return out
+
+    @property
+    def dropped_rows(self) -> dict[str, int]:
+        """Rows the reader dropped from the source file, by reason (``meta["dropped_<reason>"]``), nonzero only."""
+        return {k.removeprefix("dropped_"): int(v) for k, v in self.meta.items()
+                if k.startswith("dropped_") and isinstance(v, int) and v}
+
+
+def _metadata_block_tokens(md: Mapping[bytes, bytes], fail: Callable[..., NoReturn]) -> int:
+    """The hash block size stored in a table's ``tiersim.hash_block_tokens`` metadata, checked."""
+    key = META_HASH_BLOCK_TOKENS.decode()
+    if META_HASH_BLOCK_TOKENS not in md:
+        fail(f"block_hashes present but no '{key}' metadata gives their block size; "
+             "set trace.hash_block_tokens to it")
+    raw = md[META_HASH_BLOCK_TOKENS]
+    text = raw.decode(errors="replace").strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_TOKENS:
+        fail(f"metadata '{key}' must be a whole number of tokens in [1, {MAX_TOKENS:,}] (got {show(text)}); "
+             "set trace.hash_block_tokens to override it")
+    return int(text)
 
 
 def _first_null(chunked: pa.ChunkedArray) -> int:
+
     base = 0
     for chunk in chunked.chunks:
         if chunk.null_count:
@@ -508,6 +644,8 @@ def csr_from_arrow(lists: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.nd
     ``missing[i]`` marks a null list and ``null_inside[i]`` a list holding a null element; such rows get
     no values, so the CSR stays valid and the caller can report them by row. Sliced input is handled.
     """
+    import pyarrow as pa
+
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     if lists.type != pa.list_(pa.int64()):

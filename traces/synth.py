@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from traces.bundled import BUNDLED, bundled_path
-from traces.schema import Trace, TraceError
+from traces.schema import MAX_TOKENS, Trace, TraceError
 
 Role = Literal["prompt", "output"]
 PROMPT_COLUMN = "num_prefill_tokens"
@@ -42,9 +42,9 @@ def _fmt(x: float) -> str:
 
 
 def _whole(spec: str, label: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise TraceError(f"bad length spec {spec!r}: {label} must be a whole number >= {minimum} "
-                         f"(got {value!r})", label="synth")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= MAX_TOKENS:
+        raise TraceError(f"bad length spec {spec!r}: {label} must be a whole number in [{minimum}, "
+                         f"{MAX_TOKENS:,}] (got {value!r})", label="synth")
     return int(value)
 
 
@@ -86,7 +86,8 @@ class UniformLength:
 
 @dataclass(frozen=True, slots=True)
 class LognormalLength:
-    """exp(N(log median, sigma²)) tokens, rounded to whole tokens and clipped to [min_tokens, max_tokens]."""
+    """exp(N(log median, sigma²)) tokens, rounded to whole tokens and clipped to [min_tokens, max_tokens]
+    (and to ``MAX_TOKENS``, the most a request may have)."""
 
     median: float
     sigma: float
@@ -112,7 +113,7 @@ class LognormalLength:
         draws = np.rint(rng.lognormal(math.log(self.median), self.sigma, size=n))
         hi = np.inf if self.max_tokens is None else self.max_tokens
         # clip before the cast: a huge sigma can draw values past the int64 range
-        return np.clip(draws, self.min_tokens, min(hi, 2.0**62)).astype(np.int64)
+        return np.clip(draws, self.min_tokens, min(hi, MAX_TOKENS)).astype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ host has issued everything and the GPU has finished, plus one synchronisation ro
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -43,12 +44,15 @@ def _pipeline(gpu_s, var_index, var_share, var_s, host_s, cpu0, sync):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostLaunchedParams:
     cpu_overhead_s: float = 0.0   # engine host work per step before the first launch
-    dispatch_s: float = -1.0      # >= 0: a uniform per-kernel host cost instead of the cost table's
-                                  # measured per-op host costs
+    dispatch_s: float | None = None   # a uniform per-kernel host cost instead of the cost table's
+                                      # measured per-op host costs (None: use those)
 
     def __post_init__(self) -> None:
-        if self.cpu_overhead_s < 0:
-            raise ValueError(f"cpu_overhead_s must be >= 0 (got {self.cpu_overhead_s})")
+        if not (math.isfinite(self.cpu_overhead_s) and self.cpu_overhead_s >= 0):
+            raise ValueError(f"cpu_overhead_s must be finite and >= 0 (got {self.cpu_overhead_s})")
+        if self.dispatch_s is not None and not (math.isfinite(self.dispatch_s) and self.dispatch_s >= 0):
+            raise ValueError(f"dispatch_s must be finite and >= 0 seconds per kernel, or left out to use the "
+                             f"cost table's measured host costs (got {self.dispatch_s})")
 
 
 @register("execution", "host-launched")
@@ -62,8 +66,8 @@ class HostLaunched(ExecutionPolicy):
         self._uniform: dict[int, np.ndarray] = {}
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
-        if self.p.dispatch_s >= 0 or seq.host_s is None:
-            dispatch = self.p.dispatch_s if self.p.dispatch_s >= 0 else launch.dispatch_s
+        if self.p.dispatch_s is not None or seq.host_s is None:
+            dispatch = self.p.dispatch_s if self.p.dispatch_s is not None else launch.dispatch_s
             host = self._uniform.get(seq.num_kernels)
             if host is None or host[0] != dispatch:
                 host = self._uniform[seq.num_kernels] = np.full(seq.num_kernels, dispatch)

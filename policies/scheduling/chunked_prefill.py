@@ -97,6 +97,28 @@ class ChunkedPrefill(SchedulingPolicy):
             seats -= 1
         return plan
 
+    def steady_through_finishes(self, view: SchedulerView) -> bool:
+        # nothing waits and nothing is swapped: a smaller batch still only decodes
+        return not view.waiting and not view.swapped and not view.num_swapping_in
+
+    def steady_chunk(self, view: SchedulerView):
+        """One request in prefill, every other running request decoding, and the decodes plus a
+        full-budget chunk filling the step: no budget is left for admissions, so while the prompt has
+        more than a chunk left the plan repeats (free blocks are checked by the replica as it plans
+        the run). Swapped requests that could come back would change it."""
+        decoding, prefilling = split_running(view.running)
+        if len(prefilling) != 1:
+            return None
+        chunk = self.p.max_num_batched_tokens - len(decoding)
+        req = prefilling[0]
+        if chunk < 1 or view.tokens_to_compute(req) <= chunk:
+            return None
+        if view.swapped and self.p.max_num_seqs - len(view.running) - view.num_swapping_in > 0:
+            watermark = int(self.p.watermark * view.num_blocks)
+            if view.swap_in_blocks(view.swapped[0]) <= view.num_free_blocks - watermark:
+                return None
+        return req, chunk
+
     def steady_decode(self, view: SchedulerView) -> bool:
         running = view.running
         if not running or len(running) > self.p.max_num_batched_tokens:

@@ -140,6 +140,10 @@ class FCFS(SchedulingPolicy):
             plan_swap_ins(view, free, watermark, seats, plan)
         return plan
 
+    def steady_through_finishes(self, view: SchedulerView) -> bool:
+        # nothing waits and nothing is swapped: a smaller batch still only decodes
+        return not view.waiting and not view.swapped and not view.num_swapping_in
+
     def steady_decode(self, view: SchedulerView) -> bool:
         running = view.running
         if not running:

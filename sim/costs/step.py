@@ -119,11 +119,7 @@ class StepCostModel:
             ctx[0] = decode_ctx_sum
             dec = float(self.backend.decode_attention_times(num_decode, ctx, decode_query_tokens)[0])
         self.steps_priced += 1
-        one = self._one_step
-        if one is not None:            # a policy's scalar path: same arithmetic, no arrays
-            return one(seq, (pre, dec), self.launch)
-        timing = self.execution.step_times(seq, np.array([[pre, dec]]), self.launch)
-        return float(timing.duration_s[0]), timing.launches, timing.syncs
+        return self._one_step(seq, (pre, dec), self.launch)
 
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Durations of consecutive decode-only steps of ``batch`` sequences whose attended context
@@ -132,6 +128,27 @@ class StepCostModel:
         k = ctx_sums.shape[0]
         var = np.zeros((k, 2))
         var[:, VAR_DECODE] = self.backend.decode_attention_times(batch, ctx_sums)
+        timing = self.execution.step_times(seq, var, self.launch)
+        self.steps_priced += k
+        return timing.duration_s, timing.launches, timing.syncs
+
+    def chunk_run(self, num_decode: int, ctx_sums: np.ndarray, chunk: int, cached: np.ndarray
+                  ) -> tuple[np.ndarray, int, int]:
+        """Durations of consecutive steps that each run ``num_decode`` decodes (attended context totals
+        ``ctx_sums``, one per step) and one prefill chunk of ``chunk`` new tokens on top of
+        ``cached[j]`` cached ones that does not finish its prompt (samples nothing); plus launches and
+        syncs per step. Every term is computed as :meth:`step` computes it for one such step."""
+        seq = self.sequence(chunk + num_decode, num_decode, True, num_decode > 0)
+        k = cached.shape[0]
+        var = np.zeros((k, 2))
+        q = np.array([chunk], dtype=np.int64)
+        c = np.empty(1, dtype=np.int64)
+        pre = self.backend.prefill_attention_time
+        for j in range(k):
+            c[0] = cached[j]
+            var[j, VAR_PREFILL] = float(pre(q, c))
+        if num_decode:
+            var[:, VAR_DECODE] = self.backend.decode_attention_times(num_decode, ctx_sums)
         timing = self.execution.step_times(seq, var, self.launch)
         self.steps_priced += k
         return timing.duration_s, timing.launches, timing.syncs

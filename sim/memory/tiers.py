@@ -169,23 +169,32 @@ class TieredKV:
         req.blocks.extend(got)
         return True
 
-    def grow_run(self, reqs: Sequence[Request], who: np.ndarray, times: np.ndarray) -> None:
-        """One new block for ``reqs[who[k]]`` at ``times[k]``, for each k in order (a decode run's
-        allocations, see ``sim.replica.decode_run``): the same blocks, in the same order, as that many
-        :meth:`grow` calls of one token each. The caller planned them to fit."""
+    def grow_run(self, reqs: Sequence[Request], who: np.ndarray, count: np.ndarray, times: np.ndarray) -> None:
+        """``count[k]`` new blocks for ``reqs[who[k]]`` at ``times[k]``, for each k in order (a run's
+        allocations, see ``sim.replica.decode_run``): the same blocks, in the same order, as the
+        :meth:`grow` calls single stepping makes (one block: ``allocate_one``; several: one
+        ``allocate``). The caller planned them to fit."""
         hbm = self.hbm
-        n = len(who)
-        if n <= hbm.num_free:
-            got = hbm.take_free(n, times)
-            for k, w in enumerate(who.tolist()):
-                reqs[w].blocks.append(got[k])
+        total = int(count.sum())
+        if total <= hbm.num_free:
+            got = hbm.take_free(total, np.repeat(times, count) if total != len(who) else times)
+            i = 0
+            for w, c in zip(who.tolist(), count.tolist()):
+                reqs[w].blocks.extend(got[i:i + c])
+                i += c
             return
         victims = self.choose_hbm_victims
-        for k, w in enumerate(who.tolist()):
-            b = hbm.allocate_one(float(times[k]), victims)
-            if b < 0:
-                raise RuntimeError("decode run allocated more blocks than were available")
-            reqs[w].blocks.append(b)
+        for w, c, t in zip(who.tolist(), count.tolist(), times.tolist()):
+            if c == 1:
+                b = hbm.allocate_one(t, victims)
+                if b < 0:
+                    raise RuntimeError("a run allocated more blocks than were available")
+                reqs[w].blocks.append(b)
+            else:
+                got = hbm.allocate(c, t, victims)
+                if got is None:
+                    raise RuntimeError("a run allocated more blocks than were available")
+                reqs[w].blocks.extend(got)
 
     def truncate(self, req: Request, now: float) -> None:
         """Release the blocks beyond what ``req.num_computed`` tokens need (rolled-back drafts)."""

@@ -30,6 +30,8 @@ from sim.metrics.columns import (
     I_LAUNCHES,
     I_NUM_SEQS,
     I_NVME_USED,
+    I_PREFILL_SEQS,
+    I_PREFILL_TOKENS,
     I_SYNCS,
     I_TOKENS,
     INT_COLUMNS,
@@ -212,16 +214,20 @@ class StepLog:
 
 
 @numba.njit(cache=True, nogil=True)
-def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, start, ends, durations, allocs, free0, cached0,
-                  active0, held0, inflight, nc_sum, B, bs, bpb, dram, nvme, launches, syncs):
-    """Write steps c..upto-1 of a decode run: times into ``f`` at buffer row ``row0``, end times into
-    ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's start
-    after its allocation (allocations take free blocks first, then evict cached ones), into the integer
-    columns named by ``sim.metrics.columns``. Returns the busy time of those steps."""
+def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, durations, allocs, free0, cached0,
+                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, launches, syncs):
+    """Write steps c..upto-1 of a run's segment starting at step ``seg0`` (``B`` decodes and, when
+    ``n`` > 0, a prefill chunk of ``n`` tokens per step): times into ``f`` at buffer row ``row0``, end
+    times into ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's
+    start after its allocation (allocations take free blocks first, then evict cached ones; the
+    ``*0`` figures are the segment's at ``seg0`` before that step's allocation, ``nc0`` the tokens
+    computed by every running request), into the integer columns named by ``sim.metrics.columns``.
+    Returns the busy time of those steps."""
     cum = 0
-    for s in range(c):
+    for s in range(seg0, c):
         cum += allocs[s]
     busy = 0.0
+    T = B + n
     for j in range(upto - c):
         s = c + j
         r = row0 + j
@@ -239,17 +245,20 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, start, ends, durations, al
             ev = 0
         act = active0 + cum
         lk = held0 + cum + inflight
-        ib[r, I_NUM_SEQS] = B
+        ib[r, I_NUM_SEQS] = B + (1 if n > 0 else 0)
         ib[r, I_DECODE_SEQS] = B
-        ib[r, I_TOKENS] = B
+        ib[r, I_TOKENS] = T
+        if n > 0:
+            ib[r, I_PREFILL_SEQS] = 1
+            ib[r, I_PREFILL_TOKENS] = n
         ib[r, I_HBM_ACTIVE] = act * bpb
         ib[r, I_HBM_CACHED] = (cached0 - ev) * bpb
         ib[r, I_HBM_LOCKED] = (lk if lk < act else act) * bpb
         ib[r, I_DRAM_USED] = dram
         ib[r, I_NVME_USED] = nvme
-        ib[r, I_FRAG] = (held0 + cum) * bs - (nc_sum + B * (s + 1))
-        ib[r, I_LAUNCHES] = launches
-        ib[r, I_SYNCS] = syncs
+        ib[r, I_FRAG] = (held0 + cum) * bs - (nc0 + T * (s - seg0 + 1))
+        ib[r, I_LAUNCHES] = launches[s]
+        ib[r, I_SYNCS] = syncs[s]
         ib[r, I_DRAFT_TOKENS] = 0
         ib[r, I_ACCEPTED_TOKENS] = 0
         ib[r, I_DRAFT_KV] = 0

@@ -144,8 +144,9 @@ class Replica:
                 if plan.is_empty() or not (plan.prefill or plan.decode):
                     self._unblock(now)
                 continue
-            if self.runs.can_run(step):
-                yield from self.runs.run(step)
+            how = self.runs.plan_for(step)
+            if how is not None:
+                yield from self.runs.run(step, *how)
             else:
                 yield from self._single_step(step)
             if self.check_invariants:

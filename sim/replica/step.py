@@ -168,17 +168,35 @@ class StepBuilder:
             got = self._estimates[key] = t
         return got
 
-    def decode_run(self, nc: np.ndarray, nc_sum: int, K: int) -> tuple[np.ndarray, int, int]:
-        """Durations of K decode-only steps of a fixed batch whose KV before step 0 is ``nc`` tokens
-        per request (each step adds one), plus launches and syncs per step."""
+    def decode_run(self, nc: np.ndarray, nc_sum: int, K: int, first: int = 0) -> tuple[np.ndarray, int, int]:
+        """Durations of K decode-only steps ``first .. first+K-1`` of a run of a fixed batch whose KV
+        before the run's step 0 is ``nc`` tokens per request (each step adds one), plus launches and
+        syncs per step."""
         B = nc.shape[0]
+        s0 = first + 1
         if self.dense:
-            ctx_sums = np.arange(nc_sum + B, nc_sum + B + B * K, B, dtype=np.float64)
+            ctx_sums = np.arange(nc_sum + B * s0, nc_sum + B * (s0 + K), B, dtype=np.float64)
         else:
-            s_idx = np.arange(K, dtype=np.int64)
+            s_idx = np.arange(first, first + K, dtype=np.int64)
             ctx = (nc[None, :] + 1) + s_idx[:, None]
             ctx_sums = np.asarray(self.sparsity.attended(ctx)).sum(axis=1).astype(np.float64)
         return self.cost.decode_run(B, ctx_sums)
+
+    def chunk_run(self, nc: np.ndarray, nc_sum: int, K: int, c0: int, n: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Durations, launches and syncs of K steps that each decode the batch ``nc`` and run an
+        ``n``-token prefill chunk on top of ``c0 + s n`` cached tokens (a chunked-prefill run)."""
+        B = nc.shape[0]
+        if self.dense:
+            ctx_sums = np.arange(nc_sum + B, nc_sum + B + B * K, B, dtype=np.float64) if B else np.zeros(K)
+        else:
+            s_idx = np.arange(K, dtype=np.int64)
+            ctx = (nc[None, :] + 1) + s_idx[:, None]
+            ctx_sums = np.asarray(self.sparsity.attended(ctx)).sum(axis=1).astype(np.float64) if B \
+                else np.zeros(K)
+        cached = c0 + n * np.arange(K, dtype=np.int64)
+        d, lc, sc = self.cost.chunk_run(B, ctx_sums, n, cached)
+        return d, np.full(K, lc, np.int64), np.full(K, sc, np.int64)
 
 
 def log_step(steps, kv, running, step: Step, start: float, duration: float, end: float, launches: int,

@@ -129,7 +129,7 @@ def test_from_arrow_errors():
         Trace.from_arrow(nulls)
     assert (info.value.row, info.value.field) == (2, "prompt_tokens")
     bare = table.replace_schema_metadata({})
-    with pytest.raises(TraceError, match="pass hash_block_tokens"):
+    with pytest.raises(TraceError, match="no 'tiersim.hash_block_tokens' metadata .* set trace.hash_block_tokens"):
         Trace.from_arrow(bare)
     assert Trace.from_arrow(bare, hash_block_tokens=512, source="x").source == "x"
 

@@ -32,10 +32,10 @@ def test_parse_length_and_canonical_spec(spec, expected):
 
 @pytest.mark.parametrize("spec,text", [
     ("fixed", "expected fixed:TOKENS"),
-    ("fixed:0", "tokens must be a whole number >= 1"),
+    ("fixed:0", "tokens must be a whole number in [1, 100,000,000]"),
     ("fixed:1.5", "expected fixed:TOKENS with numbers"),
     ("uniform:10", "expected uniform:LO:HI"),
-    ("uniform:10:5", "hi must be a whole number >= 10"),
+    ("uniform:10:5", "hi must be a whole number in [10, 100,000,000]"),
     ("lognormal:abc:1", "expected lognormal:MEDIAN:SIGMA[:MIN:MAX] with numbers"),
     ("lognormal:100:-1", "sigma must be >= 0"),
     ("lognormal:100:1:5", "expected lognormal:MEDIAN:SIGMA[:MIN:MAX]"),

@@ -67,7 +67,7 @@ def test_conv_trace_as_vidur_reports_it():
 
 def test_config_key_applies_the_trim_after_slicing():
     from sim.config import SimConfig, with_overrides
-    from sim.engine import load_trace_for
+    from sim.workload import load_trace_for
 
     cfg = with_overrides(SimConfig(), {"trace.max_requests": 500, "trace.max_total_tokens": 4096})
     t = load_trace_for(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.readers.columns import SourceColumns, csv_line_of_row, default_name, read_csv_columns, rebase_datetimes
+from traces.readers.columns import SourceColumns, csv_line_of_row, default_name, read_csv_columns
 from traces.schema import Trace
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
@@ -27,11 +27,10 @@ def read_azure(path: str | Path, *, name: str | None = None) -> Trace:
     path = Path(path)
     frame = read_csv_columns(path, COLUMNS, as_text=("TIMESTAMP",))
     cols = SourceColumns(path, csv_line_of_row)
-    ns = cols.datetimes(frame["TIMESTAMP"], "TIMESTAMP", TIMESTAMP_FORMAT)
+    arrival, clock_origin_s, time_origin = cols.datetime_arrivals(frame["TIMESTAMP"], "TIMESTAMP", TIMESTAMP_FORMAT)
     prompt = cols.tokens(frame["ContextTokens"], "ContextTokens")
     output = cols.tokens(frame["GeneratedTokens"], "GeneratedTokens")
     cols.raise_problems()
-    arrival, clock_origin_s, time_origin = rebase_datetimes(ns)
     return Trace(arrival_s=arrival, prompt_tokens=prompt, output_tokens=output,
                  request_id=np.arange(len(arrival), dtype=np.int64),
                  name=name or default_name(path), source=str(path.resolve()),

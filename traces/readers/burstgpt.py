@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.readers.columns import SourceColumns, csv_line_of_row, default_name, read_csv_columns, rebase_seconds
+from traces.readers.columns import SourceColumns, csv_line_of_row, default_name, read_csv_columns
 from traces.schema import Trace
 
 REQUIRED = ("Timestamp", "Model", "Request tokens", "Response tokens")
@@ -36,12 +36,14 @@ def read_burstgpt(path: str | Path, *, name: str | None = None, keep_failed: boo
     """
     path = Path(path)
     frame = read_csv_columns(path, REQUIRED, OPTIONAL, as_text=("Model", "Session ID"))
-    failed = (pd.to_numeric(frame[FAILED_COLUMN], errors="coerce") == 0).to_numpy()
+    # a boolean False is not the failed marker 0: it is refused like any boolean count
+    failed = ((pd.to_numeric(frame[FAILED_COLUMN], errors="coerce") == 0).to_numpy()
+              & (frame[FAILED_COLUMN].dtype.kind != "b"))
     num_failed = int(failed.sum())
     if not keep_failed:
         frame = frame[~failed]
     cols = SourceColumns(path, csv_line_of_row)
-    seconds = cols.numbers(frame["Timestamp"], "Timestamp")
+    arrival, origin_s = cols.arrivals(frame["Timestamp"], "Timestamp")
     tenant = cols.strings(frame["Model"], "Model")
     prompt = cols.tokens(frame["Request tokens"], "Request tokens")
     responses = frame[FAILED_COLUMN].where(~failed, 1) if keep_failed else frame[FAILED_COLUMN]
@@ -50,7 +52,6 @@ def read_burstgpt(path: str | Path, *, name: str | None = None, keep_failed: boo
     cols.raise_problems()
 
     request_id = frame.index.to_numpy(dtype=np.int64)
-    arrival, origin_s = rebase_seconds(seconds)
     meta: dict = {"format": "burstgpt", "rows_read": int(len(failed)), "clock_origin_s": origin_s,
                   "layout": "v3 (with Session ID)" if session is not None else "original"}
     if keep_failed:

@@ -7,10 +7,12 @@ Format: JSON lines, plain or gzip, one request per line::
 ``timestamp`` is milliseconds from the trace start; ``hash_ids`` are chained prefix-block hashes over
 512-token blocks, so every row must have exactly ceil(input_length / 512) of them (the last block is
 partial). The file is parsed with pyarrow's multithreaded JSON reader; if that fails, a line-by-line
-parse finds the first bad line to report.
+parse finds the first bad line to report. JSON values keep their types: a string, boolean or list where
+a number belongs is an error, and so is a key given twice in one object.
 """
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from traces.readers.columns import SourceColumns, default_name, is_gzip, jsonl_line_of_row, open_binary, rebase_seconds
-from traces.schema import Trace, TraceError, csr_from_arrow
+from traces.readers.columns import SourceColumns, check_utf8, default_name, jsonl_line_of_row, read_source
+from traces.schema import MAX_TOKENS, Trace, TraceError, csr_from_arrow, show
 
 BLOCK_TOKENS = 512
 SCALAR_FIELDS = ("timestamp", "input_length", "output_length")
@@ -36,16 +38,20 @@ def read_mooncake(path: str | Path, *, name: str | None = None, block_tokens: in
     at all loads without hashes. ``request_id`` is the 0-based record number.
     """
     path = Path(path)
-    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
-        raise TraceError(f"block_tokens must be a positive integer (got {block_tokens!r})", path=path)
+    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or not 1 <= block_tokens <= MAX_TOKENS:
+        raise TraceError(f"trace.hash_block_tokens must be a whole number in [1, {MAX_TOKENS:,}] "
+                         f"(got {block_tokens!r})", path=path)
+    data = read_source(path)
+    check_utf8(path, data)
     try:
-        frame, hashes = _parse_with_arrow(path)
-        cols = SourceColumns(path, jsonl_line_of_row)
+        frame, hashes = _parse_with_arrow(data)
+        cols = SourceColumns(path, jsonl_line_of_row, typed=True)
     except pa.ArrowInvalid:
-        frame, hashes, lines, syntax = _parse_with_python(path)
-        cols = SourceColumns(path, lambda _path, i: int(lines[i]))
-        cols.check(None, syntax[0], syntax[1])
-    ts_ms = cols.numbers(frame["timestamp"], "timestamp")
+        frame, hashes, lines, syntax = _parse_with_python(data)
+        cols = SourceColumns(path, lambda _path, i: int(lines[i]), typed=True)
+        for field, (bad, explain) in syntax.items():
+            cols.check(field, bad, explain)
+    arrival, origin_s = cols.arrivals(frame["timestamp"], "timestamp", lambda ms: ms / 1000.0)
     prompt = cols.tokens(frame["input_length"], "input_length")
     output = cols.tokens(frame["output_length"], "output_length")
     offsets = values = None
@@ -59,7 +65,6 @@ def read_mooncake(path: str | Path, *, name: str | None = None, block_tokens: in
                    lambda i: f"{counts[i]} block hashes for input_length {prompt[i]}, expected "
                              f"ceil({prompt[i]}/{block_tokens}) = {expected[i]}")
     cols.raise_problems()
-    arrival, origin_s = rebase_seconds(ts_ms / 1000.0)
     return Trace(arrival_s=arrival, prompt_tokens=prompt, output_tokens=output,
                  request_id=np.arange(len(arrival), dtype=np.int64), hash_offsets=offsets,
                  hash_values=values, hash_block_tokens=block_tokens if offsets is not None else None,
@@ -70,12 +75,10 @@ def read_mooncake(path: str | Path, *, name: str | None = None, block_tokens: in
 _Hashes = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # offsets, values, missing, null inside
 
 
-def _parse_with_arrow(path: Path) -> tuple[pd.DataFrame, _Hashes | None]:
+def _parse_with_arrow(data: bytes) -> tuple[pd.DataFrame, _Hashes | None]:
     """Fast path: pyarrow JSON with an explicit schema. Raises ArrowInvalid on anything unexpected."""
-    stream = pa.input_stream(str(path), compression="gzip" if is_gzip(path) else None)
-    with stream:
-        table = pa_json.read_json(stream, parse_options=pa_json.ParseOptions(
-            explicit_schema=_ARROW_SCHEMA, unexpected_field_behavior="ignore"))
+    table = pa_json.read_json(pa.BufferReader(data), parse_options=pa_json.ParseOptions(
+        explicit_schema=_ARROW_SCHEMA, unexpected_field_behavior="ignore"))
     frame = table.select(list(SCALAR_FIELDS)).to_pandas()
     lists = table.column("hash_ids")
     if len(lists) == 0 or lists.null_count == len(lists):
@@ -83,39 +86,49 @@ def _parse_with_arrow(path: Path) -> tuple[pd.DataFrame, _Hashes | None]:
     return frame, csr_from_arrow(lists)
 
 
-def _parse_with_python(path: Path) -> tuple[pd.DataFrame, _Hashes | None, np.ndarray,
-                                            tuple[np.ndarray, Callable[[int], str]]]:
-    """Slow path, line by line: (columns, hashes, line of each row, (rows with a syntax problem, why))."""
+def _parse_with_python(data: bytes) -> tuple[pd.DataFrame, _Hashes | None, np.ndarray,
+                                             dict[str | None, tuple[np.ndarray, Callable[[int], str]]]]:
+    """Slow path, line by line: (columns, hashes, line of each row, {field: (rows with a problem, why)})
+    where field None means the whole line (invalid JSON, not an object)."""
     rows: list[dict] = []
     lines: list[int] = []
-    problems: dict[int, str] = {}
-    with open_binary(path) as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            row = len(rows)
-            lines.append(line_no)
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problems[row] = f"invalid JSON: {exc.msg} at column {exc.colno}"
-                obj = {}
-            except UnicodeDecodeError as exc:
-                problems[row] = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-                obj = {}
-            if not isinstance(obj, dict):
-                problems[row] = f"not a JSON object: {text.strip()[:40].decode(errors='replace')!r}"
-                obj = {}
-            rows.append(obj)
+    problems: dict[str | None, dict[int, str]] = {}
+    for line_no, text in enumerate(io.BytesIO(data), start=1):
+        if not text.strip():
+            continue
+        row = len(rows)
+        lines.append(line_no)
+        repeated: list[str] = []
+        try:
+            obj = json.loads(text, object_pairs_hook=lambda pairs, seen=repeated: _object(pairs, seen))
+        except json.JSONDecodeError as exc:
+            problems.setdefault(None, {})[row] = f"invalid JSON: {exc.msg} at column {exc.colno}"
+            obj = {}
+        except RecursionError:
+            problems.setdefault(None, {})[row] = "invalid JSON: nested too deeply"
+            obj = {}
+        except ValueError as exc:   # e.g. an integer of more than 4,300 digits
+            problems.setdefault(None, {})[row] = f"invalid JSON: {str(exc).split(';')[0][:100]}"
+            obj = {}
+        if not isinstance(obj, dict):
+            problems.setdefault(None, {})[row] = f"not a JSON object: {show(text.strip().decode(errors='replace'))}"
+            obj = {}
+        for key in repeated:
+            if key in SCALAR_FIELDS or key == "hash_ids":
+                problems.setdefault(key, {}).setdefault(row, f"key '{key}' appears twice in the object")
+        rows.append(obj)
     n = len(rows)
     frame = pd.DataFrame({f: pd.Series([r.get(f) for r in rows], dtype=object) for f in SCALAR_FIELDS})
-    syntax_bad = np.zeros(n, bool)
-    syntax_bad[list(problems)] = True
-    syntax = (syntax_bad, lambda i: problems[i])
+    syntax = {}
+    for field, at in problems.items():
+        bad = np.zeros(n, bool)
+        bad[list(at)] = True
+        syntax[field] = (bad, at.__getitem__)
+    line_bad = syntax.get(None, (np.zeros(n, bool),))[0]
     raw_hashes = [r.get("hash_ids") for r in rows]
     hashes = None
     if any(h is not None for h in raw_hashes):
-        missing = np.array([h is None for h in raw_hashes], bool) & ~syntax_bad
+        missing = np.array([h is None for h in raw_hashes], bool) & ~line_bad
         malformed = np.array([h is not None and not _int_list(h) for h in raw_hashes], bool)
         counts = np.array([len(h) if h is not None and not bad else 0
                            for h, bad in zip(raw_hashes, malformed)], np.int64)
@@ -125,6 +138,16 @@ def _parse_with_python(path: Path) -> tuple[pd.DataFrame, _Hashes | None, np.nda
                               for v in h), dtype=np.int64, count=int(offsets[-1]))
         hashes = (offsets, values, missing, malformed)
     return frame, hashes, np.asarray(lines, np.int64), syntax
+
+
+def _object(pairs: list[tuple[str, object]], repeated: list[str]) -> dict:
+    """A JSON object from its key/value pairs, noting keys that appear more than once."""
+    obj: dict = {}
+    for k, v in pairs:
+        if k in obj:
+            repeated.append(k)
+        obj[k] = v
+    return obj
 
 
 def _int_list(value: object) -> bool:
