@@ -225,6 +225,12 @@ class Drafting:
         t, lc, sc = self._passes(np.full(k - 1, rows), (rows * (context + 1 + j)).astype(np.float64))
         return total + t, launches + lc, syncs + sc
 
+    def admitted(self, req) -> None:
+        """The drafter's KV of a request just admitted with ``num_computed`` prompt tokens from the
+        prefix cache: an eager drafter's KV is in those blocks (it prefilled every prompt that wrote
+        them); a lazy one's may not be, so it starts from nothing and catches up when it drafts."""
+        req.num_draft_computed = req.num_computed if self.eager_prefill else 0
+
     def prefilled(self, req) -> None:
         """The drafter's KV after a prompt chunk: it prefilled the chunk with the target (lazily
         prefilling drafters catch up when the request first drafts)."""

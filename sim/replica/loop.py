@@ -192,7 +192,7 @@ class Replica:
                 if not kv.can_admit(req, n):
                     break       # blocks ran short (e.g. prefix hits were evicted since planning)
                 hit += kv.admit(req, now)
-                req.num_draft_computed = req.num_computed   # cached blocks hold the drafter's KV too
+                self.drafting.admitted(req)
                 n = min(n, req.tokens_to_compute)
                 kv.grow(req, n, now)
                 req.to(RUNNING)

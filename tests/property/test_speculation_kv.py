@@ -27,16 +27,16 @@ from tests.property.test_engine_invariants import _check_results, traces_
                                    {"acceptance": "empirical", "file": "eagle3-llamacpp"}]),
        preemption=st.sampled_from(["recompute", "swap"]), block_size=st.sampled_from([4, 16]),
        blocks=st.integers(24, 90), prefix=st.booleans(), scheduling=st.sampled_from(["fcfs", "chunked-prefill"]),
-       replicas=st.integers(1, 2))
+       replicas=st.integers(1, 2), lazy=st.booleans())
 def test_rejected_drafts_leave_no_kv_behind(trace, policy, drafter, acceptance, preemption, block_size, blocks, prefix,
-                                            scheduling, replicas):
+                                            scheduling, replicas, lazy):
     name, own = policy
     depth = own.get("k", own.get("k_max", own.get("depth")))
     if acceptance.get("file") and depth > 3:
         own = {k: min(v, 3) if k in ("k", "k_max", "depth") else v for k, v in own.items()}
     if drafter == "medusa":
         own = {**own, "medusa_heads": 7}
-    params = {"name": name, "drafter": drafter, **own, **acceptance}
+    params = {"name": name, "drafter": drafter, "draft_prefill": "lazy" if lazy else "eager", **own, **acceptance}
     cfg = small_config(**{f"policies.speculation.{k}": v for k, v in params.items()}, **{
         "policies.scheduling.name": scheduling, "replica.preemption_mode": preemption,
         "replica.block_size_tokens": block_size, "replica.num_hbm_blocks": blocks * (16 // block_size),
