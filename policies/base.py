@@ -20,8 +20,8 @@ eviction       which cached blocks of a tier (HBM, DRAM, NVMe, the shared store)
 residency      where a preempted request's KV goes (recompute, or swap to DRAM); where evicted and
                released blocks go (drop, or a lower tier); whether a lower-tier prefix hit is loaded or
                recomputed; which waiting requests' prefixes to prefetch
-speculation    how many draft tokens each decode proposes and with which drafter (priced); how many
-               the verifier accepts
+speculation    how many draft tokens each decode proposes (a chain or a tree), with which drafter
+               (priced, its weights and KV in HBM); how many the verifier accepts
 execution      how a step's kernels are launched (host launches, CUDA graphs); SMs it reserves
 routing        which replica an arriving request joins
 sparsity       which KV tokens each decode query reads, what selecting them costs, and what KV the step
@@ -69,6 +69,7 @@ class RequestLike(Protocol):
     num_preemptions: int
     state: int
     replica: int             # the replica it was routed to (-1 before routing)
+    acceptance_rate: float   # from the trace's acceptance_rate column (NaN when it has none)
 
 
 # ---------------------------------------------------------------------------------------- plans
@@ -96,15 +97,70 @@ class StepPlan:
         return sum(n for _, n in self.prefill) + len(self.decode)
 
 
+DRAFTER_KINDS = ("none", "model", "eagle", "medusa", "ngram")
+
+
+@dataclass(frozen=True, slots=True)
+class Drafter:
+    """What proposes a speculation policy's draft tokens, for the whole run: the replica prices it on
+    its own GPU with the target's cost backend, and the engine takes its weights and KV out of the
+    target's HBM KV budget.
+
+    ``kind``:
+
+    - ``"none"``: free drafts (an oracle, or tokens that come from elsewhere): no time, no memory;
+    - ``"model"``: a draft model, ``model`` (a model preset name or TOML path, e.g. ``llama-3.2-1b``
+      drafting for ``llama-3.1-8b``): its weights and its KV (per token, per layer of the draft model)
+      take HBM; it prefills every prompt chunk with the target (with ``lazy_prefill``, only when the
+      request first drafts: a policy that stops drafting then stops paying for it) and runs one
+      autoregressive step per draft token;
+    - ``"eagle"``: an EAGLE head (Li et al., ICML 2024, arXiv:2401.15077): ``layers`` decoder layers
+      of the target's shape plus a 2h -> h fusion layer, reusing the target's embedding and LM head;
+      its weights and its one layer of KV per token take HBM; autoregressive like a draft model;
+    - ``"medusa"``: ``heads`` Medusa heads (Cai et al., 2024, arXiv:2401.10774), each a residual
+      h x h block and its own LM head, all run in one pass after the target's; no KV;
+    - ``"ngram"``: prompt lookup (no model): ``host_s`` seconds of host work per request per
+      proposal, on the step's critical path.
+    """
+
+    kind: str = "none"
+    model: str = ""
+    layers: int = 1
+    heads: int = 4
+    host_s: float = 0.0
+    lazy_prefill: bool = False     # a drafter with KV prefills a prompt only when the request first drafts
+
+    def __post_init__(self) -> None:
+        if self.kind not in DRAFTER_KINDS:
+            raise ValueError(f"drafter kind {self.kind!r} is not one of {', '.join(DRAFTER_KINDS)}")
+        if self.kind == "model" and not self.model:
+            raise ValueError("a 'model' drafter needs a model preset name (draft_model)")
+        if self.layers < 1 or self.heads < 1 or self.host_s < 0:
+            raise ValueError("drafter layers and heads must be >= 1 and host_s >= 0")
+
+    @property
+    def keeps_kv(self) -> bool:
+        """Whether the drafter keeps KV of its own that must follow the target's tokens (a draft
+        model or an EAGLE head): it then prefills with the target and catches up on tokens it did
+        not draft."""
+        return self.kind in ("model", "eagle")
+
+    @property
+    def autoregressive(self) -> bool:
+        """One draft pass per draft token (model, EAGLE); Medusa's heads run in one pass."""
+        return self.kind in ("model", "eagle")
+
+
 @dataclass(frozen=True, slots=True)
 class DraftPlan:
-    """Speculation for one step: draft tokens per decode request (same order as the plan's decodes),
-    and the drafter that proposes them: ``"none"`` (free: tokens come from elsewhere) or a model
-    preset name, whose autoregressive draft steps the replica prices on its own GPU with the target's
-    cost backend (one draft step per draft token, batched over the decodes)."""
+    """Speculation for one step: the draft depth of each decode request (same order as the plan's
+    decodes; 0 = no speculation for it this step) and the tree ``width``: ``width`` candidate chains
+    of that depth share the request's last token, so the verifier checks ``1 + width x depth`` query
+    tokens with a tree-attention mask and accepts at most ``depth`` of them (width 1 is a plain
+    chain). The drafter is the policy's (``SpeculationPolicy.drafter``)."""
 
     draft_tokens: tuple[int, ...] = ()
-    drafter: str = "none"
+    width: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +349,17 @@ class ResidencyView(Protocol):
         """Seconds of copies queued or in flight on a link (``pcie_h2d``, ``nvme_read``, ...)."""
 
 
+class SpeculationView(Protocol):
+    """What a speculation policy sees when it proposes: the step's price for a draft depth, so a
+    policy can weigh the tokens it expects against the time they cost (priced by the replica's step
+    builder on its own GPU; cached, approximate: the decodes at their mean context, without the
+    step's prefill chunks)."""
+
+    def step_time(self, draft_tokens: int, width: int = 1) -> float:
+        """Seconds of a decode step of these requests if each drafted ``draft_tokens`` (0: plain
+        decode) in chains of ``width``: the drafter's work plus the target's verification."""
+
+
 # ---------------------------------------------------------------------------------------- kinds
 class Policy:
     """What every policy has: a name and kind (set by ``@register``), its frozen ``Params`` (or
@@ -439,13 +506,23 @@ class SpeculationPolicy(Policy):
     emits_one_token: ClassVar[bool] = False
     """True for a policy that never drafts: the replica may then advance steady decode runs together."""
 
-    def propose(self, decodes: Sequence[RequestLike], now: float) -> DraftPlan:
+    def propose(self, decodes: Sequence[RequestLike], now: float, view: SpeculationView) -> DraftPlan:
+        """Draft depth for each decode of the step about to run (and the tree width). The replica
+        reserves each request's lookahead KV before verifying; a request that cannot get it drafts
+        less or not at all."""
         raise NotImplementedError
 
     def accepted(self, rng: np.random.Generator, req: RequestLike, num_draft: int) -> int:
-        """Draft tokens the verifier accepts (0..num_draft); the step emits accepted + 1 tokens and
-        the replica rolls back the KV slots of the rejected ones. Randomness comes from ``rng``."""
+        """Draft tokens the verifier accepts (0..num_draft, the request's draft depth); the step
+        emits accepted + 1 tokens and the replica rolls back the KV slots of the rejected ones.
+        Randomness comes from ``rng`` (the replica's, seeded by the run's seed)."""
         raise NotImplementedError
+
+    def drafter(self) -> Drafter:
+        """The drafter behind this policy's drafts, for the whole run: the engine reserves its
+        weights and KV in HBM (out of the target's KV budget) and the replica prices its work on the
+        same GPU. Default: free drafts (``Drafter()``, kind ``"none"``)."""
+        return _FREE_DRAFTER
 
 
 class SparsityPolicy(Policy):
@@ -535,16 +612,26 @@ class KernelSequence:
             share = np.where(self.op_var >= 0, 1.0 / per, 0.0)
             h = self.op_host_s / per
             rep = self.op_repeat
-            layer = rep > 1
+            layer = (rep > 1) & runs
             first = int(np.argmax(layer)) if layer.any() else len(rep)
             last = len(rep) - int(np.argmax(layer[::-1])) if layer.any() else len(rep)
             L = int(rep[first]) if layer.any() else 1
+            live = runs & (rep > 0)
+            mid_rep = rep[first:last][live[first:last]]
             parts = []
             for a in (g, self.op_var, share, h):
-                head = np.repeat(a[:first], np.where(runs[:first], k[:first], 0))
-                mid = np.repeat(a[first:last], np.where(runs[first:last], k[first:last], 0))
-                tail = np.repeat(a[last:], np.where(runs[last:], k[last:], 0))
-                parts.append(np.concatenate([head, np.tile(mid, L), tail]))
+                head = np.repeat(a[:first], np.where(live[:first], k[:first], 0))
+                tail = np.repeat(a[last:], np.where(live[last:], k[last:], 0))
+                if mid_rep.size == 0 or (mid_rep == L).all():
+                    mid = np.tile(np.repeat(a[first:last], np.where(live[first:last], k[first:last], 0)), L)
+                else:
+                    # ops repeated different numbers of times (a part of a model priced as such): round
+                    # by round, each op as long as it has calls left
+                    rr = rep[first:last]
+                    mid = np.concatenate([np.repeat(a[first:last], np.where(live[first:last] & (rr > r),
+                                                                               k[first:last], 0))
+                                          for r in range(int(mid_rep.max()))])
+                parts.append(np.concatenate([head, mid, tail]))
             self._arrays = (parts[0].astype(np.float64), parts[1].astype(np.int64), parts[2].astype(np.float64),
                             parts[3].astype(np.float64))
         return self._arrays
@@ -602,6 +689,8 @@ class RoutingPolicy(Policy):
         to date when read, so a router that reads none of them costs nothing extra."""
         raise NotImplementedError
 
+
+_FREE_DRAFTER = Drafter()
 
 BASES: dict[str, type[Policy]] = {
     "scheduling": SchedulingPolicy, "eviction": EvictionPolicy, "residency": ResidencyPolicy,

@@ -1,9 +1,9 @@
 """The ``tiersim`` command.
 
-    tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
+    tiersim run [--config FILE | --preset NAME] [--trace FILE --format F] [--set key=value ...] [--out DIR]
     tiersim plot DIR [--out FILE]
     tiersim trace describe FILE [--format F] [--json]
-    tiersim list [policies|gpus|models|servers|traces|tables|recipes]   (``list policies`` adds parameters)
+    tiersim list [policies|gpus|models|servers|traces|tables|recipes|presets]   (``list policies`` adds parameters)
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
     tiersim sweep --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4 --out DIR
     tiersim calibrate --out DIR [--quick] [--parts ...]
@@ -79,6 +79,8 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                      f"{kv['dram_peak_used_bytes'] / 1e9:.1f} GB | prefix hit rate "
                      f"{'-' if hit is None else f'{100 * hit:.1f} %'} | PCIe H2D {ln['pcie_h2d_bytes'] / 1e9:.2f} GB,"
                      f" D2H {ln['pcie_d2h_bytes'] / 1e9:.2f} GB")
+    if "speculation" in summary:
+        lines.append(speculation_line(summary["speculation"]))
     dropped = tr.get("dropped_rows") or {}
     if dropped:
         lines.append("trace: the reader dropped " + ", ".join(f"{v:,} {k}" for k, v in dropped.items())
@@ -121,6 +123,28 @@ def kv_tier_lines(summary: dict) -> list[str]:
             f"max {st['max_s']:.2f} s) | prefetch {pf['blocks']:,} blocks: {pf['on_time_blocks']:,} on time, "
             f"{pf['late_blocks']:,} late, {pf['wasted_blocks']:,} wasted | PCIe H2D {gb('pcie_h2d'):.1f} GB, "
             f"D2H {gb('pcie_d2h'):.1f} GB{nvme}{net}"]
+
+
+def speculation_line(sp: dict) -> str:
+    """The summary's speculation line: drafter, acceptance, tokens per target step, draft and verify
+    time per verify step, waste, lookahead KV, and ITL per step (vLLM's definition)."""
+    d = sp["drafter"]
+    what = {"model": f"draft model {d['model']}", "eagle": f"EAGLE head ({d['layers']} layer)",
+            "medusa": f"{d['heads']} Medusa heads", "ngram": "n-gram lookup", "none": "free drafts"}[d["kind"]]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f} %"
+
+    def num(x, fmt=".2f"):
+        return "-" if x is None else format(x, fmt)
+
+    itl = sp.get("itl_per_step_s", {}).get("mean")
+    return (f"speculation: {sp['policy']}, {what} | acceptance {pct(sp['acceptance_rate'])}, "
+            f"{num(sp['tokens_per_target_step'])} tokens per target step ({num(sp['tokens_per_decode_step'])} "
+            f"over all decodes) | per verify step: draft {_fmt_s(sp['draft_s_per_verify_step'], 1e3)} ms, verify "
+            f"{_fmt_s(sp['verify_s_per_verify_step'], 1e3)} ms | wasted {sp['wasted_draft_tokens']:,} draft tokens | "
+            f"lookahead KV peak {sp['lookahead_kv_peak_bytes'] / 1e6:,.1f} MB, drafter weights "
+            f"{d['weight_bytes_per_gpu'] / 1e9:.2f} GB | ITL per step (vLLM) {_fmt_s(itl, 1e3)} ms")
 
 
 def cost_classes(costs: dict) -> str:
@@ -262,7 +286,15 @@ def cmd_run(args) -> int:
 
     for mod in args.plugin or []:
         registry.load_plugin(mod)
-    config = _config_file(args.config) if args.config else SimConfig()
+    scenario = None
+    if args.preset:
+        from sim.scenarios import load_scenario
+
+        if args.config:
+            raise TiersimError("--preset and --config both give the base config; use one (copy the preset's file "
+                               "to change it: tiersim list presets shows where they are)")
+        scenario = load_scenario(args.preset)
+    config = scenario.config if scenario else _config_file(args.config) if args.config else SimConfig()
     overrides = list(args.set or [])
     if args.trace:
         overrides += [f"trace.path={json.dumps(args.trace)}"]
@@ -289,6 +321,8 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(results.summary, indent=2, sort_keys=True))
     elif not args.quiet:
+        if scenario is not None:
+            print(f"preset {scenario.name}: measures {scenario.measures}")
         print(format_summary(results.summary, str(out), wall))
         if args.plot:
             print(f"plot: {out / 'overview.png'}")
@@ -350,6 +384,12 @@ def cmd_list(args) -> int:
             print(f"  {name:24} {getattr(b, 'description', '')}")
     if what in (None, "tables"):
         print("cost tables: " + (", ".join(shipped_tables()) or "none shipped"))
+    if what in (None, "presets"):
+        from sim.scenarios import SCENARIO_DIR, available_scenarios, load_scenario
+
+        print(f"presets (tiersim run --preset NAME; files in {SCENARIO_DIR}):")
+        for name in available_scenarios():
+            print(f"  {name:24} {load_scenario(name).measures}")
     if what in (None, "recipes"):
         from sim.costs.recipe import load_recipe, shipped_recipes
 
@@ -490,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="replay a trace through a configured cluster")
     r.add_argument("--config", help="TOML config file (defaults reproduce the bundled Azure conv run)")
+    r.add_argument("--preset", help="a shipped scenario preset (tiersim list presets) or a preset file, as the "
+                   "base config")
     r.add_argument("--trace", help="trace file (overrides the config's trace)")
     r.add_argument("--format", choices=["azure", "mooncake", "burstgpt", "csv", "parquet"],
                    help="trace format (detected from the file when omitted)")
@@ -520,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("list", help="registered policies, presets, bundled traces, shipped cost tables")
     li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables",
-                                                "recipes"])
+                                                "recipes", "presets"])
     li.set_defaults(func=cmd_list)
 
     ps = sub.add_parser("predict-step", help="predicted time of one engine step, with its per-op breakdown")

@@ -7,7 +7,7 @@ links (``network``) carry KV hand-offs between replicas as transfers (``sim.memo
 
 Arrivals come from one process over the pre-sorted trace arrays: at each arrival time the router
 picks a replica from read-only views that bring themselves up to date, and the request joins it.
-Requests carry their trace's ``priority``, ``tenant`` and ``session_id``.
+Requests carry their trace's ``priority``, ``tenant``, ``session_id`` and ``acceptance_rate``.
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ class Cluster:
             share = gpu.sm_share
             cost = sim.cost_model(sim.model.name, policies["execution"])
             builder = StepBuilder(cost=cost, sparsity=policies["sparsity"], sm_share=share,
-                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex))
+                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex),
+                                  drafter=policies["speculation"].drafter())
             pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)
             dram, nvme = HostDRAM(env, f"replica{i}", sim.server), NVMeDrive(env, f"replica{i}", sim.server)
             links = {"pcie_h2d": pcie.h2d, "pcie_d2h": pcie.d2h, "nvme_read": nvme.read, "nvme_write": nvme.write,
@@ -186,12 +187,13 @@ class Cluster:
         tr = self.trace
         keys = (prefix_keys(tr.block_hashes(i), self._hbt, int(tr.prompt_tokens[i]), self._bs)
                 if self._hashed else None)
-        prio, tenant, session = tr.priority, tr.tenant, tr.session_id
+        prio, tenant, session, rate = tr.priority, tr.tenant, tr.session_id, tr.acceptance_rate
         return Request(idx=i, req_id=int(tr.request_id[i]), arrival_s=float(tr.arrival_s[i]),
                        prompt_tokens=int(tr.prompt_tokens[i]), output_tokens=int(tr.output_tokens[i]),
                        priority=int(prio[i]) if prio is not None else 0,
                        tenant=tenant[i] if tenant is not None else None,
-                       session_id=session[i] if session is not None else None, hash_keys=keys)
+                       session_id=session[i] if session is not None else None, hash_keys=keys,
+                       acceptance_rate=float(rate[i]) if rate is not None else float("nan"))
 
     def _route(self, req: Request, views, now: float) -> int:
         k = self.router.route(FrozenRequest(req) if self.guarded else req, views, now)

@@ -33,6 +33,7 @@ from sim.costs.table import CostTable, TableBackend, resolve_table_dir
 from sim.errors import ConfigError
 from sim.hardware.gpu import hbm_budget
 from sim.metrics import Results, build_results, spill_dir
+from sim.replica.drafting import drafter_footprint
 from sim.specs import load_gpu, load_model, load_server, spec_to_dict
 from sim.workload import load_trace_for
 
@@ -79,9 +80,12 @@ class Simulation:
                               f"{self.model.name} ({self.model.max_context_tokens} tokens)")
         # ---- policies: validated now (a bad name or parameter fails before anything runs), built
         # per replica when the cluster is
-        for kind in registry.KINDS:
-            self.build_policy(kind, -1)
+        probes = {kind: self.build_policy(kind, -1) for kind in registry.KINDS}
         self.eviction_needs_future = registry.lookup("eviction", config.policies.eviction.name).needs_future
+        # ---- the speculation policy's drafter: priced on this GPU, its weights and KV in this HBM
+        self.drafter = probes["speculation"].drafter()
+        self.speculating = not probes["speculation"].emits_one_token
+        self.draft_footprint = drafter_footprint(self.drafter, self.model, tp)
         # ---- costs: one backend per model (the target, and drafters named by speculation plans)
         self.table = None
         if config.costs.backend == "table":
@@ -91,9 +95,17 @@ class Simulation:
         # ---- KV geometry
         bs = rc.block_size_tokens
         kv_token_gpu = 2 * self.model.num_layers * self.ops.kv_heads * self.model.head_dim * self.model.bytes_per_kv
-        self.hbm_bytes_per_block = int(round(bs * kv_token_gpu))
+        self.target_kv_bytes_per_token = kv_token_gpu
+        fp = self.draft_footprint
+        kv_bytes = budget.kv_bytes - fp.weight_bytes
+        if kv_bytes <= 0:
+            raise ConfigError(f"policies.speculation: the {self.drafter.kind} drafter's {fp.weight_bytes / 1e9:.1f} GB "
+                              f"of weights per GPU leave no HBM for KV on {self.gpu.name} (the target left "
+                              f"{budget.kv_bytes / 1e9:.1f} GB)")
+        # a drafter that keeps KV stores it in the target's blocks: each block holds both
+        self.hbm_bytes_per_block = int(round(bs * (kv_token_gpu + fp.kv_bytes_per_token)))
         self.host_bytes_per_block = self.hbm_bytes_per_block * tp
-        self.hbm_blocks = budget.kv_bytes // self.hbm_bytes_per_block
+        self.hbm_blocks = kv_bytes // self.hbm_bytes_per_block
         if rc.num_hbm_blocks:
             if rc.num_hbm_blocks > self.hbm_blocks:
                 raise ConfigError(f"replica.num_hbm_blocks={rc.num_hbm_blocks} exceeds the {self.hbm_blocks} "
@@ -197,6 +209,51 @@ class Simulation:
                 raise RuntimeError(f"replica {r.replica_id} still has work after the event queue drained")
         return self._results(wall0, wall_run)
 
+    def _speculation_summary(self) -> dict:
+        """``summary["speculation"]``: what the drafts cost and bought, summed over replicas (the
+        per-step ITL, vLLM's definition, is added by ``build_results``)."""
+        reps = self.replicas
+        tot = {k: sum(getattr(r.spec, k) for r in reps) for k in (
+            "steps", "verify_steps", "drafting_decodes", "decodes", "depth", "proposed", "accepted", "verify_rows",
+            "draft_s", "verify_s", "kv_byte_seconds", "rolled_back_blocks", "shortened")}
+        fp = self.draft_footprint
+        d = self.drafter
+        busy = sum(r.steps.busy_s for r in reps)
+        rejected = tot["proposed"] - tot["accepted"]
+        per_draft_token = 2.0 * fp.params / (d.heads if d.kind == "medusa" else 1)
+        hbm_tokens = self.hbm_blocks * self.config.replica.block_size_tokens
+        kv_only = (self.budget.kv_bytes // (self.config.replica.block_size_tokens * self.target_kv_bytes_per_token)
+                   * self.config.replica.block_size_tokens)
+
+        def ratio(a, b):
+            return a / b if b else None
+
+        return {
+            "policy": self.config.policies.speculation.name,
+            "drafter": {"kind": d.kind, "model": d.model, "layers": d.layers, "heads": d.heads, "host_s": d.host_s,
+                        "params": fp.params, "weight_bytes_per_gpu": fp.weight_bytes,
+                        "kv_bytes_per_token_per_gpu": fp.kv_bytes_per_token},
+            "steps": tot["steps"], "verify_steps": tot["verify_steps"],
+            "decode_request_steps": tot["decodes"], "drafting_request_steps": tot["drafting_decodes"],
+            "draft_depth_tokens": tot["depth"], "proposed_tokens": tot["proposed"],
+            "accepted_tokens": tot["accepted"],
+            "acceptance_rate": ratio(tot["accepted"], tot["depth"]),
+            "mean_accepted_length": ratio(tot["accepted"], tot["drafting_decodes"]),
+            "tokens_per_target_step": ratio(tot["drafting_decodes"] + tot["accepted"], tot["drafting_decodes"]),
+            "tokens_per_decode_step": ratio(tot["decodes"] + tot["accepted"], tot["decodes"]),
+            "draft_s": tot["draft_s"], "verify_s": tot["verify_s"],
+            "draft_s_per_verify_step": ratio(tot["draft_s"], tot["verify_steps"]),
+            "verify_s_per_verify_step": ratio(tot["verify_s"], tot["verify_steps"]),
+            "draft_share_of_busy": ratio(tot["draft_s"], busy),
+            "wasted_draft_tokens": rejected,
+            "wasted_verify_flops": 2.0 * self.model.param_count * rejected,
+            "wasted_draft_flops": per_draft_token * rejected if d.kind in ("model", "eagle", "medusa") else 0.0,
+            "lookahead_kv_peak_bytes": max(r.spec.kv_peak_bytes for r in reps),
+            "lookahead_kv_mean_bytes": ratio(tot["kv_byte_seconds"], busy),
+            "rolled_back_blocks": tot["rolled_back_blocks"], "shortened_drafts": tot["shortened"],
+            "hbm_kv_tokens_per_replica": hbm_tokens, "hbm_kv_tokens_without_drafter": kv_only,
+        }
+
     def metadata(self) -> dict:
         cfg = self.config
         config = cfg.to_dict()
@@ -269,6 +326,8 @@ class Simulation:
             "hbm_bytes_per_block": self.hbm_bytes_per_block, "host_bytes_per_block": self.host_bytes_per_block,
             "hbm_kv_bytes_per_gpu": self.hbm_blocks * self.hbm_bytes_per_block,
             "weight_bytes_per_gpu": self.budget.weight_bytes,
+            "draft_weight_bytes_per_gpu": self.draft_footprint.weight_bytes,
+            "draft_kv_bytes_per_block": self.draft_footprint.kv_bytes_per_token * kv0.block_size,
             "prefix_hit_tokens": int(sum(r.kv.hit_tokens for r in reps)),
             "prefix_lookup_tokens": int(sum(r.kv.lookup_tokens for r in reps)),
             "hbm_evicted_blocks": int(sum(r.kv.hbm.num_evicted for r in reps)),
@@ -304,7 +363,8 @@ class Simulation:
                             token_log=self.cluster.tokens, metadata=self.metadata(), kv_info=kv_info,
                             link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
                             engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
-                            slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers())
+                             slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers(),
+                             speculation=self._speculation_summary() if self.speculating else None)
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

@@ -15,9 +15,13 @@ does not have. The KV placement fields (``blocks``, ``dram_blocks``, ``num_cache
 load-stall times by the replica that runs the request.
 
 Token emission is kept as runs of consecutive engine steps (``seg_start``/``seg_end``, inclusive) that
-each produced one token. Step ids are global: ``replica << STEP_ID_BITS | local step``, so a request's
-runs stay meaningful if it moves between replicas, and consecutive steps of one replica stay
-consecutive ids.
+each produced the same number of tokens (``seg_tokens``: 1, or 1 + accepted drafts under speculative
+decoding). Step ids are global: ``replica << STEP_ID_BITS | local step``, so a request's runs stay
+meaningful if it moves between replicas, and consecutive steps of one replica stay consecutive ids.
+
+Speculative decoding with a drafter that keeps KV of its own (a draft model, an EAGLE head) also
+tracks ``num_draft_computed``: tokens whose draft KV is in cache (0 <= num_draft_computed <=
+num_computed; the drafter's KV shares the target's blocks, so the KV owner's blocks cover both).
 
 Invariants: 0 <= num_computed <= num_tokens; 0 <= num_generated <= output_tokens;
 len(blocks) == ceil(num_computed / block_size) while RUNNING (between steps).
@@ -59,9 +63,11 @@ class Request:
     tenant: str | None = None
     session_id: str | None = None
     hash_keys: np.ndarray | None = None   # engine-block prefix keys of the prompt's full blocks
+    acceptance_rate: float = float("nan")  # the trace's acceptance_rate column, when it has one
     # progress
     state: int = RequestState.WAITING
     num_computed: int = 0
+    num_draft_computed: int = 0  # tokens with drafter KV (drafters that keep KV)
     num_generated: int = 0
     num_prefix_hit: int = 0
     total_prefix_hit: int = 0    # summed over (re)admissions
@@ -82,6 +88,7 @@ class Request:
     # token emission: runs of consecutive engine steps that each produced one token for this request
     seg_start: list = field(default_factory=list)
     seg_end: list = field(default_factory=list)        # inclusive global step id
+    seg_tokens: list = field(default_factory=list)     # tokens each step of the run emitted
     extra_tokens: int = 0        # tokens beyond one per step (accepted speculative drafts)
 
     @property
@@ -106,16 +113,20 @@ class Request:
     def restart(self) -> None:
         """Recompute preemption: nothing computed any more (the KV owner has released the blocks)."""
         self.num_computed = 0
+        self.num_draft_computed = 0
 
     def record_tokens(self, first_step: int, last_step: int, extra: int = 0) -> None:
-        """Steps ``first_step..last_step`` (inclusive, global ids) each emitted one token of this
-        request; ``extra`` more tokens came out together with them (speculative decoding)."""
+        """Steps ``first_step..last_step`` (inclusive, global ids) each emitted ``1 + extra`` tokens
+        of this request (``extra``: accepted drafts, speculative decoding; a run of several steps
+        has ``extra = 0``)."""
+        m = 1 + extra
         self.extra_tokens += extra
-        if self.seg_end and self.seg_end[-1] == first_step - 1:
+        if self.seg_end and self.seg_end[-1] == first_step - 1 and self.seg_tokens[-1] == m:
             self.seg_end[-1] = last_step
         else:
             self.seg_start.append(first_step)
             self.seg_end.append(last_step)
+            self.seg_tokens.append(m)
 
 
 class PolicyMutationError(RuntimeError):

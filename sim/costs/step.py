@@ -34,7 +34,7 @@ class OpCost:
 class StepCostModel:
     """Prices engine steps of one model on one replica, through a :class:`CostBackend` only."""
 
-    def __init__(self, ops: TransformerOps, backend: CostBackend, execution) -> None:
+    def __init__(self, ops: TransformerOps, backend: CostBackend, execution, repeat: np.ndarray | None = None) -> None:
         self.ops = ops
         self.backend = backend
         self.execution = execution
@@ -48,12 +48,24 @@ class StepCostModel:
         self._tail = list(range(last + 1, len(ops.ops)))
         self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
         self._var_idx = np.array([self._var.get(i, -1) for i in range(len(ops.ops))], dtype=np.int64)
-        self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
+        self._subset = repeat
+        if repeat is None:
+            self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
+            self._runs = None
+        else:
+            self._repeat = np.asarray(repeat, dtype=np.int64)
+            self._runs = (self._repeat > 0).astype(np.int64)
         self._seq_cache: dict[int, KernelSequence] = {}
         self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
         self._one_step = execution.step_time_one   # declared on ExecutionPolicy (a scalar path)
         self._shares: dict[float, StepCostModel] = {}
         self.steps_priced = 0
+
+    def subset(self, repeat: np.ndarray) -> "StepCostModel":
+        """The same model's ops on the same backend, op ``i`` called ``repeat[i]`` times per step
+        (0: not run) instead of once per layer or step: a part of the model priced as such, e.g. an
+        EAGLE head (one decoder layer of the target's shape and its LM head) or Medusa's heads."""
+        return StepCostModel(self.ops, self.backend, self.execution, repeat)
 
     def for_share(self, fraction: float) -> "StepCostModel":
         """This cost model with the model's kernels confined to ``fraction`` of the GPU's SMs (see
@@ -63,7 +75,7 @@ class StepCostModel:
             return self
         got = self._shares.get(f)
         if got is None:
-            got = self._shares[f] = StepCostModel(self.ops, self.backend.for_share(f), self.execution)
+            got = self._shares[f] = StepCostModel(self.ops, self.backend.for_share(f), self.execution, self._subset)
         return got
 
     # ---------------------------------------------------------------- kernel layout
@@ -81,6 +93,8 @@ class StepCostModel:
         kernels = np.where(self._var_idx == VAR_PREFILL, kernels * has_prefill,
                            np.where(self._var_idx == VAR_DECODE, kernels * has_decode,
                                     np.where(fixed > 0, kernels, 0)))
+        if self._runs is not None:
+            kernels = kernels * self._runs
         seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
                              op_host_s=np.asarray(backend.host_call_s, dtype=np.float64), op_repeat=self._repeat,
                              switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s))
@@ -89,10 +103,13 @@ class StepCostModel:
 
     # ---------------------------------------------------------------- pricing
     def step(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
-             num_sampled: int, decode_query_tokens: int = 1) -> tuple[float, int, int]:
-        """(duration_s, launches, syncs) of one step."""
+             num_sampled: int, decode_query_tokens: int = 1, decode_tokens: int = -1) -> tuple[float, int, int]:
+        """(duration_s, launches, syncs) of one step. ``decode_query_tokens``: query tokens per decode
+        as attention sees them (the most any decode has: a speculative verify step); ``decode_tokens``:
+        all decodes' query tokens together, the GEMM rows (default: ``num_decode x
+        decode_query_tokens``)."""
         has_p = prefill_q.shape[0] > 0
-        dtok = num_decode * decode_query_tokens
+        dtok = num_decode * decode_query_tokens if decode_tokens < 0 else decode_tokens
         tokens = int(prefill_q.sum()) + dtok if has_p else dtok
         seq = self.sequence(tokens, num_sampled, has_p, num_decode > 0)
         pre = float(self.backend.prefill_attention_time(prefill_q, prefill_c)) if has_p else 0.0

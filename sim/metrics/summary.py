@@ -114,7 +114,8 @@ def spill_dir() -> Path:
 def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], token_log: TokenLog,
                   metadata: dict, kv_info: dict, link_bytes: dict, link_stats: dict, transfer_log,
                   engine_counts: dict, cost_notes: dict, slo_ttft_s: float, slo_tpot_s: float, timing: dict,
-                  spill: Path | None = None, kv_tiers: dict | None = None) -> Results:
+                   spill: Path | None = None, kv_tiers: dict | None = None,
+                   speculation: dict | None = None) -> Results:
     import pandas as pd
 
     n = requests.n
@@ -130,8 +131,8 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
     itl = np.empty((n, 4))
     qs = np.array([50.0, 90.0, 95.0, 99.0])
     n_gaps, gap_mean, gap_max, gap_q = itl_statistics(
-        requests.seg_off, requests.seg_cnt, token_log.first.view(), token_log.last.view(), step_end, offsets,
-        requests.extra_tokens, done, qs, itl)
+        requests.seg_off, requests.seg_cnt, token_log.first.view(), token_log.last.view(), token_log.tokens.view(),
+        step_end, offsets, done, qs, itl)
     itl_summary = ({"mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "max": None}
                    if n_gaps == 0 else
                    {"mean": float(gap_mean), "p50": float(gap_q[0]), "p90": float(gap_q[1]),
@@ -197,6 +198,17 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
     transfers = transfer_log.frame()
     if kv_tiers is not None:
         summary["kv_tiers"] = {**kv_tiers, "link_utilization_timeline": link_timeline(transfers, t0, t1)}
+    if speculation is not None:
+        # vLLM's ITL (benchmark_serving): one gap per step that emitted tokens (see sim.metrics.tokens)
+        scratch = np.empty((n, 4))
+        m, mean, mx, q = itl_statistics(requests.seg_off, requests.seg_cnt, token_log.first.view(),
+                                        token_log.last.view(), token_log.tokens.view(), step_end, offsets, done, qs,
+                                        scratch, True)
+        speculation["itl_per_step_s"] = (
+            {"mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "max": None} if m == 0 else
+            {"mean": float(mean), "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]),
+             "max": float(mx)})
+        summary["speculation"] = speculation
     if step_logs and step_logs[0].enabled and num_steps:
         aggs = [log.agg for log in step_logs]
         w = sum(a["busy_s"] for a in aggs)

@@ -212,8 +212,9 @@ class DecodeRuns:
         """How ``step`` may start a run: None if it may not; else (span finishes, chunk) where chunk
         is None or (request, tokens per step)."""
         r = self.r
-        if not self.enabled or step.drafts is not None or step.preempted:
-            return None
+        if (not self.enabled or step.drafts is not None or step.preempted or step.prefix_hit_tokens
+                or step.waits):
+            return None     # (an admission into LOADING, or a write-back the step waits for: one step)
         sched = r.scheduler
         if not step.prefill:
             if len(step.decode) != len(r.running) or not sched.steady_decode(r.view):
@@ -411,11 +412,12 @@ class DecodeRuns:
             q.num_computed += m
             g = q.num_generated = q.num_generated + m
             se = q.seg_end              # Request.record_tokens, inlined: this loop is the hot path
-            if se and se[-1] == prev:
+            if se and se[-1] == prev:   # (runs never follow a speculative step: its run emitted 1 each)
                 se[-1] = g_last
             else:
                 q.seg_start.append(g_first)
                 se.append(g_last)
+                q.seg_tokens.append(1)
             if q.first_token_s < 0:
                 q.first_token_s = first_end
             if g >= q.output_tokens:

@@ -35,7 +35,7 @@ from sim.replica.decode_run import DecodeRuns
 from sim.replica.preemption import Preemption
 from sim.replica.prefetch import KVMoves
 from sim.replica.step import Step, StepBuilder, log_step
-from sim.replica.views import RouterView, SchedulerViewImpl
+from sim.replica.views import RouterView, SchedulerViewImpl, SpeculationViewImpl
 from sim.request import STEP_ID_BITS, Request
 
 WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED, LOADING = (
@@ -71,6 +71,9 @@ class Replica:
         self.guarded = guarded
         self.view = SchedulerViewImpl(self, guarded)
         self.state_view = RouterView(self)
+        self.spec_view = SpeculationViewImpl(self)
+        self.drafting = builder.drafting
+        self.spec = SpecStats()
         self.preemption_mode = preemption_mode
         self.preemption = Preemption(self)
         self.moves = KVMoves(self)
@@ -223,6 +226,7 @@ class Replica:
                 lower0 = req.lower_hit_tokens
                 hit += kv.admit(req, now)
                 loaded += req.lower_hit_tokens - lower0
+                self.drafting.admitted(req)
                 if req.first_scheduled_s < 0:
                     req.first_scheduled_s = now
                 if kv.waiting_on_load(req):
@@ -252,17 +256,24 @@ class Replica:
                                    f"in the decode list but it is not decoding")
             if req.num_computed < len(req.blocks) * bs or kv.grow(req, 1, now):
                 decode.append(req)
-        drafts = draft_plan = None
         if decode and not self.speculation.emits_one_token:
-            draft_plan = self.speculation.propose(self.view.frozen(decode), now)
-            drafts = self._reserve_drafts(decode, draft_plan, now)
+            spec = self.speculation
+            draft_plan = spec.propose(self.view.frozen(decode), now, self.spec_view.of(decode))
+            width = int(draft_plan.width)
+            if width < 1:
+                raise RuntimeError(f"speculation policy {spec.name!r} proposed a tree of width {width}")
+            drafts = self._reserve_drafts(decode, draft_plan.draft_tokens, width, now)
+            accepted = [max(0, min(int(spec.accepted(self.rng, self.view.show(r), d)), d)) if d else 0
+                        for r, d in zip(decode, drafts)]
+        else:
+            drafts, width, accepted = None, 1, None
         waits = kv.take_waits("hbm")
         self.moves.start_pending()
         if self.check_invariants:
             for req in decode + [r for r, _ in prefill]:
                 assert not kv.waiting_on_load(req), f"request {req.req_id} runs before its prefix landed"
-        return Step(prefill=prefill, decode=decode, drafts=drafts, draft_plan=draft_plan, preempted=preempted,
-                    prefix_hit_tokens=hit, loaded_tokens=loaded, waits=waits or None)
+        return Step(prefill=prefill, decode=decode, drafts=drafts, preempted=preempted, prefix_hit_tokens=hit,
+                    loaded_tokens=loaded, waits=waits or None, width=width, accepted=accepted)
 
     def _dequeue_admitted(self, admitted: int) -> None:
         w = self.waiting
@@ -273,15 +284,26 @@ class Replica:
         else:
             self.waiting = deque(r for r in w if r.state == WAITING)
 
-    def _reserve_drafts(self, decode: list, plan, now: float) -> list:
-        """KV slots for each decode's draft tokens (its lookahead), before verification; a request
-        that cannot get them drafts nothing this step."""
-        k = list(plan.draft_tokens) + [0] * (len(decode) - len(plan.draft_tokens))
+    def _reserve_drafts(self, decode: list, depths, width: int, now: float) -> list:
+        """KV slots for each decode's lookahead (``width`` x depth draft tokens besides its own) through
+        the KV owner, before verification. A draft never goes past the request's last output token;
+        a request whose lookahead does not fit drafts as deep as the blocks it can get allow, or not
+        at all."""
+        if len(depths) > len(decode):
+            raise RuntimeError(f"speculation policy {self.speculation.name!r} proposed drafts for "
+                               f"{len(depths)} of {len(decode)} decodes")
+        k = list(depths) + [0] * (len(decode) - len(depths))
+        kv = self.kv
+        bs = kv.block_size
         out = []
         for req, d in zip(decode, k):
             d = max(0, min(int(d), req.output_tokens - req.num_generated - 1))
-            if d and not self.kv.grow(req, 1 + d, now):
-                d = 0
+            if d and not kv.grow(req, 1 + width * d, now):
+                room = (len(req.blocks) + kv.hbm.num_available) * bs - req.num_computed - 1
+                d = max(0, min(d, room // width))
+                if d and not kv.grow(req, 1 + width * d, now):
+                    d = 0
+                self.spec.shortened += 1
             out.append(d)
         return out
 
@@ -302,7 +324,7 @@ class Replica:
                                                    what="sparse_fetch"))
             if waits:
                 events += [m.event for m in waits]
-            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs)
+            self._log_step(start, priced, end, step)
             yield env.all_of(events)
             if priced.fetch_bytes:
                 self.fetch_bytes += priced.fetch_bytes
@@ -317,7 +339,7 @@ class Replica:
             if end > start + priced.duration_s:
                 self.steps.extend_last(end)
         else:
-            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs)
+            self._log_step(start, priced, end, step)
             yield env.timeout(exact_delay(env.now, end))
         self.t_end = end
         accepted, finished = self._commit(step, self.step_id_base + self.steps.n - 1, end)
@@ -333,18 +355,23 @@ class Replica:
         for p in self.observers:
             p.observe(outcome)
 
-    def _log_step(self, start, duration, end, step: Step, launches, syncs) -> None:
-        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs,
-                 len(self.moves.loading))
+    def _log_step(self, start, priced, end, step: Step) -> None:
+        launches, syncs = priced.launches, priced.syncs
+        log_step(self.steps, self.kv, self.running, step, start, priced.duration_s, end, launches, syncs,
+                 len(self.moves.loading), priced.draft_s, priced.verify_s)
         self.num_launches += launches
         self.num_syncs += syncs
+        if step.drafts is not None or priced.draft_s:
+            self.spec.add_step(step, priced, self.kv.hbm.bytes_per_block // self.kv.block_size)
 
     def _commit(self, step: Step, step_id: int, end: float) -> tuple[list, list]:
         kv = self.kv
         finished = []
         accepted = []
+        drafting = self.drafting
         for req, n in step.prefill:
             req.num_computed += n
+            drafting.prefilled(req)
             kv.register_computed(req, end)
             if req.num_computed == req.num_tokens:
                 req.num_generated += 1
@@ -363,15 +390,19 @@ class Replica:
                 if req.num_generated >= req.output_tokens:
                     finished.append(req)
         else:
-            for req, d in zip(step.decode, step.drafts):
-                a = max(0, min(int(self.speculation.accepted(self.rng, self.view.show(req), d)), d)) if d else 0
+            spec = self.spec
+            for req, d, a in zip(step.decode, step.drafts, step.accepted):
+                before = req.num_computed
                 req.num_computed += 1 + a
                 req.num_generated += 1 + a
                 req.record_tokens(step_id, step_id, extra=a)
                 if req.first_token_s < 0:
                     req.first_token_s = end
-                kv.truncate(req, end)           # roll back the KV slots of rejected drafts
                 if d:
+                    held = len(req.blocks)
+                    kv.truncate(req, end)           # roll back the KV slots of rejected drafts
+                    spec.rolled_back_blocks += held - len(req.blocks)
+                    drafting.commit(req, before, d)
                     accepted.append((req, d, a))
                 if req.num_generated >= req.output_tokens:
                     finished.append(req)
@@ -408,6 +439,8 @@ class Replica:
             assert len(r.blocks) == -(-r.num_computed // bs), \
                 f"request {r.req_id}: {len(r.blocks)} blocks for {r.num_computed} computed tokens"
             assert 0 <= r.num_computed <= r.num_tokens
+            assert 0 <= r.num_draft_computed <= r.num_computed or not self.drafting.keeps_kv, \
+                f"request {r.req_id}: drafter KV for {r.num_draft_computed} of {r.num_computed} tokens"
         for r in self.waiting:
             assert not r.blocks and r.num_computed == 0
         ready = self.kv.hbm.ready
@@ -423,3 +456,48 @@ class Replica:
         held = (sum(len(r.blocks) for r in self.running) + sum(len(r.blocks) for r in self.moves.loading)
                 + self.kv.num_held)
         assert self.kv.hbm.num_active <= held + self.kv.hbm.num_locked
+
+
+class SpecStats:
+    """Speculative-decoding counters of one replica, summed over its steps (``summary["speculation"]``)."""
+
+    __slots__ = ("steps", "verify_steps", "drafting_decodes", "decodes", "depth", "proposed", "accepted",
+                 "verify_rows", "draft_s", "verify_s", "kv_peak_bytes", "kv_byte_seconds", "rolled_back_blocks",
+                 "shortened")
+
+    def __init__(self) -> None:
+        self.steps = 0                # steps of a speculating policy (or with drafter work)
+        self.verify_steps = 0         # steps that verified drafts
+        self.drafting_decodes = 0     # (request, step) pairs that drafted
+        self.decodes = 0              # (request, step) pairs decoding under a speculating policy
+        self.depth = 0                # draft depths summed: the most that could be accepted
+        self.proposed = 0             # draft tokens verified (tree nodes)
+        self.accepted = 0
+        self.verify_rows = 0          # query tokens of verified decodes (1 + nodes each)
+        self.draft_s = 0.0
+        self.verify_s = 0.0
+        self.kv_peak_bytes = 0        # lookahead slots of one step, largest
+        self.kv_byte_seconds = 0.0    # lookahead slot bytes x step duration
+        self.rolled_back_blocks = 0   # blocks released by rolling back rejected drafts
+        self.shortened = 0            # drafts cut short because their lookahead KV did not fit
+
+    def add_step(self, step: Step, priced, bytes_per_token: int) -> None:
+        self.steps += 1
+        self.draft_s += priced.draft_s
+        if step.drafts is None:
+            return
+        w = step.width
+        self.decodes += len(step.decode)
+        depth = sum(step.drafts)
+        if not depth:
+            return
+        self.verify_steps += 1
+        self.verify_s += priced.verify_s
+        self.drafting_decodes += sum(1 for d in step.drafts if d)
+        self.depth += depth
+        self.proposed += w * depth
+        self.accepted += sum(step.accepted)
+        self.verify_rows += sum(1 + w * d for d in step.drafts if d)
+        kv = w * depth * bytes_per_token
+        self.kv_peak_bytes = max(self.kv_peak_bytes, kv)
+        self.kv_byte_seconds += kv * priced.duration_s

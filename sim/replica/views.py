@@ -166,6 +166,25 @@ class RouterView:
         return r.kv.hbm.count_prefix(keys, min(len(keys), (req.prompt_tokens - 1) // bs)) * bs
 
 
+class SpeculationViewImpl:
+    """What a speculation policy sees when it proposes (``policies.base.SpeculationView``): the
+    step's price for a draft depth, from the replica's step builder."""
+
+    __slots__ = ("_r", "_decode")
+
+    def __init__(self, replica: Replica) -> None:
+        self._r = replica
+        self._decode: list = []
+
+    def of(self, decode: list) -> "SpeculationViewImpl":
+        """This view for a step whose decodes are ``decode``."""
+        self._decode = decode
+        return self
+
+    def step_time(self, draft_tokens: int, width: int = 1) -> float:
+        return self._r.builder.estimate(self._decode, int(draft_tokens), int(width))
+
+
 class ResidencyViewImpl:
     """What a residency policy sees (``policies.base.ResidencyView``): the replica's tiers, its queue,
     and for a waiting request where its prefix is and what loading or recomputing it would cost."""

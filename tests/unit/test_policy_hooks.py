@@ -10,6 +10,7 @@ import pytest
 
 from policies.base import (
     AttentionPlan,
+    Drafter,
     DraftPlan,
     EvictionPolicy,
     ResidencyPolicy,
@@ -19,6 +20,7 @@ from policies.base import (
 )
 from policies.registry import register, registered
 from policies.scheduling.fcfs import FCFS
+from sim.engine import Simulation
 from sim.errors import PolicyError
 from sim.request import PolicyMutationError
 from tests.conftest import make_trace, run_checked, small_config
@@ -57,12 +59,17 @@ class _MRU(EvictionPolicy):
 
 
 def _drafting(name: str, drafter: str) -> type:
+    declared = Drafter(kind="model", model=drafter) if drafter != "none" else Drafter()
+
     class _Draft(SpeculationPolicy):
-        def propose(self, decodes, now):
-            return DraftPlan(draft_tokens=(3,) * len(decodes), drafter=drafter)
+        def propose(self, decodes, now, view):
+            return DraftPlan(draft_tokens=(3,) * len(decodes))
 
         def accepted(self, rng, req, num_draft):
             return 0        # everything rejected: the output and the steps are the same for all drafters
+
+        def drafter(self):
+            return declared
 
     return _Draft
 
@@ -163,6 +170,64 @@ def test_a_larger_drafter_costs_more_per_speculative_step():
     assert means["test-draft-8b"] - means["test-draft-free"] > 2 * means["test-draft-free"]
 
 
+def test_a_declared_drafter_takes_its_weights_and_kv_out_of_the_kv_pool():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 0}
+    tr = make_trace([0.0], [64], [8])
+    free = Simulation(small_config(**base, **{"policies.speculation.name": "test-draft-free"}), trace=tr)
+    one_b = Simulation(small_config(**base, **{"policies.speculation.name": "test-draft-1b"}), trace=tr)
+    assert free.hbm_blocks == Simulation(small_config(**base), trace=tr).hbm_blocks
+    fp = one_b.draft_footprint
+    assert fp.weight_bytes == 2 * fp.params                # Llama-3.2-1B in bf16
+    assert one_b.hbm_blocks == (free.budget.kv_bytes - fp.weight_bytes) // one_b.hbm_bytes_per_block
+    assert one_b.hbm_blocks < free.hbm_blocks * 0.95      # 2.5 GB of weights, and a block holds the 1B's KV too
+
+
+def test_propose_sees_the_price_of_each_draft_depth():
+    seen = []
+
+    class Peek(SpeculationPolicy):
+        def propose(self, decodes, now, view):
+            times = [view.step_time(k) for k in range(5)]
+            seen.append(times)
+            # draft only while a 4-token draft costs less than twice a plain step
+            return DraftPlan(draft_tokens=(4 if times[4] < 2 * times[0] else 0,) * len(decodes))
+
+        def accepted(self, rng, req, num_draft):
+            return num_draft
+
+        def drafter(self):
+            return Drafter(kind="model", model="llama-3.2-1b")
+
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 4000, "policies.scheduling.max_num_seqs": 512}
+    with registered(("speculation", "test-peek", Peek)):
+        _, small = run_checked(small_config(**base, **{"policies.speculation.name": "test-peek"}), _decode_trace())
+        _, large = run_checked(small_config(**base, **{"policies.speculation.name": "test-peek"}),
+                               make_trace([0.0] * 400, [32] * 400, [12] * 400))
+    assert seen and all(np.all(np.diff(t) > 0) for t in seen)
+    assert small.summary["speculation"]["proposed_tokens"] > 0            # 4 requests: a draft is cheap
+    big = large.steps[large.steps["decode_seqs"] >= 300]
+    assert len(big) and (big["draft_tokens"] == 0).all()                  # 400: it is not
+
+
+def test_the_plans_tree_width_multiplies_the_tokens_verified():
+    class Tree(SpeculationPolicy):
+        def propose(self, decodes, now, view):
+            return DraftPlan(draft_tokens=(2,) * len(decodes), width=3)
+
+        def accepted(self, rng, req, num_draft):
+            return 1
+
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    with registered(("speculation", "test-tree3", Tree)):
+        _, tree = run_checked(small_config(**base, **{"policies.speculation.name": "test-tree3"}), _decode_trace())
+    _, chain = run_checked(small_config(**base, **{"policies.speculation.name": "test-accept-all"}), _decode_trace())
+    st = tree.steps[(tree.steps["draft_tokens"] > 0) & (tree.steps["prefill_seqs"] == 0)]
+    assert (st["draft_tokens"] == 6 * st["decode_seqs"]).all()            # 3 chains of 2 per decode
+    assert (st["accepted_tokens"] == st["decode_seqs"]).all()
+    ch = chain.steps[(chain.steps["draft_tokens"] > 0) & (chain.steps["prefill_seqs"] == 0)]
+    assert st["verify_s"].mean() > ch["verify_s"].mean()                  # 7 query tokens per request, not 3
+
+
 def test_attending_to_fewer_tokens_shortens_decode_steps():
     base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
     _, dense = run_checked(small_config(**base), _decode_trace())
@@ -237,11 +302,14 @@ def test_reserved_sms_slow_compute_bound_steps_and_barely_memory_bound_ones():
 
 
 class _AcceptAll(SpeculationPolicy):
-    def propose(self, decodes, now):
-        return DraftPlan(draft_tokens=(2,) * len(decodes), drafter="llama-3.2-1b")
+    def propose(self, decodes, now, view):
+        return DraftPlan(draft_tokens=(2,) * len(decodes))
 
     def accepted(self, rng, req, num_draft):
         return num_draft
+
+    def drafter(self):
+        return Drafter(kind="model", model="llama-3.2-1b")
 
 
 class _ObservingLRU(EvictionPolicy):
