@@ -267,6 +267,7 @@ def sweep_html(sw: Sweep) -> str:
     s = sw.summary
     keep = [c for c in s.columns if c in sw.params or c in ("status", "config_hash") or c in dict(SWEEP_METRICS)
             or c in ("ttft_p50_s", "itl_p50_s", "goodput_req_s")]
+    s = s.assign(config_hash=s["config_hash"].str[:16])
     title = f"tiersim sweep report: {sw.path.name} ({len(s)} runs)"
     body = (f"<h1>{html.escape(title)}</h1><p class='note'>{html.escape(str(sw.path))}</p>"
             f"<h2>Runs</h2>{_frame_table(s[keep])}"

@@ -62,6 +62,7 @@
       return 0;
     }
     var x0 = dom ? dom[0] : e.x0, x1 = dom ? dom[1] : e.x1;
+    if (spec.xcats && !dom) { x0 = -0.5; x1 = spec.xcats.length - 0.5; }
     var y0 = spec.ymin !== undefined ? spec.ymin : (spec.ylog ? e.y0 : Math.min(0, e.y0));
     var y1 = spec.ymax !== undefined ? spec.ymax : e.y1;
     if (x1 === x0) { x0 -= 0.5; x1 += 0.5; }
