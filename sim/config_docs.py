@@ -81,14 +81,15 @@ def documented_toml(config: SimConfig | None = None) -> str:
         pc = d["policies"][kind]
         params_cls = getattr(registry.lookup(kind, pc["name"]), "Params", None)
         comments = field_comments(params_cls) if dataclasses.is_dataclass(params_cls) else {}
-        full = dict(pc)
-        if dataclasses.is_dataclass(params_cls):   # show every parameter, with the policy's defaults
-            for f in dataclasses.fields(params_cls):
-                if f.name not in full and f.default is not dataclasses.MISSING:
-                    full[f.name] = f.default
+        unset = {}
+        if dataclasses.is_dataclass(params_cls):   # the policy's own defaults, commented out: setting a
+            for f in dataclasses.fields(params_cls):   # parameter to its default would change the hash
+                if f.name not in pc and f.default is not dataclasses.MISSING:
+                    unset[f.name] = f.default
         known = ", ".join(registry.known(kind))
         out += ["", f"[policies.{kind}]", f"# {registry.describe(kind, pc['name'])}"]
-        out += _lines(full, {"name": f"{kind} policy: {known} (tiersim list policies)", **comments})
+        out += _lines(pc, {"name": f"{kind} policy: {known} (tiersim list policies)", **comments})
+        out += ["# " + line for line in _lines(unset, comments)]
     out += ["", "[output]"] + _lines(d["output"], field_comments(SECTIONS["output"]))
     return "\n".join(out) + "\n"
 

@@ -113,3 +113,16 @@ def test_plugins_load_in_workers_of_the_parallel_path(tmp_path):
     assert list(table["status"]) == ["done", "done"], table["error"].tolist()
     cfg = (tmp_path / "runs" / "routing_name=least-loaded" / "config.toml").read_text()
     assert f'plugins = ["{plugin}"]' in cfg              # the saved config reproduces the run
+
+
+def test_the_same_sweep_on_a_dask_local_cluster_gives_byte_identical_runs(tmp_path):
+    pytest.importorskip("distributed", reason="the Dask path needs the [dask] extra (pip install 'tiersim[dask]')")
+    spec = SweepSpec(base=small_config(**{"trace.max_requests": 30}),
+                     grid={"policies.scheduling.name": ["fcfs", "chunked-prefill"]})
+    local = run_sweep(spec, out_dir=tmp_path / "local", jobs=1)
+    dask = run_sweep(spec, out_dir=tmp_path / "dask", jobs=2, scheduler="local")
+    assert list(dask["status"]) == ["done", "done"], dask["error"].tolist()
+    for rel in local["run"]:
+        for f in ("requests.parquet", "steps.parquet", "itl_hist.parquet", "summary.json", "config.toml", "DONE"):
+            a, b = (tmp_path / d / "runs" / rel / f for d in ("local", "dask"))
+            assert a.read_bytes() == b.read_bytes(), f"{rel}/{f}"
