@@ -419,6 +419,10 @@ def load_config(path: str | Path) -> SimConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):   # a plugin file is found relative to the config file that names it
+        data["plugins"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p.endswith(".py")
+                           and not Path(p).is_absolute() and (path.parent / p).is_file() else p for p in plugins]
     return from_dict(data, str(path))
 
 

@@ -20,7 +20,8 @@ module loaded for that run). Parameter columns are named after the key without a
 ``policies.``, dots turned into underscores (``policies.scheduling.name`` -> ``scheduling_name``,
 ``trace.rate_scale`` -> ``trace_rate_scale``). A value in a directory name is its TOML text without
 quotes (``4.0``, ``true``, ``chunked-prefill``), percent-encoded (RFC 3986: everything but letters,
-digits and ``-._~``, so ``a/b`` is ``a%2Fb``); pyarrow and DuckDB decode it. Random samples are drawn
+digits and ``-._~``, so ``a/b`` is ``a%2Fb``); pyarrow and DuckDB decode it. An axis that a variant does
+not set (an explicit point without it) is ``unset``. Random samples are drawn
 once (seeded) and crossed with the grid, so every grid point sees the same draws.
 
 Each run writes its directory in a staging folder (``.tmp/``) with temp-and-rename files and a
@@ -50,7 +51,8 @@ from sim.config import SimConfig, _dump_toml, from_dict, parse_override, with_ov
 from sim.errors import ConfigError, TiersimError
 
 MAX_ATTEMPTS = 3
-NULL = "__HIVE_DEFAULT_PARTITION__"   # an axis a variant does not set (Hive's null partition)
+UNSET = "unset"    # an axis a variant does not set (Hive's null partition would break pyarrow's dictionary
+                   # unification of the partition column, so a word is used)
 SPECIAL_AXES = ("trace", "plugin")
 METRIC_SECTIONS = ("ttft_s", "itl_s", "tpot_s", "e2e_s", "queueing_s")
 STATS = ("mean", "p50", "p90", "p99", "max")
@@ -77,7 +79,7 @@ def hive_value(v: Any) -> str:
     else:
         text = str(v)
     if text == "":
-        return NULL
+        return "%00"
     return urllib.parse.quote(text, safe="")
 
 
@@ -212,7 +214,7 @@ class SweepSpec:
 
     def run_path(self, values: Mapping[str, Any]) -> str:
         """``runs/``-relative directory of a variant: ``col=value/col=value`` in axis order."""
-        parts = [f"{column_name(k)}={hive_value(values[k]) if k in values else NULL}" for k in self.axes]
+        parts = [f"{column_name(k)}={hive_value(values[k]) if k in values else UNSET}" for k in self.axes]
         for p in parts:
             if len(p.encode()) > 255:
                 raise ConfigError(f"{p[:40]}...: a parameter value too long for a directory name (255 bytes)")
@@ -275,7 +277,7 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
 
     def rel(p: str) -> str:
         q = Path(p)
-        return str(here / q) if not q.is_absolute() and (here / q).exists() else p
+        return str((here / q).resolve()) if not q.is_absolute() and (here / q).exists() else p
 
     if "config" in data and "base" in data:
         raise ConfigError(f"{path}: give config = FILE or a [base] table, not both")

@@ -60,9 +60,9 @@ def test_axes_grid_points_and_seeded_random_draws():
                       random={"seed": {"int": [0, 1000]}}, samples=3, sample_seed=7).variants()
     assert v == again                                     # the draws are seeded
     assert {x["seed"] for x in v[:6]} == {x["seed"] for x in v[6:]}   # every grid point sees the same draws
-    # a point that does not set an axis gets the null partition, so every path has the same depth
+    # a point that does not set an axis says so, so every path has the same depth
     assert spec.run_path(v[0]) == ("trace_rate_scale=1.0/scheduling_name=fcfs/"
-                                   f"scheduling_max_num_batched_tokens=__HIVE_DEFAULT_PARTITION__/seed={v[0]['seed']}")
+                                   f"scheduling_max_num_batched_tokens=unset/seed={v[0]['seed']}")
     assert column_name("policies.scheduling.max_num_batched_tokens") == "scheduling_max_num_batched_tokens"
     assert hive_value("tests/a b=c.csv") == "tests%2Fa%20b%3Dc.csv" and hive_value(True) == "true"
     with pytest.raises(ConfigError, match="on two axes"):
