@@ -270,6 +270,13 @@ def _trace_overrides(trace: str | None) -> list[str]:
 
 
 def cmd_plot(args) -> int:
+    from sim.results_data import is_sweep
+
+    if is_sweep(args.dir):      # a sweep: its runs' latency CDFs overlaid
+        from sim.compare import plot_cdfs
+
+        print(plot_cdfs(_runs_of([args.dir]), args.out or Path(args.dir) / "overview.png"))
+        return 0
     from sim.plots import plot_run
 
     print(plot_run(args.dir, args.out))
@@ -589,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     pl = parser("plot", help="overview figure of a results directory")
-    pl.add_argument("dir", help="a directory written by tiersim run (or one sweep run's directory)")
+    pl.add_argument("dir", help="a directory written by tiersim run, or a sweep directory (its runs' CDFs)")
     pl.add_argument("--out", help="image file (default: DIR/overview.png)")
     pl.set_defaults(func=cmd_plot)
 

@@ -529,7 +529,7 @@ def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | N
         if tasks:
             if scheduler:
                 _run_dask(tasks, scheduler, jobs, record)
-            elif (jobs or os.cpu_count() or 1) <= 1 or len(tasks) == 1 and not progress:
+            elif (jobs or os.cpu_count() or 1) <= 1 or len(tasks) == 1:
                 _run_serial(tasks, record, progress)
             else:
                 _run_pool(tasks, jobs or os.cpu_count() or 1, record, progress)
@@ -672,7 +672,11 @@ def write_summary(out: Path, rows: list[dict]):
             with contextlib.suppress(OSError, ValueError):
                 row.update(metrics_row(json.loads((out / "runs" / r["run"] / "summary.json").read_text())))
         table.append(row)
+    params: list[str] = []
+    for r in rows:      # parameter columns first, in axis order (a point may leave one out)
+        params += [k for k in (r.get("params") or {}) if k not in params]
     df = pd.DataFrame(table)
+    df = df[[*params, *(c for c in df.columns if c not in params)]]
     with results_io.atomic_path(out / "summary.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     with results_io.atomic_path(out / "summary.csv") as tmp:

@@ -44,6 +44,9 @@ def test_progress_display_does_not_change_results(tmp_path, capsys):
     args = [a for a in SMALL if a != "--no-progress"]
     rc, out, err = run_cli(capsys, "run", "--out", str(tmp_path / "b"), *args)
     assert rc == 0
+    # not a terminal: one line at the end (and every 10 s): requests of the total, simulated time, ETA
+    assert "run: 200/200 requests (100.0 %) | simulated " in err and "(last arrival at " in err
+    assert "ETA 0:00:00" in err
     for f in ("summary.json", "requests.parquet", "steps.parquet"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 

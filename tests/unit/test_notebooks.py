@@ -10,7 +10,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_is_a_notebook_for_each_use():
-    assert [p.stem for p in NOTEBOOKS] == ["replay_compare_policies", "sweep_hbm_prefix_cache",
+    assert [p.stem for p in NOTEBOOKS] == ["replay_compare_policies", "sweep_chunked_prefill_budget",
                                            "validate_cost_tables"]
 
 

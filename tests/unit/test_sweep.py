@@ -97,7 +97,10 @@ def test_dataset_reads_in_one_call_with_parameter_columns(tmp_path):
     assert run.config["trace"]["bundled"] == "azure-code" and run.config["trace"]["path"] == ""
     with pytest.raises(TiersimError, match="2 finished runs match"):
         sw.run(scheduling_name="fcfs")
-    # the same directory refuses a different sweep, and --force starts over
+    from sim.cli import main
+
+    assert main(["plot", str(tmp_path / "sw")]) == 0 and (tmp_path / "sw" / "overview.png").stat().st_size > 10_000
+    # the same directory refuses a different sweep
     other = SweepSpec(base=spec.base, grid={"seed": [1]})
     with pytest.raises(SweepError, match="holds a different sweep"):
         run_sweep(other, out_dir=tmp_path / "sw", jobs=1)
