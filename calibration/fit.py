@@ -24,9 +24,10 @@ from sim.costs.table import TABLE_FORMAT
 # Which variant prices an op when several measured it. GEMMs: the framework path (torch → cuBLAS),
 # which is what engines and the reference model run; CuPy's cuBLAS rows are kept as a cross-check.
 # Decode attention: PyTorch SDPA (FlashAttention) prices it; the Numba paged kernel is a bandwidth
-# cross-check of the same access pattern.
+# cross-check of the same access pattern. All-reduce: the collective replayed inside a CUDA graph (how
+# a CUDA-graph engine runs it), else eager.
 PREFERRED_VARIANTS = {"gemm": ("torch", "cupy-cublas"), "attn_decode": ("torch-sdpa", "paged_splitk"),
-                      "attn_prefill": ("torch-sdpa",)}
+                      "attn_prefill": ("torch-sdpa",), "allreduce": ("nccl-graph", "nccl")}
 COST_OPS = ("gemm", "attn_prefill", "attn_decode", "rms_norm", "rope", "kv_write", "act", "add",
             "embed", "sample", "allreduce")
 GPU_PRESETS = (("H100", "h100-sxm-80gb"), ("H200", "h200"), ("A100", "a100-80gb"))
@@ -88,7 +89,10 @@ def fit_ops(raw: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFrame, dict, di
     priced = raw[raw["op"].isin(COST_OPS) & (raw["part"] != "validation")]
     grids, fits, kernels = [], {}, {}
     for op, rows in priced.groupby("op", sort=True):
-        rows = _choose_variant(rows, op, notes)
+        if op == "allreduce":   # per TP size: a size whose graph capture failed keeps its eager rows
+            rows = pd.concat([_choose_variant(g, op, notes) for _, g in rows.groupby("key", sort=True)])
+        else:
+            rows = _choose_variant(rows, op, notes)
         ks = [int(_extra(e).get("kernels", 0) or 0) for e in rows["extra"]]
         ks = [k for k in ks if k > 0]
         if ks:

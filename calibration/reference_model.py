@@ -7,6 +7,14 @@ layer attn_norm, qkv_proj, rope, kv_write, attention, o_proj, residual add, ffn_
 act, down_proj, residual add; then final_norm and lm_head on the sampled rows only, and greedy
 sampling. Its measured step times are what the simulator's predictions are validated against.
 
+A *mixed* step (:meth:`ReferenceModel.make_mixed_step`) is what a chunked-prefill scheduler runs: one
+prompt chunk of ``q`` new tokens on top of ``c`` cached ones, finishing its prompt, batched with ``B``
+decodes. Every op runs once over all ``q + B`` tokens, except attention (the chunk's prefill attention
+and the decodes' decode attention, as the op list prices them); the KV write goes through one slot
+index per token and head (one scatter each for K and V, as the op list's two kernels), and the two
+attention outputs are joined by one concatenation (a kernel per layer the op list does not have: an
+engine's variable-length attention writes one output).
+
 :func:`run_validation` times prefill and decode steps over a grid, eager (host-launched, one
 synchronize per step, as an engine does) and as a replayed CUDA graph of the same step, and reports
 the kernels per step. ``calibration.vendor.validation`` exposes it as the ``validation`` part.
@@ -71,7 +79,10 @@ class ReferenceModel:
     """
 
     def __init__(self, spec: str | ModelSpec, *, device="cpu", dtype=None, kv_capacity_tokens: int = 4096,
-                 seed: int = 0, weight_std: float = 0.02) -> None:
+                 seed: int = 0, weight_std: float = 0.02, reduce=None, lm_head_rows: int | None = None) -> None:
+        """``reduce`` (tensor parallelism): applied to the o_proj and down_proj outputs before their
+        residual adds (an in-place all-reduce over the ranks; default none). ``lm_head_rows``: the LM
+        head's rows (this rank's vocabulary shard; default the whole vocabulary)."""
         import torch
 
         from calibration import torch_ops
@@ -98,30 +109,57 @@ class ReferenceModel:
                                     norm_weight(), mat(2 * f, h), mat(h, f))
                        for _ in range(spec.num_layers)]
         self.final_norm = norm_weight()
-        self.lm_head = self.embed_table if spec.tied_embeddings else mat(v, h)
+        self.lm_head = mat(lm_head_rows, h) if lm_head_rows else (self.embed_table if spec.tied_embeddings
+                                                                  else mat(v, h))
+        self.reduce = reduce
         positions = min(self.capacity + 1, spec.max_context_tokens)
         self.cos, self.sin = torch_ops.rope_tables(positions, d, device=self.device, dtype=self.dtype)
         self.kv = torch.empty(spec.num_layers, 2, self.capacity * kvh * d, device=self.device,
                               dtype=self.dtype).normal_()
 
     # ------------------------------------------------------------------ cache
-    def cache_view(self, layer: int, batch: int, cap: int):
-        """K and V caches [batch, kvh, cap, d] of ``layer`` (views into the flat buffer)."""
-        if batch * cap > self.capacity:
-            raise ValueError(f"cache view {batch} x {cap} exceeds the capacity of {self.capacity} tokens")
+    def cache_view(self, layer: int, batch: int, cap: int, offset: int = 0):
+        """K and V caches [batch, kvh, cap, d] of ``layer``: views into the flat buffer, starting
+        ``offset`` token slots in (a mixed step keeps its chunk and its decodes in disjoint views)."""
+        if offset + batch * cap > self.capacity:
+            raise ValueError(f"cache view {batch} x {cap} at {offset} exceeds the capacity of {self.capacity} "
+                             f"tokens")
+        lo = offset * self.kvh * self.d
         n = batch * self.kvh * cap * self.d
         shape = (batch, self.kvh, cap, self.d)
-        return self.kv[layer, 0, :n].view(shape), self.kv[layer, 1, :n].view(shape)
+        return self.kv[layer, 0, lo:lo + n].view(shape), self.kv[layer, 1, lo:lo + n].view(shape)
+
+    def flat_cache(self, layer: int):
+        """K and V of ``layer`` as rows of one head's vector: [capacity * kvh, d] (what slot indices
+        of :meth:`mixed_slots` address)."""
+        rows = self.capacity * self.kvh
+        return self.kv[layer, 0].view(rows, self.d), self.kv[layer, 1].view(rows, self.d)
+
+    def mixed_slots(self, batch: int, ctx: int, chunk: int, cached: int):
+        """Row of each (new token, KV head) of a mixed step in :meth:`flat_cache`: [chunk + batch, kvh].
+
+        The chunk's sequence is the view [1, kvh, cached + chunk, d] at offset 0, its new tokens at
+        positions ``cached ..``; the decodes are the view [batch, kvh, ctx + 1, d] right after it, each
+        new token at position ``ctx``."""
+        torch = self.torch
+        kvh = self.kvh
+        c_cap, d_cap = cached + chunk, ctx + 1
+        heads = torch.arange(kvh, device=self.device)
+        pos = torch.arange(cached, c_cap, device=self.device)
+        chunk_rows = heads[None, :] * c_cap + pos[:, None]
+        seq = torch.arange(batch, device=self.device)
+        dec_rows = c_cap * kvh + (seq[:, None] * kvh + heads[None, :]) * d_cap + ctx
+        return torch.cat((chunk_rows, dec_rows))
 
     def positions(self, batch: int, new: int, start: int):
         """Position ids [batch * new] of the step's tokens (sequence-major, as the tokens are)."""
         return self.torch.arange(start, start + new, device=self.device).repeat(batch)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids, positions, start: int, cap: int | None = None):
+    def forward(self, ids, positions, start: int, cap: int | None = None, offset: int = 0):
         """One engine step: ``ids`` [B, L] new tokens at positions ``[start, start + L)`` of every
-        sequence (their K/V go into the cache). Returns (logits [B, vocab] of each sequence's last
-        token, greedy next ids [B])."""
+        sequence (their K/V go into the cache, ``offset`` slots in). Returns (logits [B, vocab] of each
+        sequence's last token, greedy next ids [B])."""
         o = self.ops
         batch, new = ids.shape
         cap = start + new if cap is None else cap
@@ -131,7 +169,7 @@ class ReferenceModel:
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         for layer, w in enumerate(self.layers):
-            k_cache, v_cache = self.cache_view(layer, batch, cap)
+            k_cache, v_cache = self.cache_view(layer, batch, cap, offset)
             hn = o.rms_norm(x, w.attn_norm)                                     # attn_norm
             qkv = o.linear(hn, w.qkv)                                           # qkv_proj
             q = qkv[:, :qh * d].view(tokens, qh, d)
@@ -146,18 +184,58 @@ class ReferenceModel:
                 keys = start + new
                 attn = o.attention_prefill(qs, k_cache[:, :, :keys], v_cache[:, :, :keys])
             attn = attn.transpose(1, 2).reshape(tokens, qh * d)
-            x = o.add(x, o.linear(attn, w.o))                                   # o_proj, attn_residual
+            x = o.add(x, self._reduced(o.linear(attn, w.o)))                    # o_proj, (allreduce,) residual
             hn = o.rms_norm(x, w.ffn_norm)                                      # ffn_norm
             gu = o.linear(hn, w.gate_up)                                        # gate_up_proj
-            x = o.add(x, o.linear(o.act(gu), w.down))                           # act, down_proj, ffn_residual
+            x = o.add(x, self._reduced(o.linear(o.act(gu), w.down)))            # act, down_proj, (allreduce,) residual
         last = x.view(batch, new, h)[:, -1]
         logits = o.linear(o.rms_norm(last, self.final_norm), self.lm_head)     # final_norm, lm_head
         return logits, o.sample(logits)                                         # sample
 
-    def logits(self, ids, start: int, cap: int | None = None):
+    def _reduced(self, y):
+        if self.reduce is not None:
+            self.reduce(y)
+        return y
+
+    def forward_mixed(self, ids, positions, slots, sample_rows, batch: int, ctx: int, chunk: int, cached: int):
+        """One mixed step (module docstring): ``ids`` [chunk + batch] (the chunk's tokens, then one per
+        decode) at ``positions``; ``slots`` from :meth:`mixed_slots`; ``sample_rows`` the rows that
+        sample (the chunk's last token, every decode). Returns (logits [1 + batch, vocab], next ids)."""
+        o = self.ops
+        qh, kvh, d = self.qh, self.kvh, self.d
+        tokens = chunk + batch
+        c_cap, d_cap = cached + chunk, ctx + 1
+        x = o.embed(ids, self.embed_table)                                      # embed
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        for layer, w in enumerate(self.layers):
+            hn = o.rms_norm(x, w.attn_norm)                                     # attn_norm
+            qkv = o.linear(hn, w.qkv)                                           # qkv_proj
+            q = qkv[:, :qh * d].view(tokens, qh, d)
+            k = qkv[:, qh * d:(qh + kvh) * d].view(tokens, kvh, d)
+            v = qkv[:, (qh + kvh) * d:].view(tokens, kvh, d)
+            q, k = o.rope(q, k, cos, sin)                                       # rope
+            flat_k, flat_v = self.flat_cache(layer)
+            flat_k.index_put_((slots,), k)                                      # kv_write (K)
+            flat_v.index_put_((slots,), v)                                      # kv_write (V)
+            kc, vc = self.cache_view(layer, 1, c_cap, 0)
+            pre = o.attention_prefill(q[:chunk].view(1, chunk, qh, d).transpose(1, 2), kc, vc)  # attn_prefill
+            kd, vd = self.cache_view(layer, batch, d_cap, c_cap)
+            dec = o.attention_decode(q[chunk:].view(batch, 1, qh, d).transpose(1, 2), kd, vd, d_cap)  # attn_decode
+            attn = self.torch.cat((pre.transpose(1, 2).reshape(chunk, qh * d),
+                                   dec.transpose(1, 2).reshape(batch, qh * d)))
+            x = o.add(x, self._reduced(o.linear(attn, w.o)))                    # o_proj, (allreduce,) residual
+            hn = o.rms_norm(x, w.ffn_norm)                                      # ffn_norm
+            gu = o.linear(hn, w.gate_up)                                        # gate_up_proj
+            x = o.add(x, self._reduced(o.linear(o.act(gu), w.down)))            # act, down_proj, (allreduce,) residual
+        last = x.index_select(0, sample_rows)
+        logits = o.linear(o.rms_norm(last, self.final_norm), self.lm_head)     # final_norm, lm_head
+        return logits, o.sample(logits)                                         # sample
+
+    def logits(self, ids, start: int, cap: int | None = None, offset: int = 0):
         """Logits of each sequence's last new token (tests): ``forward`` with computed positions."""
         batch, new = ids.shape
-        return self.forward(ids, self.positions(batch, new, start), start, cap)[0]
+        return self.forward(ids, self.positions(batch, new, start), start, cap, offset)[0]
 
     # ------------------------------------------------------------------ steps
     def make_step(self, phase: str, batch: int, length: int):
@@ -178,6 +256,32 @@ class ReferenceModel:
 
         def step():
             return self.forward(ids, pos, start, cap)[1]
+
+        return step
+
+    def mixed_inputs(self, batch: int, ctx: int, chunk: int, cached: int, ids=None):
+        """Static inputs of a mixed step: (ids, positions, slots, sample rows)."""
+        torch = self.torch
+        if cached + chunk + batch * (ctx + 1) > self.capacity:
+            raise ValueError(f"a mixed step of a {chunk}-token chunk over {cached} cached and {batch} decodes "
+                             f"at {ctx} needs {cached + chunk + batch * (ctx + 1)} cache slots; the cache has "
+                             f"{self.capacity}")
+        if ids is None:
+            ids = torch.randint(0, self.spec.vocab_size, (chunk + batch,), device=self.device)
+        pos = torch.cat((torch.arange(cached, cached + chunk, device=self.device),
+                         torch.full((batch,), ctx, device=self.device, dtype=torch.long)))
+        rows = torch.cat((torch.tensor([chunk - 1], device=self.device),
+                          torch.arange(chunk, chunk + batch, device=self.device)))
+        return ids, pos, self.mixed_slots(batch, ctx, chunk, cached), rows
+
+    def make_mixed_step(self, batch: int, ctx: int, chunk: int, cached: int):
+        """A zero-arg mixed step with static inputs: a ``chunk``-token chunk finishing a prompt whose
+        first ``cached`` tokens are in the cache, batched with ``batch`` decodes of ``ctx`` cached
+        tokens each (tokens needed: :func:`tokens_needed` of ``("mixed", ...)``)."""
+        ids, pos, slots, rows = self.mixed_inputs(batch, ctx, chunk, cached)
+
+        def step():
+            return self.forward_mixed(ids, pos, slots, rows, batch, ctx, chunk, cached)[1]
 
         return step
 
@@ -217,8 +321,10 @@ def run_order(points: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
-def tokens_needed(phase: str, batch: int, length: int) -> int:
-    """Cache tokens (batch x capacity) a point's view needs."""
+def tokens_needed(phase: str, batch: int, length: int, chunk: int = 0, cached: int = 0) -> int:
+    """Cache tokens (batch x capacity, plus a mixed step's chunk sequence) a point's views need."""
+    if phase == "mixed":
+        return cached + chunk + batch * (length + 1)
     return batch * (length if phase == "prefill" else length + 1)
 
 
@@ -238,21 +344,31 @@ def count_subset(points: list[tuple[str, int, int]]) -> list[tuple[str, int, int
     return chosen
 
 
-def step_flops_bytes(spec: ModelSpec, phase: str, batch: int, length: int) -> tuple[float, float]:
+def step_shape(phase: str, batch: int, length: int, chunk: int = 0, cached: int = 0):
+    """The ``sim.costs.model.StepShape`` of a measured point: ``batch`` prompts of ``length`` (prefill),
+    ``batch`` decodes of ``length`` cached tokens (decode), or a ``chunk`` over ``cached`` plus those
+    decodes (mixed)."""
+    from sim.costs.model import StepShape
+
+    if phase == "prefill":
+        return StepShape.prefill(batch, length)
+    if phase == "decode":
+        return StepShape.decode(batch, length)
+    if phase == "mixed":
+        return StepShape.mixed(chunk, cached, batch, length)
+    raise ValueError(f"phase must be 'prefill', 'decode' or 'mixed' (got {phase!r})")
+
+
+def step_flops_bytes(spec: ModelSpec, phase: str, batch: int, length: int, chunk: int = 0,
+                     cached: int = 0) -> tuple[float, float]:
     """Whole-step FLOPs and bytes as the simulator's op list prices them (0, 0 if that fails)."""
     try:
         import numpy as np
 
-        from sim.costs.model import StepShape, TransformerOps
+        from sim.costs.model import TransformerOps
 
         ops = TransformerOps(spec)
-        if phase == "prefill":
-            shape = StepShape(prefill_q=np.full(batch, length), prefill_c=np.zeros(batch, dtype=int),
-                              num_decode=0, decode_ctx_sum=0, num_sampled=batch)
-        else:
-            shape = StepShape(prefill_q=np.zeros(0, dtype=int), prefill_c=np.zeros(0, dtype=int),
-                              num_decode=batch, decode_ctx_sum=batch * (length + 1), num_sampled=batch)
-        flops, nbytes = ops.flops_bytes(shape)
+        flops, nbytes = ops.flops_bytes(step_shape(phase, batch, length, chunk, cached))
         mult = np.array([spec.num_layers if op.per_layer else 1 for op in ops.ops], dtype=float)
         return float((flops * mult).sum()), float((nbytes * mult).sum())
     except Exception:  # noqa: BLE001 - informational only

@@ -49,15 +49,17 @@ def apply_rotary(q, k, cos, sin):
 
 
 class StockDecoder:
-    """A Llama decoder from stock PyTorch ops with a contiguous KV cache ``[layers][B, kvh, S, d]``.
+    """A Llama decoder from stock PyTorch ops with a contiguous KV cache per layer.
 
-    Invariants: weights never change after construction; the caches hold ``batch × capacity``
-    positions per layer, allocated for the largest (batch, capacity) the decoder was built for.
+    Invariants: weights never change after construction; each layer's K and V caches are one flat
+    buffer of ``batch × capacity_tokens`` positions, and a step of ``b`` sequences with ``n`` positions
+    each sees its prefix as ``[b, kvh, n, d]`` (so a step may trade sequences for length within the
+    buffer; positions written under one (b, n) are read back only under the same (b, n)).
     """
 
     def __init__(self, spec: str | ModelSpec, *, device="cpu", dtype=None, batch: int = 1,
                  capacity_tokens: int = 4096, num_layers: int | None = None, seed: int = 0,
-                 weight_std: float = 0.02) -> None:
+                 weight_std: float = 0.02, max_positions: int | None = None) -> None:
         import torch
 
         from calibration.reference_model import resolve_spec
@@ -72,6 +74,7 @@ class StockDecoder:
         self.h, self.d, self.qh, self.kvh = h, d, qh, kvh
         self.num_layers = num_layers or spec.num_layers
         self.batch, self.capacity = batch, capacity_tokens
+        self.slots = batch * capacity_tokens
         torch.manual_seed(seed)
 
         def mat(*size):
@@ -86,19 +89,28 @@ class StockDecoder:
                        for _ in range(self.num_layers)]
         self.final_norm = norm()
         self.lm_head = self.embed_table if spec.tied_embeddings else mat(v, h)
+        positions = max_positions or capacity_tokens + 1
         inv = 1.0 / (ROPE_THETA ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        ang = torch.outer(torch.arange(capacity_tokens + 1, dtype=torch.float64), inv)
+        ang = torch.outer(torch.arange(positions, dtype=torch.float64), inv)
         emb = torch.cat((ang, ang), dim=-1)
         self.cos = emb.cos().to(device=self.device, dtype=self.dtype)
         self.sin = emb.sin().to(device=self.device, dtype=self.dtype)
-        self.k_cache = [torch.zeros(batch, kvh, capacity_tokens, d, device=self.device, dtype=self.dtype)
-                        for _ in range(self.num_layers)]
-        self.v_cache = [torch.zeros_like(c) for c in self.k_cache]
+        # random, never zeros (METHOD.md): attention over a cache of zeros is not what runs
+        self.k_flat = [torch.empty(self.slots * kvh * d, device=self.device, dtype=self.dtype).normal_()
+                       for _ in range(self.num_layers)]
+        self.v_flat = [torch.empty_like(c).normal_() for c in self.k_flat]
+
+    def cache_views(self, i: int, batch: int, positions: int):
+        """Layer ``i``'s K and V caches for a step of ``batch`` sequences of ``positions`` each."""
+        n = batch * self.kvh * positions * self.d
+        shape = (batch, self.kvh, positions, self.d)
+        return self.k_flat[i][:n].view(shape), self.v_flat[i][:n].view(shape)
 
     # ------------------------------------------------------------------ forward
-    def layer(self, i: int, x, cos, sin, pos, batch: int, new: int, keys: int):
-        """One decoder layer on ``x`` [batch·new, h]; its K/V go to positions ``pos`` of the cache."""
-        torch, F = self.torch, self.torch.nn.functional
+    def layer(self, i: int, x, cos, sin, pos, batch: int, new: int, keys: int, cap: int | None = None):
+        """One decoder layer on ``x`` [batch·new, h]; its K/V go to positions ``pos`` of the cache
+        (viewed with ``cap`` positions per sequence, default ``keys``), attention reads ``keys``."""
+        F = self.torch.nn.functional
         w = self.layers[i]
         qh, kvh, d = self.qh, self.kvh, self.d
         hn = rms_norm_fp32(x, w["attn_norm"])
@@ -106,21 +118,22 @@ class StockDecoder:
         k = F.linear(hn, w["k"]).view(batch, new, kvh, d).transpose(1, 2)
         v = F.linear(hn, w["v"]).view(batch, new, kvh, d).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
-        kc, vc = self.k_cache[i][:batch], self.v_cache[i][:batch]
+        kc, vc = self.cache_views(i, batch, cap or keys)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
+        if cap and cap > keys:
+            kc, vc = kc[:, :, :keys], vc[:, :, :keys]
         causal = new > 1 and keys == new
-        attn = F.scaled_dot_product_attention(q, kc[:, :, :keys], vc[:, :, :keys], is_causal=causal,
-                                              enable_gqa=qh != kvh)
+        attn = F.scaled_dot_product_attention(q, kc, vc, is_causal=causal, enable_gqa=qh != kvh)
         attn = attn.transpose(1, 2).reshape(batch * new, qh * d)
         x = x + F.linear(attn, w["o"])
         hn = rms_norm_fp32(x, w["ffn_norm"])
         x = x + F.linear(F.silu(F.linear(hn, w["gate"])) * F.linear(hn, w["up"]), w["down"])
-        del torch
         return x
 
-    def forward(self, ids, start: int):
-        """One step: ``ids`` [B, L] new tokens at positions [start, start + L). Returns next ids [B]."""
+    def logits(self, ids, start: int, cap: int | None = None):
+        """One step: ``ids`` [B, L] new tokens at positions [start, start + L) (caches viewed with ``cap``
+        positions per sequence, default start + L); logits [B, vocab] of each sequence's last token."""
         torch, F = self.torch, self.torch.nn.functional
         batch, new = ids.shape
         pos = torch.arange(start, start + new, device=self.device)
@@ -128,19 +141,22 @@ class StockDecoder:
         cos = self.cos[pos].view(1, 1, new, self.d)
         sin = self.sin[pos].view(1, 1, new, self.d)
         for i in range(self.num_layers):
-            x = self.layer(i, x, cos, sin, pos, batch, new, start + new)
+            x = self.layer(i, x, cos, sin, pos, batch, new, start + new, cap)
         last = x.view(batch, new, self.h)[:, -1]
-        logits = F.linear(rms_norm_fp32(last, self.final_norm), self.lm_head)
-        return torch.argmax(logits, dim=-1)
+        return F.linear(rms_norm_fp32(last, self.final_norm), self.lm_head)
+
+    def forward(self, ids, start: int):
+        """One step (see :meth:`logits`); returns the greedy next ids [B]."""
+        return self.torch.argmax(self.logits(ids, start), dim=-1)
 
     def make_step(self, phase: str, batch: int, length: int):
         """A zero-arg step with static inputs (capturable in a CUDA graph): ``prefill`` of ``batch``
         prompts of ``length`` tokens, or a ``decode`` of ``batch`` sequences with ``length`` cached."""
-        if batch > self.batch:
-            raise ValueError(f"batch {batch} exceeds the cache's {self.batch} sequences")
         new, start = (length, 0) if phase == "prefill" else (1, length)
-        if start + new > self.capacity:
-            raise ValueError(f"{start + new} positions exceed the cache capacity {self.capacity}")
+        if batch * (start + new) > self.slots:
+            raise ValueError(f"{batch} x {start + new} positions exceed the cache's {self.slots}")
+        if start + new > self.cos.shape[0]:
+            raise ValueError(f"{start + new} positions exceed the rotary tables' {self.cos.shape[0]}")
         ids = self.torch.randint(0, self.spec.vocab_size, (batch, new), device=self.device)
         return lambda: self.forward(ids, start)
 
@@ -257,9 +273,9 @@ def count_cuda_layer(step) -> dict:
     return {"count": got["kernels"], "kernel_names": got["names"]}
 
 
-def record(device: str = "cpu") -> list[dict]:
-    """Kernels per layer of the stock decoder at :data:`COUNT_POINTS` on ``device`` (one layer, real
-    shapes, a 1,024-token vocabulary: the layer does not touch it)."""
+def record(device: str = "cpu", points=COUNT_POINTS) -> list[dict]:
+    """Kernels per layer of the stock decoder at ``points`` (default :data:`COUNT_POINTS`) on ``device``
+    (one layer, real shapes, a 1,024-token vocabulary: the layer does not touch it)."""
     import dataclasses
 
     import torch
@@ -267,7 +283,7 @@ def record(device: str = "cpu") -> list[dict]:
     from sim.specs import load_model
 
     out = []
-    for name, phase, batch, length in COUNT_POINTS:
+    for name, phase, batch, length in points:
         spec = dataclasses.replace(load_model(name), num_layers=1, vocab_size=1024)
         dec = StockDecoder(spec, device=device, dtype=torch.bfloat16, batch=batch, capacity_tokens=64, num_layers=1)
         step = dec.make_layer_step(phase, batch, length)

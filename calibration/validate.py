@@ -8,6 +8,14 @@ step — same model shapes, the cost table under test, the ``host-launched`` or 
 execution policy — and reports the error: a table, percentiles per phase and mode, a
 predicted-vs-measured plot, and the points themselves.
 
+Step rows of other parts (``STEP_PARTS``: unseen model shapes, the ``torch-unfused`` engine, tensor
+parallelism) say in ``extra`` which engine recipe ran (``recipe``, default ``fused``), the
+tensor-parallel size (``tp``) and, for a mixed chunked-prefill step (op ``mixed``: x = decodes,
+y = their context, z = the chunk's new tokens), the chunk's cached prefix (``cached``). Each point
+has a stable id (:func:`point_id`). With ``--predictions FILE`` the predictions are not made now:
+they are read from a file written and committed before the measurement (``calibration.gpu16.predict``),
+joined on (point id, mode), so they cannot be tuned after the fact.
+
 Nothing here runs on a GPU; it reads measurement files and a cost table.
 
 ``tiersim validate --e2e RUN_DIR`` compares whole runs instead: a reference server's measured TTFT,
@@ -26,6 +34,16 @@ TARGETS = {  # (phase-independent) targets from the calibration issue: |error| p
     "eager": {"median": 0.10},
 }
 MODES = {"eager": "host-launched", "graph": "cuda-graph"}
+STEP_PARTS = ("validation", "unseen_steps", "unfused_steps", "tp_steps")
+
+
+def point_id(model: str, phase: str, batch: int, tokens: int, *, recipe: str = "fused", chunk: int = 0,
+             cached: int = 0, tp: int = 1) -> str:
+    """The stable id of a measured step (a ``make_key`` string): what committed predictions join on."""
+    from sim.costs.model import make_key
+
+    return make_key(batch=int(batch), cached=int(cached), chunk=int(chunk), model=model, phase=phase,
+                    recipe=recipe, tokens=int(tokens), tp=int(tp))
 
 
 def add_arguments(p) -> None:
@@ -36,19 +54,23 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="report directory (default: validation-report; with --e2e, "
                                                  "RUN_DIR/e2e)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--predictions", default=None, metavar="FILE",
+                   help="compare with predictions committed before the measurement (a Parquet of point, "
+                        "mode, predicted_s: calibration.gpu16.predict) instead of predicting now")
     from calibration import validate_e2e
 
     validate_e2e.add_arguments(p)
 
 
-def _measurement_files(table_dir: Path, given: list[str] | None) -> list[Path]:
+def _measurement_files(table_dir: Path, given: list[str] | None,
+                       parts: tuple[str, ...] = ("validation",)) -> list[Path]:
     from sim.errors import CostTableError
 
     if given:
         files = [Path(g) for g in given]
     else:   # the table's own run first, then earlier or repeat runs kept beside it
-        files = (sorted(table_dir.glob("raw/validation*.parquet"))
-                 + sorted(table_dir.glob("runs/*/raw/validation*.parquet")))
+        files = [f for part in parts for f in (sorted(table_dir.glob(f"raw/{part}*.parquet"))
+                                                + sorted(table_dir.glob(f"runs/*/raw/{part}*.parquet")))]
     if not given:   # quick (smoke) runs use toy shapes: not a validation of anything
         def quick(f: Path) -> bool:
             meta = (f.parent.parent / "metadata.json")
@@ -64,11 +86,13 @@ def _measurement_files(table_dir: Path, given: list[str] | None) -> list[Path]:
     return files
 
 
-def load_measurements(files: list[Path]) -> pd.DataFrame:
+def load_measurements(files: list[Path], parts: tuple[str, ...] = ("validation",)) -> pd.DataFrame:
+    """Step rows of ``parts`` from ``files``, one per (point, mode), with the point's engine (``recipe``),
+    ``tp``, mixed-step ``chunk`` and ``cached``, its ``point`` id and where it was measured (``source``)."""
     frames = []
     for f in files:
         d = pd.read_parquet(f)
-        d = d[d["part"] == "validation"].copy()
+        d = d[d["part"].isin(parts) & d["op"].isin(("prefill", "decode", "mixed"))].copy()
         run = f.parent.parent if f.parent.name == "raw" else f.parent
         d["source"] = "table run" if run.parent.name != "runs" else f"runs/{run.name}"
         frames.append(d)
@@ -77,31 +101,57 @@ def load_measurements(files: list[Path]) -> pd.DataFrame:
     m["kernels"] = [e.get("kernels") for e in extra]
     m["attention_backend"] = [e.get("attention_backend", "") for e in extra]
     m["failed"] = [bool(e.get("error")) for e in extra]
+    m["recipe"] = [str(e.get("recipe", "fused")) for e in extra]
+    m["tp"] = [int(e.get("tp", 1)) for e in extra]
+    m["cached"] = [int(e.get("cached", 0)) for e in extra]
+    m["chunk"] = m["z"].astype(int)
     m = m[~m["failed"] & np.isfinite(m["median_s"]) & (m["median_s"] > 0)]
-    return m.rename(columns={"variant": "mode", "op": "phase", "key": "model", "x": "batch", "y": "tokens"})
+    m = m.rename(columns={"variant": "mode", "op": "phase", "key": "model", "x": "batch", "y": "tokens"})
+    m["point"] = [point_id(r.model, r.phase, int(r.batch), int(r.tokens), recipe=r.recipe, chunk=int(r.chunk),
+                           cached=int(r.cached), tp=int(r.tp)) for r in m.itertuples(index=False)]
+    return m
 
 
-def cost_model(table, model_name: str, mode: str):
+def cost_model(table, model_name: str, mode: str, recipe: str = "fused", tp: int = 1):
     """The step cost model that prices a validation point: ``table`` (a ``CostTable``) on the GPU
-    preset it was measured on, the named model, and the execution policy of ``mode``
-    ("graph" or "eager")."""
+    preset it was measured on, the named model under tensor parallelism ``tp``, the engine ``recipe``,
+    and the execution policy of ``mode`` ("graph" or "eager")."""
     from policies import registry
     from sim.costs.model import TransformerOps
+    from sim.costs.recipe import load_recipe
     from sim.costs.step import StepCostModel
     from sim.costs.table import TableBackend
     from sim.specs import load_gpu, load_model
 
     gpu = load_gpu(table.meta.get("gpu", {}).get("preset") or "h100-sxm-80gb")
-    ops = TransformerOps(load_model(model_name))
-    return StepCostModel(ops, TableBackend(ops, gpu, table), registry.build("execution", MODES[mode], {}))
+    ops = TransformerOps(load_model(model_name), tp=tp)
+    backend = TableBackend(ops, gpu, table, recipe=load_recipe(recipe))
+    return StepCostModel(ops, backend, registry.build("execution", MODES[mode], {}))
 
 
-def point_shape(phase: str, batch: int, tokens: int):
-    """A validation point's step: ``batch`` prompts of ``tokens`` (prefill), or ``batch`` decodes
-    with ``tokens`` of context each (decode)."""
-    from sim.costs.model import StepShape
+def point_shape(phase: str, batch: int, tokens: int, chunk: int = 0, cached: int = 0):
+    """A validation point's step: ``batch`` prompts of ``tokens`` (prefill), ``batch`` decodes with
+    ``tokens`` of context each (decode), or those decodes plus a ``chunk`` over ``cached`` tokens that
+    finishes its prompt (mixed)."""
+    from calibration.reference_model import step_shape
 
-    return StepShape.prefill(batch, tokens) if phase == "prefill" else StepShape.decode(batch, tokens)
+    return step_shape(phase, batch, tokens, chunk, cached)
+
+
+def predict_one(cost, phase: str, batch: int, tokens: int, chunk: int = 0, cached: int = 0) -> tuple[float, int, bool]:
+    """(step seconds, kernels per step, whether a lookup left a measured grid) of one point."""
+    shape = point_shape(phase, batch, tokens, chunk, cached)
+    before = sum(cost.backend.extrapolations.values())
+    t, _, _ = cost.step(shape.prefill_q, shape.prefill_c, shape.num_decode, shape.decode_ctx_sum, shape.num_sampled)
+    seq = cost.sequence(shape.num_tokens, shape.num_sampled, shape.num_decode == 0, shape.num_decode > 0)
+    return t, seq.num_kernels, sum(cost.backend.extrapolations.values()) > before
+
+
+def _with_errors(out: pd.DataFrame) -> pd.DataFrame:
+    out["measured_s"] = out["median_s"]
+    out["error"] = out["predicted_s"] / out["measured_s"] - 1.0
+    out["abs_error"] = out["error"].abs()
+    return out
 
 
 def predict(m: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
@@ -112,29 +162,36 @@ def predict(m: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
     models: dict = {}
     pred, kern, ext = [], [], []
     for row in m.itertuples(index=False):
-        key = (row.model, row.mode)
+        recipe, tp = getattr(row, "recipe", "fused"), int(getattr(row, "tp", 1))
+        key = (row.model, row.mode, recipe, tp)
         cost = models.get(key)
         if cost is None:
-            cost = models[key] = cost_model(table, row.model, row.mode)
-        shape = point_shape(row.phase, int(row.batch), int(row.tokens))
-        before = sum(cost.backend.extrapolations.values())
-        t, _, _ = cost.step(shape.prefill_q, shape.prefill_c, shape.num_decode, shape.decode_ctx_sum,
-                            shape.num_sampled)
-        seq = cost.sequence(shape.num_tokens, shape.num_sampled, shape.num_decode == 0, shape.num_decode > 0)
+            cost = models[key] = cost_model(table, row.model, row.mode, recipe, tp)
+        t, k, e = predict_one(cost, row.phase, int(row.batch), int(row.tokens), int(getattr(row, "chunk", 0)),
+                              int(getattr(row, "cached", 0)))
         pred.append(t)
-        kern.append(seq.num_kernels)
-        ext.append(sum(cost.backend.extrapolations.values()) > before)
+        kern.append(k)
+        ext.append(e)
     out = m.copy()
-    out["measured_s"] = out["median_s"]
     out["predicted_s"] = pred
     out["kernels_predicted"] = kern
     out["extrapolated"] = ext
-    out["error"] = out["predicted_s"] / out["measured_s"] - 1.0
-    out["abs_error"] = out["error"].abs()
-    return out
+    return _with_errors(out)
 
 
-def _stats(source: str, phase: str, mode: str, g: pd.DataFrame) -> dict:
+def with_committed(m: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    """Measured points joined with committed predictions on (point, mode); points without a committed
+    prediction are dropped (the caller reports how many)."""
+    cols = ["point", "mode", "predicted_s", "kernels_predicted", "extrapolated"]
+    pred = predictions[[c for c in cols if c in predictions.columns]]
+    out = m.merge(pred, on=["point", "mode"], how="inner")
+    for c, default in (("kernels_predicted", -1), ("extrapolated", False)):
+        if c not in out.columns:
+            out[c] = default
+    return _with_errors(out)
+
+
+def _stats(source: str, phase: str, mode: str, g: pd.DataFrame, group: str | None = None) -> dict:
     e = g["abs_error"].to_numpy()
     tgt = TARGETS.get(mode, {})
     r = {"source": source, "phase": phase, "mode": mode, "points": int(len(g)),
@@ -142,17 +199,31 @@ def _stats(source: str, phase: str, mode: str, g: pd.DataFrame) -> dict:
          "max_abs_error": float(e.max()), "mean_signed_error": float(g["error"].mean()), "targets": dict(tgt)}
     r["meets_targets"] = all((r["median_abs_error"] if k == "median" else r["p95_abs_error"]) <= v
                              for k, v in tgt.items()) if tgt else None
+    if group is not None:
+        r["group"] = group
     return r
 
 
-def summarize(points: pd.DataFrame) -> list[dict]:
-    """Error percentiles per measurement source, phase and mode, and per source and mode."""
+def point_group(row) -> str:
+    """What a point validates: its engine recipe, else its model (unseen shapes), with its TP size."""
+    recipe = getattr(row, "recipe", "fused")
+    label = f"recipe {recipe}" if recipe != "fused" else str(row.model)
+    tp = int(getattr(row, "tp", 1))
+    return label if tp == 1 else f"{label} tp{tp}"
+
+
+def summarize(points: pd.DataFrame, by_group: bool = False) -> list[dict]:
+    """Error percentiles per measurement source, phase and mode, and per source and mode; with
+    ``by_group`` per source, group (:func:`point_group`), phase and mode."""
     rows = []
     for source, s in points.groupby("source", sort=False):
-        for (phase, mode), g in s.groupby(["phase", "mode"], sort=True):
-            rows.append(_stats(source, phase, mode, g))
-        for mode, g in s.groupby("mode", sort=True):
-            rows.append(_stats(source, "all", mode, g))
+        groups = [(None, s)] if not by_group else \
+            list(s.assign(group=[point_group(r) for r in s.itertuples(index=False)]).groupby("group", sort=True))
+        for group, gs in groups:
+            for (phase, mode), g in gs.groupby(["phase", "mode"], sort=True):
+                rows.append(_stats(source, phase, mode, g, group))
+            for mode, g in gs.groupby("mode", sort=True):
+                rows.append(_stats(source, "all", mode, g, group))
     return rows
 
 
@@ -165,7 +236,7 @@ def plot(points: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     ax = axes[0]
     colors = {"eager": "tab:orange", "graph": "tab:blue"}
-    markers = {"prefill": "s", "decode": "o"}
+    markers = {"prefill": "s", "decode": "o", "mixed": "^"}
     lo = min(points["measured_s"].min(), points["predicted_s"].min()) * 1e3 / 1.5
     hi = max(points["measured_s"].max(), points["predicted_s"].max()) * 1e3 * 1.5
     xs = np.geomspace(lo, hi, 50)
@@ -200,35 +271,51 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
-def write_report(points: pd.DataFrame, summary: list[dict], out: Path, table_dir: Path, files: list[Path]) -> None:
+def _first_source(points: pd.DataFrame) -> pd.DataFrame:
+    """The table's own run, else the first run measured (what the plot and the worst points show)."""
+    if (points["source"] == "table run").any():
+        return points[points["source"] == "table run"]
+    return points[points["source"] == points["source"].iloc[0]] if len(points) else points
+
+
+def write_report(points: pd.DataFrame, summary: list[dict], out: Path, table_dir: Path, files: list[Path],
+                 note: str = "") -> None:
     from sim.costs.table import CostTable
 
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["model", "phase", "mode", "batch", "tokens", "measured_s", "predicted_s", "error", "kernels",
-            "kernels_predicted", "extrapolated", "attention_backend", "source"]
-    points[cols].sort_values(["model", "phase", "mode", "batch", "tokens"]).to_csv(out / "points.csv", index=False)
-    plot(points[points["source"] == "table run"], out / "pred_vs_meas.png")
+    grouped = any("group" in r for r in summary)
+    cols = ["model", "recipe", "tp", "phase", "mode", "batch", "tokens", "chunk", "cached", "measured_s",
+            "predicted_s", "error", "kernels", "kernels_predicted", "extrapolated", "attention_backend", "source",
+            "point"]
+    points[[c for c in cols if c in points.columns]].sort_values(["model", "phase", "mode", "batch", "tokens"]) \
+        .to_csv(out / "points.csv", index=False)
+    first = _first_source(points)
+    plot(first, out / "pred_vs_meas.png")
     ident = CostTable(table_dir).identity
     lines = ["# tiersim validation report", "",
              f"Cost table: `{ident['table']}` (sha256 `{ident['sha256'][:16]}…`, GPU {ident['gpu']}, "
              f"created {ident['created_utc']}).",
              f"Measurements: {', '.join(str(f) for f in files)} — {len(points)} steps of the PyTorch "
-             f"reference decoder.", "",
-             "| measured in | phase | mode | points | median abs. error | p95 abs. error | max abs. error | "
-             "mean signed | target | met |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+             f"reference decoder.", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| measured in |" + (" group |" if grouped else "") + " phase | mode | points | median abs. error | "
+              "p95 abs. error | max abs. error | mean signed | target | met |",
+              "|---|" + ("---|" if grouped else "") + "---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in summary:
         tgt = ", ".join(f"{k} ≤ {_pct(v)}" for k, v in r["targets"].items()) or "-"
         met = "-" if r["meets_targets"] is None else ("yes" if r["meets_targets"] else "no")
-        lines.append(f"| {r['source']} | {r['phase']} | {r['mode']} | {r['points']} | {_pct(r['median_abs_error'])} | "
+        lines.append(f"| {r['source']} |" + (f" {r.get('group', '')} |" if grouped else "") +
+                     f" {r['phase']} | {r['mode']} | {r['points']} | {_pct(r['median_abs_error'])} | "
                      f"{_pct(r['p95_abs_error'])} | {_pct(r['max_abs_error'])} | {_pct(r['mean_signed_error'])} | "
                      f"{tgt} | {met} |")
-    worst = points[points["source"] == "table run"].sort_values("abs_error", ascending=False).head(12)
+    worst = first.sort_values("abs_error", ascending=False).head(12)
     lines += ["", "Largest errors:", "",
               "| model | phase | mode | batch | tokens | measured ms | predicted ms | error | kernels meas./pred. |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in worst.itertuples(index=False):
-        lines.append(f"| {r.model} | {r.phase} | {r.mode} | {r.batch:.0f} | {r.tokens:.0f} | "
+        tokens = f"{r.tokens:.0f}" if r.phase != "mixed" else f"{r.tokens:.0f} + chunk {r.chunk:.0f}/{r.cached:.0f}"
+        lines.append(f"| {r.model} | {r.phase} | {r.mode} | {r.batch:.0f} | {tokens} | "
                      f"{r.measured_s * 1e3:.3f} | "
                      f"{r.predicted_s * 1e3:.3f} | {_pct(r.error)} | {r.kernels}/{r.kernels_predicted} |")
     lines += ["", "![predicted vs measured](pred_vs_meas.png)", ""]
@@ -245,19 +332,36 @@ def main(args) -> int:
 
         return validate_e2e.main(args)
     table_dir = resolve_table_dir(args.table)
-    files = _measurement_files(table_dir, args.measurements)
-    points = predict(load_measurements(files), table_dir)
-    summary = summarize(points)
+    committed = getattr(args, "predictions", None)
+    files = _measurement_files(table_dir, args.measurements,
+                               tuple(p for p in STEP_PARTS if p != "validation") if committed else ("validation",))
+    note = ""
+    if committed:
+        measured = load_measurements(files, parts=STEP_PARTS)
+        predictions = pd.read_parquet(committed)
+        points = with_committed(measured, predictions)
+        note = (f"Predictions: `{committed}`, made before the measurement (table sha256 "
+                f"`{str(predictions['table_sha256'].iloc[0])[:16]}…`); {len(points)} of {len(measured)} measured "
+                f"steps have one." if "table_sha256" in predictions.columns and len(predictions) else
+                f"Predictions: `{committed}`; {len(points)} of {len(measured)} measured steps have one.")
+    else:
+        points = predict(load_measurements(files), table_dir)
+    summary = summarize(points, by_group=bool(committed))
     out = Path(args.out or "validation-report")
-    write_report(points, summary, out, table_dir, files)
+    write_report(points, summary, out, table_dir, files, note)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{'measured in':26}{'phase':8}{'mode':7}{'points':>7}{'median':>9}{'p95':>9}{'max':>9}  target")
+        if note:
+            print(note)
+        width = max([len(r.get("group", "")) for r in summary] + [0])
+        print(f"{'measured in':26}{'':{width + 1 if width else 0}}{'phase':8}{'mode':7}{'points':>7}{'median':>9}"
+              f"{'p95':>9}{'max':>9}  target")
         for r in summary:
             tgt = ", ".join(f"{k} <= {_pct(v)}" for k, v in r["targets"].items())
             met = "" if r["meets_targets"] is None else ("  met" if r["meets_targets"] else "  MISSED")
-            print(f"{r['source']:26}{r['phase']:8}{r['mode']:7}{r['points']:>7}{_pct(r['median_abs_error']):>9}"
+            group = f"{r.get('group', ''):{width + 1}}" if width else ""
+            print(f"{r['source']:26}{group}{r['phase']:8}{r['mode']:7}{r['points']:>7}{_pct(r['median_abs_error']):>9}"
                   f"{_pct(r['p95_abs_error']):>9}{_pct(r['max_abs_error']):>9}  {tgt}{met}")
         print(f"report: {out}/report.md, {out}/pred_vs_meas.png, {out}/points.csv")
     return 0

@@ -85,8 +85,8 @@ class TraceConfig:
 
     def __post_init__(self) -> None:
         from traces.io import FORMATS
-        from traces.readers.generic import TIME_UNITS
-        from traces.schema import CANONICAL_COLUMNS, MAX_ARRIVAL_S, MAX_TOKENS
+        from traces.schema import CANONICAL_NAMES as CANONICAL_COLUMNS
+        from traces.schema import MAX_ARRIVAL_S, MAX_TOKENS, TIME_UNITS
 
         for key in ("rate_scale", "start_s", "end_s"):
             _finite(f"trace.{key}", getattr(self, key))

@@ -1,12 +1,18 @@
 """Shared helpers: small traces and configs that run in milliseconds."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 from sim.config import SimConfig, with_overrides
 from traces import Trace
+
+# parsed traces are cached in a directory of the test session's own, never the user's
+os.environ.setdefault("TIERSIM_CACHE_DIR", tempfile.mkdtemp(prefix="tiersim-test-cache-"))
 
 # Hypothesis profiles: "ci" (the default: what CI can afford) and "thorough" (20x the examples, for a
 # fuzz campaign): ``pytest --hypothesis-profile=thorough``. Tests size their example counts with

@@ -13,17 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from traces.bundled import BUNDLED, bundled_path
-from traces.readers import read_azure, read_burstgpt, read_csv_trace, read_mooncake, read_parquet_trace
-from traces.readers.columns import csv_header, is_gzip, read_head
 from traces.schema import Trace, TraceError
 
-FORMATS: dict[str, Callable[..., Trace]] = {
-    "azure": read_azure,
-    "mooncake": read_mooncake,
-    "burstgpt": read_burstgpt,
-    "csv": read_csv_trace,
-    "parquet": read_parquet_trace,
+# format name -> the module and function that reads it; imported when a trace of that format is read
+# (the readers need pandas, which a cached bundled trace does not)
+FORMATS: dict[str, tuple[str, str]] = {
+    "azure": ("traces.readers.azure", "read_azure"),
+    "mooncake": ("traces.readers.mooncake", "read_mooncake"),
+    "burstgpt": ("traces.readers.burstgpt", "read_burstgpt"),
+    "csv": ("traces.readers.generic", "read_csv_trace"),
+    "parquet": ("traces.readers.generic", "read_parquet_trace"),
 }
+
+
+def reader(format: str) -> Callable[..., Trace]:
+    """The reader function of a format (see ``FORMATS``)."""
+    import importlib
+
+    module, name = FORMATS[format]
+    return getattr(importlib.import_module(module), name)
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _LENGTHS_HEADER = {"num_prefill_tokens", "num_decode_tokens"}
@@ -39,22 +47,29 @@ def load_trace(path: str | Path, format: str | None = None, **options: Any) -> T
     resolved, bundled_format = _resolve(path)
     if format is None:
         format = bundled_format or detect_format(resolved)
-    reader = FORMATS.get(format)
-    if reader is None:
+    if format not in FORMATS:
         raise TraceError(f"unknown trace format {format!r} (known: {', '.join(FORMATS)})", path=resolved)
+    read = reader(format)
     try:
-        inspect.signature(reader).bind(resolved, **options)
+        inspect.signature(read).bind(resolved, **options)
     except TypeError:
-        accepted = [p for p in inspect.signature(reader).parameters if p != "path"]
+        accepted = [p for p in inspect.signature(read).parameters if p != "path"]
         bad = next(k for k in options if k not in accepted)
         raise TraceError(f"unknown option {bad!r} for format {format!r} (accepted: {', '.join(accepted)})",
                          path=resolved) from None
+    from traces import cache
+
+    got = cache.load(resolved, format, options)
+    if got is not None:
+        return got
     try:
-        return reader(resolved, **options)
+        trace = read(resolved, **options)
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error, RecursionError) as exc:
         # the readers turn these into precise errors; this net keeps any they miss to one line
         raise TraceError(f"cannot read the file: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                          if str(exc) else f"cannot read the file: {type(exc).__name__}", path=resolved) from None
+    cache.store(resolved, format, options, trace)
+    return trace
 
 
 def _resolve(path: str | Path) -> tuple[Path, str | None]:
@@ -81,6 +96,8 @@ def _resolve(path: str | Path) -> tuple[Path, str | None]:
 
 def detect_format(path: Path) -> str:
     """Guess the format from the suffix (``.gz`` ignored), the first bytes and a CSV header."""
+    from traces.readers.columns import csv_header, is_gzip, read_head
+
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(_JSON_SUFFIXES):
         return "mooncake"

@@ -29,26 +29,44 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
-import pyarrow as pa
 
 from sim.errors import TiersimError
 
-REQUIRED_COLUMNS: dict[str, pa.DataType] = {
-    "request_id": pa.int64(),
-    "arrival_s": pa.float64(),
-    "prompt_tokens": pa.int64(),
-    "output_tokens": pa.int64(),
-}
-OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
-    "block_hashes": pa.list_(pa.int64()),
-    "session_id": pa.string(),
-    "priority": pa.int32(),
-    "tenant": pa.string(),
-}
-CANONICAL_COLUMNS: dict[str, pa.DataType] = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Canonical columns and their Arrow types, by name. The mappings to ``pyarrow`` types are built on
+# first use (module ``__getattr__`` below), so that importing the schema does not import pyarrow.
+_REQUIRED_TYPES = {"request_id": "int64", "arrival_s": "float64", "prompt_tokens": "int64", "output_tokens": "int64"}
+_OPTIONAL_TYPES = {"block_hashes": "list<int64>", "session_id": "string", "priority": "int32", "tenant": "string"}
+REQUIRED_NAMES = tuple(_REQUIRED_TYPES)
+OPTIONAL_NAMES = tuple(_OPTIONAL_TYPES)
+CANONICAL_NAMES = REQUIRED_NAMES + OPTIONAL_NAMES
+TIME_UNITS: dict[str, float | None] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "datetime": None}
+
+
+def _arrow_type(name: str):
+    import pyarrow as pa
+
+    return pa.list_(pa.int64()) if name == "list<int64>" else getattr(pa, name)()
+
+
+def canonical_types() -> dict:
+    """Canonical column name -> pyarrow type (imports pyarrow)."""
+    return __getattr__("CANONICAL_COLUMNS")
+
+
+def __getattr__(name: str):
+    if name in ("REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "CANONICAL_COLUMNS"):
+        types = {"REQUIRED_COLUMNS": _REQUIRED_TYPES, "OPTIONAL_COLUMNS": _OPTIONAL_TYPES,
+                 "CANONICAL_COLUMNS": {**_REQUIRED_TYPES, **_OPTIONAL_TYPES}}[name]
+        value = {k: _arrow_type(v) for k, v in types.items()}
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 META_HASH_BLOCK_TOKENS = b"tiersim.hash_block_tokens"
 META_META = b"tiersim.meta"
@@ -377,7 +395,7 @@ class Trace:
 
     def __repr__(self) -> str:
         span = float(self.arrival_s[-1]) if len(self) else 0.0
-        extras = [k for k in OPTIONAL_COLUMNS if self._optional(k) is not None]
+        extras = [k for k in OPTIONAL_NAMES if self._optional(k) is not None]
         return (f"Trace(name={self.name!r}, requests={len(self)}, span_s={span:.3f}, "
                 f"optional={extras}, source={self.source!r})")
 
@@ -420,6 +438,8 @@ class Trace:
     # ----------------------------------------------------------------------------------------------
     def to_arrow(self) -> pa.Table:
         """The canonical Arrow table: required columns, then the optional ones present, with metadata."""
+        import pyarrow as pa
+
         arrays: dict[str, pa.Array] = {
             "request_id": pa.array(self.request_id, pa.int64()),
             "arrival_s": pa.array(self.arrival_s, pa.float64()),
@@ -441,7 +461,7 @@ class Trace:
                     META_NAME: self.name.encode(), META_SOURCE: self.source.encode()}
         if self.hash_block_tokens is not None:
             metadata[META_HASH_BLOCK_TOKENS] = str(self.hash_block_tokens).encode()
-        schema = pa.schema([pa.field(k, CANONICAL_COLUMNS[k], nullable=False) for k in arrays],
+        schema = pa.schema([pa.field(k, canonical_types()[k], nullable=False) for k in arrays],
                            metadata=metadata)
         return pa.Table.from_arrays(list(arrays.values()), schema=schema)
 
@@ -455,6 +475,8 @@ class Trace:
         fit and malformed metadata raise TraceError. ``path`` is the file the table came from: errors
         then name that file and its row (not the trace name the metadata stores).
         """
+        import pyarrow as pa
+
         md = table.schema.metadata or {}
         source = source if source is not None else md.get(META_SOURCE, b"").decode(errors="replace")
         label = name if name is not None else (
@@ -465,16 +487,16 @@ class Trace:
             raise TraceError(detail, **where, **at)
 
         found = table.column_names
-        for col in CANONICAL_COLUMNS:
+        for col in CANONICAL_NAMES:
             if found.count(col) > 1:
                 at = [i + 1 for i, c in enumerate(found) if c == col]
                 fail(f"column '{col}' appears {len(at)} times (columns {', '.join(map(str, at))})", field=col)
-        for col in REQUIRED_COLUMNS:
+        for col in REQUIRED_NAMES:
             if col not in found:
                 fail(f"missing column '{col}' (found: {', '.join(found) or 'none'})", field=col)
         np_cols: dict[str, np.ndarray] = {}
         offsets = values = None
-        for col in CANONICAL_COLUMNS:
+        for col in CANONICAL_NAMES:
             if col not in found:
                 continue
             chunked = table.column(col)
@@ -484,7 +506,7 @@ class Trace:
                 np_cols[col] = chunked.to_numpy()
                 continue
             try:
-                lists = chunked.cast(CANONICAL_COLUMNS[col]) if chunked.type != CANONICAL_COLUMNS[col] else chunked
+                lists = chunked.cast(canonical_types()[col]) if chunked.type != canonical_types()[col] else chunked
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 fail(f"column type {chunked.type} cannot be read as a list of int64 hashes: "
                      f"{str(exc).splitlines()[0][:120]}", field=col)
@@ -575,6 +597,7 @@ def _metadata_block_tokens(md: Mapping[bytes, bytes], fail: Callable[..., NoRetu
 
 
 def _first_null(chunked: pa.ChunkedArray) -> int:
+
     base = 0
     for chunk in chunked.chunks:
         if chunk.null_count:
@@ -602,6 +625,8 @@ def csr_from_arrow(lists: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.nd
     ``missing[i]`` marks a null list and ``null_inside[i]`` a list holding a null element; such rows get
     no values, so the CSR stays valid and the caller can report them by row. Sliced input is handled.
     """
+    import pyarrow as pa
+
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     if lists.type != pa.list_(pa.int64()):

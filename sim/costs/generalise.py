@@ -26,8 +26,10 @@ source. Each rule states its assumption:
   (decode attention is memory-bound).
 - **Prefill attention**: compute-bound in ``qh · d`` per token pair. The measured time above the grid's
   smallest time is scaled by ``(qh' d') / (qh d)``; KV heads and KV precision do not enter.
-- **All-reduce** without a measurement: a ring over NVLink at the spec bandwidth (×0.7) plus a fixed
-  latency; always reported as unmeasured.
+- **All-reduce** measured at another TP size on this GPU (``allreduce`` entries, key ``tp=N``, x = bytes:
+  ``calibration.gpu16.tp``): read at the bytes that put the same traffic on each link (a ring moves
+  ``2 (n-1)/n`` of the bytes per GPU), the measured latency carried over. Never measured: a ring over
+  NVLink at the spec bandwidth (×0.7) plus a fixed latency; always reported as unmeasured.
 - **fp8 weights** without measured fp8 GEMMs (:func:`fp8_factor`): memory-bound GEMMs scale with the
   bytes moved (weights and input rows at 1 byte, output at 2), compute-bound ones with the GPU's fp8
   over bf16 peak (1 where the GPU has no fp8 tensor cores: weight-only quantization).

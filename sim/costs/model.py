@@ -98,6 +98,13 @@ class StepShape:
         return cls(prefill_q=empty, prefill_c=empty, num_decode=batch,
                    decode_ctx_sum=batch * (context_tokens + 1), num_sampled=batch)
 
+    @classmethod
+    def mixed(cls, chunk_tokens: int, cached_tokens: int, batch: int, context_tokens: int) -> "StepShape":
+        """A chunked-prefill step: one chunk of ``chunk_tokens`` on top of ``cached_tokens`` that finishes
+        its prompt (so it samples), batched with ``batch`` decodes of ``context_tokens`` each."""
+        return cls(prefill_q=np.array([chunk_tokens], np.int64), prefill_c=np.array([cached_tokens], np.int64),
+                   num_decode=batch, decode_ctx_sum=batch * (context_tokens + 1), num_sampled=batch + 1)
+
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decode if self.decode_tokens < 0 else self.decode_tokens

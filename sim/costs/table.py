@@ -616,9 +616,22 @@ class TableBackend(BackendBase):
         return self._measured_curve("gemm", best).kernels_many(xs, 1)
 
     def _allreduce_curve(self, key: str) -> tuple[Curve1D, dict]:
+        """All-reduce time over bytes at this TP size: measured at another TP size on this GPU, read at the
+        bytes that put the same traffic on each link (a ring moves 2 (n-1)/n of the bytes per GPU; the
+        latency part is carried over as measured), else a ring over the spec's NVLink bandwidth."""
         from sim.costs.generalise import ring_allreduce_time
+        from sim.costs.model import make_key
 
         tp = self.ops.tp
+        measured = sorted(int(parse_key(k).get("tp", 0)) for (o, k) in self.table.groups if o == "allreduce")
+        measured = [m for m in measured if m > 1]
+        if measured:
+            m = min(measured, key=lambda v: (abs(np.log(v / tp)), v))
+            src = make_key(tp=m)
+            ratio = ((tp - 1) / tp) / ((m - 1) / m)
+            return self._scaled(self._measured_curve("allreduce", src), ratio), {
+                "source": "generalised", "from": f"allreduce {src}",
+                "how": f"bytes x {ratio:.4g} (a ring's per-link traffic at tp={tp} over tp={m}; latency as measured)"}
         xs = np.geomspace(1024.0, 2.0 ** 31, 64)
         ts = ring_allreduce_time(xs, tp, self.gpu)
         note = (f"allreduce tp={tp}: not measured on this table; a ring all-reduce over NVLink at "

@@ -38,7 +38,7 @@ def step_s(b, shape: StepShape) -> float:
 @pytest.mark.parametrize("model,tp,gpu", [("qwen2.5-7b", 1, "h100"), ("llama-3.1-70b", 2, "h100"),
                                           ("llama-3.1-70b", 4, "h100"), ("llama-3.1-70b", 8, "h100"),
                                           ("llama-2-70b", 2, "a100"), ("qwen2.5-7b", 1, "h200"),
-                                          ("llama-2-7b", 1, "h200")])
+                                          ("llama-2-7b", 1, "h200"), ("mistral-7b", 1, "h200")])
 def test_every_preset_shape_prices_from_the_shipped_tables(model, tp, gpu):
     b = backend(model, tp, gpu)
     rep = b.lookup_report()

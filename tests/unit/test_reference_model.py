@@ -67,6 +67,33 @@ def test_steps_and_shapes(model):
         model.make_step("verify", 1, 1)
 
 
+def test_mixed_step_equals_the_chunk_and_the_decodes_run_apart():
+    """A chunked-prefill step batched with decodes gives each row the logits it gets alone."""
+    batch, ctx, chunk, cached = 2, 5, 4, 3
+    c_cap = cached + chunk
+    a = rm.ReferenceModel(SPEC, dtype=torch.float32, kv_capacity_tokens=32, weight_std=0.2, seed=3)
+    b = rm.ReferenceModel(SPEC, dtype=torch.float32, kv_capacity_tokens=32, weight_std=0.2, seed=3)
+    prompt = torch.randint(0, SPEC.vocab_size, (1, c_cap))
+    dec_ids = torch.randint(0, SPEC.vocab_size, (batch, 1))
+    for m in (a, b):   # the chunk's first `cached` tokens go in first
+        m.logits(prompt[:, :cached], start=0, cap=c_cap)
+    ids, pos, slots, rows = a.mixed_inputs(batch, ctx, chunk, cached,
+                                          ids=torch.cat((prompt[0, cached:], dec_ids[:, 0])))
+    mixed = a.forward_mixed(ids, pos, slots, rows, batch, ctx, chunk, cached)[0]
+    alone_chunk = b.logits(prompt[:, cached:], start=cached, cap=c_cap)
+    alone_dec = b.logits(dec_ids, start=ctx, cap=ctx + 1, offset=c_cap)  # the decodes' cache follows the chunk's
+    assert mixed.shape == (1 + batch, SPEC.vocab_size)
+    assert rel_err(mixed[:1], alone_chunk) < 1e-5
+    assert rel_err(mixed[1:], alone_dec) < 1e-5
+    # the step writes exactly the new tokens' slots: the chunk's positions and each decode's last one
+    assert slots.shape == (chunk + batch, SPEC.num_kv_heads)
+    assert len(set(slots.flatten().tolist())) == slots.numel()
+    assert a.make_mixed_step(batch, ctx, chunk, cached)().shape == (1 + batch,)
+    assert rm.tokens_needed("mixed", batch, ctx, chunk, cached) == c_cap + batch * (ctx + 1)
+    with pytest.raises(ValueError, match="cache slots"):
+        a.make_mixed_step(8, 8, 4, 0)
+
+
 def test_tied_embeddings_share_the_table():
     tied = ModelSpec(name="tied", num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1,
                      head_dim=8, ffn_size=32, vocab_size=40, max_context_tokens=64,
@@ -97,6 +124,9 @@ def test_step_flops_match_the_simulator_scale():
     flops, nbytes = rm.step_flops_bytes(spec, "decode", 1, 1024)
     assert 1.3e10 < flops < 1.8e10  # about 2 x 8e9 parameters
     assert nbytes > spec.weight_bytes * 0.9
+    mf, _ = rm.step_flops_bytes(spec, "mixed", 1, 1024, chunk=512, cached=0)
+    pf, _ = rm.step_flops_bytes(spec, "prefill", 1, 512)
+    assert pf < mf < pf * 1.1   # one decode more than the chunk alone
 
 
 def test_validation_part_quick_on_cpu():
@@ -113,3 +143,17 @@ def test_validation_part_quick_on_cpu():
     for e in frame.extra:
         extra = json.loads(e)
         assert "error" not in extra and extra["attention_backend"]
+
+
+def test_stock_decoder_decode_after_prefill_equals_the_longer_prefill():
+    from calibration.torch_unfused import StockDecoder
+
+    dec = StockDecoder(SPEC, dtype=torch.float32, batch=2, capacity_tokens=16, weight_std=0.2)
+    ids = torch.randint(0, SPEC.vocab_size, (2, 9))
+    full = dec.logits(ids, start=0, cap=12)
+    dec.logits(ids[:, :8], start=0, cap=12)
+    step = dec.logits(ids[:, 8:], start=8, cap=12)
+    assert rel_err(step, full) < 1e-5
+    assert dec.make_step("decode", 4, 7)().shape == (4,)    # 4 x 8 positions fit 2 x 16
+    with pytest.raises(ValueError, match="positions exceed"):
+        dec.make_step("decode", 4, 8)

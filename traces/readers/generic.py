@@ -30,13 +30,13 @@ from traces.schema import (
     META_HASH_BLOCK_TOKENS,
     META_META,
     REQUIRED_COLUMNS,
+    TIME_UNITS,
     Trace,
     TraceError,
     csr_from_arrow,
     show,
 )
 
-TIME_UNITS: dict[str, float | None] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "datetime": None}
 _TEXT_COLUMNS = ("session_id", "tenant")
 
 
