@@ -39,6 +39,8 @@ def _fmt(v: float | None) -> str:
     if v is None:
         return "-"
     a = abs(v)
+    if float(v).is_integer() and a < 1e15:
+        return f"{int(v):,}"
     return f"{v:,.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 10 else f"{v:.3f}"
 
 
