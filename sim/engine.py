@@ -79,7 +79,9 @@ class Simulation:
             raise ConfigError(f"replica.max_model_len={rc.max_model_len} exceeds the context window of "
                               f"{self.model.name} ({self.model.max_context_tokens} tokens)")
         # ---- policies: validated now (a bad name or parameter fails before anything runs), built
-        # per replica when the cluster is
+        # per replica when the cluster is; the config's plugins register theirs first
+        for plugin in config.plugins:
+            registry.load_plugin(plugin)
         probes = {kind: self.build_policy(kind, -1) for kind in registry.KINDS}
         self.eviction_needs_future = registry.lookup("eviction", config.policies.eviction.name).needs_future
         # ---- the speculation policy's drafter: priced on this GPU, its weights and KV in this HBM
@@ -364,7 +366,8 @@ class Simulation:
                             link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
                             engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
                              slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers(),
-                             speculation=self._speculation_summary() if self.speculating else None)
+                             speculation=self._speculation_summary() if self.speculating else None,
+                             slo_itl_s=mc.slo_itl_s, slo_itl_stat=mc.slo_itl_stat)
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

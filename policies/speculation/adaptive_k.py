@@ -28,7 +28,7 @@ from policies.speculation.drafting import DraftingParams, DraftingPolicy
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdaptiveKParams(DraftingParams):
-    k_max: int = 7
+    k_max: int = 7              # deepest draft it may choose per step (0 turns speculation off)
     ewma: float = 0.05          # weight of the newest verify step in a request's estimate
     prior_alpha: float = 0.5    # acceptance assumed before anything is observed
     prior_weight: float = 4.0   # pseudo-observations of the global estimate behind each request's

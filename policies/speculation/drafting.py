@@ -34,18 +34,18 @@ from policies.speculation.acceptance import Empirical, build_acceptance, check_a
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DraftingParams:
-    drafter: str = "model"
-    draft_model: str = "llama-3.2-1b"
-    eagle_layers: int = 1
-    medusa_heads: int = 4
-    draft_prefill: str = "eager"
-    ngram_host_s: float = 3e-6
-    ngram_match_rate: float = 1.0
-    acceptance: str = "iid"
-    alpha: float = 0.7
-    alphas: tuple = ()
-    file: str = ""
-    reject_stride: int = 4
+    drafter: str = "model"             # "model" | "eagle" | "medusa" | "ngram" | "none" (free drafts)
+    draft_model: str = "llama-3.2-1b"  # drafter = "model": a model preset (or TOML path) with the target's vocabulary
+    eagle_layers: int = 1              # drafter = "eagle": decoder layers of the target's shape in the head
+    medusa_heads: int = 4              # drafter = "medusa": heads (one draft token each)
+    draft_prefill: str = "eager"       # "eager": the drafter prefills every prompt; "lazy": when it first drafts
+    ngram_host_s: float = 3e-6         # drafter = "ngram": host seconds per drafting request (vLLM #13365)
+    ngram_match_rate: float = 1.0      # drafter = "ngram": share of decodes whose lookup finds a match
+    acceptance: str = "iid"            # "iid" | "positional" | "column" | "empirical" | "forced" (rejection)
+    alpha: float = 0.7                 # acceptance = "iid": probability each draft token is accepted
+    alphas: tuple = ()                 # acceptance = "positional": conditional acceptance per draft position
+    file: str = ""                     # acceptance = "empirical": accepted-length histogram (shipped name or path)
+    reject_stride: int = 4             # acceptance = "forced": every reject_stride-th output position is rejected
 
     def check(self, depth: int) -> None:
         """Validate the shared keys for drafts up to ``depth`` deep (called by each policy's

@@ -12,7 +12,7 @@ from policies.speculation.drafting import DraftingParams, DraftingPolicy
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FixedKParams(DraftingParams):
-    k: int = 3
+    k: int = 3          # draft tokens per decode per step
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -26,8 +26,8 @@ from policies.speculation.drafting import DraftingParams, DraftingPolicy
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TreeParams(DraftingParams):
-    width: int = 2
-    depth: int = 4
+    width: int = 2      # draft chains under one root
+    depth: int = 4      # draft tokens per chain
 
     def __post_init__(self) -> None:
         if self.width < 1:

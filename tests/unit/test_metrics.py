@@ -53,10 +53,10 @@ def test_itl_statistics_match_brute_force(seed, n, multi, per_step):
     out = np.empty((n, 4))
     qs = np.array([50.0, 90.0, 95.0, 99.0])
     ptr = np.array(seg_ptr)
-    total, mean, mx, q = itl_statistics(ptr[:-1], np.diff(ptr).astype(np.int32), np.array(seg_first, np.int64),
+    total, mean, mx, q, hist = itl_statistics(ptr[:-1], np.diff(ptr).astype(np.int32), np.array(seg_first, np.int64),
                                         np.array(seg_last, np.int64), np.array(seg_tok, np.int32), step_end,
                                         np.array([0, steps]), np.array(done), qs, out, per_step)
-    assert total == len(all_gaps)
+    assert total == len(all_gaps) == hist.sum()
     if all_gaps:
         assert np.isclose(mean, np.mean(all_gaps), rtol=1e-12, atol=1e-18)
         assert mx == max(all_gaps)
