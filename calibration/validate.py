@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: every tiersim command builds this parser
+    import pandas as pd
 
 TARGETS = {  # (phase-independent) targets from the calibration issue: |error| percentiles
     "graph": {"median": 0.03, "p95": 0.08},
@@ -89,6 +92,8 @@ def _measurement_files(table_dir: Path, given: list[str] | None,
 def load_measurements(files: list[Path], parts: tuple[str, ...] = ("validation",)) -> pd.DataFrame:
     """Step rows of ``parts`` from ``files``, one per (point, mode), with the point's engine (``recipe``),
     ``tp``, mixed-step ``chunk`` and ``cached``, its ``point`` id and where it was measured (``source``)."""
+    import pandas as pd
+
     frames = []
     for f in files:
         d = pd.read_parquet(f)
@@ -338,6 +343,8 @@ def main(args) -> int:
     note = ""
     if committed:
         measured = load_measurements(files, parts=STEP_PARTS)
+        import pandas as pd
+
         predictions = pd.read_parquet(committed)
         points = with_committed(measured, predictions)
         note = (f"Predictions: `{committed}`, made before the measurement (table sha256 "

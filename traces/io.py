@@ -49,6 +49,13 @@ def load_trace(path: str | Path, format: str | None = None, **options: Any) -> T
         format = bundled_format or detect_format(resolved)
     if format not in FORMATS:
         raise TraceError(f"unknown trace format {format!r} (known: {', '.join(FORMATS)})", path=resolved)
+    from traces import cache
+
+    # the cache first: a hit imports no reader (the readers import pandas). Options are keyed, and an
+    # entry is stored only after the reader accepted them, so a hit needs no signature check
+    got = cache.load(resolved, format, options)
+    if got is not None:
+        return got
     read = reader(format)
     try:
         inspect.signature(read).bind(resolved, **options)
@@ -57,11 +64,6 @@ def load_trace(path: str | Path, format: str | None = None, **options: Any) -> T
         bad = next(k for k in options if k not in accepted)
         raise TraceError(f"unknown option {bad!r} for format {format!r} (accepted: {', '.join(accepted)})",
                          path=resolved) from None
-    from traces import cache
-
-    got = cache.load(resolved, format, options)
-    if got is not None:
-        return got
     try:
         trace = read(resolved, **options)
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error, RecursionError) as exc:
