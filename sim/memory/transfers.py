@@ -39,6 +39,17 @@ class TransferLog:
         df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
         return df.astype({"replica": np.int16, "request": np.int64, "bytes": np.int64})
 
+    def table(self):
+        """The log as an Arrow table, as ``pa.Table.from_pandas(self.frame())`` makes it. With no
+        transfers (most runs) that table is built directly, without importing pandas: the columns
+        pandas leaves as empty ``object`` have Arrow's null type."""
+        import pyarrow as pa
+
+        if self.rows:
+            return pa.Table.from_pandas(self.frame(), preserve_index=False)
+        typed = {"replica": pa.int16(), "request": pa.int64(), "bytes": pa.int64()}
+        return pa.table({c: pa.nulls(0, typed.get(c, pa.null())) for c in self.COLUMNS})
+
 
 class Transfers:
     """The links of one replica by name, and the moves over them."""

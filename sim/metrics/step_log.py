@@ -176,6 +176,8 @@ class StepLog:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            from sim.arrow import from_numpy
+
             f, ib = self.f[:m], self.i[:m]
             dur = f[:, F_DURATION]
             col = {k: ib[:, j] for j, k in enumerate(INT_COLUMNS)}
@@ -193,18 +195,18 @@ class StepLog:
             for k in ("num_seqs", "tokens", "launches", "syncs"):
                 a[k] += int(col[k].sum())
             schema = step_schema()
-            arrays = [pa.array(np.full(m, self.replica, np.int16))]
+            arrays = [from_numpy(np.full(m, self.replica, np.int16))]
             for k, t in STEP_COLUMNS.items():
                 if k == "step":
-                    arrays.append(pa.array(np.arange(self.base, self.n)))
+                    arrays.append(from_numpy(np.arange(self.base, self.n)))
                 elif k in FLOAT_INDEX:
-                    arrays.append(pa.array(f[:, FLOAT_INDEX[k]].copy()))
+                    arrays.append(from_numpy(f[:, FLOAT_INDEX[k]]))
                 else:
-                    arrays.append(pa.array(col[k].astype(t)))
+                    arrays.append(from_numpy(col[k].astype(t)))
             hbm_cap, dram_cap, nvme_cap = self.capacity_bytes
-            arrays += [pa.array(hbm_cap - col["hbm_active_bytes"] - col["hbm_cached_bytes"]),
-                       pa.array(dram_cap - col["dram_used_bytes"] - col["dram_cached_bytes"]),
-                       pa.array(nvme_cap - col["nvme_used_bytes"] - col["nvme_cached_bytes"])]
+            arrays += [from_numpy(hbm_cap - col["hbm_active_bytes"] - col["hbm_cached_bytes"]),
+                       from_numpy(dram_cap - col["dram_used_bytes"] - col["dram_cached_bytes"]),
+                       from_numpy(nvme_cap - col["nvme_used_bytes"] - col["nvme_cached_bytes"])]
             if self._writer is None:
                 # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
                 self._writer = pq.ParquetWriter(self.path, schema, compression="none")

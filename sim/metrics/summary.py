@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sim import results_io
+from sim.arrow import categorical, from_numpy
 from sim.metrics.columns import step_schema
 from sim.metrics.requests import REJECT_REASONS, RequestLog
 from sim.metrics.step_log import StepLog
@@ -27,35 +28,56 @@ def _pct(x: np.ndarray) -> dict:
 
 @dataclass
 class Results:
-    """Everything a run produced; :meth:`write` puts it on disk. ``steps`` is read from the step
-    files on first use (they can be large)."""
+    """Everything a run produced; :meth:`write` puts it on disk. The tables are kept as Arrow tables,
+    written as they are; ``requests``, ``steps``, ``transfers`` and ``itl_hist`` are pandas DataFrames
+    made on first use (a run that only writes its results never imports pandas; the step files can
+    be large)."""
 
     summary: dict
-    requests: "object"       # pandas DataFrame
+    requests_table: "object"     # pyarrow Table: one row per request (see build_results)
     metadata: dict           # config, hash, cost table identity, trace identity
     timing: dict             # wall-clock figures (not part of the deterministic results)
     step_files: list = field(default_factory=list)
-    transfers: "object" = None   # pandas DataFrame: one row per transfer on a link (sim.memory.transfers)
-    itl_hist: "object" = None    # pandas DataFrame: the token-level ITL histogram's occupied bins
-    _steps: "object" = None
+    transfers_table: "object" = None   # pyarrow Table: one row per transfer on a link (sim.memory.transfers)
+    itl_hist_table: "object" = None    # pyarrow Table: the token-level ITL histogram's occupied bins
+    _frames: dict = field(default_factory=dict, repr=False)
+
+    def _frame(self, name: str, table):
+        if name not in self._frames:
+            self._frames[name] = None if table is None else table.to_pandas()
+        return self._frames[name]
+
+    @property
+    def requests(self):
+        """One row per request, as a DataFrame."""
+        return self._frame("requests", self.requests_table)
+
+    @property
+    def transfers(self):
+        """One row per transfer on a link, as a DataFrame."""
+        return self._frame("transfers", self.transfers_table)
+
+    @property
+    def itl_hist(self):
+        """The ITL histogram's occupied bins (lo_s, hi_s, count), as a DataFrame."""
+        return self._frame("itl_hist", self.itl_hist_table)
 
     @property
     def steps(self):
         """Per-step log as a DataFrame (replicas in order)."""
-        if self._steps is None:
+        if "steps" not in self._frames:
             import pandas as pd
             import pyarrow.parquet as pq
 
             frames = [pq.read_table(p).to_pandas() for p in self.step_files if Path(p).exists()]
-            self._steps = (pd.concat(frames, ignore_index=True) if frames else
-                           step_schema().empty_table().to_pandas())
-        return self._steps
+            self._frames["steps"] = (pd.concat(frames, ignore_index=True) if frames else
+                                     step_schema().empty_table().to_pandas())
+        return self._frames["steps"]
 
     def write(self, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
         """Write the results directory: every file by temp-and-rename, ``extra_files`` (name -> text,
         e.g. the CLI's ``config.toml``) after the results, and the ``DONE`` marker last
         (``sim.results_io``): a directory without a valid marker is not a finished run."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         out = Path(out_dir)
@@ -64,8 +86,7 @@ class Results:
         results_io.clear_partial(out)
         written = []
         meta = {f"tiersim.{k}": json.dumps(v, sort_keys=True) for k, v in self.metadata.items()}
-        table = pa.Table.from_pandas(self.requests, preserve_index=False)
-        table = table.replace_schema_metadata(meta)
+        table = self.requests_table.replace_schema_metadata(meta)
         with results_io.atomic_path(out / "requests.parquet") as tmp:
             pq.write_table(table, tmp, compression="zstd")
         written.append("requests.parquet")
@@ -82,10 +103,10 @@ class Results:
                                            row_group_size=StepLog.CHUNK)
                         results_io.kill_point("parquet")
         written.append("steps.parquet")
-        for name, frame in (("transfers.parquet", self.transfers), ("itl_hist.parquet", self.itl_hist)):
-            if frame is None:
+        for name, arrow in (("transfers.parquet", self.transfers_table), ("itl_hist.parquet", self.itl_hist_table)):
+            if arrow is None:
                 continue
-            t = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(meta)
+            t = arrow.replace_schema_metadata(meta)
             with results_io.atomic_path(out / name) as tmp:
                 pq.write_table(t, tmp, compression="zstd")
             written.append(name)
@@ -110,6 +131,8 @@ def link_timeline(transfers, t0: float, t1: float, windows: int = 60) -> dict:
     out: dict = {"window_s": span / windows, "start_s": t0}
     if transfers is None or not len(transfers):
         return out
+    if not hasattr(transfers, "groupby"):      # an Arrow table (Results.transfers_table)
+        transfers = transfers.to_pandas()
     for link, g in transfers.groupby("link", sort=True):
         s, e = g["start_s"].to_numpy(), g["end_s"].to_numpy()
         busy = np.zeros(windows)
@@ -140,12 +163,14 @@ def goodput_rule(slo_ttft_s: float, slo_tpot_s: float, slo_itl_s: float, slo_itl
 
 
 def _nonzero_bins(hist: np.ndarray):
-    """The ITL histogram's occupied bins as a DataFrame: lo_s, hi_s, count (see tokens.histogram_edges)."""
-    import pandas as pd
+    """The ITL histogram's occupied bins as an Arrow table: lo_s, hi_s, count (see tokens.histogram_edges)."""
+    import pyarrow as pa
 
     edges = histogram_edges()
     nz = np.flatnonzero(hist)
-    return pd.DataFrame({"lo_s": edges[nz], "hi_s": edges[nz + 1], "count": hist[nz].astype(np.int64)})
+    return pa.table({"lo_s": from_numpy(edges[nz], nan_is_null=True),
+                     "hi_s": from_numpy(edges[nz + 1], nan_is_null=True),
+                     "count": from_numpy(hist[nz].astype(np.int64))})
 
 
 def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], token_log: TokenLog,
@@ -154,7 +179,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
                    spill: Path | None = None, kv_tiers: dict | None = None,
                    speculation: dict | None = None, slo_itl_s: float = 0.0,
                    slo_itl_stat: str = "p99") -> Results:
-    import pandas as pd
+    import pyarrow as pa
 
     n = requests.n
     arrival = trace.arrival_s
@@ -183,11 +208,13 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
                     (requests.finish_s - requests.first_token_s) / np.maximum(requests.generated - 1, 1), np.nan)
     for a in (ttft, e2e, queue, tpot):
         a[~done] = np.nan
-    reqs = pd.DataFrame({
+    # the columns pa.Table.from_pandas made of this table's DataFrame: NaN is null, the categoricals are
+    # dictionaries (requests.parquet stays byte-identical)
+    columns = {
         "idx": np.arange(n, dtype=np.int64), "request_id": trace.request_id,
         "replica": requests.replica,
-        "status": pd.Categorical.from_codes(requests.status, ["pending", "finished", "rejected"]),
-        "reject_reason": pd.Categorical.from_codes(requests.reason, list(REJECT_REASONS)),
+        "status": categorical(requests.status, ["pending", "finished", "rejected"]),
+        "reject_reason": categorical(requests.reason, list(REJECT_REASONS)),
         "arrival_s": arrival, "first_scheduled_s": requests.first_scheduled_s,
         "first_token_s": requests.first_token_s, "finish_s": requests.finish_s,
         "ttft_s": ttft, "itl_mean_s": itl[:, 0], "itl_p50_s": itl[:, 1], "itl_p99_s": itl[:, 2],
@@ -196,7 +223,9 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         "generated_tokens": requests.generated, "preemptions": requests.preemptions,
         "swaps": requests.swaps, "prefix_hit_tokens": requests.prefix_hit_tokens,
         "lower_hit_tokens": requests.lower_hit_tokens, "kv_stall_s": requests.kv_stall_s,
-    }, copy=False)
+    }
+    reqs = pa.table({k: v if isinstance(v, pa.Array) else from_numpy(v, nan_is_null=True)
+                     for k, v in columns.items()})
 
     # ---- summary
     n_done = int(done.sum())
@@ -238,7 +267,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
                    "preemptions": int(requests.preemptions.sum())},
         "costs": cost_notes,
     }
-    transfers = transfer_log.frame()
+    transfers = transfer_log.table()
     if kv_tiers is not None:
         summary["kv_tiers"] = {**kv_tiers, "link_utilization_timeline": link_timeline(transfers, t0, t1)}
     if speculation is not None:
@@ -270,9 +299,9 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         summary["engine"]["mean_batch_tokens"] = sum(a["tokens"] for a in aggs) / rows
         summary["engine"]["launches"] = sum(a["launches"] for a in aggs)
         summary["engine"]["syncs"] = sum(a["syncs"] for a in aggs)
-    res = Results(summary=summary, requests=reqs, metadata=metadata, timing=timing,
+    res = Results(summary=summary, requests_table=reqs, metadata=metadata, timing=timing,
                   step_files=[str(log.path) for log in step_logs if log.enabled and log.path],
-                   transfers=transfers, itl_hist=_nonzero_bins(itl_hist))
+                  transfers_table=transfers, itl_hist_table=_nonzero_bins(itl_hist))
     if spill is not None:
         weakref.finalize(res, results_io.release_spill_dir, str(spill))
     return res
