@@ -220,8 +220,11 @@ class BytesModel:
         adds = [(int(parse_key(key)["h"]), g) for (op, key), g in table.groups.items() if op == "add"]
         if adds:
             h, g = max(adds, key=lambda a: a[0])
-            g = g.groupby("x", as_index=False)["time_s"].median().sort_values("x")
-            xs, ts = g["x"].to_numpy(float), g["time_s"].to_numpy(float)
+            from sim.costs.table import _medians_by
+
+            med = _medians_by(g, ("x",))
+            xs = np.array(sorted(k[0] for k in med), dtype=float)
+            ts = np.array([med[(x,)] for x in xs.tolist()], dtype=float)
             per_x = 3.0 * h * 2.0
             slope = max((ts[-1] - ts[-2]) / ((xs[-1] - xs[-2]) * per_x), 0.0) if xs.size > 1 else 0.0
             return cls(xs, ts, per_x, slope, f"measured add h={h} ({table.dir.name})")

@@ -75,12 +75,78 @@ class TailFit:
     per_xy_s: float = 0.0
 
 
+class Column(np.ndarray):
+    """One column of :class:`Points`: a NumPy array that also answers the two pandas calls table code
+    and notebooks use on a group's columns (``to_numpy``, ``median``)."""
+
+    def to_numpy(self, dtype=None) -> np.ndarray:
+        return np.asarray(self.view(np.ndarray), dtype=dtype)
+
+    def median(self) -> float:
+        """The median of the finite values (pandas skips NaN), NaN when there are none."""
+        a = self.view(np.ndarray)
+        a = a[~np.isnan(a)] if a.dtype.kind == "f" else a
+        return float(np.median(a)) if a.size else float("nan")
+
+
+class Points:
+    """The grid points of one (op, key), or of the whole table: named NumPy columns of equal length.
+
+    What the backend needs from a group, without pandas (importing it costs a run more than reading
+    every table): ``points["x"]`` (a :class:`Column`), ``points[mask]`` (the rows where ``mask``),
+    ``"kernels" in points``, ``len``, ``empty`` and ``sort_values(column)`` (NumPy's default sort, as
+    pandas' ``sort_values``). ``to_pandas()`` gives the DataFrame.
+    """
+
+    __slots__ = ("_cols",)
+
+    def __init__(self, columns: dict[str, np.ndarray]) -> None:
+        self._cols = columns
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._cols)
+
+    def __len__(self) -> int:
+        return len(next(iter(self._cols.values()))) if self._cols else 0
+
+    @property
+    def empty(self) -> bool:
+        return len(self) == 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._cols
+
+    def __getitem__(self, what):
+        if isinstance(what, str):
+            return self._cols[what].view(Column)
+        sel = np.asarray(what)
+        return Points({k: v[sel] for k, v in self._cols.items()})
+
+    def sort_values(self, name: str) -> Points:
+        return self[np.argsort(self._cols[name], kind="quicksort")]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame({k: v.copy() for k, v in self._cols.items()})
+
+
+def _read_points(path: Path) -> Points:
+    """``ops.parquet`` as columns (pyarrow only); strings as object arrays and nulls as NaN, as pandas
+    reads them."""
+    import pyarrow.parquet as pq
+
+    from sim.arrow import to_numpy
+
+    t = pq.ParquetFile(path).read()      # read_table goes through pyarrow.dataset, which imports pandas
+    return Points({name: to_numpy(t.column(name)) for name in t.column_names})
+
+
 class CostTable:
     """A loaded table: grid points per (op, key), tail fits, constants and identity."""
 
     def __init__(self, directory: Path) -> None:
-        import pandas as pd
-
         self.dir = directory
         meta_path, ops_path = directory / "table.json", directory / "ops.parquet"
         try:
@@ -91,22 +157,32 @@ class CostTable:
             raise CostTableError(f"{meta_path}: format {self.meta.get('format')!r}, expected {TABLE_FORMAT!r}")
         if not ops_path.exists():
             raise CostTableError(f"{ops_path}: missing (the table's grid points)")
-        frame = pd.read_parquet(ops_path)
-        missing = {"op", "key", "x", "y", "z", "time_s"} - set(frame.columns)
+        points = _read_points(ops_path)
+        missing = {"op", "key", "x", "y", "z", "time_s"} - set(points.columns)
         if missing:
             raise CostTableError(f"{ops_path}: missing column(s) {', '.join(sorted(missing))}")
-        bad = frame[~np.isfinite(frame["time_s"]) | (frame["time_s"] <= 0)]
-        if len(bad):
-            row = bad.index[0]
-            raise CostTableError(f"{ops_path}: row {row}, field 'time_s': not a positive time "
-                                 f"({bad['time_s'].iloc[0]!r})")
-        self.frame = frame
-        self.groups = {k: g.reset_index(drop=True) for k, g in frame.groupby(["op", "key"], sort=True)}
+        t = np.asarray(points["time_s"], float)
+        bad = np.flatnonzero(~np.isfinite(t) | (t <= 0))
+        if bad.size:
+            raise CostTableError(f"{ops_path}: row {int(bad[0])}, field 'time_s': not a positive time "
+                                 f"({float(t[bad[0]])!r})")
+        self.points_all = points
+        # groups in sorted (op, key) order, each group's rows in file order (pandas' groupby, sort=True)
+        pairs = list(zip(points["op"].tolist(), points["key"].tolist()))
+        rows: dict[tuple[str, str], list[int]] = {}
+        for i, pair in enumerate(pairs):
+            rows.setdefault(pair, []).append(i)
+        self.groups = {k: points[np.asarray(rows[k], dtype=np.int64)] for k in sorted(rows)}
         digest = hashlib.sha256(meta_path.read_bytes() + ops_path.read_bytes()).hexdigest()
         gpu = self.meta.get("gpu", {})
         self.identity = {"backend": "table", "table": directory.name, "path": str(directory),
                          "sha256": digest, "gpu": gpu.get("name", ""), "gpu_fingerprint": gpu.get("fingerprint", ""),
                          "created_utc": self.meta.get("created_utc", ""), "source": self.meta.get("source", "")}
+
+    @property
+    def frame(self):
+        """Every grid point as a pandas DataFrame (imports pandas; the backend reads :attr:`groups`)."""
+        return self.points_all.to_pandas()
 
     def has(self, op: str, key: str) -> bool:
         return (op, key) in self.groups
@@ -351,6 +427,20 @@ def _prefill_eval(cs, ptr, lq, lt, eff_lq, eff_tab, q, c):
     return total * np.interp(np.log(max(mean_q, 1.0)), eff_lq, eff_tab[row]), ext
 
 
+def _medians_by(points: Points, keys: tuple[str, ...], value: str = "time_s") -> dict[tuple, float]:
+    """Median of ``value`` per distinct tuple of ``keys`` (rows with a NaN key left out, as pandas'
+    groupby does), keyed by the tuple of floats."""
+    cols = [np.asarray(points[k], float) for k in keys]
+    v = np.asarray(points[value], float)
+    ok = np.ones(v.size, dtype=bool)
+    for c in cols:
+        ok &= ~np.isnan(c)
+    groups: dict[tuple, list[float]] = {}
+    for i in np.flatnonzero(ok):
+        groups.setdefault(tuple(float(c[i]) for c in cols), []).append(v[i])
+    return {k: Column.median(np.asarray(g).view(Column)) for k, g in groups.items()}
+
+
 class PrefillGrid:
     """Prefill attention time(q, c, seqs). Per sequence: power-law interpolation in q within each
     measured c, linear in c between them; several sequences in one launch run at the batching
@@ -372,7 +462,7 @@ class PrefillGrid:
         self._ptr = np.asarray(ptr, dtype=np.int64)
         # batching efficiency at the smallest c, precomputed for 1..max measured sequences
         base = points[points["y"] == self.cs[0]]
-        t = {(float(q), float(n)): float(g["time_s"].median()) for (q, n), g in base.groupby(["x", "z"])}
+        t = _medians_by(base, ("x", "z"))
         ns = np.unique([n for _, n in t])
         qs = [q for q in np.unique([q for q, _ in t]) if (q, 1.0) in t]
         n_max = int(ns[-1]) if ns.size >= 2 else 0
