@@ -52,27 +52,30 @@ class ErrorBars:
         path = Path(table_dir) / "validation" / "points.csv"
         if not path.exists():
             return None
-        import pandas as pd
+        import csv
 
-        pts = pd.read_csv(path)
-        pts = pts[pts["source"] == "table run"] if "source" in pts else pts
-        if pts.empty:
+        # read with the csv module, not pandas (every run reports its error bars; pandas would be the
+        # costliest import of a run). Groups are sorted by their keys, as pandas' groupby(sort=True)
+        with open(path, newline="") as fh:
+            pts = [r for r in csv.DictReader(fh) if r.get("source", "table run") == "table run"]
+        if not pts:
             return None
-        pts = pts.assign(abs_error=pts["error"].abs(),
-                         cls=[shape_class(p, int(b), int(t)) for p, b, t in zip(pts["phase"], pts["batch"],
-                                                                                   pts["tokens"])])
+        errors: dict[tuple, list[float]] = {}
+        for r in pts:
+            phase, mode = r["phase"], r["mode"]
+            e = abs(float(r["error"]))
+            errors.setdefault((phase, mode, shape_class(phase, int(float(r["batch"])), int(float(r["tokens"])))),
+                              []).append(e)
+            errors.setdefault((phase, mode), []).append(e)
         rows = []
-        for (phase, mode, c), g in pts.groupby(["phase", "mode", "cls"], sort=True):
-            e = g["abs_error"].to_numpy(float)
-            rows.append({"phase": phase, "mode": mode, "class": c, "points": int(e.size),
-                         "median_abs_error": float(np.median(e)), "p95_abs_error": float(np.percentile(e, 95))})
-        for (phase, mode), g in pts.groupby(["phase", "mode"], sort=True):
-            e = g["abs_error"].to_numpy(float)
-            rows.append({"phase": phase, "mode": mode, "class": "all", "points": int(e.size),
-                         "median_abs_error": float(np.median(e)), "p95_abs_error": float(np.percentile(e, 95))})
+        for key in sorted(k for k in errors if len(k) == 3) + sorted(k for k in errors if len(k) == 2):
+            e = np.array(errors[key], dtype=float)
+            rows.append({"phase": key[0], "mode": key[1], "class": key[2] if len(key) == 3 else "all",
+                         "points": int(e.size), "median_abs_error": float(np.median(e)),
+                         "p95_abs_error": float(np.percentile(e, 95))})
         loo_path = Path(table_dir) / "validation" / "leave_one_out.json"
         loo = json.loads(loo_path.read_text()) if loo_path.exists() else None
-        return cls(rows, sorted(pts["model"].unique().tolist()), loo,
+        return cls(rows, sorted({r["model"] for r in pts}), loo,
                    f"{Path(table_dir).name}/validation/points.csv")
 
     def _find(self, phase: str, mode: str, c: str) -> dict | None:

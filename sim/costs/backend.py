@@ -124,6 +124,18 @@ def _read_raw(table_dir: Path | None, name: str):
     return pd.read_parquet(path)
 
 
+def _has_rows(table_dir: Path | None, name: str) -> bool:
+    """Whether a table directory's raw measurement file exists and holds rows (its footer only)."""
+    if table_dir is None:
+        return False
+    path = Path(table_dir) / "raw" / f"{name}.parquet"
+    if not path.exists():
+        return False
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows > 0
+
+
 @dataclass(frozen=True, slots=True)
 class ShareCurves:
     """Achievable fractions of the full GPU's compute rate and HBM bandwidth with a subset of its SMs.
@@ -241,11 +253,13 @@ class SelectionModel:
                 if ok.any():
                     grid[i] = np.interp(np.log2(self.rows), np.log2(self.rows[ok]), grid[i, ok])
             self.grid = grid
-            self.source = "topk microkernel (radix select)"
-        else:
-            self.source = "roofline (no topk measurement)"
+        self.source = self.source_of(self.measured)
         self.extrapolated = 0
         self.max_over = 1.0
+
+    @staticmethod
+    def source_of(measured: bool) -> str:
+        return "topk microkernel (radix select)" if measured else "roofline (no topk measurement)"
 
     def time(self, num_seqs: int, units_per_seq: float, k: int) -> float:
         if num_seqs <= 0 or units_per_seq <= 0 or k <= 0:
@@ -285,10 +299,25 @@ class BackendBase:
     step_host_s: float = 0.0
 
     def _init_shared(self, table_dir: Path | None) -> None:
-        self.share_curves = ShareCurves.measured(table_dir, self.gpu.sm_count) if table_dir is not None \
-            else ShareCurves.assumed(self.gpu.sm_count)
-        self.selection = SelectionModel(_read_raw(table_dir, "topk"), self.gpu)
+        # the SM-share curves and the selection model read raw measurements with pandas: built on first
+        # use (SM sharing, fp8 GEMMs, sparse attention), not by every run
+        self._table_dir = table_dir
+        self._share_curves: ShareCurves | None = None
+        self._selection: SelectionModel | None = None
         self._shares: dict[float, CostBackend] = {}
+
+    @property
+    def share_curves(self) -> ShareCurves:
+        if self._share_curves is None:
+            self._share_curves = (ShareCurves.measured(self._table_dir, self.gpu.sm_count)
+                                  if self._table_dir is not None else ShareCurves.assumed(self.gpu.sm_count))
+        return self._share_curves
+
+    @property
+    def selection(self) -> SelectionModel:
+        if self._selection is None:
+            self._selection = SelectionModel(_read_raw(self._table_dir, "topk"), self.gpu)
+        return self._selection
 
     # -- SM share
     def for_share(self, sm_fraction: float) -> CostBackend:
@@ -314,6 +343,9 @@ class BackendBase:
         return self.ops.flops_bytes(shape)
 
     def _selection_report(self) -> dict:
+        if self._selection is None:     # never used: what it would be built from, without reading it
+            return {"source": SelectionModel.source_of(_has_rows(self._table_dir, "topk")),
+                    "extrapolated_lookups": 0, "max_over_grid": 1.0}
         return {"source": self.selection.source, "extrapolated_lookups": self.selection.extrapolated,
                 "max_over_grid": self.selection.max_over}
 
