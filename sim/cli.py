@@ -632,7 +632,13 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+_CALIBRATION_COMMANDS = ("calibrate", "validate")
+
+
+def build_parser(calibration: bool = True) -> argparse.ArgumentParser:
+    """The ``tiersim`` parser. ``calibration=False`` leaves out the options of ``calibrate`` and
+    ``validate`` (importing the calibration package to add them costs every other command ~0.1 s);
+    :func:`main` builds them only for those commands or a bare ``tiersim``."""
     import sim
 
     p = argparse.ArgumentParser(prog="tiersim", description="Trace-driven simulator for LLM-inference "
@@ -756,6 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
 
     ca = parser("calibrate", help="measure this machine's GPU and fit a cost table")
+    va = parser("validate", help="compare predicted step times with measured ones (--e2e: whole runs)")
+    ca.set_defaults(func=cmd_calibrate)
+    va.set_defaults(func=cmd_validate)
+    if not calibration:
+        return p
     try:
         from calibration import cli as calibration_cli
 
@@ -763,22 +774,20 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as exc:  # pragma: no cover - the package ships with tiersim
         ca.add_argument("--out", required=True)
         ca.set_defaults(_calibration_missing=str(exc))
-    ca.set_defaults(func=cmd_calibrate)
-
-    va = parser("validate", help="compare predicted step times with measured ones (--e2e: whole runs)")
     try:
         from calibration import validate
 
         validate.add_arguments(va)
     except ImportError:
         pass
-    va.set_defaults(func=cmd_validate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in args_in if not a.startswith("-")), None)
+    parser = build_parser(calibration=command is None or command in _CALIBRATION_COMMANDS)
+    args = parser.parse_args(args_in)
     try:
         return args.func(args)
     except TiersimError as exc:
