@@ -2,6 +2,7 @@
 
     python benchmarks/ab_process.py --before /work/wt-base --repeats 5                 # default run
     python benchmarks/ab_process.py --before /work/wt-base --repeats 5 --case mooncake
+    python benchmarks/ab_process.py --before /work/wt-base --repeats 1 --case million --only after
 
 Each round runs the case once in ``--before`` and once in ``--after`` (default: this checkout), the
 order alternating from round to round, so that a machine whose speed drifts (other jobs, thermal)
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "default": [],
     "mooncake": ["--trace", "mooncake-conversation", "--format", "mooncake"],
+    # the conv trace concatenated 52 times, each copy shifted after the last: 1,007,032 requests
+    "million": ["--set", "trace.repeat=52"],
 }
 
 
@@ -70,18 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", default=str(ROOT), help="checkout of the change (default: this one)")
     p.add_argument("--case", choices=sorted(CASES), default="default")
     p.add_argument("--repeats", type=int, default=5, help="rounds (one run of each checkout per round)")
+    p.add_argument("--only", choices=["before", "after"], help="run one checkout only (no ratio)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the uncounted first run of each checkout")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON")
     args = p.parse_args(argv)
     trees = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
+    if args.only:
+        trees = {args.only: trees[args.only]}
     extra = CASES[args.case]
     scratch = Path(tempfile.mkdtemp(prefix="tiersim-ab-"))
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
     load = []
     try:
         for name, tree in trees.items():          # warm-up: Numba cache, trace cache
-            run_once(tree, extra, scratch / f"warm-{name}")
+            if not args.no_warmup:
+                run_once(tree, extra, scratch / f"warm-{name}")
         for i in range(args.repeats):
-            order = ("before", "after") if i % 2 == 0 else ("after", "before")
+            order = [n for n in (("before", "after") if i % 2 == 0 else ("after", "before")) if n in trees]
             for name in order:
                 load.append(loadavg())
                 r = run_once(trees[name], extra, scratch / f"{name}-{i}")
@@ -104,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
               "python": sys.version.split()[0], "loadavg_before_each_run": load,
               "trees": {k: {"path": str(v), "commit": rev(v)} for k, v in trees.items()},
               "runs": runs, "summary": {k: describe(v) for k, v in runs.items()}}
-    b, a = result["summary"]["before"], result["summary"]["after"]
-    result["ratio_before_over_after"] = {k: b[k]["median"] / a[k]["median"] for k in ("wall_s", "cpu_s")}
     print(f"\n{args.case}: median (min-max) over {args.repeats} alternated rounds")
     for k in ("wall_s", "cpu_s", "peak_rss_mb"):
-        print(f"  {k:12s} before {b[k]['median']:7.2f} ({b[k]['min']:.2f}-{b[k]['max']:.2f})   "
-              f"after {a[k]['median']:7.2f} ({a[k]['min']:.2f}-{a[k]['max']:.2f})")
+        print(f"  {k:12s} " + "   ".join(f"{n} {d[k]['median']:7.2f} ({d[k]['min']:.2f}-{d[k]['max']:.2f})"
+                                        for n, d in result["summary"].items()))
+    if len(trees) == 2:
+        b, a = result["summary"]["before"], result["summary"]["after"]
+        result["ratio_before_over_after"] = {k: b[k]["median"] / a[k]["median"] for k in ("wall_s", "cpu_s")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"ab-{args.case}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
