@@ -7,6 +7,7 @@ predictors for ~25 min on 2 cores and caches them in $VIDUR_CACHE, later runs st
     python benchmarks/vidur_compare.py --qps 0.5                # vllm/fcfs and sarathi/chunked-prefill
     python benchmarks/vidur_compare.py --qps 0.6                # sarathi; Vidur's vllm fails here (below)
     python benchmarks/vidur_compare.py --qps 0.5 --skip-vidur   # reuse the saved Vidur outputs
+    python benchmarks/vidur_compare.py --qps 0.6 --schedulers sarathi --tiersim-only   # tiersim's side only
 
 Needs ``VIDUR_PEER_DIR`` (default ``/work/shared/peers/vidur``): ``run.sh`` and ``run_vidur_offline.py``,
 which run PyPI ``vidur==0.0.26`` offline, and ``data/``, Vidur's profiling CSVs (MIT). The only
@@ -421,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedulers", default="vllm,sarathi",
                    help="Vidur schedulers, comma-separated: vllm (vs tiersim fcfs), sarathi (vs chunked-prefill)")
     p.add_argument("--skip-vidur", action="store_true", help="reuse the Vidur outputs saved in --work")
+    p.add_argument("--tiersim-only", action="store_true",
+                   help="run tiersim's side only (no Vidur: e.g. while its predictors are still training); "
+                        "no ratios")
     p.add_argument("--trace", default=str(ROOT / "traces" / "data" / "AzureLLMInferenceTrace_conv.csv.gz"),
                    help="Azure-2023-format trace (default: the bundled conv trace)")
     p.add_argument("--work", default=os.environ.get("VIDUR_COMPARE_WORK",
@@ -464,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     vidur = {}
     for sched in scheds:
         vwork = work / f"vidur-{sched}-{qtag}"
-        if args.skip_vidur:
+        if args.tiersim_only:
+            vidur[sched] = {"failed": True, "skipped": True, "error": "not run (--tiersim-only)"}
+        elif args.skip_vidur:
             saved = vwork / "run.json"
             if not saved.exists():
                 raise SystemExit(f"--skip-vidur: no saved Vidur run in {saved}")
@@ -548,7 +554,9 @@ def print_pair(pair: dict, qps: float) -> None:
     cols = ["Vidur"] + [SHORT.get(n, n)[:13] for n in names]
     print(f"\n{pair['vidur_scheduler']} (Vidur) vs {pair['tiersim_scheduler']} (tiersim), {qps:g} QPS, "
           f"{ts[0]['requests']:,} requests")
-    if not ok:
+    if vid.get("skipped"):
+        print("  Vidur not run (--tiersim-only)")
+    elif not ok:
         print(f"  Vidur FAILED (status {vid.get('returncode')}): {vid.get('error', '').splitlines()[-1:]}")
     print(f"{'':28}" + "".join(f"{c:>14}" for c in cols))
 
