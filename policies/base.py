@@ -19,7 +19,9 @@ eviction       which cached HBM blocks to evict; which swapped requests' DRAM co
 residency      where a preempted request's KV goes (recompute, or swap to DRAM)
 speculation    how many draft tokens each decode proposes and with which drafter (priced); how many
                the verifier accepts
-execution      how a step's kernels are launched (host launches, CUDA graphs); SMs it reserves
+execution      how a step's kernels are launched (host launches, CUDA graphs, a persistent kernel);
+               the batch a captured graph pads a step to; the step's host and dispatch work; SMs it
+               reserves, or how it splits them between a prefill and a decode lane
 routing        which replica an arriving request joins
 sparsity       which KV tokens each decode query reads, what selecting them costs, and what KV the step
                fetches from a lower tier
@@ -345,6 +347,10 @@ class LaunchCosts:
     ``graph_launch_s``: launching one CUDA graph; ``graph_kernel_s``: extra time per kernel node inside
     a graph; ``sync_s``: a host↔device synchronisation round trip; ``doorbell_s`` and
     ``persistent_item_s``: persistent-kernel host→device doorbell latency and per-work-item dispatch.
+    ``graph_gap_s``: the idle gap between consecutive kernels inside a real model's CUDA-graph replay,
+    measured in-model (``calibration.attribute``; 0 when the table has no such measurement) -- what
+    fusing the kernels into one resident kernel's stages removes; ``graph_gap_source`` says where it
+    came from.
     """
 
     dispatch_s: float
@@ -356,6 +362,8 @@ class LaunchCosts:
     # Measured op times (calibrated tables) already include the gap between back-to-back kernels;
     # roofline times are pure GPU time and need ``graph_kernel_s`` added per kernel.
     times_include_gap: bool = False
+    graph_gap_s: float = 0.0
+    graph_gap_source: str = ""
 
 
 class KernelSequence:
@@ -372,14 +380,21 @@ class KernelSequence:
     The aggregates (``num_kernels``, ``total_gpu_s``, ``var_weight``) are all that whole-step policies
     such as CUDA graphs need; the per-kernel arrays (``gpu_s``, ``var_index``, ``var_share``,
     ``host_s``, in launch order) are built on first use, for policies that walk kernels one by one.
+
+    ``batch`` is the decode batch the kernels are shaped for (after a captured graph's padding, see
+    ``ExecutionPolicy.padded_batch``) and ``has_prefill`` whether the step runs prefill chunks: what a
+    policy that captures graphs for some shapes only needs to tell a graphed step from an eager one.
     """
 
     __slots__ = ("op_gpu_s", "op_kernels", "op_var", "op_host_s", "op_repeat", "switch_s", "lead_s",
-                 "num_kernels", "total_gpu_s", "var_weight", "var_terms", "_arrays")
+                 "num_kernels", "total_gpu_s", "var_weight", "var_terms", "batch", "has_prefill", "_arrays",
+                 "_host_total")
 
     def __init__(self, *, op_gpu_s: np.ndarray, op_kernels: np.ndarray, op_var: np.ndarray,
                  op_host_s: np.ndarray, op_repeat: np.ndarray, switch_s: float = 0.0, lead_s: float = 0.0,
-                 num_var: int = 2) -> None:
+                 num_var: int = 2, batch: int = 0, has_prefill: bool = False) -> None:
+        self.batch, self.has_prefill = int(batch), bool(has_prefill)
+        self._host_total = None
         self.op_gpu_s, self.op_kernels, self.op_var = op_gpu_s, op_kernels, op_var
         self.op_host_s, self.op_repeat = op_host_s, op_repeat
         self.switch_s, self.lead_s = float(switch_s), float(lead_s)
@@ -434,6 +449,14 @@ class KernelSequence:
     def host_s(self) -> np.ndarray:
         return self._expand()[3]
 
+    @property
+    def host_total_s(self) -> float:
+        """Host seconds an eager engine spends issuing the whole step (``lead_s`` plus every call)."""
+        if self._host_total is None:
+            calls = np.where(self.op_kernels > 0, self.op_repeat, 0)
+            self._host_total = self.lead_s + float((calls * self.op_host_s).sum())
+        return self._host_total
+
 
 @dataclass(frozen=True, slots=True)
 class StepTiming:
@@ -442,11 +465,46 @@ class StepTiming:
     syncs: int                # host↔device syncs per step
 
 
+class LaneView(Protocol):
+    """What an SM-partition policy sees of a replica whose GPU runs a prefill and a decode lane
+    (``sim.replica.lanes``), when the prefill lane is about to start a step."""
+
+    sm_count: int                    # SMs of the GPU (after any the policy reserves for itself)
+    num_waiting: int                 # requests waiting for admission
+    queued_prefill_tokens: int       # prompt (and recompute) tokens waiting or still to prefill
+    num_decoding: int                # requests in the decode lane
+    decode_sms_in_flight: int        # SMs the decode lane's step in progress holds (0: idle)
+
+
 class ExecutionPolicy(Policy):
+    runs_lanes: ClassVar[bool] = False
+    """True for a policy that runs prefill and decode as two concurrent lanes on a partition of the
+    GPU's SMs (Nexus-style); the replica then asks :meth:`prefill_lane_sms` at each prefill step."""
+
     def reserved_sms(self, sm_count: int) -> int:
         """SMs held back from the model's kernels (a persistent scheduler's own SMs, say); the cost
         backend prices the model's ops on the SMs left. Default: none."""
         return 0
+
+    def padded_batch(self, num_decode: int, has_prefill: bool) -> int:
+        """The decode batch a step's kernels run at: a captured CUDA graph's batch size when the step
+        replays one (at least ``num_decode``; the rest is padding, priced as real rows), else
+        ``num_decode``. Default: no padding."""
+        return num_decode
+
+    def with_step_overhead(self, durations, num_seqs: int, num_tokens: int, seq: KernelSequence,
+                           launch: LaunchCosts):
+        """Step durations (a float, or an array of a run's steps: the same arithmetic either way, so
+        single steps and runs round alike) with the per-step work outside the model's kernels that the
+        step waits for: the engine's scheduling and input preparation on the host for ``num_seqs``
+        sequences and ``num_tokens`` tokens (serial, or overlapped one step ahead), a resident kernel's
+        doorbell and per-item dispatch. Called for engine steps only (not a drafter's). Default: none."""
+        return durations
+
+    def prefill_lane_sms(self, view: LaneView, now: float) -> int:
+        """SMs (of ``view.sm_count``) the prefill lane's next step gets, for a policy that
+        :attr:`runs_lanes`; the decode lane runs on the rest."""
+        raise NotImplementedError
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
         """Durations of K steps that share ``seq``, with ``var_s`` (K, num_variable_ops)."""

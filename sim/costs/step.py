@@ -2,8 +2,15 @@
 wall-clock step time by the execution policy (host launches, CUDA graphs, persistent kernels).
 
 Hot path: the kernel sequence of a step depends only on (tokens, sampled rows, has prefill, has
-decode) and is cached; only attention changes from one decode step to the next, so a run of K decode
-steps is priced with one vectorised call.
+decode, the decode batch it is shaped for) and is cached; only attention changes from one decode step
+to the next, so a run of K decode steps is priced with one vectorised call.
+
+Two things the execution policy adds around the kernels, on every path alike (single steps, decode
+runs, chunk runs): a captured graph's padding (``ExecutionPolicy.padded_batch``: a decode-only step of
+``B`` sequences runs its GEMMs, LM head and decode attention at the bucket's ``P >= B`` rows; the
+padded rows read no KV), and the per-step work outside the kernels (``with_step_overhead``: host
+scheduling and input preparation, a resident kernel's dispatch), for engine steps (``num_seqs`` given)
+and not for a drafter's.
 """
 from __future__ import annotations
 
@@ -49,28 +56,42 @@ class StepCostModel:
         self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
         self._var_idx = np.array([self._var.get(i, -1) for i in range(len(ops.ops))], dtype=np.int64)
         self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
-        self._seq_cache: dict[int, KernelSequence] = {}
+        self._seq_cache: dict[tuple, KernelSequence] = {}
         self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
         self._one_step = execution.step_time_one   # declared on ExecutionPolicy (a scalar path)
-        self._shares: dict[float, StepCostModel] = {}
+        self._pad = execution.padded_batch
+        self._overhead = execution.with_step_overhead
+        self._shares: dict[tuple[float, float], StepCostModel] = {}
         self.steps_priced = 0
 
-    def for_share(self, fraction: float) -> "StepCostModel":
-        """This cost model with the model's kernels confined to ``fraction`` of the GPU's SMs (see
-        ``CostBackend.for_share``); cached per value, ``1.0`` is this model itself."""
-        f = float(fraction)
-        if f == 1.0:
+    def for_share(self, fraction: float, hbm_cap: float = 1.0) -> "StepCostModel":
+        """This cost model with the model's kernels confined to ``fraction`` of the GPU's SMs and at
+        most ``hbm_cap`` of its HBM bandwidth (see ``CostBackend.for_share``); cached per value,
+        ``(1.0, 1.0)`` is this model itself."""
+        f, cap = float(fraction), float(hbm_cap)
+        if f == 1.0 and cap == 1.0:
             return self
-        got = self._shares.get(f)
+        got = self._shares.get((f, cap))
         if got is None:
-            got = self._shares[f] = StepCostModel(self.ops, self.backend.for_share(f), self.execution)
+            got = self._shares[(f, cap)] = StepCostModel(self.ops, self.backend.for_share(f, cap), self.execution)
         return got
 
+    def padded_batch(self, num_decode: int, has_prefill: bool) -> int:
+        """The decode batch a step of ``num_decode`` decodes runs at (the execution policy's)."""
+        return self._pad(num_decode, has_prefill) if num_decode else 0
+
+    def hbm_bytes(self, shape: StepShape) -> float:
+        """HBM bytes one step of ``shape`` moves, all ops and layers (for bandwidth shares)."""
+        _, nbytes = self.backend.flops_bytes(shape)
+        return float((np.asarray(nbytes, float) * self._repeat).sum())
+
     # ---------------------------------------------------------------- kernel layout
-    def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
+    def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool,
+                 batch: int = 0) -> KernelSequence:
         """The step's kernels: per-op GPU time, kernel counts, variable ops and host costs (see
-        ``policies.base.KernelSequence``); cached per (tokens, sampled rows, has prefill, has decode)."""
-        key = (tokens << 34) | (sampled << 2) | (has_prefill << 1) | has_decode   # one int: cheap to hash
+        ``policies.base.KernelSequence``); cached per (tokens, sampled rows, has prefill, has decode,
+        decode batch)."""
+        key = ((tokens << 34) | (sampled << 2) | (has_prefill << 1) | has_decode, batch)
         seq = self._seq_cache.get(key)
         if seq is not None:
             return seq
@@ -83,37 +104,45 @@ class StepCostModel:
                                     np.where(fixed > 0, kernels, 0)))
         seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
                              op_host_s=np.asarray(backend.host_call_s, dtype=np.float64), op_repeat=self._repeat,
-                             switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s))
+                             switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s), batch=batch,
+                             has_prefill=has_prefill)
         self._seq_cache[key] = seq
         return seq
 
     # ---------------------------------------------------------------- pricing
     def step(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
-             num_sampled: int, decode_query_tokens: int = 1) -> tuple[float, int, int]:
-        """(duration_s, launches, syncs) of one step."""
+             num_sampled: int, decode_query_tokens: int = 1, num_seqs: int = -1) -> tuple[float, int, int]:
+        """(duration_s, launches, syncs) of one step; with ``num_seqs`` (an engine step's sequences)
+        the execution policy's per-step overhead is included."""
         has_p = prefill_q.shape[0] > 0
-        dtok = num_decode * decode_query_tokens
-        tokens = int(prefill_q.sum()) + dtok if has_p else dtok
-        seq = self.sequence(tokens, num_sampled, has_p, num_decode > 0)
+        nd = self._pad(num_decode, has_p) if num_decode else 0
+        dtok = nd * decode_query_tokens
+        ptok = int(prefill_q.sum()) if has_p else 0
+        tokens = ptok + dtok
+        seq = self.sequence(tokens, num_sampled + nd - num_decode, has_p, num_decode > 0, nd)
         pre = float(self.backend.prefill_attention_time(prefill_q, prefill_c)) if has_p else 0.0
         dec = 0.0
         if num_decode:
             ctx = self._ctx1
             ctx[0] = decode_ctx_sum
-            dec = float(self.backend.decode_attention_times(num_decode, ctx, decode_query_tokens)[0])
+            dec = float(self.backend.decode_attention_times(nd, ctx, decode_query_tokens)[0])
         self.steps_priced += 1
-        return self._one_step(seq, (pre, dec), self.launch)
+        d, launches, syncs = self._one_step(seq, (pre, dec), self.launch)
+        if num_seqs >= 0:
+            d = self._overhead(d, num_seqs, ptok + num_decode * decode_query_tokens, seq, self.launch)
+        return d, launches, syncs
 
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """Durations of consecutive decode-only steps of ``batch`` sequences whose attended context
-        totals are ``ctx_sums`` (one per step); plus launches and syncs per step."""
-        seq = self.sequence(batch, batch, False, True)
+        """Durations of consecutive decode-only engine steps of ``batch`` sequences whose attended
+        context totals are ``ctx_sums`` (one per step); plus launches and syncs per step."""
+        nd = self._pad(batch, False)
+        seq = self.sequence(nd, nd, False, True, nd)
         k = ctx_sums.shape[0]
         var = np.zeros((k, 2))
-        var[:, VAR_DECODE] = self.backend.decode_attention_times(batch, ctx_sums)
+        var[:, VAR_DECODE] = self.backend.decode_attention_times(nd, ctx_sums)
         timing = self.execution.step_times(seq, var, self.launch)
         self.steps_priced += k
-        return timing.duration_s, timing.launches, timing.syncs
+        return self._overhead(timing.duration_s, batch, batch, seq, self.launch), timing.launches, timing.syncs
 
     def chunk_run(self, num_decode: int, ctx_sums: np.ndarray, chunk: int, cached: np.ndarray
                   ) -> tuple[np.ndarray, int, int]:
@@ -121,7 +150,8 @@ class StepCostModel:
         ``ctx_sums``, one per step) and one prefill chunk of ``chunk`` new tokens on top of
         ``cached[j]`` cached ones that does not finish its prompt (samples nothing); plus launches and
         syncs per step. Every term is computed as :meth:`step` computes it for one such step."""
-        seq = self.sequence(chunk + num_decode, num_decode, True, num_decode > 0)
+        nd = self._pad(num_decode, True) if num_decode else 0
+        seq = self.sequence(chunk + nd, nd, True, num_decode > 0, nd)
         k = cached.shape[0]
         var = np.zeros((k, 2))
         q = np.array([chunk], dtype=np.int64)
@@ -131,10 +161,11 @@ class StepCostModel:
             c[0] = cached[j]
             var[j, VAR_PREFILL] = float(pre(q, c))
         if num_decode:
-            var[:, VAR_DECODE] = self.backend.decode_attention_times(num_decode, ctx_sums)
+            var[:, VAR_DECODE] = self.backend.decode_attention_times(nd, ctx_sums)
         timing = self.execution.step_times(seq, var, self.launch)
         self.steps_priced += k
-        return timing.duration_s, timing.launches, timing.syncs
+        d = self._overhead(timing.duration_s, num_decode + 1, chunk + num_decode, seq, self.launch)
+        return d, timing.launches, timing.syncs
 
     # ---------------------------------------------------------------- explanation
     def breakdown(self, shape: StepShape) -> tuple[float, list[OpCost], float, int, int]:
@@ -145,7 +176,8 @@ class StepCostModel:
         has_d = shape.num_decode > 0
         duration, launches, syncs = self.step(shape.prefill_q, shape.prefill_c, shape.num_decode,
                                               shape.decode_ctx_sum, shape.num_sampled,
-                                              max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))
+                                              max(1, shape.num_decode_tokens // max(shape.num_decode, 1)),
+                                              num_seqs=int(shape.prefill_q.size) + shape.num_decode)
         fixed = self.backend.fixed_times(shape.num_tokens, shape.num_sampled)
         kern = self.backend.kernel_counts(shape.num_tokens, shape.num_sampled, has_p, has_d)
         flops, nbytes = self.backend.flops_bytes(shape)

@@ -10,6 +10,9 @@ STEP_COLUMNS: dict[str, type] = {
     "tokens": np.int32, "hbm_active_bytes": np.int64, "hbm_cached_bytes": np.int64,
     "hbm_locked_bytes": np.int64, "dram_used_bytes": np.int64, "nvme_used_bytes": np.int64,
     "frag_tokens": np.int64, "launches": np.int32, "syncs": np.int32, "preemptions": np.int32,
+    # query rows a captured CUDA graph ran beyond the step's own (padding up to its bucket), and the
+    # lane of an SM-partitioned GPU that ran the step (0: the whole GPU, 1: prefill, 2: decode)
+    "padded_tokens": np.int32, "lane": np.int32,
 }
 # free bytes per tier, derived when rows are written (capacity - used), not kept in the buffer
 FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
@@ -32,6 +35,8 @@ I_FRAG = INT_INDEX["frag_tokens"]
 I_LAUNCHES = INT_INDEX["launches"]
 I_SYNCS = INT_INDEX["syncs"]
 I_PREEMPTIONS = INT_INDEX["preemptions"]
+I_PADDED_TOKENS = INT_INDEX["padded_tokens"]
+I_LANE = INT_INDEX["lane"]
 assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_COLUMNS), \
     "every integer column has exactly one I_ constant"
 

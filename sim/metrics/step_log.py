@@ -21,6 +21,7 @@ from sim.metrics.columns import (
     I_LAUNCHES,
     I_NUM_SEQS,
     I_NVME_USED,
+    I_PADDED_TOKENS,
     I_PREFILL_SEQS,
     I_PREFILL_TOKENS,
     I_SYNCS,
@@ -184,13 +185,14 @@ class StepLog:
 
 @numba.njit(cache=True, nogil=True)
 def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, durations, allocs, free0, cached0,
-                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, launches, syncs):
+                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, launches, syncs, pad):
     """Write steps c..upto-1 of a run's segment starting at step ``seg0`` (``B`` decodes and, when
     ``n`` > 0, a prefill chunk of ``n`` tokens per step): times into ``f`` at buffer row ``row0``, end
     times into ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's
     start after its allocation (allocations take free blocks first, then evict cached ones; the
     ``*0`` figures are the segment's at ``seg0`` before that step's allocation, ``nc0`` the tokens
-    computed by every running request), into the integer columns named by ``sim.metrics.columns``.
+    computed by every running request), into the integer columns named by ``sim.metrics.columns``;
+    ``pad`` is the padding of each step (a captured graph's rows beyond the segment's own).
     Returns the busy time of those steps."""
     cum = 0
     for s in range(seg0, c):
@@ -226,4 +228,5 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
         ib[r, I_FRAG] = (held0 + cum) * bs - (nc0 + T * (s - seg0 + 1))
         ib[r, I_LAUNCHES] = launches[s]
         ib[r, I_SYNCS] = syncs[s]
+        ib[r, I_PADDED_TOKENS] = pad
     return busy

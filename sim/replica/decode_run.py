@@ -365,10 +365,11 @@ class DecodeRuns:
         B = int((run.rem > a).sum()) if run.fin.shape[0] else run.B
         steps = r.steps
         row0 = steps.reserve_block(upto - c)
+        pad = r.builder.cost.padded_batch(B, run.n > 0) - B      # a captured graph's padding rows
         busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, a, run.start, run.ends,
                              run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
                              run.inflight, run.nc0, B, run.n, kv.block_size, kv.hbm.bytes_per_block,
-                             run.dram_used, run.nvme_used, run.launches, run.syncs)
+                             run.dram_used, run.nvme_used, run.launches, run.syncs, pad)
         steps.commit_block(upto - c, busy)
         m = upto - c
         r.num_launches += int(run.launches[c:upto].sum())

@@ -253,7 +253,8 @@ class Replica:
             got = {}
             copy = self.transfers.start("pcie_h2d", priced.fetch_bytes, lambda t: got.setdefault("t", t),
                                         what="sparse_fetch")
-            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs)
+            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs,
+                           priced.padded_tokens)
             yield env.all_of([env.timeout(exact_delay(env.now, end)), copy])
             self.fetch_bytes += priced.fetch_bytes
             if got["t"] > end:
@@ -261,7 +262,8 @@ class Replica:
                 end = got["t"]
                 self.steps.extend_last(end)
         else:
-            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs)
+            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs,
+                           priced.padded_tokens)
             yield env.timeout(exact_delay(env.now, end))
         self.t_end = end
         accepted, finished = self._commit(step, self.step_id_base + self.steps.n - 1, end)
@@ -277,8 +279,8 @@ class Replica:
         for p in self.observers:
             p.observe(outcome)
 
-    def _log_step(self, start, duration, end, step: Step, launches, syncs) -> None:
-        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs)
+    def _log_step(self, start, duration, end, step: Step, launches, syncs, padded_tokens=0) -> None:
+        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs, padded_tokens)
         self.num_launches += launches
         self.num_syncs += syncs
 

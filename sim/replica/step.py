@@ -42,6 +42,7 @@ class Priced:
     launches: int
     syncs: int
     fetch_bytes: int = 0
+    padded_tokens: int = 0    # query rows a captured graph ran beyond the step's own (padding)
 
 
 class StepBuilder:
@@ -89,7 +90,9 @@ class StepBuilder:
             ctx = np.fromiter((r.num_computed + query for r in step.decode), dtype=np.int64, count=nd)
             plan = self.sparsity.plan(ctx) if nd else None
             ctx_sum = int(np.asarray(plan.tokens_read).sum()) if plan is not None else 0
-        duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, query)
+        duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, query,
+                                                   num_seqs=len(step.prefill) + nd)
+        padded = (self.cost.padded_batch(nd, bool(step.prefill)) - nd) * query
         fetch = 0
         if plan is not None:
             units = plan.selection_units
@@ -103,7 +106,7 @@ class StepBuilder:
             duration += d
             launches += lc
             syncs += sc
-        return Priced(duration, launches, syncs, fetch)
+        return Priced(duration, launches, syncs, fetch, padded)
 
     def draft_time(self, step: Step) -> tuple[float, int, int]:
         """The drafter's autoregressive steps before verification: one batched draft step per draft
@@ -155,8 +158,9 @@ class StepBuilder:
 
 
 def log_step(steps, kv, running, step: Step, start: float, duration: float, end: float, launches: int,
-             syncs: int) -> None:
-    """Append one step's row: its batch, and the KV state at its start after its allocations."""
+             syncs: int, padded_tokens: int = 0, lane: int = 0) -> None:
+    """Append one step's row: its batch, and the KV state at its start after its allocations; the
+    rows a captured graph padded it with; the lane that ran it (0: the whole GPU)."""
     hbm = kv.hbm
     bpb = hbm.bytes_per_block
     n_prefill = sum(n for _, n in step.prefill)
@@ -177,4 +181,4 @@ def log_step(steps, kv, running, step: Step, start: float, duration: float, end:
         hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
         dram_used_bytes=dram.num_active * dram.bytes_per_block,
         nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
-        launches=launches, syncs=syncs, preemptions=len(step.preempted))
+        launches=launches, syncs=syncs, preemptions=len(step.preempted), padded_tokens=padded_tokens, lane=lane)
