@@ -32,6 +32,10 @@ CASES: dict[str, dict] = {
     "code-x4": {"trace.bundled": "azure-code", "trace.rate_scale": 4.0},
     "mooncake": {"trace.bundled": "mooncake-conversation"},
     "mooncake-x4": {"trace.bundled": "mooncake-conversation", "trace.rate_scale": 4.0},
+    # the same replay with the KV hierarchy on: 200 GB of DRAM and 2 TB of NVMe per GPU below HBM,
+    # inclusive, write-through on release, prefetch of the queue head, load when faster than recompute
+    "mooncake-tiers": {"trace.bundled": "mooncake-conversation", "policies.residency.name": "tiered",
+                       "replica.dram_kv_bytes": 200 * 10**9, "replica.nvme_kv_bytes": 2 * 10**12},
     # linear scaling: the conv trace concatenated 1x, 4x, 16x (shifted in time)
     "scale-1": {},
     "scale-4": {"trace.repeat": 4},

@@ -15,13 +15,16 @@ Kinds and what each decides (``KINDS`` in ``policies.registry`` is the one list)
 
 =============  ==================================================================================
 scheduling     which requests run this step and how many tokens each; preemptions; swap-ins
-eviction       which cached HBM blocks to evict; which swapped requests' DRAM copies to drop
-residency      where a preempted request's KV goes (recompute, or swap to DRAM)
-speculation    how many draft tokens each decode proposes and with which drafter (priced); how many
-               the verifier accepts
+eviction       which cached blocks of a tier (HBM, DRAM, NVMe, the shared store) to evict; which swapped
+               requests' DRAM copies to drop
+residency      where a preempted request's KV goes (recompute, or swap to DRAM); where evicted and
+               released blocks go (drop, or a lower tier); whether a lower-tier prefix hit is loaded or
+               recomputed; which waiting requests' prefixes to prefetch
+speculation    how many draft tokens each decode proposes (a chain or a tree), with which drafter
+               (priced, its weights and KV in HBM); how many the verifier accepts
 execution      how a step's kernels are launched (host launches, CUDA graphs, a persistent kernel);
                the batch a captured graph pads a step to; the step's host and dispatch work; SMs it
-               reserves, or how it splits them between a prefill and a decode lane
+               reserves
 routing        which replica an arriving request joins
 sparsity       which KV tokens each decode query reads, what selecting them costs, and what KV the step
                fetches from a lower tier
@@ -47,6 +50,8 @@ class RequestState(IntEnum):
     SWAPPING_IN = 4    # its KV is on the way back to HBM (HBM blocks allocated and locked)
     FINISHED = 5
     REJECTED = 6
+    LOADING = 7        # admitted; its prefix hits are on their way in from a lower tier (HBM blocks
+                       # allocated, locked, not ready): it joins the running batch when they land
 
 
 class RequestLike(Protocol):
@@ -66,6 +71,7 @@ class RequestLike(Protocol):
     num_preemptions: int
     state: int
     replica: int             # the replica it was routed to (-1 before routing)
+    acceptance_rate: float   # from the trace's acceptance_rate column (NaN when it has none)
 
 
 # ---------------------------------------------------------------------------------------- plans
@@ -93,15 +99,70 @@ class StepPlan:
         return sum(n for _, n in self.prefill) + len(self.decode)
 
 
+DRAFTER_KINDS = ("none", "model", "eagle", "medusa", "ngram")
+
+
+@dataclass(frozen=True, slots=True)
+class Drafter:
+    """What proposes a speculation policy's draft tokens, for the whole run: the replica prices it on
+    its own GPU with the target's cost backend, and the engine takes its weights and KV out of the
+    target's HBM KV budget.
+
+    ``kind``:
+
+    - ``"none"``: free drafts (an oracle, or tokens that come from elsewhere): no time, no memory;
+    - ``"model"``: a draft model, ``model`` (a model preset name or TOML path, e.g. ``llama-3.2-1b``
+      drafting for ``llama-3.1-8b``): its weights and its KV (per token, per layer of the draft model)
+      take HBM; it prefills every prompt chunk with the target (with ``lazy_prefill``, only when the
+      request first drafts: a policy that stops drafting then stops paying for it) and runs one
+      autoregressive step per draft token;
+    - ``"eagle"``: an EAGLE head (Li et al., ICML 2024, arXiv:2401.15077): ``layers`` decoder layers
+      of the target's shape plus a 2h -> h fusion layer, reusing the target's embedding and LM head;
+      its weights and its one layer of KV per token take HBM; autoregressive like a draft model;
+    - ``"medusa"``: ``heads`` Medusa heads (Cai et al., 2024, arXiv:2401.10774), each a residual
+      h x h block and its own LM head, all run in one pass after the target's; no KV;
+    - ``"ngram"``: prompt lookup (no model): ``host_s`` seconds of host work per request per
+      proposal, on the step's critical path.
+    """
+
+    kind: str = "none"
+    model: str = ""
+    layers: int = 1
+    heads: int = 4
+    host_s: float = 0.0
+    lazy_prefill: bool = False     # a drafter with KV prefills a prompt only when the request first drafts
+
+    def __post_init__(self) -> None:
+        if self.kind not in DRAFTER_KINDS:
+            raise ValueError(f"drafter kind {self.kind!r} is not one of {', '.join(DRAFTER_KINDS)}")
+        if self.kind == "model" and not self.model:
+            raise ValueError("a 'model' drafter needs a model preset name (draft_model)")
+        if self.layers < 1 or self.heads < 1 or self.host_s < 0:
+            raise ValueError("drafter layers and heads must be >= 1 and host_s >= 0")
+
+    @property
+    def keeps_kv(self) -> bool:
+        """Whether the drafter keeps KV of its own that must follow the target's tokens (a draft
+        model or an EAGLE head): it then prefills with the target and catches up on tokens it did
+        not draft."""
+        return self.kind in ("model", "eagle")
+
+    @property
+    def autoregressive(self) -> bool:
+        """One draft pass per draft token (model, EAGLE); Medusa's heads run in one pass."""
+        return self.kind in ("model", "eagle")
+
+
 @dataclass(frozen=True, slots=True)
 class DraftPlan:
-    """Speculation for one step: draft tokens per decode request (same order as the plan's decodes),
-    and the drafter that proposes them: ``"none"`` (free: tokens come from elsewhere) or a model
-    preset name, whose autoregressive draft steps the replica prices on its own GPU with the target's
-    cost backend (one draft step per draft token, batched over the decodes)."""
+    """Speculation for one step: the draft depth of each decode request (same order as the plan's
+    decodes; 0 = no speculation for it this step) and the tree ``width``: ``width`` candidate chains
+    of that depth share the request's last token, so the verifier checks ``1 + width x depth`` query
+    tokens with a tree-attention mask and accepts at most ``depth`` of them (width 1 is a plain
+    chain). The drafter is the policy's (``SpeculationPolicy.drafter``)."""
 
     draft_tokens: tuple[int, ...] = ()
-    drafter: str = "none"
+    width: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,17 +244,50 @@ class SchedulerView(Protocol):
 
 
 class CacheView(Protocol):
-    """Evictable (cached, unreferenced) blocks of one tier, for eviction policies."""
+    """Evictable (cached, unreferenced) blocks of one tier, for eviction policies: a ranking view.
 
-    tier: str
+    Per-block accessors take one block id (and return a number) or an array of ids (and return an
+    array), so ranking policies stay vectorised (``sim.memory.cache_view``)."""
+
+    tier: str                        # "hbm" | "dram" | "nvme" | "store"
     num_cached: int
+    num_blocks: int                  # the tier's capacity
+    bytes_per_block: int
 
-    def lru_order(self, limit: int) -> list[int]:
+    def lru_order(self, limit: int) -> np.ndarray:
         """Up to ``limit`` evictable block ids, least recently used first."""
 
-    def last_access_s(self, block: int) -> float: ...
+    def mru_order(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` evictable block ids, most recently used first."""
 
-    def hits(self, block: int) -> int: ...
+    def candidates(self) -> np.ndarray:
+        """Every evictable block, least recently used first."""
+
+    def last_access_s(self, block): ...
+
+    def hits(self, block):
+        """Hits since the block's content arrived in this tier (its frequency)."""
+
+    def inserted_s(self, block):
+        """When the block's content (its prefix key) arrived in this tier."""
+
+    def position(self, block):
+        """The block's index in its prompt (0: the head of the prefix)."""
+
+    def owner(self, block):
+        """Trace index of the request that last held the block (-1: none, a copy)."""
+
+    def session(self, block):
+        """Session id of that request (None when the trace has none)."""
+
+    def key(self, block): ...
+
+    def recompute_s(self, block):
+        """Prefill seconds recomputing the block's tokens at its position would cost."""
+
+    def next_use_s(self, block):
+        """When the trace next uses the block's prefix (inf: never). Only for a policy that declares
+        ``needs_future``: the engine computes it offline from the whole trace."""
 
 
 class SwapView(Protocol):
@@ -220,11 +314,52 @@ class ReplicaView(Protocol):
 
 
 class ResidencyView(Protocol):
-    """What a residency policy sees when a running request is preempted."""
+    """What a residency policy sees of its replica's KV tiers (``sim.replica.views``)."""
 
     preemption_mode: str             # the replica's configured default: "recompute" | "swap"
     num_free_dram_blocks: int
     block_size: int
+    tier_mode: str                   # "inclusive" | "exclusive" (replica.kv_tier_mode)
+    tiers: tuple[str, ...]           # tiers with capacity, top down: "hbm", "dram", "nvme", "store"
+    waiting: Sequence[RequestLike]   # the replica's queue (FCFS order)
+
+    def num_blocks(self, tier: str) -> int: ...
+
+    def num_available_blocks(self, tier: str) -> int:
+        """Blocks an allocation in ``tier`` can get now (free plus evictable cached)."""
+
+    def num_free_blocks(self, tier: str) -> int: ...
+
+    num_prefetched_blocks: int       # HBM blocks prefetched and held for waiting requests
+
+    def hbm_hit_blocks(self, req: RequestLike) -> int:
+        """Leading prompt blocks of a waiting request in HBM, before the first one that is not."""
+
+    def lower_hit_blocks(self, req: RequestLike) -> dict[str, int]:
+        """Blocks of the request's prefix found in each lower tier."""
+
+    def prefix_hit_blocks(self, req: RequestLike) -> int:
+        """Leading prompt blocks the request takes from the cache if admitted now."""
+
+    def load_s(self, req: RequestLike) -> float:
+        """Seconds to copy its lower-tier prefix into HBM over idle links."""
+
+    def recompute_s(self, req: RequestLike) -> float:
+        """Prefill seconds recomputing that prefix would add."""
+
+    def link_backlog_s(self, link: str) -> float:
+        """Seconds of copies queued or in flight on a link (``pcie_h2d``, ``nvme_read``, ...)."""
+
+
+class SpeculationView(Protocol):
+    """What a speculation policy sees when it proposes: the step's price for a draft depth, so a
+    policy can weigh the tokens it expects against the time they cost (priced by the replica's step
+    builder on its own GPU; cached, approximate: the decodes at their mean context, without the
+    step's prefill chunks)."""
+
+    def step_time(self, draft_tokens: int, width: int = 1) -> float:
+        """Seconds of a decode step of these requests if each drafted ``draft_tokens`` (0: plain
+        decode) in chains of ``width``: the drafter's work plus the target's verification."""
 
 
 # ---------------------------------------------------------------------------------------- kinds
@@ -249,6 +384,10 @@ class Policy:
     def observe(self, outcome: StepOutcome) -> None:
         """What the last step(s) did. The default ignores it; stateful policies (adaptive k, ARC,
         fair schedulers) keep their state here. Called only for policies that override it."""
+
+    watches_arrivals: ClassVar[bool] = False
+    """True for a policy that must hear of a request when it arrives, not when the replica next plans
+    (prefetching its KV, say): arrivals are then released as SimPy events at their times."""
 
     @classmethod
     def observes(cls) -> bool:
@@ -288,35 +427,104 @@ class SchedulingPolicy(Policy):
 
 
 class EvictionPolicy(Policy):
+    """One instance per tier of each replica (and one for the shared store). ``evict_cached`` for
+    ``n`` blocks must choose what ``n`` successive calls for one block each would (decode runs ask for
+    all of a run's evictions at once), unless the policy declares ``time_dependent``."""
+
+    time_dependent: ClassVar[bool] = False
+    """True when the choice depends on ``now`` (a TTL): decode runs then ask at each allocation's time."""
+
+    needs_future: ClassVar[bool] = False
+    """True for an offline policy that reads ``CacheView.next_use_s`` (the engine then computes, before
+    the run, when every prefix key is next used)."""
+
+    lru_equivalent: ClassVar[bool] = False
+    """True for a policy whose ``evict_cached`` is exactly ``view.lru_order(num_blocks)``: the block
+    pool then evicts from its LRU head itself, without building the list and asking."""
+
     def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> Sequence[int]:
         """Choose ``num_blocks`` cached blocks to evict (the view holds at least that many)."""
         raise NotImplementedError
 
     def drop_swapped(self, view: SwapView, num_blocks: int, now: float) -> Sequence[RequestLike]:
         """Choose swapped requests whose DRAM copies to drop (they will recompute) to free at least
-        ``num_blocks`` DRAM blocks."""
-        raise NotImplementedError
+        ``num_blocks`` DRAM blocks. The default drops the longest-swapped first."""
+        chosen, freed = [], 0
+        for req in view.swapped:
+            if freed >= num_blocks:
+                break
+            chosen.append(req)
+            freed += view.dram_blocks(req)
+        return chosen
 
 
 class ResidencyPolicy(Policy):
+    """Where KV lives across the tiers. Every default reproduces an HBM-only prefix cache: evicted
+    blocks are dropped, nothing is offloaded or prefetched, and a lower-tier hit (there is none then)
+    would be loaded when that is faster than recomputing it."""
+
     def preempt_to(self, view: ResidencyView, req: RequestLike, now: float) -> str:
         """Where a preempted running request's KV goes: ``"recompute"`` (dropped; the request
         re-prefills later) or ``"swap"`` (copied to DRAM over PCIe, brought back on swap-in). The
         default follows ``replica.preemption_mode``."""
         return view.preemption_mode
 
+    def demote_to(self, view: ResidencyView, tier: str, now: float) -> str:
+        """Where blocks evicted from ``tier`` go: ``"drop"`` or a lower tier (``"dram"``, ``"nvme"``,
+        ``"store"``), written back over the links before their blocks are reused. Asked at every
+        eviction, and when a decode run is planned (a run stops at the first eviction that is written
+        back), so the answer must depend on the view, not on time alone. Default: drop."""
+        return "drop"
+
+    def offload_to(self, view: ResidencyView, req: RequestLike, now: float) -> str:
+        """When a finished or recompute-preempted request releases its blocks, where a copy of its
+        prompt blocks goes (write-through; blocks the tier already has are skipped): ``"none"``, or a
+        lower tier. Not used in exclusive mode. Default: none."""
+        return "none"
+
+    def offloads(self) -> bool:
+        """False if :meth:`offload_to` always answers ``"none"``: releasing a finished request's blocks
+        then starts no copy, and a decode run may advance past completions in one event. The default
+        is True for a policy that overrides :meth:`offload_to` (always correct, only slower)."""
+        return type(self).offload_to is not ResidencyPolicy.offload_to
+
+    def load_or_recompute(self, view: ResidencyView, req: RequestLike, now: float) -> str:
+        """For a waiting request whose prefix continues in a lower tier: ``"load"`` it (the request
+        waits for the copies) or ``"recompute"`` it (only the HBM blocks before the first lower-tier one
+        are used). Asked whenever the prefix found changes. Default, as Mooncake's bandwidth threshold:
+        load when the copy over idle links is faster than recomputing those tokens."""
+        return "load" if view.load_s(req) < view.recompute_s(req) else "recompute"
+
+    def prefetch(self, view: ResidencyView, now: float) -> Sequence[RequestLike]:
+        """Waiting requests whose lower-tier prefix to start loading into HBM now, ahead of their
+        admission (asked at planning points where the queue, the lower tiers' contents or the released
+        requests changed since the last ask; a request with nothing below HBM, or whose prefix the
+        residency policy would recompute, is skipped, as are blocks already in HBM or loading).
+        Default: none."""
+        return ()
+
 
 class SpeculationPolicy(Policy):
     emits_one_token: ClassVar[bool] = False
     """True for a policy that never drafts: the replica may then advance steady decode runs together."""
 
-    def propose(self, decodes: Sequence[RequestLike], now: float) -> DraftPlan:
+    def propose(self, decodes: Sequence[RequestLike], now: float, view: SpeculationView) -> DraftPlan:
+        """Draft depth for each decode of the step about to run (and the tree width). The replica
+        reserves each request's lookahead KV before verifying; a request that cannot get it drafts
+        less or not at all."""
         raise NotImplementedError
 
     def accepted(self, rng: np.random.Generator, req: RequestLike, num_draft: int) -> int:
-        """Draft tokens the verifier accepts (0..num_draft); the step emits accepted + 1 tokens and
-        the replica rolls back the KV slots of the rejected ones. Randomness comes from ``rng``."""
+        """Draft tokens the verifier accepts (0..num_draft, the request's draft depth); the step
+        emits accepted + 1 tokens and the replica rolls back the KV slots of the rejected ones.
+        Randomness comes from ``rng`` (the replica's, seeded by the run's seed)."""
         raise NotImplementedError
+
+    def drafter(self) -> Drafter:
+        """The drafter behind this policy's drafts, for the whole run: the engine reserves its
+        weights and KV in HBM (out of the target's KV budget) and the replica prices its work on the
+        same GPU. Default: free drafts (``Drafter()``, kind ``"none"``)."""
+        return _FREE_DRAFTER
 
 
 class SparsityPolicy(Policy):
@@ -419,16 +627,26 @@ class KernelSequence:
             share = np.where(self.op_var >= 0, 1.0 / per, 0.0)
             h = self.op_host_s / per
             rep = self.op_repeat
-            layer = rep > 1
+            layer = (rep > 1) & runs
             first = int(np.argmax(layer)) if layer.any() else len(rep)
             last = len(rep) - int(np.argmax(layer[::-1])) if layer.any() else len(rep)
             L = int(rep[first]) if layer.any() else 1
+            live = runs & (rep > 0)
+            mid_rep = rep[first:last][live[first:last]]
             parts = []
             for a in (g, self.op_var, share, h):
-                head = np.repeat(a[:first], np.where(runs[:first], k[:first], 0))
-                mid = np.repeat(a[first:last], np.where(runs[first:last], k[first:last], 0))
-                tail = np.repeat(a[last:], np.where(runs[last:], k[last:], 0))
-                parts.append(np.concatenate([head, np.tile(mid, L), tail]))
+                head = np.repeat(a[:first], np.where(live[:first], k[:first], 0))
+                tail = np.repeat(a[last:], np.where(live[last:], k[last:], 0))
+                if mid_rep.size == 0 or (mid_rep == L).all():
+                    mid = np.tile(np.repeat(a[first:last], np.where(live[first:last], k[first:last], 0)), L)
+                else:
+                    # ops repeated different numbers of times (a part of a model priced as such): round
+                    # by round, each op as long as it has calls left
+                    rr = rep[first:last]
+                    mid = np.concatenate([np.repeat(a[first:last], np.where(live[first:last] & (rr > r),
+                                                                               k[first:last], 0))
+                                          for r in range(int(mid_rep.max()))])
+                parts.append(np.concatenate([head, mid, tail]))
             self._arrays = (parts[0].astype(np.float64), parts[1].astype(np.int64), parts[2].astype(np.float64),
                             parts[3].astype(np.float64))
         return self._arrays
@@ -465,22 +683,7 @@ class StepTiming:
     syncs: int                # host↔device syncs per step
 
 
-class LaneView(Protocol):
-    """What an SM-partition policy sees of a replica whose GPU runs a prefill and a decode lane
-    (``sim.replica.lanes``), when the prefill lane is about to start a step."""
-
-    sm_count: int                    # SMs of the GPU (after any the policy reserves for itself)
-    num_waiting: int                 # requests waiting for admission
-    queued_prefill_tokens: int       # prompt (and recompute) tokens waiting or still to prefill
-    num_decoding: int                # requests in the decode lane
-    decode_sms_in_flight: int        # SMs the decode lane's step in progress holds (0: idle)
-
-
 class ExecutionPolicy(Policy):
-    runs_lanes: ClassVar[bool] = False
-    """True for a policy that runs prefill and decode as two concurrent lanes on a partition of the
-    GPU's SMs (Nexus-style); the replica then asks :meth:`prefill_lane_sms` at each prefill step."""
-
     def reserved_sms(self, sm_count: int) -> int:
         """SMs held back from the model's kernels (a persistent scheduler's own SMs, say); the cost
         backend prices the model's ops on the SMs left. Default: none."""
@@ -501,11 +704,6 @@ class ExecutionPolicy(Policy):
         doorbell and per-item dispatch. Called for engine steps only (not a drafter's). Default: none."""
         return durations
 
-    def prefill_lane_sms(self, view: LaneView, now: float) -> int:
-        """SMs (of ``view.sm_count``) the prefill lane's next step gets, for a policy that
-        :attr:`runs_lanes`; the decode lane runs on the rest."""
-        raise NotImplementedError
-
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
         """Durations of K steps that share ``seq``, with ``var_s`` (K, num_variable_ops)."""
         raise NotImplementedError
@@ -519,11 +717,18 @@ class ExecutionPolicy(Policy):
 
 
 class RoutingPolicy(Policy):
+    reads_state: ClassVar[bool] = True
+    """False for a router that never reads the replica views (its choice depends on the request and
+    its own state only): the cluster then routes every request up front, in arrival order, and each
+    replica pulls its arrivals as it plans, with no SimPy event per arrival. Same results, faster."""
+
     def route(self, request: RequestLike, replicas: Sequence[ReplicaView], now: float) -> int:
         """The index (into ``replicas``) of the replica ``request`` joins. Views bring themselves up
         to date when read, so a router that reads none of them costs nothing extra."""
         raise NotImplementedError
 
+
+_FREE_DRAFTER = Drafter()
 
 BASES: dict[str, type[Policy]] = {
     "scheduling": SchedulingPolicy, "eviction": EvictionPolicy, "residency": ResidencyPolicy,

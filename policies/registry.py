@@ -32,9 +32,11 @@ _ENTRY_POINTS_LOADED = False
 
 _BUILTIN_MODULES = (
     "policies.scheduling.fcfs", "policies.scheduling.chunked_prefill",
-    "policies.eviction.lru",
+    "policies.eviction.lru", "policies.eviction.lfu", "policies.eviction.fifo", "policies.eviction.arc",
+    "policies.eviction.twoq", "policies.eviction.ttl", "policies.eviction.cost", "policies.eviction.belady",
     "policies.residency.config",
-    "policies.speculation.none",
+    "policies.speculation.none", "policies.speculation.fixed_k", "policies.speculation.adaptive_k",
+    "policies.speculation.tree",
     "policies.execution.host_launched", "policies.execution.cuda_graph",
     "policies.routing.round_robin",
     "policies.sparsity.dense",
@@ -94,13 +96,26 @@ def _load_builtins() -> None:
             ep.load()
 
 
+_LOADED_PLUGINS: dict[str, set[tuple[str, str]]] = {}   # plugin -> the (kind, name) entries it registered
+
+
+def _entries() -> set[tuple[str, str]]:
+    return {(k, n) for k, names in _REGISTRY.items() for n in names}
+
+
 def load_plugin(module: str) -> None:
     """Import a user module whose decorators register policies: a dotted module name (importable
-    from the current directory or the environment) or the path of a ``.py`` file."""
+    from the current directory or the environment) or the path of a ``.py`` file. Loading the same
+    file or module again in a process does nothing (a sweep worker loads each run's plugins)."""
     import sys
     from pathlib import Path
 
     path = Path(module)
+    key = str(path.resolve()) if (module.endswith(".py") or path.is_file()) else module
+    if key in _LOADED_PLUGINS and _LOADED_PLUGINS[key] <= _entries():
+        return
+    _load_builtins()
+    before = _entries()
     if module.endswith(".py") or path.is_file():
         if not path.is_file():
             raise PolicyError(f"--plugin {module}: no such file")
@@ -118,6 +133,7 @@ def load_plugin(module: str) -> None:
             raise PolicyError(f"--plugin {module}: {type(exc).__name__}: {exc}") from None
         finally:
             sys.modules.pop(name, None)
+        _LOADED_PLUGINS[key] = _entries() - before
         return
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
@@ -125,6 +141,7 @@ def load_plugin(module: str) -> None:
         importlib.import_module(module)
     except ImportError as exc:
         raise PolicyError(f"--plugin {module}: cannot import ({exc})") from None
+    _LOADED_PLUGINS[key] = _entries() - before
 
 
 def known(kind: str) -> list[str]:

@@ -1,11 +1,15 @@
 """The ``tiersim`` command.
 
-    tiersim run [--config FILE] [--trace FILE --format F] [--set key=value ...] [--out DIR] [--seed N]
+    tiersim run [--config FILE | --preset NAME] [--trace FILE --format F] [--set key=value ...] [--out DIR]
     tiersim plot DIR [--out FILE]
     tiersim trace describe FILE [--format F] [--json]
-    tiersim list [policies|gpus|models|servers|traces|tables|recipes]   (``list policies`` adds parameters)
+    tiersim list [policies|gpus|models|servers|traces|tables|recipes|presets]   (``list policies`` adds parameters)
     tiersim predict-step --gpu h100 --model llama-3.1-8b --phase decode --batch 64 --context 2048
-    tiersim sweep --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4 --out DIR
+    tiersim sweep [SWEEP.toml] --grid policies.scheduling.name=fcfs,chunked-prefill --grid trace.rate_scale=1,4
+                  [--sample KEY=uniform(1,8) --samples N] [--jobs N | --scheduler ADDRESS|local] --out DIR
+    tiersim compare RUN RUN ... [--out cdfs.pdf]
+    tiersim report RUN|SWEEP [--out FILE.html] [--figures DIR --format pdf|svg|png]
+    tiersim config --defaults               (every key, its default and its meaning)
     tiersim calibrate --out DIR [--quick] [--parts ...]
     tiersim calibrate import-profile TRACE [--out RECIPE]
     tiersim validate [--measurements FILE] [--out DIR]
@@ -61,9 +65,10 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
         lines.append(f"{label:14}" + "".join(f"{_fmt_s(d[q], scale):>11}"
                                              for q in ("mean", "p50", "p90", "p99", "max")))
     th, gp = summary["throughput"], summary["goodput"]
+    rule = gp.get("definition") or f"TTFT <= {gp['slo_ttft_s']:g} s, TPOT <= {gp['slo_tpot_s'] * 1e3:g} ms"
+    rule = rule.replace("TPOT (mean per request)", "TPOT")
     lines.append(f"throughput: {th['requests_per_s']:.2f} req/s, {th['output_tokens_per_s']:,.0f} output tok/s, "
-                 f"{th['total_tokens_per_s']:,.0f} total tok/s | goodput (TTFT <= {gp['slo_ttft_s']:g} s, "
-                 f"TPOT <= {gp['slo_tpot_s'] * 1e3:g} ms): {gp['requests_per_s']:.2f} req/s "
+                 f"{th['total_tokens_per_s']:,.0f} total tok/s | goodput ({rule}): {gp['requests_per_s']:.2f} req/s "
                  f"({100 * gp['fraction']:.1f} % of requests)")
     rq, en, kv, ln = summary["requests"], summary["engine"], summary["kv"], summary["links"]
     rej = f"{rq['rejected']:,} rejected" + (f" ({', '.join(f'{v} {k}' for k, v in rq['rejected_by_reason'].items())})"
@@ -79,10 +84,13 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                      f"{kv['dram_peak_used_bytes'] / 1e9:.1f} GB | prefix hit rate "
                      f"{'-' if hit is None else f'{100 * hit:.1f} %'} | PCIe H2D {ln['pcie_h2d_bytes'] / 1e9:.2f} GB,"
                      f" D2H {ln['pcie_d2h_bytes'] / 1e9:.2f} GB")
+    if "speculation" in summary:
+        lines.append(speculation_line(summary["speculation"]))
     dropped = tr.get("dropped_rows") or {}
     if dropped:
         lines.append("trace: the reader dropped " + ", ".join(f"{v:,} {k}" for k, v in dropped.items())
                      + " rows of the file (see summary.json: trace.dropped_rows)")
+    lines += kv_tier_lines(summary)
     lines += cost_notes_lines(costs)
     tail = []
     if out_dir:
@@ -92,6 +100,56 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     if tail:
         lines.append(" | ".join(tail))
     return "\n".join(lines)
+
+
+def kv_tier_lines(summary: dict) -> list[str]:
+    """One or two lines on the KV hierarchy, when a lower tier served or stored anything."""
+    kt = summary.get("kv_tiers") or {}
+    rate = kt.get("token_hit_rate") or {}
+    lower = {t: v for t, v in rate.items() if t != "hbm" and v}
+    writes = sum((kt.get("write_blocks") or {}).values())
+    if not lower and not writes:
+        return []
+    order = ("hbm", "dram", "nvme", "store")
+    hits = ", ".join(f"{t.upper() if t != 'store' else 'store'} {100 * (rate.get(t) or 0):.1f} %"
+                     for t in order if t == "hbm" or t in lower)
+    st, pf, ls = kt["stall"], kt["prefetch"], summary.get("link_stats", {})
+
+    def gb(link):
+        return ls.get(link, {}).get("bytes", 0) / 1e9
+
+    nvme = f", NVMe read {gb('nvme_read'):.1f} GB, write {gb('nvme_write'):.1f} GB" if "nvme_read" in ls and (
+        gb("nvme_read") or gb("nvme_write")) else ""
+    net = f", store read {gb('net_read'):.1f} GB, write {gb('net_write'):.1f} GB" if "net_read" in ls else ""
+    return [f"KV tiers ({kt.get('mode')}): prefix hits {100 * (kt.get('token_hit_rate_all') or 0):.1f} % of prompt "
+            f"tokens ({hits}) | {kt.get('recompute_choices', 0):,} lower-tier prefixes recomputed | write-back "
+            f"{kt.get('writeback_bytes', 0) / 1e9:.1f} GB",
+            f"KV loads: {st['requests']:,} requests waited {st['total_s']:.1f} s (mean {1e3 * st['mean_s']:.1f} ms, "
+            f"max {st['max_s']:.2f} s) | prefetch {pf['blocks']:,} blocks: {pf['on_time_blocks']:,} on time, "
+            f"{pf['late_blocks']:,} late, {pf['wasted_blocks']:,} wasted | PCIe H2D {gb('pcie_h2d'):.1f} GB, "
+            f"D2H {gb('pcie_d2h'):.1f} GB{nvme}{net}"]
+
+
+def speculation_line(sp: dict) -> str:
+    """The summary's speculation line: drafter, acceptance, tokens per target step, draft and verify
+    time per verify step, waste, lookahead KV, and ITL per step (vLLM's definition)."""
+    d = sp["drafter"]
+    what = {"model": f"draft model {d['model']}", "eagle": f"EAGLE head ({d['layers']} layer)",
+            "medusa": f"{d['heads']} Medusa heads", "ngram": "n-gram lookup", "none": "free drafts"}[d["kind"]]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f} %"
+
+    def num(x, fmt=".2f"):
+        return "-" if x is None else format(x, fmt)
+
+    itl = sp.get("itl_per_step_s", {}).get("mean")
+    return (f"speculation: {sp['policy']}, {what} | acceptance {pct(sp['acceptance_rate'])}, "
+            f"{num(sp['tokens_per_target_step'])} tokens per target step ({num(sp['tokens_per_decode_step'])} "
+            f"over all decodes) | per verify step: draft {_fmt_s(sp['draft_s_per_verify_step'], 1e3)} ms, verify "
+            f"{_fmt_s(sp['verify_s_per_verify_step'], 1e3)} ms | wasted {sp['wasted_draft_tokens']:,} draft tokens | "
+            f"lookahead KV peak {sp['lookahead_kv_peak_bytes'] / 1e6:,.1f} MB, drafter weights "
+            f"{d['weight_bytes_per_gpu'] / 1e9:.2f} GB | ITL per step (vLLM) {_fmt_s(itl, 1e3)} ms")
 
 
 def cost_classes(costs: dict) -> str:
@@ -144,42 +202,20 @@ def cost_notes_lines(costs: dict) -> list[str]:
     return lines
 
 
-class _ProgressPrinter:
-    """A one-line progress bar on stderr (a line every 10 s when stderr is not a terminal)."""
-
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, p) -> None:
-        if p.wall_s < 1.0 and p.finished < p.total:
-            return
-        if not self.tty and p.wall_s - self.last < 10.0 and p.finished < p.total:
-            return
-        self.last = p.wall_s
-        frac = p.finished / p.total if p.total else 1.0
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        msg = (f"[{bar}] {100 * frac:5.1f}% {p.finished:,}/{p.total:,} done | simulated "
-               f"{p.sim_time_s:,.0f} s of a {p.trace_span_s:,.0f} s trace | wall {p.wall_s:.1f} s")
-        if self.tty:
-            self.stream.write("\r" + msg)
-            if p.finished >= p.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(msg + "\n")
-        self.stream.flush()
-        self.shown = True
-
-
 # ====================================================================== paths
 @contextlib.contextmanager
-def _output_dir(path: Path, option: str) -> Iterator[Path]:
+def _output_dir(path: Path, option: str, force: bool = False) -> Iterator[Path]:
     """Create (or check) an output directory before a run, so a bad one fails in a second, not after
-    the run; a directory created here and still empty when the body fails is removed again."""
+    the run; a directory created here and still empty when the body fails is removed again. A directory
+    that already holds files is refused unless ``force``."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: exists and is not a directory")
+    if path.is_dir() and not force and any(path.iterdir()):
+        from sim import results_io
+
+        what = "a finished run" if results_io.verify(path, checksums=False) is None else "files"
+        raise ConfigError(f"{option} {path}: already holds {what}; choose another --out, or --force to "
+                          "overwrite it")
     new = [p for p in (path, *path.parents) if not p.exists()]   # the directories mkdir will create
 
     def remove_new() -> None:
@@ -205,13 +241,11 @@ def _write_results(results, out: Path, option: str, config_toml: str) -> Path:
     """Write results to ``out``; if that fails (disk full, the directory removed meanwhile), keep the
     finished work in a fresh temporary directory and say where, as a one-line error."""
     try:
-        results.write(out)
-        (out / "config.toml").write_text(config_toml)
+        results.write(out, {"config.toml": config_toml})
         return out
     except OSError as exc:
         rescue = Path(tempfile.mkdtemp(prefix="tiersim-results-"))
-        results.write(rescue)
-        (rescue / "config.toml").write_text(config_toml)
+        results.write(rescue, {"config.toml": config_toml})
         raise TiersimError(f"{option} {out}: cannot write the results ({exc.strerror or exc}); "
                            f"they are in {rescue} instead") from None
 
@@ -231,12 +265,22 @@ def cmd_run(args) -> int:
     from sim.config import SimConfig, with_overrides
     from sim.engine import Simulation
 
-    for mod in args.plugin or []:
-        registry.load_plugin(mod)
-    config = _config_file(args.config) if args.config else SimConfig()
+    scenario = None
+    if args.preset:
+        from sim.scenarios import load_scenario
+
+        if args.config:
+            raise TiersimError("--preset and --config both give the base config; use one (copy the preset's file "
+                               "to change it: tiersim list presets shows where they are)")
+        scenario = load_scenario(args.preset)
+    config = scenario.config if scenario else _config_file(args.config) if args.config else SimConfig()
     overrides = list(args.set or [])
-    if args.trace:
-        overrides += [f"trace.path={json.dumps(args.trace)}"]
+    if args.plugin:      # recorded in the config (config.toml then reproduces the run), loaded by the run
+        for mod in args.plugin:
+            registry.load_plugin(mod)
+        plugins = list(config.plugins) + [_plugin_ref(m) for m in args.plugin if _plugin_ref(m) not in config.plugins]
+        overrides += [f"plugins={json.dumps(plugins)}"]
+    overrides += _trace_overrides(args.trace)
     if args.format:
         overrides += [f"trace.format={json.dumps(args.format)}"]
     if args.seed is not None:
@@ -246,9 +290,11 @@ def cmd_run(args) -> int:
     if overrides:
         config = with_overrides(config, overrides)
     t0 = time.perf_counter()
-    progress = None if args.quiet or args.no_progress else _ProgressPrinter()
+    from sim.progress import RunProgress
+
     option = "--out" if args.out else "output.dir"
-    with _output_dir(Path(config.output.dir), option) as out:
+    with _output_dir(Path(config.output.dir), option, args.force) as out, \
+            (contextlib.nullcontext() if args.quiet or args.no_progress else RunProgress()) as progress:
         sim = Simulation(config, progress=progress)
         results = sim.run()
     out = _write_results(results, out, option, config.to_toml())
@@ -260,13 +306,40 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(results.summary, indent=2, sort_keys=True))
     elif not args.quiet:
+        if scenario is not None:
+            print(f"preset {scenario.name}: measures {scenario.measures}")
         print(format_summary(results.summary, str(out), wall))
         if args.plot:
             print(f"plot: {out / 'overview.png'}")
     return 0
 
 
+def _plugin_ref(module: str) -> str:
+    """A plugin as the config records it: a file by its absolute path, a module by its name."""
+    p = Path(module)
+    return str(p.resolve()) if module.endswith(".py") or p.is_file() else module
+
+
+def _trace_overrides(trace: str | None) -> list[str]:
+    """``--trace``: a bundled name sets trace.bundled (and clears trace.path), a file sets trace.path, so
+    the saved config names the trace once."""
+    if not trace:
+        return []
+    import traces
+
+    if trace in traces.BUNDLED and not Path(trace).is_file():
+        return [f"trace.bundled={json.dumps(trace)}", 'trace.path=""']
+    return [f"trace.path={json.dumps(trace)}"]
+
+
 def cmd_plot(args) -> int:
+    from sim.results_data import is_sweep
+
+    if is_sweep(args.dir):      # a sweep: its runs' latency CDFs overlaid
+        from sim.compare import plot_cdfs
+
+        print(plot_cdfs(_runs_of([args.dir]), args.out or Path(args.dir) / "overview.png"))
+        return 0
     from sim.plots import plot_run
 
     print(plot_run(args.dir, args.out))
@@ -321,6 +394,12 @@ def cmd_list(args) -> int:
             print(f"  {name:24} {getattr(b, 'description', '')}")
     if what in (None, "tables"):
         print("cost tables: " + (", ".join(shipped_tables()) or "none shipped"))
+    if what in (None, "presets"):
+        from sim.scenarios import SCENARIO_DIR, available_scenarios, load_scenario
+
+        print(f"presets (tiersim run --preset NAME; files in {SCENARIO_DIR}):")
+        for name in available_scenarios():
+            print(f"  {name:24} {load_scenario(name).measures}")
     if what in (None, "recipes"):
         from sim.costs.recipe import load_recipe, shipped_recipes
 
@@ -424,21 +503,105 @@ def cmd_predict_step(args) -> int:
 
 def cmd_sweep(args) -> int:
     from sim.config import SimConfig, with_overrides
-    from sim.sweep import grid, parse_axis, run_sweep
+    from sim.progress import SweepProgress
+    from sim.sweep import SweepSpec, load_sweep_file, parse_axis, parse_distribution, run_sweep
 
-    config = _config_file(args.config) if args.config else SimConfig()
-    if args.set:
-        config = with_overrides(config, list(args.set))
-    axes = dict(parse_axis(a) for a in args.grid)
-    with _output_dir(Path(args.out), "--out"):
-        pass
-    table = run_sweep(config, grid(axes), args.out, progress=None if args.quiet else print)
+    if args.file:
+        spec = load_sweep_file(args.file)
+        base = spec.base
+    else:
+        spec = SweepSpec()
+        base = _config_file(args.config) if args.config else SimConfig()
+    if args.config and args.file:
+        raise ConfigError("--config: the sweep file names its base config (config = FILE); give one or the other")
+    overrides = list(args.set or [])
+    traces_given = list(args.trace or [])
+    if len(traces_given) == 1:
+        overrides += _trace_overrides(traces_given[0])
+    if overrides:
+        base = with_overrides(base, overrides)
+    grid_axes = dict(spec.grid)
+    for a in args.grid or []:
+        k, v = parse_axis(a)
+        grid_axes[k] = v
+    if len(traces_given) > 1:
+        grid_axes["trace"] = traces_given
+    random_axes = dict(spec.random)
+    for a in args.sample or []:
+        k, _, dist = a.partition("=")
+        random_axes[k] = parse_distribution(dist)
+    plugins = list(spec.plugins) + [_plugin_ref(m) for m in args.plugin or [] if _plugin_ref(m) not in spec.plugins]
+    spec = SweepSpec(base=base, grid=grid_axes, random=random_axes, points=spec.points,
+                     samples=args.samples if args.samples is not None else spec.samples,
+                     sample_seed=args.sample_seed if args.sample_seed is not None else spec.sample_seed,
+                     plugins=plugins)
+    if not spec.axes:
+        raise ConfigError("tiersim sweep: no axes; give a sweep file, --grid KEY=V1,V2 or --sample KEY=DIST")
+    progress = None if args.quiet else SweepProgress()
+    table = run_sweep(spec, out_dir=args.out, jobs=args.jobs, scheduler=args.scheduler, progress=progress,
+                      force=args.force)
     if not args.quiet:
-        cols = [c for c in table.columns if c.startswith("set:")] + [
-            c for c in ("status", "ttft_p99_s", "itl_p99_s", "throughput_tok_s", "goodput_req_s") if c in table]
+        params = [c for c in table.columns[: list(table.columns).index("run")]]
+        cols = params + [c for c in ("status", "ttft_p99_s", "itl_p99_s", "throughput_tok_s", "goodput_fraction")
+                         if c in table]
         print(table[cols].to_string(index=False))
-        print(f"results: {args.out}/ (sweep.csv, sweep.jsonl, one directory per run)")
+        print(f"results: {args.out}/ (summary.parquet, runs/, requests/ and steps/ datasets; tiersim report "
+              f"{args.out})")
     return 0 if (table["status"].str.startswith("done")).all() else 1
+
+
+def cmd_config(args) -> int:
+    from sim.config import SimConfig, with_overrides
+    from sim.config_docs import documented_toml
+
+    config = _config_file(args.config) if args.config and not args.defaults else SimConfig()
+    if args.set and not args.defaults:
+        config = with_overrides(config, list(args.set))
+    print(documented_toml(config), end="")
+    return 0
+
+
+def _runs_of(paths: list[str]):
+    from sim.results_data import is_sweep, load_run, load_sweep
+
+    runs = []
+    for p in paths:
+        if is_sweep(p):
+            runs += load_sweep(p).runs()
+        else:
+            runs.append(load_run(p))
+    labels = [r.label for r in runs]
+    for r in runs:    # equal directory names (two runs called tiersim-results): use paths
+        if labels.count(r.label) > 1:
+            r.label = str(r.path)
+    return runs
+
+
+def cmd_compare(args) -> int:
+    from sim.compare import plot_cdfs, print_table
+
+    runs = _runs_of(args.runs)
+    if args.labels:
+        names = args.labels.split(",")
+        if len(names) != len(runs):
+            raise ConfigError(f"--labels: {len(names)} labels for {len(runs)} runs")
+        for r, n in zip(runs, names):
+            r.label = n
+    print_table(runs)
+    if args.out != "none":
+        print(f"CDFs: {plot_cdfs(runs, args.out)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sim.report import export_figures, write_report
+
+    out = write_report(args.dir, args.out)
+    print(f"report: {out}")
+    if args.figures:
+        files = export_figures(args.dir, args.figures, args.format)
+        print(f"figures: {len(files)} {args.format.upper()} files in {args.figures}/")
+    return 0
 
 
 def cmd_calibrate(args) -> int:
@@ -454,21 +617,48 @@ def cmd_validate(args) -> int:
 
 
 # ====================================================================== parser
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is argparse.SUPPRESS or action.required
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        if action.default is False or action.default is None and action.nargs == 0:
+            return text + " (default: off)"
+        if action.default is None:
+            return text + " (default: none)"
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import sim
+
     p = argparse.ArgumentParser(prog="tiersim", description="Trace-driven simulator for LLM-inference "
-                                "scheduling, KV tiering and execution-mode research.")
+                                "scheduling, KV tiering and execution-mode research.",
+                                formatter_class=_HelpWithDefaults)
+    p.add_argument("--version", action="version", version=f"tiersim {sim.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="replay a trace through a configured cluster")
-    r.add_argument("--config", help="TOML config file (defaults reproduce the bundled Azure conv run)")
-    r.add_argument("--trace", help="trace file (overrides the config's trace)")
+    def parser(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpWithDefaults, **kw)
+
+    r = parser("run", help="replay a trace through a configured cluster")
+    r.add_argument("--config", help="TOML config file (default: none; the defaults reproduce the bundled "
+                                    "Azure conv run; tiersim config --defaults prints them)")
+    r.add_argument("--preset", help="a shipped scenario preset (tiersim list presets) or a preset file, as the "
+                   "base config (default: none)")
+    r.add_argument("--trace", help="trace file or bundled trace name (default: the config's trace, azure-conv)")
     r.add_argument("--format", choices=["azure", "mooncake", "burstgpt", "csv", "parquet"],
-                   help="trace format (detected from the file when omitted)")
+                   help="trace format (default: detected from the file)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set policies.scheduling.name=chunked-prefill")
-    r.add_argument("--out", help="output directory (default: tiersim-results)")
-    r.add_argument("--seed", type=int, help="random seed")
-    r.add_argument("--plugin", action="append", metavar="MODULE", help="import a module that registers policies")
+                   help="override a config key, e.g. --set policies.scheduling.name=chunked-prefill (default: none)")
+    r.add_argument("--out", help="output directory (default: the config's output.dir, tiersim-results)")
+    r.add_argument("--force", action="store_true", help="overwrite an output directory that already holds files")
+    r.add_argument("--seed", type=int, help="random seed (default: the config's seed, 0)")
+    r.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="a .py file or module that registers policies; recorded in config.toml (default: none)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -476,28 +666,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write OUT/overview.png (latency CDFs, batch size and KV memory over time)")
     r.set_defaults(func=cmd_run)
 
-    pl = sub.add_parser("plot", help="overview figure of a results directory")
-    pl.add_argument("dir", help="a directory written by tiersim run (or one sweep run's directory)")
+    pl = parser("plot", help="overview figure of a results directory")
+    pl.add_argument("dir", help="a directory written by tiersim run, or a sweep directory (its runs' CDFs)")
     pl.add_argument("--out", help="image file (default: DIR/overview.png)")
     pl.set_defaults(func=cmd_plot)
 
-    t = sub.add_parser("trace", help="trace tools")
+    cf = parser("config", help="print a config with every key's meaning (--defaults: the defaults)")
+    cf.add_argument("--defaults", action="store_true", help="the default config (ignores --config and --set)")
+    cf.add_argument("--config", help="a config file to resolve and print (default: none, the defaults)")
+    cf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (default: none)")
+    cf.set_defaults(func=cmd_config)
+
+    cp = parser("compare", help="summary metrics side by side, and overlaid TTFT/ITL/E2E CDFs")
+    cp.add_argument("runs", nargs="+", help="results directories (a sweep directory adds all its runs)")
+    cp.add_argument("--out", default="compare.png",
+                    help="the CDF figure: .png, .pdf or .svg, or 'none'")
+    cp.add_argument("--labels", help="comma-separated run labels (default: the directory names)")
+    cp.set_defaults(func=cmd_compare)
+
+    rp = parser("report", help="a self-contained HTML report of a run or a sweep")
+    rp.add_argument("dir", help="a results directory or a sweep directory")
+    rp.add_argument("--out", help="HTML file (default: DIR/report.html)")
+    rp.add_argument("--figures", metavar="DIR", help="also write every figure to DIR (default: none)")
+    rp.add_argument("--format", choices=["pdf", "svg", "png"], default="pdf", help="format of --figures files")
+    rp.set_defaults(func=cmd_report)
+
+    t = parser("trace", help="trace tools")
     tsub = t.add_subparsers(dest="trace_cmd", required=True)
-    d = tsub.add_parser("describe", help="rate, burstiness, lengths and prefix reuse of a trace")
+    d = tsub.add_parser("describe", help="rate, burstiness, lengths and prefix reuse of a trace",
+                        formatter_class=_HelpWithDefaults)
     d.add_argument("file", help="trace file or bundled trace name (see tiersim list traces)")
-    d.add_argument("--format", choices=["azure", "mooncake", "burstgpt", "csv", "parquet"])
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--format", choices=["azure", "mooncake", "burstgpt", "csv", "parquet"],
+                   help="trace format (default: detected from the file)")
+    d.add_argument("--json", action="store_true", help="print the description as JSON")
     t.set_defaults(func=cmd_trace)
 
-    li = sub.add_parser("list", help="registered policies, presets, bundled traces, shipped cost tables")
+    li = parser("list", help="registered policies, presets, bundled traces, shipped cost tables")
     li.add_argument("what", nargs="?", choices=["policies", "gpus", "models", "servers", "traces", "tables",
-                                                "recipes"])
+                                                "recipes", "presets"])
     li.set_defaults(func=cmd_list)
 
-    ps = sub.add_parser("predict-step", help="predicted time of one engine step, with its per-op breakdown")
-    ps.add_argument("--gpu", default="h100-sxm-80gb")
-    ps.add_argument("--model", default="llama-3.1-8b")
-    ps.add_argument("--phase", choices=["prefill", "decode", "mixed"], required=True)
+    ps = parser("predict-step", help="predicted time of one engine step, with its per-op breakdown")
+    ps.add_argument("--gpu", default="h100-sxm-80gb", help="GPU preset")
+    ps.add_argument("--model", default="llama-3.1-8b", help="model preset")
+    ps.add_argument("--phase", choices=["prefill", "decode", "mixed"], required=True, help="step kind (required)")
     ps.add_argument("--batch", type=int, default=1, help="requests in the step (decodes for --phase mixed)")
     ps.add_argument("--tokens", type=int, default=0, help="prefill: each request's prompt length; "
                     "mixed: the prefill chunk's length")
@@ -506,26 +718,44 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--chunk-context", type=int, default=0, help="mixed: tokens already cached before the chunk")
     ps.add_argument("--mode", default="cuda-graph", help="execution policy (host-launched, cuda-graph, ...)")
     ps.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    ps.add_argument("--backend", choices=["table", "roofline"], default="table")
+    ps.add_argument("--backend", choices=["table", "roofline"], default="table", help="cost backend")
     ps.add_argument("--table", help="cost table name or directory (default: the GPU's shipped table)")
     ps.add_argument("--fallback", choices=["generalise", "roofline", "error"], default="generalise",
                     help="ops the table did not measure at this shape: generalise from the GPU's other "
-                         "measurements (default), the roofline, or an error")
+                         "measurements, the roofline, or an error")
     ps.add_argument("--recipe", default="fused",
                     help="the engine's kernels per op: fused (the reference decoder), torch-unfused, or a .toml")
-    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--json", action="store_true", help="print the result as JSON")
     ps.set_defaults(func=cmd_predict_step)
 
-    sw = sub.add_parser("sweep", help="run a grid of config variants; finished runs survive crashes")
-    sw.add_argument("--config", help="base TOML config")
-    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base key")
-    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                    help="an axis of the sweep (repeat for a cartesian product)")
-    sw.add_argument("--out", required=True, help="sweep directory (rerunning resumes)")
-    sw.add_argument("--quiet", action="store_true")
+    sw = parser("sweep", help="run a grid (and random samples) of config variants in parallel; resumable")
+    sw.add_argument("file", nargs="?", help="a sweep TOML file (see configs/sweeps/); optional when --grid or "
+                                           "--sample give the axes")
+    sw.add_argument("--config", help="base TOML config (default: none, the defaults)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base key (default: none)")
+    sw.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                    help="an axis of the sweep (repeat for a cartesian product; KEY may be trace or plugin) "
+                         "(default: none)")
+    sw.add_argument("--sample", action="append", metavar="KEY=DIST",
+                    help="a random axis: uniform(lo,hi), loguniform(lo,hi), int(lo,hi) or choice(a,b) "
+                         "(default: none)")
+    sw.add_argument("--samples", type=int, help="random draws, crossed with the grid (default: the file's, 0)")
+    sw.add_argument("--sample-seed", type=int, help="seed of the random draws (default: the file's, 0)")
+    sw.add_argument("--trace", action="append", help="a trace for every run; repeated: a trace axis "
+                                                    "(default: the base config's trace)")
+    sw.add_argument("--plugin", action="append", metavar="MODULE",
+                    help="a policy plugin loaded in every worker (default: none)")
+    sw.add_argument("--out", required=True, help="sweep directory; rerunning resumes (required)")
+    sw.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="local worker processes (1: run in this process) (default: the CPU count)")
+    sw.add_argument("--scheduler", metavar="ADDRESS",
+                    help="run on a Dask cluster at ADDRESS, or 'local' for a LocalCluster of --jobs workers "
+                         "(needs tiersim[dask]) (default: none, local processes)")
+    sw.add_argument("--force", action="store_true", help="start over in a directory that holds another sweep")
+    sw.add_argument("--quiet", action="store_true", help="print nothing")
     sw.set_defaults(func=cmd_sweep)
 
-    ca = sub.add_parser("calibrate", help="measure this machine's GPU and fit a cost table")
+    ca = parser("calibrate", help="measure this machine's GPU and fit a cost table")
     try:
         from calibration import cli as calibration_cli
 
@@ -535,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         ca.set_defaults(_calibration_missing=str(exc))
     ca.set_defaults(func=cmd_calibrate)
 
-    va = sub.add_parser("validate", help="compare predicted step times with measured ones (--e2e: whole runs)")
+    va = parser("validate", help="compare predicted step times with measured ones (--e2e: whole runs)")
     try:
         from calibration import validate
 

@@ -7,10 +7,11 @@ links (``network``) carry KV hand-offs between replicas as transfers (``sim.memo
 
 Arrivals come from one process over the pre-sorted trace arrays: at each arrival time the router
 picks a replica from read-only views that bring themselves up to date, and the request joins it.
-Requests carry their trace's ``priority``, ``tenant`` and ``session_id``.
+Requests carry their trace's ``priority``, ``tenant``, ``session_id`` and ``acceptance_rate``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ from sim.clock import exact_delay
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import Channel, PCIeLink
 from sim.hardware.storage import HostDRAM, NVMeDrive
+from sim.memory.future import FutureUses
+from sim.memory.store import SharedStore
 from sim.memory.tiers import TieredKV, prefix_keys
 from sim.memory.transfers import TransferLog, Transfers
 from sim.metrics import RequestLog, StepLog, TokenLog
@@ -45,10 +48,49 @@ class Pool:
     replicas: list = field(default_factory=list)
 
 
-def policy_rng(seed: int, kind: str, replica: int) -> np.random.Generator:
+def policy_rng(seed: int, kind: str, replica: int, tier: int = 0) -> np.random.Generator:
     """The random generator of one policy instance: seeded by the run's seed, the kind and the
-    replica (-1 for cluster-wide policies), so adding a policy never shifts another's stream."""
-    return np.random.default_rng([seed, registry.KINDS.index(kind), replica + 1])
+    replica (-1 for cluster-wide policies) and, for the eviction policies of lower KV tiers, the tier,
+    so adding a policy never shifts another's stream."""
+    key = [seed, registry.KINDS.index(kind), replica + 1] + ([tier] if tier else [])
+    return np.random.default_rng(key)
+
+
+class _Unread:
+    """A replica view for a router that declared it reads none: reading one is that router's bug."""
+
+    __slots__ = ("replica_id",)
+
+    def __init__(self, replica_id: int) -> None:
+        self.replica_id = replica_id
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(f"a routing policy with reads_state = False read {name!r} of a replica view; "
+                           f"declare reads_state = True")
+
+
+class ArrivalFeed:
+    """The requests routed to one replica, in arrival order, pulled by the replica as it plans."""
+
+    __slots__ = ("_cluster", "_replica", "_idx", "_t", "_next")
+
+    def __init__(self, cluster: Cluster, replica: Replica, idx: np.ndarray) -> None:
+        self._cluster, self._replica = cluster, replica
+        self._idx = idx.tolist()
+        self._t = cluster.trace.arrival_s[idx].tolist()
+        self._next = 0
+
+    def next_s(self) -> float:
+        """When the next request routed here arrives (inf: none left)."""
+        return self._t[self._next] if self._next < len(self._t) else math.inf
+
+    def pull(self, now: float) -> None:
+        """Hand the replica every request that has arrived by ``now``."""
+        t, j = self._t, self._next
+        while j < len(t) and t[j] <= now:
+            self._replica.submit(self._cluster.make_request(self._idx[j]), notify=False)
+            j += 1
+        self._next = j
 
 
 class Cluster:
@@ -67,22 +109,41 @@ class Cluster:
         self.pools = [Pool("main", "mixed", sim.gpu.name)]
         self.replicas: list[Replica] = []
         h2d_bw, d2h_bw, lat = sim.pcie_params()
+        cc = cfg.cluster
+        # the KV store the replicas share (Mooncake Store / LMCache-like), when configured
+        self.store = None
+        if cc.shared_kv_bytes:
+            self.store = SharedStore(num_blocks=cc.shared_kv_bytes // sim.host_bytes_per_block,
+                                     block_size=rc.block_size_tokens, bytes_per_block=sim.host_bytes_per_block,
+                                     eviction=sim.build_policy("eviction", -1, tier=3))
+        futures = self._futures(sim) if sim.eviction_needs_future else None
         for i in range(cfg.cluster.num_replicas):
             policies = {kind: sim.build_policy(kind, i) for kind in registry.KINDS if kind != "routing"}
+            lower = {t: sim.build_policy("eviction", i, tier=k) for k, t in ((1, "dram"), (2, "nvme"))}
             kv = TieredKV(block_size=rc.block_size_tokens, hbm_blocks=sim.hbm_blocks, dram_blocks=sim.dram_blocks,
                           nvme_blocks=sim.nvme_blocks, hbm_bytes_per_block=sim.hbm_bytes_per_block,
                           host_bytes_per_block=sim.host_bytes_per_block, prefix_caching=rc.prefix_caching,
-                          eviction=policies["eviction"], guarded=guarded)
+                          eviction=policies["eviction"], guarded=guarded, lower_eviction=lower,
+                          tier_mode=rc.kv_tier_mode, store=self.store)
+            kv.sessions = self.trace.session_id
+            kv.futures = futures
             gpu = GPUGroup(sim.gpu, rc.tensor_parallel_size,
                            reserved_sms=policies["execution"].reserved_sms(sim.gpu.sm_count))
             share = gpu.sm_share
             cost = sim.cost_model(sim.model.name, policies["execution"])
             builder = StepBuilder(cost=cost, sparsity=policies["sparsity"], sm_share=share,
-                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex))
+                                  drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex),
+                                  drafter=policies["speculation"].drafter())
             pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)
             dram, nvme = HostDRAM(env, f"replica{i}", sim.server), NVMeDrive(env, f"replica{i}", sim.server)
             links = {"pcie_h2d": pcie.h2d, "pcie_d2h": pcie.d2h, "nvme_read": nvme.read, "nvme_write": nvme.write,
                      "dram": dram.channel}
+            if self.store is not None:
+                # the replica's NIC, each direction a channel (reads from and writes to the shared store)
+                links["net_read"] = Channel(env, f"replica{i}.net_read", cc.shared_kv_bandwidth_bytes_per_s,
+                                            cc.shared_kv_latency_s)
+                links["net_write"] = Channel(env, f"replica{i}.net_write", cc.shared_kv_bandwidth_bytes_per_s,
+                                             cc.shared_kv_latency_s)
             step_log = StepLog(cfg.metrics.step_log, i, sim.spill / f"steps-replica{i}.parquet",
                                tuple(p.num_blocks * p.bytes_per_block for p in kv.pools))
             replica = Replica(env=env, replica_id=i, kv=kv, builder=builder,
@@ -104,6 +165,15 @@ class Cluster:
                 r.observers.append(self.router)
         self.num_arrived = 0
 
+    def _futures(self, sim: Simulation) -> FutureUses:
+        """Every request's prefix keys, computed offline, for an eviction policy that needs the trace's
+        future (Belady's optimum)."""
+        tr, rc = self.trace, sim.config.replica
+        hashed = tr.hash_offsets is not None and rc.prefix_caching
+        keys = [prefix_keys(tr.block_hashes(i), tr.hash_block_tokens or 0, int(tr.prompt_tokens[i]),
+                            rc.block_size_tokens) if hashed else None for i in range(len(tr))]
+        return FutureUses(keys, tr.arrival_s)
+
     def network(self, src: int, dst: int) -> Channel:
         """The link that carries KV from replica ``src`` to replica ``dst``."""
         ch = self._network.get((src, dst))
@@ -112,18 +182,58 @@ class Cluster:
                                                      self.network_bandwidth_bytes_per_s, 5e-6)
         return ch
 
+    def make_request(self, i: int) -> Request:
+        """Request ``i`` of the trace, with its prefix keys, priority, tenant and session."""
+        tr = self.trace
+        keys = (prefix_keys(tr.block_hashes(i), self._hbt, int(tr.prompt_tokens[i]), self._bs)
+                if self._hashed else None)
+        prio, tenant, session, rate = tr.priority, tr.tenant, tr.session_id, tr.acceptance_rate
+        return Request(idx=i, req_id=int(tr.request_id[i]), arrival_s=float(tr.arrival_s[i]),
+                       prompt_tokens=int(tr.prompt_tokens[i]), output_tokens=int(tr.output_tokens[i]),
+                       priority=int(prio[i]) if prio is not None else 0,
+                       tenant=tenant[i] if tenant is not None else None,
+                       session_id=session[i] if session is not None else None, hash_keys=keys,
+                       acceptance_rate=float(rate[i]) if rate is not None else float("nan"))
+
+    def _route(self, req: Request, views, now: float) -> int:
+        k = self.router.route(FrozenRequest(req) if self.guarded else req, views, now)
+        if not 0 <= k < len(self.replicas):
+            raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of {len(self.replicas)}")
+        return k
+
+    def start(self) -> None:
+        """Set up arrivals: when the router reads no replica state, every request is routed now (in
+        arrival order, as it would be one at a time) and each replica pulls its own arrivals when it
+        next plans, with no SimPy event per arrival; otherwise one process releases them at their
+        arrival times and routes each on the replicas' state then."""
+        rc = self.sim.config.replica
+        tr = self.trace
+        self._hashed = tr.hash_offsets is not None and rc.prefix_caching
+        self._hbt = tr.hash_block_tokens or 0
+        self._bs = rc.block_size_tokens
+        if self.router.reads_state or any(r.watches_arrivals for r in self.replicas):
+            self.env.process(self.arrivals())
+            return
+        views = [_Unread(r.replica_id) for r in self.replicas]
+        t = tr.arrival_s
+        per: list[list[int]] = [[] for _ in self.replicas]
+        for i in range(len(tr)):
+            stub = Request(idx=i, req_id=int(tr.request_id[i]), arrival_s=float(t[i]),
+                           prompt_tokens=int(tr.prompt_tokens[i]), output_tokens=int(tr.output_tokens[i]),
+                           priority=int(tr.priority[i]) if tr.priority is not None else 0,
+                           tenant=tr.tenant[i] if tr.tenant is not None else None,
+                           session_id=tr.session_id[i] if tr.session_id is not None else None)
+            per[self._route(stub, views, float(t[i]))].append(i)
+        for r, idx in zip(self.replicas, per):
+            r.feed = ArrivalFeed(self, r, np.asarray(idx, dtype=np.int64))
+            r.next_arrival_s = r.feed.next_s
+        self.num_arrived = len(tr)
+
     def arrivals(self):
         """SimPy process body: release the trace's requests at their arrival times."""
         env = self.env
-        tr = self.trace
-        t = tr.arrival_s
-        n = len(tr)
-        prompt, output, rid = tr.prompt_tokens, tr.output_tokens, tr.request_id
-        prio, tenant, session = tr.priority, tr.tenant, tr.session_id
-        rc = self.sim.config.replica
-        hashed = tr.hash_offsets is not None and rc.prefix_caching
-        hbt = tr.hash_block_tokens or 0
-        bs = rc.block_size_tokens
+        t = self.trace.arrival_s
+        n = len(t)
         replicas = self.replicas
         views = [r.state_view for r in replicas]
         cursor = [0]
@@ -133,7 +243,6 @@ class Cluster:
 
         for r in replicas:
             r.next_arrival_s = next_arrival
-        route = self.router.route
         i = 0
         while i < n:
             target = float(t[i])
@@ -141,16 +250,8 @@ class Cluster:
                 yield env.timeout(exact_delay(env.now, target))
             now = env.now
             while i < n and t[i] <= now:
-                keys = prefix_keys(tr.block_hashes(i), hbt, int(prompt[i]), bs) if hashed else None
-                req = Request(idx=i, req_id=int(rid[i]), arrival_s=float(t[i]), prompt_tokens=int(prompt[i]),
-                              output_tokens=int(output[i]), priority=int(prio[i]) if prio is not None else 0,
-                              tenant=tenant[i] if tenant is not None else None,
-                              session_id=session[i] if session is not None else None, hash_keys=keys)
-                k = route(FrozenRequest(req) if self.guarded else req, views, now)
-                if not 0 <= k < len(replicas):
-                    raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of "
-                                       f"{len(replicas)}")
-                replicas[k].submit(req)
+                req = self.make_request(i)
+                replicas[self._route(req, views, now)].submit(req)
                 i += 1
                 cursor[0] = i
                 self.num_arrived = i

@@ -34,6 +34,9 @@ from policies.registry import DEFAULTS as DEFAULT_POLICIES
 from policies.registry import KINDS as POLICY_KINDS
 from sim.errors import ConfigError
 
+# bytes per KV element; int4 carries an fp16 scale and zero point per group of 32 (KIVI, ICML 2024)
+KV_DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5 + 4.0 / 32}
+
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
@@ -67,13 +70,13 @@ class TraceConfig:
     treat it as read-only.
     """
 
-    bundled: str = "azure-conv"
-    path: str = ""
-    format: str = ""
+    bundled: str = "azure-conv"     # a trace shipped with tiersim (tiersim list traces)
+    path: str = ""                   # a trace file (or a bundled name); overrides bundled
+    format: str = ""                 # azure, mooncake, burstgpt, csv, parquet; "" = detected from the file
     rate_scale: float = 1.0          # time compression: 8.0 replays the trace at 8x its rate
     max_requests: int = 0            # 0 = all
     start_s: float = 0.0             # time window [start_s, end_s) of the trace; end 0 = to the end
-    end_s: float = 0.0
+    end_s: float = 0.0               # end of the time window, seconds; 0 = to the end of the trace
     repeat: int = 1                  # concatenate the trace this many times, shifted in time
     max_total_tokens: int = 0        # > 0: shorten prompts so prompt + output fits, as Vidur's trace
                                      # replay does (its default is 4096); 0 = leave requests as they are
@@ -129,22 +132,34 @@ class TraceConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
-    name: str = "llama-3.1-8b"
+    name: str = "llama-3.1-8b"      # a model preset (tiersim list models) or a path to your own TOML
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HardwareConfig:
-    gpu: str = "h100-sxm-80gb"
-    server: str = "dgx-h100"
+    gpu: str = "h100-sxm-80gb"      # a GPU preset (tiersim list gpus): SMs, HBM, PCIe
+    server: str = "dgx-h100"        # a server preset (tiersim list servers): host DRAM and NVMe per GPU
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
-    num_replicas: int = 1
+    """Replicas, and the KV store they share (Mooncake Store / LMCache-like; 0 bytes = none): every
+    replica looks it up after its own tiers and reads or writes it over its NIC (``net_read`` /
+    ``net_write``, at the store bandwidth per replica, then PCIe)."""
+
+    num_replicas: int = 1           # serving instances behind the router
+    shared_kv_bytes: int = 0                         # capacity of the KV store the replicas share (0: none)
+    shared_kv_bandwidth_bytes_per_s: float = 50e9    # one 400 Gb/s NIC per GPU (DGX H100's ConnectX-7)
+    shared_kv_latency_s: float = 10e-6               # per copy to or from the store (one RDMA round trip)
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_replicas <= MAX_NUM_REPLICAS, "cluster.num_replicas",
                f"must be in [1, {MAX_NUM_REPLICAS}] (got {self.num_replicas:,})")
+        _check(self.shared_kv_bytes >= 0, "cluster.shared_kv_bytes", f"must be >= 0 (got {self.shared_kv_bytes})")
+        _check(self.shared_kv_bandwidth_bytes_per_s > 0, "cluster.shared_kv_bandwidth_bytes_per_s",
+               f"must be > 0 (got {self.shared_kv_bandwidth_bytes_per_s})")
+        _check(self.shared_kv_latency_s >= 0, "cluster.shared_kv_latency_s",
+               f"must be >= 0 (got {self.shared_kv_latency_s})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,21 +167,29 @@ class ReplicaConfig:
     """One serving instance: memory layout and engine limits.
 
     HBM left for KV = hbm_bytes * gpu_memory_utilization - weights/tp - activation_reserve_bytes.
-    ``dram_kv_bytes``/``nvme_kv_bytes`` size the lower KV tiers (swap space, offload targets).
+    ``dram_kv_bytes``/``nvme_kv_bytes`` size the lower KV tiers (swap space, and the prefix cache's
+    lower tiers when the residency policy keeps blocks there). ``kv_tier_mode``: ``"inclusive"`` (a lower
+    tier keeps a copy of what it pushed up) or ``"exclusive"`` (a block lives in one tier at a time).
+    ``kv_dtype`` overrides the model's KV element size everywhere (capacity, transfer bytes, attention
+    time): ``"bf16"``/``"fp16"`` 2 bytes, ``"fp8"`` 1, ``"int4"`` 0.625 (4 bits plus an fp16 scale and an
+    fp16 zero point per group of 32 elements, KIVI's layout: Liu et al., ICML 2024); ``""`` keeps the
+    model's.
     """
 
-    tensor_parallel_size: int = 1
-    block_size_tokens: int = 16
-    gpu_memory_utilization: float = 0.90
-    activation_reserve_bytes: int = 2 * 1024**3
+    tensor_parallel_size: int = 1           # GPUs per replica (weights and KV heads split across them)
+    block_size_tokens: int = 16             # tokens per paged-KV block
+    gpu_memory_utilization: float = 0.90    # fraction of HBM the engine may use (weights + KV + activations)
+    activation_reserve_bytes: int = 2 * 1024**3   # HBM kept for activations, per GPU
     max_model_len: int = 0                  # 0 = the model's context window
     preemption_mode: str = "recompute"      # or "swap" (to DRAM over PCIe)
     prefix_caching: bool = True             # needs block hashes in the trace to hit
-    dram_kv_bytes: int = 64 * 1024**3
-    nvme_kv_bytes: int = 0
+    dram_kv_bytes: int = 64 * 1024**3       # host DRAM for KV (swap space, offload target), per replica
+    nvme_kv_bytes: int = 0                  # NVMe for KV, per replica; 0 = no NVMe tier
     num_hbm_blocks: int = 0                 # > 0: use exactly this many HBM KV blocks (like vLLM's
                                             # num_gpu_blocks_override), capped by what fits
     bulk_decode: bool = True                # advance predictable decode steps together (exact)
+    kv_tier_mode: str = "inclusive"         # or "exclusive"
+    kv_dtype: str = ""                      # "" (the model's), "bf16", "fp16", "fp8", "int4"
 
     def __post_init__(self) -> None:
         _check(1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE, "replica.tensor_parallel_size",
@@ -187,6 +210,10 @@ class ReplicaConfig:
         _check(self.dram_kv_bytes >= 0, "replica.dram_kv_bytes", f"must be >= 0 (got {self.dram_kv_bytes})")
         _check(self.nvme_kv_bytes >= 0, "replica.nvme_kv_bytes", f"must be >= 0 (got {self.nvme_kv_bytes})")
         _check(self.num_hbm_blocks >= 0, "replica.num_hbm_blocks", f"must be >= 0 (got {self.num_hbm_blocks})")
+        _check(self.kv_tier_mode in ("inclusive", "exclusive"), "replica.kv_tier_mode",
+               f"must be 'inclusive' or 'exclusive' (got {self.kv_tier_mode!r})")
+        _check(self.kv_dtype in KV_DTYPE_BYTES or self.kv_dtype == "", "replica.kv_dtype",
+               f"must be one of {', '.join(repr(k) for k in KV_DTYPE_BYTES)} or '' (got {self.kv_dtype!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,7 +221,7 @@ class CostsConfig:
     """Where step costs come from. ``table`` is a shipped table name or a directory made by calibrate."""
 
     backend: str = "table"                  # "table" | "roofline"
-    table: str = "h100-sxm-80gb"
+    table: str = "h100-sxm-80gb"            # a shipped table (tiersim list tables) or a calibrate directory
     # what a table does for an op it has not measured at the model's shape: "generalise" (from the
     # GPU's other measurements, sim.costs.generalise), "roofline" (the GPU spec), "error"
     fallback: str = "generalise"
@@ -233,27 +260,42 @@ class PoliciesConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsConfig:
-    """SLOs for goodput: a request is good when TTFT <= ttft and its mean inter-token time <= tpot."""
+    """SLOs for goodput. A finished request is good when its TTFT <= ``slo_ttft_s``, its TPOT (the mean
+    time per output token after the first, as vLLM's benchmark and DistServe define it) <=
+    ``slo_tpot_s``, and, when ``slo_itl_s`` > 0, its own ``slo_itl_stat`` of its inter-token gaps
+    ("p99" or "max": a per-token bound like Sarathi-Serve's P99 TBT, which a mean hides: one 385 s
+    stall among many fast tokens keeps the mean low) <= ``slo_itl_s``. 0 switches a bound off."""
 
-    slo_ttft_s: float = 2.0
-    slo_tpot_s: float = 0.1
-    step_log: bool = True
+    slo_ttft_s: float = 2.0                 # time to first token, seconds
+    slo_tpot_s: float = 0.1                 # mean time per output token after the first, seconds; 0 = off
+    slo_itl_s: float = 0.0                  # per-request inter-token latency bound, seconds; 0 = off
+    slo_itl_stat: str = "p99"               # which of a request's token gaps slo_itl_s bounds: "p99", "max",
+                                            # "p50" or "mean"
+    step_log: bool = True                   # write steps.parquet (one row per engine step)
 
     def __post_init__(self) -> None:
         _finite("metrics.slo_ttft_s", self.slo_ttft_s)
         _finite("metrics.slo_tpot_s", self.slo_tpot_s)
+        _finite("metrics.slo_itl_s", self.slo_itl_s)
         _check(self.slo_ttft_s > 0, "metrics.slo_ttft_s", f"must be > 0 (got {self.slo_ttft_s})")
-        _check(self.slo_tpot_s > 0, "metrics.slo_tpot_s", f"must be > 0 (got {self.slo_tpot_s})")
+        _check(self.slo_tpot_s >= 0, "metrics.slo_tpot_s", f"must be >= 0 (0 = off) (got {self.slo_tpot_s})")
+        _check(self.slo_itl_s >= 0, "metrics.slo_itl_s", f"must be >= 0 (0 = off) (got {self.slo_itl_s})")
+        _check(self.slo_itl_stat in ITL_STATS, "metrics.slo_itl_stat",
+               f"must be one of {', '.join(ITL_STATS)} (got {self.slo_itl_stat!r})")
+
+
+ITL_STATS = ("p99", "max", "p50", "mean")   # per-request ITL statistics (requests.parquet: itl_<stat>_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutputConfig:
-    dir: str = "tiersim-results"
+    dir: str = "tiersim-results"    # results directory of tiersim run (--out); never overwritten without --force
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
-    seed: int = 0
+    seed: int = 0                    # seeds every policy's random generator and synthetic traces
+    plugins: tuple[str, ...] = ()    # policy plugins (a .py file or a module) loaded before the run
     trace: TraceConfig = TraceConfig()
     model: ModelConfig = ModelConfig()
     hardware: HardwareConfig = HardwareConfig()
@@ -267,8 +309,10 @@ class SimConfig:
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"seed": self.seed}
+        if self.plugins:     # only when set: configs without plugins keep their hash and TOML
+            out["plugins"] = list(self.plugins)
         for f in dataclasses.fields(self):
-            if f.name == "seed":
+            if f.name in ("seed", "plugins"):
                 continue
             section = getattr(self, f.name)
             if f.name == "policies":
@@ -334,7 +378,7 @@ def _section(cls, data: Any, where: str):
 
 def from_dict(data: Mapping[str, Any], source: str = "config") -> SimConfig:
     """Build and validate a SimConfig from nested mappings (a parsed TOML file)."""
-    known = {"seed", "policies", *SECTIONS}
+    known = {"seed", "plugins", "policies", *SECTIONS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown section or key {unknown[0]!r} "
@@ -345,6 +389,13 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> SimConfig:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed: expected a non-negative integer (got {seed!r})")
         kwargs["seed"] = seed
+    if "plugins" in data:
+        plugins = data["plugins"]
+        if isinstance(plugins, str):
+            plugins = [plugins]
+        if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) and p for p in plugins):
+            raise ConfigError(f"plugins: expected a list of plugin files or modules (got {_short(plugins)})")
+        kwargs["plugins"] = tuple(plugins)
     for name, cls in SECTIONS.items():
         if name in data:
             kwargs[name] = _section(cls, data[name], name)
@@ -395,6 +446,10 @@ def load_config(path: str | Path) -> SimConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):   # a plugin file is found relative to the config file that names it
+        data["plugins"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p.endswith(".py")
+                           and not Path(p).is_absolute() and (path.parent / p).is_file() else p for p in plugins]
     return from_dict(data, str(path))
 
 

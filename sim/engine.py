@@ -1,7 +1,7 @@
 """The simulation: owns the SimPy environment and the run loop, builds the cluster from a config,
 replays the trace and assembles the results.
 
-    from sim.config import SimConfig
+    from sim.config import KV_DTYPE_BYTES, SimConfig
     from sim.engine import Simulation
     results = Simulation(SimConfig()).run()       # the bundled Azure conv trace, Llama-3.1-8B on H100
     results.write("out/")
@@ -13,16 +13,18 @@ except the progress display.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import simpy
 
 import traces
 from policies import registry
 from sim.cluster import Cluster, policy_rng
-from sim.config import SimConfig
+from sim.config import KV_DTYPE_BYTES, SimConfig
 from sim.costs.model import TransformerOps
 from sim.costs.recipe import load_recipe
 from sim.costs.roofline import RooflineBackend
@@ -31,6 +33,7 @@ from sim.costs.table import CostTable, TableBackend, resolve_table_dir
 from sim.errors import ConfigError
 from sim.hardware.gpu import hbm_budget
 from sim.metrics import Results, build_results, spill_dir
+from sim.replica.drafting import drafter_footprint
 from sim.specs import load_gpu, load_model, load_server, spec_to_dict
 from sim.workload import load_trace_for
 
@@ -62,6 +65,9 @@ class Simulation:
         self.check_invariants = check_invariants
         rc = config.replica
         self.model = load_model(config.model.name)
+        if rc.kv_dtype:
+            # one KV element size everywhere: capacity, transfer bytes and attention time
+            self.model = dataclasses.replace(self.model, bytes_per_kv=KV_DTYPE_BYTES[rc.kv_dtype])
         self.gpu = load_gpu(config.hardware.gpu)
         self.server = load_server(config.hardware.server)
         tp = rc.tensor_parallel_size
@@ -73,9 +79,15 @@ class Simulation:
             raise ConfigError(f"replica.max_model_len={rc.max_model_len} exceeds the context window of "
                               f"{self.model.name} ({self.model.max_context_tokens} tokens)")
         # ---- policies: validated now (a bad name or parameter fails before anything runs), built
-        # per replica when the cluster is
-        for kind in registry.KINDS:
-            self.build_policy(kind, -1)
+        # per replica when the cluster is; the config's plugins register theirs first
+        for plugin in config.plugins:
+            registry.load_plugin(plugin)
+        probes = {kind: self.build_policy(kind, -1) for kind in registry.KINDS}
+        self.eviction_needs_future = registry.lookup("eviction", config.policies.eviction.name).needs_future
+        # ---- the speculation policy's drafter: priced on this GPU, its weights and KV in this HBM
+        self.drafter = probes["speculation"].drafter()
+        self.speculating = not probes["speculation"].emits_one_token
+        self.draft_footprint = drafter_footprint(self.drafter, self.model, tp)
         # ---- costs: one backend per model (the target, and drafters named by speculation plans)
         self.table = None
         if config.costs.backend == "table":
@@ -85,9 +97,17 @@ class Simulation:
         # ---- KV geometry
         bs = rc.block_size_tokens
         kv_token_gpu = 2 * self.model.num_layers * self.ops.kv_heads * self.model.head_dim * self.model.bytes_per_kv
-        self.hbm_bytes_per_block = bs * kv_token_gpu
+        self.target_kv_bytes_per_token = kv_token_gpu
+        fp = self.draft_footprint
+        kv_bytes = budget.kv_bytes - fp.weight_bytes
+        if kv_bytes <= 0:
+            raise ConfigError(f"policies.speculation: the {self.drafter.kind} drafter's {fp.weight_bytes / 1e9:.1f} GB "
+                              f"of weights per GPU leave no HBM for KV on {self.gpu.name} (the target left "
+                              f"{budget.kv_bytes / 1e9:.1f} GB)")
+        # a drafter that keeps KV stores it in the target's blocks: each block holds both
+        self.hbm_bytes_per_block = int(round(bs * (kv_token_gpu + fp.kv_bytes_per_token)))
         self.host_bytes_per_block = self.hbm_bytes_per_block * tp
-        self.hbm_blocks = budget.kv_bytes // self.hbm_bytes_per_block
+        self.hbm_blocks = kv_bytes // self.hbm_bytes_per_block
         if rc.num_hbm_blocks:
             if rc.num_hbm_blocks > self.hbm_blocks:
                 raise ConfigError(f"replica.num_hbm_blocks={rc.num_hbm_blocks} exceeds the {self.hbm_blocks} "
@@ -110,11 +130,12 @@ class Simulation:
         self._ran = False
 
     # ------------------------------------------------------------------ building
-    def build_policy(self, kind: str, replica: int):
-        """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide)."""
+    def build_policy(self, kind: str, replica: int, tier: int = 0):
+        """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide);
+        ``tier`` > 0: an eviction policy for a lower KV tier (1 DRAM, 2 NVMe, 3 the shared store)."""
         pc = getattr(self.config.policies, kind)
         policy = registry.build(kind, pc.name, pc.params)
-        policy.attach(policy_rng(self.config.seed, kind, replica))
+        policy.attach(policy_rng(self.config.seed, kind, replica, tier))
         return policy
 
     def _backend(self, model_name: str):
@@ -165,7 +186,7 @@ class Simulation:
         for r in self.replicas:
             r.check_invariants = self.check_invariants
         self.requests = self.cluster.requests
-        env.process(self.cluster.arrivals())
+        self.cluster.start()
         span = float(self.trace.arrival_s[-1]) if len(self.trace) else 0.0
         n = len(self.trace)
         # env.run() with an event counter and, when asked, a wall-clock check every 1024 events
@@ -190,6 +211,51 @@ class Simulation:
                 raise RuntimeError(f"replica {r.replica_id} still has work after the event queue drained")
         return self._results(wall0, wall_run)
 
+    def _speculation_summary(self) -> dict:
+        """``summary["speculation"]``: what the drafts cost and bought, summed over replicas (the
+        per-step ITL, vLLM's definition, is added by ``build_results``)."""
+        reps = self.replicas
+        tot = {k: sum(getattr(r.spec, k) for r in reps) for k in (
+            "steps", "verify_steps", "drafting_decodes", "decodes", "depth", "proposed", "accepted", "verify_rows",
+            "draft_s", "verify_s", "kv_byte_seconds", "rolled_back_blocks", "shortened")}
+        fp = self.draft_footprint
+        d = self.drafter
+        busy = sum(r.steps.busy_s for r in reps)
+        rejected = tot["proposed"] - tot["accepted"]
+        per_draft_token = 2.0 * fp.params / (d.heads if d.kind == "medusa" else 1)
+        hbm_tokens = self.hbm_blocks * self.config.replica.block_size_tokens
+        kv_only = (self.budget.kv_bytes // (self.config.replica.block_size_tokens * self.target_kv_bytes_per_token)
+                   * self.config.replica.block_size_tokens)
+
+        def ratio(a, b):
+            return a / b if b else None
+
+        return {
+            "policy": self.config.policies.speculation.name,
+            "drafter": {"kind": d.kind, "model": d.model, "layers": d.layers, "heads": d.heads, "host_s": d.host_s,
+                        "params": fp.params, "weight_bytes_per_gpu": fp.weight_bytes,
+                        "kv_bytes_per_token_per_gpu": fp.kv_bytes_per_token},
+            "steps": tot["steps"], "verify_steps": tot["verify_steps"],
+            "decode_request_steps": tot["decodes"], "drafting_request_steps": tot["drafting_decodes"],
+            "draft_depth_tokens": tot["depth"], "proposed_tokens": tot["proposed"],
+            "accepted_tokens": tot["accepted"],
+            "acceptance_rate": ratio(tot["accepted"], tot["depth"]),
+            "mean_accepted_length": ratio(tot["accepted"], tot["drafting_decodes"]),
+            "tokens_per_target_step": ratio(tot["drafting_decodes"] + tot["accepted"], tot["drafting_decodes"]),
+            "tokens_per_decode_step": ratio(tot["decodes"] + tot["accepted"], tot["decodes"]),
+            "draft_s": tot["draft_s"], "verify_s": tot["verify_s"],
+            "draft_s_per_verify_step": ratio(tot["draft_s"], tot["verify_steps"]),
+            "verify_s_per_verify_step": ratio(tot["verify_s"], tot["verify_steps"]),
+            "draft_share_of_busy": ratio(tot["draft_s"], busy),
+            "wasted_draft_tokens": rejected,
+            "wasted_verify_flops": 2.0 * self.model.param_count * rejected,
+            "wasted_draft_flops": per_draft_token * rejected if d.kind in ("model", "eagle", "medusa") else 0.0,
+            "lookahead_kv_peak_bytes": max(r.spec.kv_peak_bytes for r in reps),
+            "lookahead_kv_mean_bytes": ratio(tot["kv_byte_seconds"], busy),
+            "rolled_back_blocks": tot["rolled_back_blocks"], "shortened_drafts": tot["shortened"],
+            "hbm_kv_tokens_per_replica": hbm_tokens, "hbm_kv_tokens_without_drafter": kv_only,
+        }
+
     def metadata(self) -> dict:
         cfg = self.config
         config = cfg.to_dict()
@@ -204,6 +270,54 @@ class Simulation:
                       "server": spec_to_dict(self.server)},
         }
 
+    def _kv_tiers(self) -> dict:
+        """The KV hierarchy's figures, summed over replicas (``summary["kv_tiers"]``): hits per tier
+        (token-weighted, and per request), loads and the load-or-recompute choices, write-backs,
+        evictions, prefetch, and the time requests waited for their prefix to land."""
+        reps = self.replicas
+        for r in reps:
+            r.kv.hbm.untag_unused()         # prefetched blocks never used are wasted
+        per = [r.kv.stats() for r in reps]
+
+        def add(a, b):
+            if isinstance(a, dict):
+                return {k: add(a.get(k, 0), b.get(k, 0)) for k in {*a, *b}}
+            return a + b
+
+        tot = per[0]
+        for st in per[1:]:
+            tot = add(tot, st)
+        rc = self.config.replica
+        looked = int(sum(r.kv.lookup_tokens for r in reps))
+        admissions = tot.pop("admissions")
+        ratio = np.sum([r.kv.tier_ratio_sum for r in reps], axis=0)
+        tot.pop("hit_ratio_sum")
+        hits = tot["hit_tokens"]
+        bpb = self.host_bytes_per_block
+        stalls = [r.moves for r in reps]
+        n_stalled = sum(m.num_stalled for m in stalls)
+        stall_s = sum(m.stall_s for m in stalls)
+        store = self.cluster.store
+        out = {
+            "mode": rc.kv_tier_mode, "bytes_per_kv": self.model.bytes_per_kv,
+            "blocks_per_replica": {"hbm": self.hbm_blocks, "dram": self.dram_blocks, "nvme": self.nvme_blocks},
+            "store_blocks": store.pool.num_blocks if store is not None else 0,
+            "lookup_tokens": looked,
+            "token_hit_rate": {t: (v / looked if looked else None) for t, v in sorted(hits.items())},
+            "token_hit_rate_all": (sum(hits.values()) / looked if looked else None),
+            "request_hit_fraction": {t: (float(ratio[i]) / admissions if admissions else None)
+                                     for i, t in enumerate(("hbm", "dram", "nvme", "store"))},
+            "requests_with_hits": tot["hit_requests"],
+            "prefill_tokens_saved": int(sum(hits.values())),
+            "writeback_bytes": int(sum(tot["write_blocks"].values()) * bpb),
+            "stall": {"requests": n_stalled, "total_s": stall_s, "mean_s": stall_s / n_stalled if n_stalled else 0.0,
+                      "max_s": max((m.max_stall_s for m in stalls), default=0.0),
+                      "writeback_wait_s": sum(m.writeback_wait_s for m in stalls)},
+            **tot,
+        }
+        out["admissions"] = admissions
+        return out
+
     def _results(self, wall0: float, wall_run: float) -> Results:
         reps = self.replicas
         kv0 = reps[0].kv
@@ -214,12 +328,16 @@ class Simulation:
             "hbm_bytes_per_block": self.hbm_bytes_per_block, "host_bytes_per_block": self.host_bytes_per_block,
             "hbm_kv_bytes_per_gpu": self.hbm_blocks * self.hbm_bytes_per_block,
             "weight_bytes_per_gpu": self.budget.weight_bytes,
+            "draft_weight_bytes_per_gpu": self.draft_footprint.weight_bytes,
+            "draft_kv_bytes_per_block": self.draft_footprint.kv_bytes_per_token * kv0.block_size,
             "prefix_hit_tokens": int(sum(r.kv.hit_tokens for r in reps)),
             "prefix_lookup_tokens": int(sum(r.kv.lookup_tokens for r in reps)),
             "hbm_evicted_blocks": int(sum(r.kv.hbm.num_evicted for r in reps)),
         }
         looked = kv_info["prefix_lookup_tokens"]
-        kv_info["hbm_prefix_hit_rate"] = kv_info["prefix_hit_tokens"] / looked if looked else None
+        hbm_hits = int(sum(int(r.kv.tier_hit_tokens[0]) for r in reps))
+        kv_info["hbm_prefix_hit_rate"] = hbm_hits / looked if looked else None
+        kv_info["prefix_hit_rate"] = kv_info["prefix_hit_tokens"] / looked if looked else None
         stats = self.cluster.link_stats()
         link_bytes = {
             "pcie_h2d_bytes": int(stats["pcie_h2d"]["bytes"]), "pcie_d2h_bytes": int(stats["pcie_d2h"]["bytes"]),
@@ -247,7 +365,9 @@ class Simulation:
                             token_log=self.cluster.tokens, metadata=self.metadata(), kv_info=kv_info,
                             link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
                             engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
-                            slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill)
+                             slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers(),
+                             speculation=self._speculation_summary() if self.speculating else None,
+                             slo_itl_s=mc.slo_itl_s, slo_itl_stat=mc.slo_itl_stat)
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

@@ -106,7 +106,7 @@ class ModelSpec:
     vocab_size: int
     max_context_tokens: int
     bytes_per_weight: int = 2
-    bytes_per_kv: int = 2
+    bytes_per_kv: float = 2         # bytes per KV element (0.625: int4 with per-group scales)
     tied_embeddings: bool = False
 
     def __post_init__(self) -> None:

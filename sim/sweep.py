@@ -1,34 +1,322 @@
-"""Parameter sweeps that never lose finished runs.
+"""Parameter sweeps: a grid and random samples over config keys, traces and plugins, run in parallel
+(local processes, or a Dask cluster), crash-safe and resumable, with the results as one Parquet dataset.
 
-    from sim.sweep import grid, run_sweep
-    variants = grid({"policies.scheduling.name": ["fcfs", "chunked-prefill"], "trace.rate_scale": [1, 2, 4]})
-    table = run_sweep(SimConfig(), variants, "sweeps/sched")      # a pandas DataFrame, one row per run
+    from sim.sweep import SweepSpec, run_sweep
+    spec = SweepSpec(base=SimConfig(), grid={"policies.scheduling.name": ["fcfs", "chunked-prefill"],
+                                             "trace.rate_scale": [1, 4]})
+    table = run_sweep(spec, "sweeps/sched", jobs=2)    # a DataFrame: one row per run, params + metrics
 
-Every run writes its results into ``OUT/<config hash>/`` as soon as it finishes and appends one line to
-``OUT/sweep.jsonl``; a run that raises is recorded there with its error and the sweep goes on. Running
-the same sweep again skips every run whose results are already on disk, so an interrupted or crashed
-sweep resumes where it stopped.
+A sweep directory holds::
+
+    sweep.toml                 the sweep (base config, axes); a different sweep is refused there
+    index.jsonl                one line per run that finished or failed (error and traceback)
+    summary.parquet, .csv      one row per run: parameter columns, run, config_hash, status, metrics
+    runs/<col>=<value>/...     one complete results directory per run (tiersim report/compare/plot take it)
+    requests/<col>=<value>/.../config_hash=<h>/part-0.parquet   the per-request rows of every run, and
+    steps/...                  the per-step rows: hive-partitioned datasets (pandas, pyarrow, DuckDB)
+
+Axes are dotted config keys, ``trace`` (a bundled trace name or a file) and ``plugin`` (a plugin file or
+module loaded for that run). Parameter columns are named after the key without a leading
+``policies.``, dots turned into underscores (``policies.scheduling.name`` -> ``scheduling_name``,
+``trace.rate_scale`` -> ``trace_rate_scale``). A value in a directory name is its TOML text without
+quotes (``4.0``, ``true``, ``chunked-prefill``), percent-encoded (RFC 3986: everything but letters,
+digits and ``-._~``, so ``a/b`` is ``a%2Fb``); pyarrow and DuckDB decode it. An axis that a variant does
+not set (an explicit point without it) is ``unset``. Random samples are drawn
+once (seeded) and crossed with the grid, so every grid point sees the same draws.
+
+Each run writes its directory in a staging folder (``.tmp/``) with temp-and-rename files and a
+``DONE`` marker last (``sim.results_io``), then renames it into place: a run is done when its marker
+verifies, and anything partial is redone on resume. A worker that dies (killed, out of memory) breaks
+the pool: the driver starts a new one and resubmits what was in flight, up to ``MAX_ATTEMPTS`` times.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
+import math
+import os
+import re
+import shutil
+import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sim.config import SimConfig, with_overrides
+from sim import results_io
+from sim.config import SimConfig, _dump_toml, from_dict, parse_override, with_overrides
+from sim.errors import ConfigError, TiersimError
 
-SUMMARY_COLUMNS = {  # column name -> path into summary.json
-    "ttft_p50_s": ("ttft_s", "p50"), "ttft_p99_s": ("ttft_s", "p99"),
-    "itl_p50_s": ("itl_s", "p50"), "itl_p99_s": ("itl_s", "p99"),
-    "tpot_p50_s": ("tpot_s", "p50"), "e2e_p50_s": ("e2e_s", "p50"), "e2e_p99_s": ("e2e_s", "p99"),
-    "throughput_tok_s": ("throughput", "output_tokens_per_s"), "requests_per_s": ("throughput", "requests_per_s"),
-    "goodput_req_s": ("goodput", "requests_per_s"), "goodput_fraction": ("goodput", "fraction"),
-    "preemptions": ("engine", "preemptions"), "steps": ("engine", "steps"),
-    "finished": ("requests", "finished"), "rejected": ("requests", "rejected"),
-}
+MAX_ATTEMPTS = 3
+UNSET = "unset"    # an axis a variant does not set (Hive's null partition would break pyarrow's dictionary
+                   # unification of the partition column, so a word is used)
+SPECIAL_AXES = ("trace", "plugin")
+METRIC_SECTIONS = ("ttft_s", "itl_s", "tpot_s", "e2e_s", "queueing_s")
+STATS = ("mean", "p50", "p90", "p99", "max")
+
+
+class SweepError(TiersimError):
+    pass
+
+
+# ====================================================================== the sweep
+def column_name(key: str) -> str:
+    """The parameter column of an axis: ``policies.scheduling.name`` -> ``scheduling_name``."""
+    return key.removeprefix("policies.").replace(".", "_")
+
+
+def hive_value(v: Any) -> str:
+    """A value as a directory-name segment: its TOML text, unquoted, percent-encoded."""
+    if isinstance(v, bool):
+        text = "true" if v else "false"
+    elif isinstance(v, float):
+        text = repr(v)
+    elif isinstance(v, (list, tuple)):
+        text = ",".join(str(x) for x in v)
+    else:
+        text = str(v)
+    if text == "":
+        return "%00"
+    return urllib.parse.quote(text, safe="")
+
+
+_DIST = re.compile(r"^(uniform|loguniform|int|choice)\((.*)\)$")
+
+
+def parse_distribution(text: str) -> dict:
+    """``uniform(1,8)``, ``loguniform(0.5,8)``, ``int(256,4096)`` or ``choice(a,b,c)`` (TOML values)."""
+    m = _DIST.match(text.strip())
+    if not m:
+        raise ConfigError(f"--sample {text!r}: expected uniform(lo,hi), loguniform(lo,hi), int(lo,hi) or "
+                          "choice(v1,v2,...)")
+    kind, args = m.group(1), [parse_override(f"x={a.strip()}")[1] for a in m.group(2).split(",")]
+    return _check_dist({kind: args}, text)
+
+
+def _check_dist(d: Any, where: str) -> dict:
+    if not isinstance(d, Mapping) or len(d) != 1:
+        raise ConfigError(f"{where}: a distribution is one of {{uniform = [lo, hi]}}, {{loguniform = [lo, hi]}}, "
+                          "{int = [lo, hi]}, {choice = [...]}")
+    (kind, args), = d.items()
+    if kind not in ("uniform", "loguniform", "int", "choice"):
+        raise ConfigError(f"{where}: unknown distribution {kind!r} (known: uniform, loguniform, int, choice)")
+    if not isinstance(args, (list, tuple)) or not args:
+        raise ConfigError(f"{where}: {kind} needs a list of values")
+    if kind != "choice":
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) \
+                or not args[0] < args[1]:
+            raise ConfigError(f"{where}: {kind} needs [lo, hi] with lo < hi (got {list(args)})")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"{where}: loguniform needs lo > 0 (got {args[0]})")
+        if kind == "int" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"{where}: int needs integer bounds (got {list(args)})")
+    return {kind: list(args)}
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    """A base config, grid axes (key -> values) and random axes (key -> distribution) drawn
+    ``samples`` times with ``sample_seed``; ``plugins`` load for every run."""
+
+    base: SimConfig = dataclasses.field(default_factory=SimConfig)
+    grid: dict[str, list] = dataclasses.field(default_factory=dict)
+    random: dict[str, dict] = dataclasses.field(default_factory=dict)
+    samples: int = 0
+    sample_seed: int = 0
+    plugins: list[str] = dataclasses.field(default_factory=list)
+    points: list[dict] = dataclasses.field(default_factory=list)   # explicit variants, crossed with the grid
+
+    def __post_init__(self) -> None:
+        self.grid = {k: list(v) for k, v in self.grid.items()}
+        self.points = [dict(p) for p in self.points]
+        for k, v in self.grid.items():
+            if not v:
+                raise ConfigError(f"grid.{k}: no values")
+        self.random = {k: _check_dist(v, f"random.{k}") for k, v in self.random.items()}
+        if self.random and self.samples < 1:
+            raise ConfigError("random: set samples = N (>= 1) to draw random axes")
+        both = (set(self.grid) | self._point_keys()) & set(self.random) or set(self.grid) & self._point_keys()
+        if both:
+            raise ConfigError(f"{sorted(both)[0]}: on two axes (grid, points, random)")
+        cols = [column_name(k) for k in self.axes]
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        if dup:
+            raise ConfigError(f"axes {', '.join(k for k in self.axes if column_name(k) == dup[0])}: "
+                              f"share the column name {dup[0]!r}")
+
+    def _point_keys(self) -> set[str]:
+        return {k for p in self.points for k in p}
+
+    @property
+    def axes(self) -> list[str]:
+        pk: list[str] = []
+        for p in self.points:
+            pk += [k for k in p if k not in pk]
+        return [*self.grid, *pk, *self.random]
+
+    def draws(self) -> list[dict]:
+        import numpy as np
+
+        if not self.random:
+            return [{}]
+        rng = np.random.default_rng(self.sample_seed)
+        out = []
+        for _ in range(self.samples):
+            d = {}
+            for key, dist in self.random.items():
+                (kind, a), = dist.items()
+                if kind == "uniform":
+                    d[key] = float(f"{rng.uniform(a[0], a[1]):.6g}")
+                elif kind == "loguniform":
+                    d[key] = float(f"{math.exp(rng.uniform(math.log(a[0]), math.log(a[1]))):.6g}")
+                elif kind == "int":
+                    d[key] = int(rng.integers(a[0], a[1] + 1))
+                else:
+                    d[key] = a[int(rng.integers(len(a)))]
+            out.append(d)
+        return out
+
+    def variants(self) -> list[dict]:
+        """Every run's axis values, grid-major, duplicates (repeated random draws) dropped."""
+        keys = list(self.grid)
+        seen, out = set(), []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            for point, draw in itertools.product(self.points or [{}], self.draws()):
+                v = {**dict(zip(keys, values)), **point, **draw}
+                tag = json.dumps(v, sort_keys=True, default=str)
+                if tag not in seen:
+                    seen.add(tag)
+                    out.append(v)
+        return out
+
+    def config_for(self, values: Mapping[str, Any]) -> SimConfig:
+        """The base config with one variant's values applied (``trace`` and ``plugin`` axes included)."""
+        overrides: dict[str, Any] = {}
+        plugins = list(self.base.plugins) + [p for p in self.plugins if p not in self.base.plugins]
+        for key, v in values.items():
+            if key == "trace":
+                import traces
+
+                if isinstance(v, str) and v in traces.BUNDLED and not Path(v).is_file():
+                    overrides.update({"trace.bundled": v, "trace.path": ""})
+                else:
+                    overrides.update({"trace.path": str(v)})
+            elif key == "plugin":
+                plugins += [p for p in ([v] if isinstance(v, str) else list(v)) if p not in plugins]
+            else:
+                overrides[key] = v
+        if plugins:
+            overrides["plugins"] = plugins
+        return with_overrides(self.base, overrides)
+
+    def run_path(self, values: Mapping[str, Any]) -> str:
+        """``runs/``-relative directory of a variant: ``col=value/col=value`` in axis order."""
+        parts = [f"{column_name(k)}={hive_value(values[k]) if k in values else UNSET}" for k in self.axes]
+        for p in parts:
+            if len(p.encode()) > 255:
+                raise ConfigError(f"{p[:40]}...: a parameter value too long for a directory name (255 bytes)")
+        return "/".join(parts) or "all"
+
+    def to_dict(self) -> dict:
+        return {"plugins": list(self.plugins), "samples": self.samples, "sample_seed": self.sample_seed,
+                "grid": self.grid, "random": self.random, "points": self.points, "base": self.base.to_dict()}
+
+    def to_toml(self) -> str:
+        d = self.to_dict()
+        base = d.pop("base")
+        base.pop("output", None)   # where the base would write does not change the sweep
+        lines = ["# tiersim sweep (written by tiersim sweep; rerun with: tiersim sweep THIS_FILE --out DIR)"]
+        lines.append(_dump_toml({k: v for k, v in d.items() if k in ("plugins", "samples", "sample_seed")}))
+        for section in ("grid", "random"):
+            if d[section]:
+                lines.append(f"\n[{section}]")
+                for k, v in d[section].items():
+                    lines.append(f"{json.dumps(k)} = {_toml_inline(v)}")
+        for p in d["points"]:
+            lines.append("\n[[points]]")
+            lines += [f"{json.dumps(k)} = {_toml_inline(v)}" for k, v in p.items()]
+        lines.append("\n" + _dump_toml({"base": base}))
+        return "\n".join(lines) + "\n"
+
+
+def _toml_inline(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_inline(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_inline(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def load_sweep_file(path: str | Path) -> SweepSpec:
+    """A sweep TOML file: ``config`` (a base config file, relative to this file) or a ``[base]`` table,
+    ``[set]`` overrides of the base, ``[grid]`` key = [values], ``[random]`` key = {uniform = [lo, hi]},
+    ``samples``, ``sample_seed`` and ``plugins`` (relative to this file)."""
+    import tomllib
+
+    from sim.config import load_config
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the sweep file ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    known = {"config", "base", "set", "grid", "random", "points", "samples", "sample_seed", "plugins"}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ConfigError(f"{path}: unknown key {bad[0]!r} (known: {', '.join(sorted(known))})")
+    here = path.parent
+
+    def rel(p: str) -> str:
+        q = Path(p)
+        return str((here / q).resolve()) if not q.is_absolute() and (here / q).exists() else p
+
+    if "config" in data and "base" in data:
+        raise ConfigError(f"{path}: give config = FILE or a [base] table, not both")
+    base = load_config(rel(data["config"])) if "config" in data else from_dict(data.get("base", {}), f"{path}: base")
+    if data.get("set"):
+        base = with_overrides(base, dict(_flatten(data["set"])))
+    for section in ("grid", "random"):
+        if not isinstance(data.get(section, {}), Mapping):
+            raise ConfigError(f"{path}: [{section}] must be a table of key = ...")
+    grid = {}
+    for k, v in data.get("grid", {}).items():
+        if not isinstance(v, list):
+            raise ConfigError(f"{path}: grid.{k}: expected a list of values (got {v!r})")
+        grid[k] = [rel(x) if k in SPECIAL_AXES and isinstance(x, str) else x for x in v]
+    points = [{k: rel(x) if k in SPECIAL_AXES and isinstance(x, str) else x for k, x in p.items()}
+              for p in data.get("points", [])]
+    return SweepSpec(base=base, grid=grid, random=dict(data.get("random", {})), samples=int(data.get("samples", 0)),
+                     points=points,
+                     sample_seed=int(data.get("sample_seed", 0)), plugins=[rel(p) for p in data.get("plugins", [])])
+
+
+def _flatten(d: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and "." not in k and key.split(".")[0] in ("trace", "model", "hardware", "cluster",
+                                                                               "replica", "costs", "policies",
+                                                                               "metrics", "output") \
+                and not key.endswith("columns"):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def parse_axis(text: str) -> tuple[str, list[Any]]:
+    """``key=v1,v2,v3`` -> (key, [v1, v2, v3]) with TOML-literal values."""
+    key, _, values = text.partition("=")
+    if not values:
+        raise ConfigError(f"--grid {text!r}: expected key=value1,value2,...")
+    return key, [parse_override(f"{key}={v}")[1] for v in values.split(",")]
 
 
 def grid(axes: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
@@ -37,70 +325,360 @@ def grid(axes: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(list(axes[k]) for k in keys))]
 
 
-def _row(overrides: dict, config_hash: str, summary: dict | None, status: str, error: str = "") -> dict:
-    row = {**{f"set:{k}": v for k, v in overrides.items()}, "config_hash": config_hash, "status": status,
-           "error": error}
-    if summary is not None:
-        for col, (a, b) in SUMMARY_COLUMNS.items():
-            row[col] = summary.get(a, {}).get(b)
+# ====================================================================== one run (in a worker)
+_QUEUE = None
+
+
+def _init_worker(queue) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def execute(task: dict) -> dict:
+    """Run one variant in this process and publish its results directory; returns its index row.
+    A simulation that raises is a ``failed`` row; this process dying is the driver's business."""
+    from sim.engine import Simulation
+
+    t0 = time.perf_counter()
+    sweep_dir, rel = Path(task["sweep_dir"]), task["run"]
+    row = {"run": rel, "config_hash": task["config_hash"], "params": task["params"]}
+    try:
+        cfg = from_dict(task["config"], "sweep")
+        cb = None
+        if _QUEUE is not None:
+            def cb(p, _q=_QUEUE, _key=rel):
+                with contextlib.suppress(Exception):
+                    _q.put_nowait((_key, p.finished, p.total, p.sim_time_s, p.trace_span_s))
+        res = Simulation(cfg, progress=cb).run()
+        staging = sweep_dir / ".tmp" / f"{task['config_hash'][:16]}-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        res.write(staging, {"config.toml": cfg.to_toml()})
+        publish(staging, sweep_dir, rel, task["config_hash"])
+        row.update(status="done", error="", wall_s=time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - one failed run must not cost the others
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc(limit=8)[-3000:], wall_s=time.perf_counter() - t0)
     return row
 
 
-def run_sweep(base: SimConfig, variants: list[Mapping[str, Any]], out_dir: str | Path,
-              progress: Callable[[str], None] | None = print) -> "Any":
-    """Run every variant of ``base``; returns a DataFrame with the overrides, status and key metrics."""
-    import pandas as pd
+def publish(staging: Path, sweep_dir: Path, rel: str, config_hash: str) -> Path:
+    """Move a complete staging directory to ``runs/REL`` (replacing anything partial there), then link its
+    tables into the datasets."""
+    final = sweep_dir / "runs" / rel
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        if results_io.verify(final) is None:     # another attempt finished it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+            link_tables(sweep_dir, rel, config_hash)
+            return final
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    results_io.kill_point("publish")
+    link_tables(sweep_dir, rel, config_hash)
+    return final
 
-    from sim.engine import Simulation
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "sweep.jsonl"
+DATASETS = ("requests", "steps")
+
+
+def dataset_part(sweep_dir: Path, table: str, rel: str, config_hash: str) -> Path:
+    return sweep_dir / table / rel / f"config_hash={config_hash[:16]}" / "part-0.parquet"
+
+
+def link_tables(sweep_dir: Path, rel: str, config_hash: str) -> None:
+    """Hard-link (else copy) a run's requests and steps files into the hive datasets, atomically."""
+    run = sweep_dir / "runs" / rel
+    for table in DATASETS:
+        src = run / f"{table}.parquet"
+        dst = dataset_part(sweep_dir, table, rel, config_hash)
+        if dst.exists() and dst.stat().st_size == src.stat().st_size and os.path.samefile(src, dst):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with results_io.atomic_path(dst) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+
+
+# ====================================================================== the driver
+def _reap_staging(sweep_dir: Path) -> None:
+    tmp = sweep_dir / ".tmp"
+    if not tmp.is_dir():
+        return
+    for p in tmp.iterdir():
+        m = re.match(r"^[0-9a-f]{16}-(\d+)$", p.name)
+        if not m or not results_io.pid_alive(int(m.group(1))) or int(m.group(1)) == os.getpid():
+            shutil.rmtree(p, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        tmp.rmdir()
+
+
+def _reap_dataset_tmp(sweep_dir: Path) -> None:
+    for table in DATASETS:
+        root = sweep_dir / table
+        if root.is_dir():
+            for p in root.rglob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+def read_index(sweep_dir: str | Path) -> list[dict]:
+    """The index's rows; a line cut short by a kill is skipped."""
+    p = Path(sweep_dir) / "index.jsonl"
     rows = []
-    for i, overrides in enumerate(variants):
-        overrides = dict(overrides)
+    if p.exists():
+        for line in p.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def _append_index(sweep_dir: Path, row: dict) -> None:
+    p = sweep_dir / "index.jsonl"
+    data = (json.dumps(row, default=str, sort_keys=True) + "\n").encode()
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        if os.fstat(fd).st_size:
+            with open(p, "rb") as fh:       # a line cut short by a kill: end it first
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def metrics_row(summary: dict) -> dict:
+    """The summary's headline figures as flat columns (``ttft_p99_s``, ``goodput_fraction``, ...)."""
+    row: dict[str, Any] = {}
+    for sec in METRIC_SECTIONS:
+        base = sec.removesuffix("_s")
+        for st in STATS:
+            row[f"{base}_{st}_s"] = (summary.get(sec) or {}).get(st)
+    th, gp = summary.get("throughput", {}), summary.get("goodput", {})
+    rq, en, kv = summary.get("requests", {}), summary.get("engine", {}), summary.get("kv", {})
+    row.update({
+        "requests_per_s": th.get("requests_per_s"), "throughput_tok_s": th.get("output_tokens_per_s"),
+        "total_tok_s": th.get("total_tokens_per_s"), "goodput_req_s": gp.get("requests_per_s"),
+        "goodput_fraction": gp.get("fraction"), "finished": rq.get("finished"), "rejected": rq.get("rejected"),
+        "preemptions": en.get("preemptions"), "steps": en.get("steps"), "mean_batch_seqs": en.get("mean_batch_seqs"),
+        "hbm_peak_active_bytes": kv.get("hbm_peak_active_bytes"), "prefix_hit_rate": kv.get("hbm_prefix_hit_rate"),
+        "makespan_s": (summary.get("time") or {}).get("makespan_s"),
+    })
+    return row
+
+
+def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | None = None,
+              out_dir: str | Path = "sweep", *, jobs: int | None = None, scheduler: str | None = None,
+              progress: Any = None, force: bool = False):
+    """Run every variant not already done; returns the summary table (a DataFrame, one row per run).
+
+    ``jobs``: local worker processes (default: the CPU count; 1 runs in this process).
+    ``scheduler``: a Dask scheduler address, or ``"local"`` for a ``LocalCluster`` of ``jobs`` workers.
+    ``progress``: a :class:`sim.progress.SweepProgress` (or None). ``force``: start over in ``out_dir``.
+    The old form ``run_sweep(base_config, [overrides, ...], out_dir)`` runs a list of override dicts.
+    """
+    if isinstance(spec, SimConfig):     # run_sweep(base, variants, out): each override dict is a point
+        spec, variants = _spec_from_variants(spec, variants or [{}])
+    out = Path(out_dir)
+    _prepare(out, spec, force)
+    variants = spec.variants() if variants is None else variants
+    rows: dict[str, dict] = {}
+    order: list[str] = []
+    tasks: list[dict] = []
+    indexed_done = {(r.get("run"), r.get("config_hash")) for r in read_index(out) if r.get("status") == "done"}
+    for values in variants:
+        params = {column_name(k): v for k, v in values.items()}
         try:
-            cfg = with_overrides(base, overrides)
+            rel = spec.run_path(values)
+            cfg = spec.config_for(values)
         except Exception as exc:  # noqa: BLE001 - a bad variant is recorded, not fatal
-            row = _row(overrides, "", None, "invalid", f"{type(exc).__name__}: {exc}")
-            rows.append(row)
-            with log.open("a") as fh:
-                fh.write(json.dumps(row, default=str) + "\n")
+            rel = spec.run_path(values) if values else "all"
+            row = {"run": rel, "config_hash": "", "params": params, "status": "invalid",
+                   "error": f"{type(exc).__name__}: {exc}"}
+            _append_index(out, row)
+            rows[rel] = row
+            order.append(rel)
             continue
         h = cfg.hash()
-        run_dir = out / h[:16]
-        summary_path = run_dir / "summary.json"
-        if summary_path.exists():
-            rows.append(_row(overrides, h, json.loads(summary_path.read_text()), "done (resumed)"))
-            if progress:
-                progress(f"[{i + 1}/{len(variants)}] {overrides}: already done")
+        order.append(rel)
+        run_dir = out / "runs" / rel
+        if results_io.verify(run_dir) is None and (results_io.read_marker(run_dir) or {}).get("config_hash") == h:
+            link_tables(out, rel, h)       # repairs a dataset link a kill left out
+            row = {"run": rel, "config_hash": h, "params": params, "status": "done (resumed)", "error": ""}
+            if (rel, h) not in indexed_done:   # finished, but the driver died before it wrote the line
+                _append_index(out, {**row, "status": "done"})
+            rows[rel] = row
             continue
+        tasks.append({"sweep_dir": str(out.resolve()), "run": rel, "config_hash": h, "params": params,
+                      "config": cfg.to_dict()})
+    if progress is not None:
+        progress.start(len(order), len(order) - len(tasks))
+
+    def record(row: dict) -> None:
+        row = {k: v for k, v in row.items()}
+        _append_index(out, row)
+        rows[row["run"]] = row
+        if progress is not None:
+            progress.run_finished(row["run"], row["status"] + (f" ({row['error']})" if row.get("error") else ""),
+                                  row.get("wall_s"))
+
+    try:
+        if tasks:
+            if scheduler:
+                _run_dask(tasks, scheduler, jobs, record)
+            elif (jobs or os.cpu_count() or 1) <= 1 or len(tasks) == 1:
+                _run_serial(tasks, record, progress)
+            else:
+                _run_pool(tasks, jobs or os.cpu_count() or 1, record, progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    _reap_staging(out)
+    return write_summary(out, [rows[r] for r in order])
+
+
+def _spec_from_variants(base: SimConfig, variants: list[Mapping[str, Any]]) -> tuple[SweepSpec, list[dict]]:
+    spec = SweepSpec(base=base, points=[dict(v) for v in variants])
+    return spec, spec.variants()
+
+
+def _prepare(out: Path, spec: SweepSpec, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out}: exists and is not a directory")
+    stored = out / "sweep.toml"
+    text = spec.to_toml()
+    if stored.exists() and not force:
+        if stored.read_text() != text:
+            raise SweepError(f"{out}: holds a different sweep (its sweep.toml differs); use another --out, or "
+                             "--force to start over there")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise SweepError(f"{out}: exists and is not a sweep directory; use another --out, or --force")
+    if force and out.exists():
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    results_io.reap_spill_dirs()
+    _reap_staging(out)
+    _reap_dataset_tmp(out)
+    results_io.write_text_atomic(stored, text)
+
+
+def _run_serial(tasks: list[dict], record: Callable[[dict], None], progress) -> None:
+    global _QUEUE
+    for t in tasks:
+        if progress is not None and progress.live:
+            class _Q:
+                def put_nowait(self, item):
+                    progress.run_update(*item)
+            _QUEUE = _Q()
         try:
-            res = Simulation(cfg).run()
-            res.write(run_dir)
-            (run_dir / "config.toml").write_text(cfg.to_toml())
-            row = _row(overrides, h, res.summary, "done")
-        except Exception as exc:  # noqa: BLE001 - one failed run must not cost the others
-            row = _row(overrides, h, None, "failed", f"{type(exc).__name__}: {exc}")
-            row["traceback"] = traceback.format_exc(limit=6)[-3000:]
-        rows.append(row)
-        with log.open("a") as fh:
-            fh.write(json.dumps(row, default=str) + "\n")
-        if progress:
-            progress(f"[{i + 1}/{len(variants)}] {overrides}: {row['status']}"
-                     + (f" ({row['error']})" if row["error"] else ""))
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "sweep.csv", index=False)
-    return table
+            record(execute(t))
+        finally:
+            _QUEUE = None
 
 
-def parse_axis(text: str) -> tuple[str, list[Any]]:
-    """``key=v1,v2,v3`` → (key, [v1, v2, v3]) with TOML-literal values."""
-    from sim.config import parse_override
+def _run_pool(tasks: list[dict], jobs: int, record: Callable[[dict], None], progress) -> None:
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    key, _, values = text.partition("=")
-    if not values:
-        from sim.errors import ConfigError
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue() if progress is not None and progress.live else None
+    stop = threading.Event()
+    if queue is not None:
+        def pump():
+            import queue as q
 
-        raise ConfigError(f"--grid {text!r}: expected key=value1,value2,...")
-    return key, [parse_override(f"{key}={v}")[1] for v in values.split(",")]
+            while not stop.is_set():
+                try:
+                    item = queue.get(timeout=0.2)
+                except q.Empty:
+                    continue
+                except Exception:  # noqa: BLE001 - a worker killed mid-message: no more live updates
+                    return
+                progress.run_update(*item)
+        threading.Thread(target=pump, daemon=True).start()
+    attempts: dict[str, int] = {}
+    pending = list(tasks)
+    try:
+        while pending:
+            ex = ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
+                                     initializer=_init_worker, initargs=(queue,))
+            futs = {ex.submit(execute, t): t for t in pending}
+            pending = []
+            done_runs: set[str] = set()
+            try:
+                for f in as_completed(futs):
+                    row = f.result()
+                    done_runs.add(futs[f]["run"])
+                    record(row)
+            except BrokenProcessPool:
+                for f, t in futs.items():
+                    if t["run"] in done_runs:
+                        continue
+                    if f.done() and not f.cancelled() and f.exception() is None:
+                        record(f.result())
+                        continue
+                    attempts[t["run"]] = attempts.get(t["run"], 0) + 1
+                    if attempts[t["run"]] >= MAX_ATTEMPTS:
+                        record({"run": t["run"], "config_hash": t["config_hash"], "params": t["params"],
+                                "status": "failed", "error": f"the worker process died {MAX_ATTEMPTS} times "
+                                                             "running it (killed, or out of memory?)"})
+                    else:
+                        pending.append(t)
+            finally:
+                ex.shutdown(wait=True, cancel_futures=True)
+            _reap_staging(Path(tasks[0]["sweep_dir"]))
+            results_io.reap_spill_dirs()
+    finally:
+        stop.set()
+
+
+def _run_dask(tasks: list[dict], scheduler: str, jobs: int | None, record: Callable[[dict], None]) -> None:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise SweepError("--scheduler needs Dask: pip install 'tiersim[dask]'") from None
+    cluster = None
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=jobs or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        futs = [client.submit(execute, t, pure=False, key=f"tiersim-run-{t['config_hash'][:16]}") for t in tasks]
+        for f in as_completed(futs):
+            record(f.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def write_summary(out: Path, rows: list[dict]):
+    """``summary.parquet`` and ``summary.csv``: one row per run, from the runs' own ``summary.json``."""
+    import pandas as pd
+
+    table = []
+    for r in rows:
+        row = {**(r.get("params") or {}), "run": r["run"], "config_hash": r.get("config_hash", ""),
+               "status": r["status"], "error": r.get("error", "")}
+        if r["status"].startswith("done"):
+            with contextlib.suppress(OSError, ValueError):
+                row.update(metrics_row(json.loads((out / "runs" / r["run"] / "summary.json").read_text())))
+        table.append(row)
+    params: list[str] = []
+    for r in rows:      # parameter columns first, in axis order (a point may leave one out)
+        params += [k for k in (r.get("params") or {}) if k not in params]
+    df = pd.DataFrame(table)
+    df = df[[*params, *(c for c in df.columns if c not in params)]]
+    with results_io.atomic_path(out / "summary.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    with results_io.atomic_path(out / "summary.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    return df

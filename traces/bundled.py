@@ -51,6 +51,13 @@ BUNDLED: Mapping[str, BundledFile] = MappingProxyType({f.name: f for f in (
                 attribution='Qin et al., "Mooncake: Trading More Storage for Less Computation - A '
                             'KVCache-centric Architecture for Serving LLM Chatbot", FAST 2025',
                 upstream="github.com/kvcache-ai/Mooncake FAST25-release/traces/conversation_trace.jsonl"),
+    BundledFile(name="mooncake-synthetic", file="synthetic_trace.jsonl.gz", format="mooncake",
+                description="Mooncake FAST'25 synthetic trace: 3,993 requests from public datasets over "
+                            "17.0 min, Poisson arrivals, 512-token prefix-block hashes",
+                license="Apache-2.0",
+                attribution='Qin et al., "Mooncake: Trading More Storage for Less Computation - A '
+                            'KVCache-centric Architecture for Serving LLM Chatbot", FAST 2025',
+                upstream="github.com/kvcache-ai/Mooncake FAST25-release/traces/synthetic_trace.jsonl"),
     BundledFile(name="sharegpt-lengths", file="sharegpt_8k_filtered_stats_llama2_tokenizer.csv.gz",
                 format="lengths",
                 description="ShareGPT prompt/output lengths (Llama-2 tokenizer, <= 8K): 30,731 rows, "

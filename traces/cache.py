@@ -22,9 +22,9 @@ import numpy as np
 
 from traces.schema import Trace
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: the acceptance_rate column (entries written before it are parsed again)
 _ARRAYS = ("arrival_s", "prompt_tokens", "output_tokens", "request_id", "hash_offsets", "hash_values",
-           "session_id", "priority", "tenant")
+           "session_id", "priority", "tenant", "acceptance_rate")
 
 
 def cache_dir() -> Path | None:

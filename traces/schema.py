@@ -10,7 +10,9 @@ A trace is one row per request. Required columns:
 ==================  ============  ====================================================================
 
 Optional columns: ``block_hashes`` (list<int64>, prefix-block hashes over ``hash_block_tokens``-token
-blocks, recorded as table metadata), ``session_id`` (string), ``priority`` (int32), ``tenant`` (string).
+blocks, recorded as table metadata), ``session_id`` (string), ``priority`` (int32), ``tenant`` (string),
+``acceptance_rate`` (float64 in [0, 1]: the rate at which a speculative drafter's tokens are accepted
+for this request, for ``acceptance = "column"``).
 
 In memory the simulator uses :class:`Trace`, which holds numpy arrays (block hashes in CSR form). On disk
 and between tools the form is an Arrow table (:meth:`Trace.to_arrow`), whose schema metadata carries
@@ -41,7 +43,8 @@ if TYPE_CHECKING:
 # Canonical columns and their Arrow types, by name. The mappings to ``pyarrow`` types are built on
 # first use (module ``__getattr__`` below), so that importing the schema does not import pyarrow.
 _REQUIRED_TYPES = {"request_id": "int64", "arrival_s": "float64", "prompt_tokens": "int64", "output_tokens": "int64"}
-_OPTIONAL_TYPES = {"block_hashes": "list<int64>", "session_id": "string", "priority": "int32", "tenant": "string"}
+_OPTIONAL_TYPES = {"block_hashes": "list<int64>", "session_id": "string", "priority": "int32", "tenant": "string",
+                   "acceptance_rate": "float64"}
 REQUIRED_NAMES = tuple(_REQUIRED_TYPES)
 OPTIONAL_NAMES = tuple(_OPTIONAL_TYPES)
 CANONICAL_NAMES = REQUIRED_NAMES + OPTIONAL_NAMES
@@ -249,6 +252,15 @@ def _float_array(name: str, values: Any, checks: list[RowCheck]) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
+def _rate_array(values: Any, checks: list[RowCheck]) -> np.ndarray:
+    """``acceptance_rate``: finite numbers in [0, 1]."""
+    arr = _float_array("acceptance_rate", values, checks)
+    bad = ~np.isfinite(arr) | (arr < 0.0) | (arr > 1.0)
+    if bad.any():
+        checks.append(RowCheck("acceptance_rate", bad, lambda i: f"acceptance rate {show(arr[i])} is not in [0, 1]"))
+    return arr
+
+
 def _str_array(name: str, values: Any, checks: list[RowCheck]) -> np.ndarray:
     arr = np.asarray(values, dtype=object)
     bad = np.fromiter((not isinstance(v, str) for v in arr), dtype=bool, count=arr.size)
@@ -295,6 +307,7 @@ class Trace:
     session_id: np.ndarray | None = None
     priority: np.ndarray | None = None
     tenant: np.ndarray | None = None
+    acceptance_rate: np.ndarray | None = None
     name: str = "trace"
     source: str = ""
     meta: dict = field(default_factory=dict)
@@ -316,6 +329,8 @@ class Trace:
                 "tenant": None if self.tenant is None else _str_array("tenant", self.tenant, checks),
                 "priority": None if self.priority is None else _int_array("priority", self.priority, np.int32,
                                                                               checks),
+                "acceptance_rate": None if self.acceptance_rate is None else _rate_array(self.acceptance_rate,
+                                                                                         checks),
             }
         except TraceError as exc:
             self._fail(exc.detail, field=exc.field)
@@ -457,6 +472,8 @@ class Trace:
             arrays["priority"] = pa.array(self.priority, pa.int32())
         if self.tenant is not None:
             arrays["tenant"] = pa.array(self.tenant, pa.string())
+        if self.acceptance_rate is not None:
+            arrays["acceptance_rate"] = pa.array(self.acceptance_rate, pa.float64())
         metadata = {META_META: json.dumps(self.meta, sort_keys=True, default=str).encode(),
                     META_NAME: self.name.encode(), META_SOURCE: self.source.encode()}
         if self.hash_block_tokens is not None:
@@ -529,8 +546,8 @@ class Trace:
                        hash_offsets=offsets, hash_values=values,
                        hash_block_tokens=hash_block_tokens if offsets is not None else None,
                        session_id=np_cols.get("session_id"), priority=np_cols.get("priority"),
-                       tenant=np_cols.get("tenant"), name="trace" if label is None else label, source=source,
-                       meta=meta)
+                       tenant=np_cols.get("tenant"), acceptance_rate=np_cols.get("acceptance_rate"),
+                       name="trace" if label is None else label, source=source, meta=meta)
         except TraceError as exc:
             if path is None:
                 raise
@@ -568,6 +585,8 @@ class Trace:
                 feed(key, b"".join(len(b).to_bytes(4, "little") + b for b in (s.encode() for s in arr)))
         if self.priority is not None:
             feed("priority", self.priority.astype("<i4").tobytes())
+        if self.acceptance_rate is not None:
+            feed("acceptance_rate", self.acceptance_rate.astype("<f8").tobytes())
         out = {"name": self.name, "source": self.source, "num_requests": len(self),
                "transforms": copy.deepcopy(self.meta.get("transforms", [])), "sha256": h.hexdigest()}
         dropped = self.dropped_rows
@@ -660,6 +679,7 @@ def take_rows(trace: Trace, index: np.ndarray, **changes: Any) -> Trace:
         "session_id": None if trace.session_id is None else trace.session_id[index],
         "priority": None if trace.priority is None else trace.priority[index],
         "tenant": None if trace.tenant is None else trace.tenant[index],
+        "acceptance_rate": None if trace.acceptance_rate is None else trace.acceptance_rate[index],
     }
     if trace.hash_offsets is not None:
         fields["hash_offsets"], fields["hash_values"] = _take_csr(trace.hash_offsets, trace.hash_values, index)

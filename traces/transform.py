@@ -80,6 +80,7 @@ def repeat(trace: Trace, times: int, *, distinct_hashes: bool = False) -> Trace:
         "request_id": np.arange(n * times, dtype=np.int64),
         "prompt_tokens": tiled(trace.prompt_tokens), "output_tokens": tiled(trace.output_tokens),
         "session_id": tiled(trace.session_id), "priority": tiled(trace.priority), "tenant": tiled(trace.tenant),
+        "acceptance_rate": tiled(trace.acceptance_rate),
         "meta": _meta(trace, "repeat", times=times, period_s=float(period), distinct_hashes=bool(distinct_hashes)),
     }
     if trace.hash_values is not None:

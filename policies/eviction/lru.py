@@ -9,6 +9,8 @@ from policies.registry import register
 class LRU(EvictionPolicy):
     """Evict the least recently used cached block; drop the longest-swapped request's DRAM copy."""
 
+    lru_equivalent = True
+
     def evict_cached(self, view: CacheView, num_blocks: int, now: float) -> list[int]:
         return view.lru_order(num_blocks)
 

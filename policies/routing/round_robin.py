@@ -9,5 +9,7 @@ from policies.registry import register
 class RoundRobin(RoutingPolicy):
     """Request i (in arrival order) goes to replica i mod N; needs no replica state."""
 
+    reads_state = False
+
     def route(self, request, replicas, now: float) -> int:
         return request.idx % len(replicas)

@@ -22,9 +22,9 @@ from policies.scheduling.fcfs import check_batch_limits, plan_decodes, plan_swap
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkedPrefillParams:
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256            # most sequences in one step (vLLM max_num_seqs)
     max_num_batched_tokens: int = 2048   # the per-step token budget (Sarathi-Serve's chunk size)
-    watermark: float = 0.01
+    watermark: float = 0.01            # fraction of HBM blocks kept free at admission
     admission: str = "chunk"             # "chunk" | "prompt": see the module docstring
 
     def __post_init__(self) -> None:

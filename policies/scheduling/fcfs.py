@@ -27,7 +27,7 @@ def check_batch_limits(p, min_batched_tokens: int) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FCFSParams:
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256           # most sequences in one step (vLLM max_num_seqs)
     max_num_batched_tokens: int = 0   # 0: the model context window (a whole prompt fits one step)
     watermark: float = 0.01           # fraction of HBM blocks kept free at admission
 

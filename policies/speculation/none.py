@@ -13,7 +13,7 @@ class NoSpeculation(SpeculationPolicy):
 
     emits_one_token = True   # lets the replica advance runs of decode steps together
 
-    def propose(self, decodes, now: float) -> DraftPlan:
+    def propose(self, decodes, now: float, view) -> DraftPlan:
         return _NO_DRAFT
 
     def accepted(self, rng, req, num_draft: int) -> int:

@@ -114,8 +114,10 @@ class StepShape:
         return int(self.prefill_q.sum()) + self.num_decode_tokens
 
 
-def dtype_name(nbytes: int) -> str:
-    """Key name of an element size: 1 → fp8, 2 → bf16, 4 → fp32."""
+def dtype_name(nbytes: float) -> str:
+    """Key name of an element size: 1 → fp8, 2 → bf16, 4 → fp32; under a byte (4 bits plus scales) → int4."""
+    if nbytes < 1:
+        return "int4"
     return {1: "fp8", 2: "bf16", 4: "fp32"}.get(int(nbytes), f"b{int(nbytes)}")
 
 

@@ -41,7 +41,7 @@ class OpCost:
 class StepCostModel:
     """Prices engine steps of one model on one replica, through a :class:`CostBackend` only."""
 
-    def __init__(self, ops: TransformerOps, backend: CostBackend, execution) -> None:
+    def __init__(self, ops: TransformerOps, backend: CostBackend, execution, repeat: np.ndarray | None = None) -> None:
         self.ops = ops
         self.backend = backend
         self.execution = execution
@@ -55,35 +55,41 @@ class StepCostModel:
         self._tail = list(range(last + 1, len(ops.ops)))
         self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
         self._var_idx = np.array([self._var.get(i, -1) for i in range(len(ops.ops))], dtype=np.int64)
-        self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
+        self._subset = repeat
+        if repeat is None:
+            self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
+            self._runs = None
+        else:
+            self._repeat = np.asarray(repeat, dtype=np.int64)
+            self._runs = (self._repeat > 0).astype(np.int64)
         self._seq_cache: dict[tuple, KernelSequence] = {}
         self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
         self._one_step = execution.step_time_one   # declared on ExecutionPolicy (a scalar path)
         self._pad = execution.padded_batch
         self._overhead = execution.with_step_overhead
-        self._shares: dict[tuple[float, float], StepCostModel] = {}
+        self._shares: dict[float, StepCostModel] = {}
         self.steps_priced = 0
 
-    def for_share(self, fraction: float, hbm_cap: float = 1.0) -> "StepCostModel":
-        """This cost model with the model's kernels confined to ``fraction`` of the GPU's SMs and at
-        most ``hbm_cap`` of its HBM bandwidth (see ``CostBackend.for_share``); cached per value,
-        ``(1.0, 1.0)`` is this model itself."""
-        f, cap = float(fraction), float(hbm_cap)
-        if f == 1.0 and cap == 1.0:
+    def subset(self, repeat: np.ndarray) -> "StepCostModel":
+        """The same model's ops on the same backend, op ``i`` called ``repeat[i]`` times per step
+        (0: not run) instead of once per layer or step: a part of the model priced as such, e.g. an
+        EAGLE head (one decoder layer of the target's shape and its LM head) or Medusa's heads."""
+        return StepCostModel(self.ops, self.backend, self.execution, repeat)
+
+    def for_share(self, fraction: float) -> "StepCostModel":
+        """This cost model with the model's kernels confined to ``fraction`` of the GPU's SMs (see
+        ``CostBackend.for_share``); cached per value, ``1.0`` is this model itself."""
+        f = float(fraction)
+        if f == 1.0:
             return self
-        got = self._shares.get((f, cap))
+        got = self._shares.get(f)
         if got is None:
-            got = self._shares[(f, cap)] = StepCostModel(self.ops, self.backend.for_share(f, cap), self.execution)
+            got = self._shares[f] = StepCostModel(self.ops, self.backend.for_share(f), self.execution, self._subset)
         return got
 
     def padded_batch(self, num_decode: int, has_prefill: bool) -> int:
         """The decode batch a step of ``num_decode`` decodes runs at (the execution policy's)."""
         return self._pad(num_decode, has_prefill) if num_decode else 0
-
-    def hbm_bytes(self, shape: StepShape) -> float:
-        """HBM bytes one step of ``shape`` moves, all ops and layers (for bandwidth shares)."""
-        _, nbytes = self.backend.flops_bytes(shape)
-        return float((np.asarray(nbytes, float) * self._repeat).sum())
 
     # ---------------------------------------------------------------- kernel layout
     def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool,
@@ -102,6 +108,8 @@ class StepCostModel:
         kernels = np.where(self._var_idx == VAR_PREFILL, kernels * has_prefill,
                            np.where(self._var_idx == VAR_DECODE, kernels * has_decode,
                                     np.where(fixed > 0, kernels, 0)))
+        if self._runs is not None:
+            kernels = kernels * self._runs
         seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
                              op_host_s=np.asarray(backend.host_call_s, dtype=np.float64), op_repeat=self._repeat,
                              switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s), batch=batch,
@@ -111,15 +119,22 @@ class StepCostModel:
 
     # ---------------------------------------------------------------- pricing
     def step(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
-             num_sampled: int, decode_query_tokens: int = 1, num_seqs: int = -1) -> tuple[float, int, int]:
-        """(duration_s, launches, syncs) of one step; with ``num_seqs`` (an engine step's sequences)
-        the execution policy's per-step overhead is included."""
+             num_sampled: int, decode_query_tokens: int = 1, decode_tokens: int = -1,
+             num_seqs: int = -1) -> tuple[float, int, int]:
+        """(duration_s, launches, syncs) of one step. ``decode_query_tokens``: query tokens per decode
+        as attention sees them (the most any decode has: a speculative verify step); ``decode_tokens``:
+        all decodes' query tokens together, the GEMM rows (default: ``num_decode x
+        decode_query_tokens``). With ``num_seqs`` (an engine step's sequences) the execution policy's
+        per-step overhead is included. A captured graph's padding rows (``padded_batch``) run
+        ``decode_query_tokens`` query tokens each and are sampled like real rows."""
         has_p = prefill_q.shape[0] > 0
+        own = num_decode * decode_query_tokens if decode_tokens < 0 else decode_tokens
         nd = self._pad(num_decode, has_p) if num_decode else 0
-        dtok = nd * decode_query_tokens
+        pad = (nd - num_decode) * decode_query_tokens
+        dtok = own + pad
         ptok = int(prefill_q.sum()) if has_p else 0
-        tokens = ptok + dtok
-        seq = self.sequence(tokens, num_sampled + nd - num_decode, has_p, num_decode > 0, nd)
+        tokens = ptok + dtok if has_p else dtok
+        seq = self.sequence(tokens, num_sampled + pad, has_p, num_decode > 0, nd)
         pre = float(self.backend.prefill_attention_time(prefill_q, prefill_c)) if has_p else 0.0
         dec = 0.0
         if num_decode:
@@ -129,7 +144,7 @@ class StepCostModel:
         self.steps_priced += 1
         d, launches, syncs = self._one_step(seq, (pre, dec), self.launch)
         if num_seqs >= 0:
-            d = self._overhead(d, num_seqs, ptok + num_decode * decode_query_tokens, seq, self.launch)
+            d = self._overhead(d, num_seqs, ptok + own, seq, self.launch)
         return d, launches, syncs
 
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -15,7 +15,7 @@ class Channel:
     carried (updated by the transfer layer, the link's only user)."""
 
     __slots__ = ("env", "name", "bandwidth_bytes_per_s", "latency_s", "resource", "bytes_moved",
-                 "num_transfers", "busy_s")
+                 "num_transfers", "busy_s", "queued_bytes")
 
     def __init__(self, env: simpy.Environment, name: str, bandwidth_bytes_per_s: float,
                  latency_s: float) -> None:
@@ -29,6 +29,7 @@ class Channel:
         self.bytes_moved = 0
         self.num_transfers = 0
         self.busy_s = 0.0
+        self.queued_bytes = 0           # bytes of transfers queued or in flight
 
     def duration_s(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s

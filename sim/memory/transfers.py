@@ -1,22 +1,25 @@
 """Block-group transfers over named, contended links: the only way KV bytes move between tiers or
-replicas (swap out and in today; write-back, prefetch and hand-off use the same call).
+replicas (swap out and in, loads of lower-tier prefix hits, prefetch, write-back, hand-off).
 
 A transfer is a SimPy process: it queues for its link's channel, holds it for ``latency + bytes /
 bandwidth``, then calls ``done(now)``. Links are one-direction channels (``sim.hardware.links``), so
 transfers on one link serialise and transfers on different links overlap with each other and with
-compute. Every transfer is logged (link, what, request, bytes, queued, start and end times), which gives
-bytes and busy time per link and the link utilisation over time.
+compute. A transfer may wait for other events before it queues (``after``: a copy into blocks whose old
+contents are still being written back), and may cross several links in turn (``start_chain``: NVMe →
+host → HBM), each hop queueing on its own link. Every hop is logged (link, what, request, bytes,
+queued, start and end times), which gives bytes and busy time per link and the link utilisation over
+time.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import simpy
 
 from sim.hardware.links import Channel
 
-LINK_NAMES = ("pcie_h2d", "pcie_d2h", "nvme_read", "nvme_write")
+LINK_NAMES = ("pcie_h2d", "pcie_d2h", "nvme_read", "nvme_write", "net_read", "net_write")
 
 
 class TransferLog:
@@ -59,18 +62,43 @@ class Transfers:
         """Move ``nbytes`` over ``link`` as a process of its own; ``done(now)`` runs when they arrive."""
         return self.env.process(self._move(self.link(link), link, int(nbytes), done, what, request))
 
+    def start_chain(self, links: Sequence[str], nbytes: int, done: Callable[[float], None], *, what: str,
+                    request: int = -1, after: Sequence[simpy.Event] = ()) -> simpy.Process:
+        """Move ``nbytes`` over each of ``links`` in turn (store and forward: NVMe → host → HBM), after
+        the events in ``after`` have happened; ``done(now)`` runs when the last hop lands."""
+        hops = [(self.link(name), name) for name in links]
+        return self.env.process(self._chain(hops, int(nbytes), done, what, request, tuple(after)))
+
+    def backlog_s(self, link: str) -> float:
+        """Seconds of bytes queued or in flight on ``link`` (at its bandwidth)."""
+        ch = self.link(link)
+        return ch.queued_bytes / ch.bandwidth_bytes_per_s
+
+    def _chain(self, hops, nbytes: int, done, what: str, request: int, after):
+        pending = [e for e in after if not e.processed]
+        if pending:
+            yield self.env.all_of(pending)
+        for channel, name in hops:
+            yield from self._hop(channel, name, nbytes, what, request)
+        done(self.env.now)
+
     def _move(self, channel: Channel, name: str, nbytes: int, done, what: str, request: int):
+        yield from self._hop(channel, name, nbytes, what, request)
+        done(self.env.now)
+
+    def _hop(self, channel: Channel, name: str, nbytes: int, what: str, request: int):
         queued = self.env.now
+        channel.queued_bytes += nbytes
         with channel.resource.request() as slot:
             yield slot
             start = self.env.now
             d = channel.duration_s(nbytes)
             yield self.env.timeout(d)
             channel.busy_s += d
+        channel.queued_bytes -= nbytes
         channel.bytes_moved += nbytes
         channel.num_transfers += 1
         self.log.add(self.replica_id, name, what, request, nbytes, queued, start, self.env.now)
-        done(self.env.now)
 
     def stats(self) -> dict[str, dict]:
         """Bytes, transfers and busy seconds per link."""

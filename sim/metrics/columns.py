@@ -1,5 +1,6 @@
 """The step log's columns, declared once, by name; the Python and the compiled writers both index
-rows through the constants defined here (``I_<COLUMN>`` for the integer buffer)."""
+rows through the constants defined here (``I_<COLUMN>`` for the integer buffer, ``F_<COLUMN>`` for
+the float one)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,15 +11,28 @@ STEP_COLUMNS: dict[str, type] = {
     "tokens": np.int32, "hbm_active_bytes": np.int64, "hbm_cached_bytes": np.int64,
     "hbm_locked_bytes": np.int64, "dram_used_bytes": np.int64, "nvme_used_bytes": np.int64,
     "frag_tokens": np.int64, "launches": np.int32, "syncs": np.int32, "preemptions": np.int32,
-    # query rows a captured CUDA graph ran beyond the step's own (padding up to its bucket), and the
-    # lane of an SM-partitioned GPU that ran the step (0: the whole GPU, 1: prefill, 2: decode)
-    "padded_tokens": np.int32, "lane": np.int32,
+    # the KV hierarchy: cached (evictable, findable) bytes below HBM; requests waiting for their prefix
+    # to load; prompt tokens served from the cache at this step's admissions, and those loaded from a
+    # lower tier
+    "dram_cached_bytes": np.int64, "nvme_cached_bytes": np.int64, "loading_seqs": np.int32,
+    "prefix_hit_tokens": np.int32, "loaded_tokens": np.int32,
+    # speculative decoding: draft tokens verified (tree nodes), drafts accepted, the drafter's share of
+    # the step and the target's verification (seconds), and the KV bytes of the lookahead slots
+    "draft_tokens": np.int32, "accepted_tokens": np.int32, "draft_s": np.float64, "verify_s": np.float64,
+    "draft_kv_bytes": np.int64,
+    # query rows a captured CUDA graph ran beyond the step's own (padding up to its bucket)
+    "padded_tokens": np.int32,
 }
-# free bytes per tier, derived when rows are written (capacity - used), not kept in the buffer
+# free bytes per tier, derived when rows are written (capacity - used - cached), not kept in the buffer
 FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
-# the step log's integer buffer, in this column order (the step index is implicit)
-INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k not in ("step", "start_s", "duration_s"))
+# the step log's float buffer, in this column order; the integer buffer holds the rest (the step index
+# is implicit)
+FLOAT_COLUMNS = tuple(k for k, t in STEP_COLUMNS.items() if t is np.float64)
+INT_COLUMNS = tuple(k for k in STEP_COLUMNS if k != "step" and k not in FLOAT_COLUMNS)
 INT_INDEX = {k: j for j, k in enumerate(INT_COLUMNS)}
+FLOAT_INDEX = {k: j for j, k in enumerate(FLOAT_COLUMNS)}
+F_START, F_DURATION, F_DRAFT, F_VERIFY = (FLOAT_INDEX[k] for k in ("start_s", "duration_s", "draft_s", "verify_s"))
+assert (F_START, F_DURATION) == (0, 1)
 
 # Integer-buffer positions by name. Module-level ints are compile-time constants in numba functions.
 I_NUM_SEQS = INT_INDEX["num_seqs"]
@@ -35,8 +49,15 @@ I_FRAG = INT_INDEX["frag_tokens"]
 I_LAUNCHES = INT_INDEX["launches"]
 I_SYNCS = INT_INDEX["syncs"]
 I_PREEMPTIONS = INT_INDEX["preemptions"]
+I_DRAM_CACHED = INT_INDEX["dram_cached_bytes"]
+I_NVME_CACHED = INT_INDEX["nvme_cached_bytes"]
+I_LOADING = INT_INDEX["loading_seqs"]
+I_PREFIX_HIT = INT_INDEX["prefix_hit_tokens"]
+I_LOADED = INT_INDEX["loaded_tokens"]
+I_DRAFT_TOKENS = INT_INDEX["draft_tokens"]
+I_ACCEPTED_TOKENS = INT_INDEX["accepted_tokens"]
+I_DRAFT_KV = INT_INDEX["draft_kv_bytes"]
 I_PADDED_TOKENS = INT_INDEX["padded_tokens"]
-I_LANE = INT_INDEX["lane"]
 assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_COLUMNS), \
     "every integer column has exactly one I_ constant"
 

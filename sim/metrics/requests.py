@@ -28,6 +28,8 @@ class RequestLog:
         self.preemptions = np.zeros(n, dtype=np.int32)
         self.swaps = np.zeros(n, dtype=np.int32)
         self.prefix_hit_tokens = np.zeros(n, dtype=np.int64)
+        self.lower_hit_tokens = np.zeros(n, dtype=np.int64)     # of those, loaded from a lower tier
+        self.kv_stall_s = np.zeros(n)                           # waiting for the prefix to land
         self.num_done = 0
 
     def finish(self, req: Request) -> None:
@@ -47,6 +49,8 @@ class RequestLog:
         self.preemptions[i] = req.num_preemptions
         self.swaps[i] = req.num_swaps
         self.prefix_hit_tokens[i] = req.total_prefix_hit
+        self.lower_hit_tokens[i] = req.lower_hit_tokens
+        self.kv_stall_s[i] = req.kv_stall_s
         self.num_done += 1
 
     def reject(self, req: Request, reason: int, now: float) -> None:

@@ -12,14 +12,26 @@ import numba
 import numpy as np
 
 from sim.metrics.columns import (
+    F_DRAFT,
+    F_DURATION,
+    F_START,
+    F_VERIFY,
+    FLOAT_COLUMNS,
+    FLOAT_INDEX,
+    I_ACCEPTED_TOKENS,
     I_DECODE_SEQS,
+    I_DRAFT_KV,
+    I_DRAFT_TOKENS,
+    I_DRAM_CACHED,
     I_DRAM_USED,
     I_FRAG,
     I_HBM_ACTIVE,
     I_HBM_CACHED,
     I_HBM_LOCKED,
     I_LAUNCHES,
+    I_LOADING,
     I_NUM_SEQS,
+    I_NVME_CACHED,
     I_NVME_USED,
     I_PADDED_TOKENS,
     I_PREFILL_SEQS,
@@ -79,13 +91,14 @@ class StepLog:
         self.n = 0
         self.base = 0
         self.ends = Growable(np.float64)
-        self.f = np.zeros((self.CHUNK, 2))
+        self.f = np.zeros((self.CHUNK, len(FLOAT_COLUMNS)))
         self.i = np.zeros((self.CHUNK, len(INT_COLUMNS)), dtype=np.int64) if enabled else np.zeros((0, 0), np.int64)
         self.busy_s = 0.0
         self._writer = None
         # summary aggregates over flushed rows
         self.agg = {"rows": 0, "busy_s": 0.0, "active_weighted": 0.0, "frag_weighted": 0.0,
                     "peak_active": 0, "peak_cached": 0, "peak_dram": 0, "peak_nvme": 0,
+                    "peak_dram_cached": 0, "peak_nvme_cached": 0,
                     "num_seqs": 0, "tokens": 0, "launches": 0, "syncs": 0}
 
     @property
@@ -99,32 +112,49 @@ class StepLog:
             self.flush()
             r = 0
             if k > self.f.shape[0]:
-                self.f = np.zeros((k, 2))
+                self.f = np.zeros((k, len(FLOAT_COLUMNS)))
                 if self.enabled:
                     self.i = np.zeros((k, len(INT_COLUMNS)), dtype=np.int64)
         return r
 
-    def append(self, start_s: float, duration_s: float, end_s: float, **columns: int) -> None:
-        """One step; ``columns`` are integer columns by name (see ``sim.metrics.columns``)."""
+    def append(self, start_s: float, duration_s: float, end_s: float, **columns) -> None:
+        """One step; ``columns`` are the other columns by name (see ``sim.metrics.columns``)."""
         r = self._room(1)
-        self.f[r, 0] = start_s
-        self.f[r, 1] = duration_s
+        f = self.f[r]
+        f[F_START] = start_s
+        f[F_DURATION] = duration_s
         if self.enabled:
             row = self.i[r]
             for k, v in columns.items():
-                row[INT_INDEX[k]] = v
+                j = INT_INDEX.get(k)
+                if j is None:
+                    f[FLOAT_INDEX[k]] = v
+                else:
+                    row[j] = v
         ends = self.ends.reserve(1)
         ends[self.n] = end_s
         self.ends.n = self.n = self.n + 1
         self.busy_s += duration_s
 
+    def set_last(self, **columns) -> None:
+        """Set columns of the last step by name (speculation's, written only when it drafted)."""
+        if not self.enabled:
+            return
+        r = self.n - 1 - self.base
+        for k, v in columns.items():
+            j = INT_INDEX.get(k)
+            if j is None:
+                self.f[r, FLOAT_INDEX[k]] = v
+            else:
+                self.i[r, j] = v
+
     def extend_last(self, end_s: float) -> None:
         """The last step ended later than logged (it waited for a transfer): move its end."""
         r = self.n - 1 - self.base
-        old = self.f[r, 1]
-        self.f[r, 1] = end_s - self.f[r, 0]
+        old = self.f[r, F_DURATION]
+        self.f[r, F_DURATION] = end_s - self.f[r, F_START]
         self.ends.a[self.n - 1] = end_s
-        self.busy_s += self.f[r, 1] - old
+        self.busy_s += self.f[r, F_DURATION] - old
 
     def reserve_block(self, k: int) -> int:
         """Buffer row where ``k`` steps written by a compiled kernel start; end times go to
@@ -148,7 +178,7 @@ class StepLog:
             import pyarrow.parquet as pq
 
             f, ib = self.f[:m], self.i[:m]
-            dur = f[:, 1]
+            dur = f[:, F_DURATION]
             col = {k: ib[:, j] for j, k in enumerate(INT_COLUMNS)}
             a = self.agg
             a["rows"] += m
@@ -159,15 +189,23 @@ class StepLog:
             a["peak_cached"] = max(a["peak_cached"], int(col["hbm_cached_bytes"].max()))
             a["peak_dram"] = max(a["peak_dram"], int(col["dram_used_bytes"].max()))
             a["peak_nvme"] = max(a["peak_nvme"], int(col["nvme_used_bytes"].max()))
+            a["peak_dram_cached"] = max(a["peak_dram_cached"], int(col["dram_cached_bytes"].max()))
+            a["peak_nvme_cached"] = max(a["peak_nvme_cached"], int(col["nvme_cached_bytes"].max()))
             for k in ("num_seqs", "tokens", "launches", "syncs"):
                 a[k] += int(col[k].sum())
             schema = step_schema()
-            arrays = [pa.array(np.full(m, self.replica, np.int16)), pa.array(np.arange(self.base, self.n)),
-                      pa.array(f[:, 0].copy()), pa.array(dur.copy())]
-            arrays += [pa.array(col[k].astype(STEP_COLUMNS[k])) for k in INT_COLUMNS]
+            arrays = [pa.array(np.full(m, self.replica, np.int16))]
+            for k, t in STEP_COLUMNS.items():
+                if k == "step":
+                    arrays.append(pa.array(np.arange(self.base, self.n)))
+                elif k in FLOAT_INDEX:
+                    arrays.append(pa.array(f[:, FLOAT_INDEX[k]].copy()))
+                else:
+                    arrays.append(pa.array(col[k].astype(t)))
             hbm_cap, dram_cap, nvme_cap = self.capacity_bytes
             arrays += [pa.array(hbm_cap - col["hbm_active_bytes"] - col["hbm_cached_bytes"]),
-                       pa.array(dram_cap - col["dram_used_bytes"]), pa.array(nvme_cap - col["nvme_used_bytes"])]
+                       pa.array(dram_cap - col["dram_used_bytes"] - col["dram_cached_bytes"]),
+                       pa.array(nvme_cap - col["nvme_used_bytes"] - col["nvme_cached_bytes"])]
             if self._writer is None:
                 # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
                 self._writer = pq.ParquetWriter(self.path, schema, compression="none")
@@ -185,15 +223,16 @@ class StepLog:
 
 @numba.njit(cache=True, nogil=True)
 def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, durations, allocs, free0, cached0,
-                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, launches, syncs, pad):
+                  active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, dram_cached, nvme_cached, loading,
+                  launches, syncs, pad):
     """Write steps c..upto-1 of a run's segment starting at step ``seg0`` (``B`` decodes and, when
     ``n`` > 0, a prefill chunk of ``n`` tokens per step): times into ``f`` at buffer row ``row0``, end
     times into ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's
     start after its allocation (allocations take free blocks first, then evict cached ones; the
     ``*0`` figures are the segment's at ``seg0`` before that step's allocation, ``nc0`` the tokens
-    computed by every running request), into the integer columns named by ``sim.metrics.columns``;
-    ``pad`` is the padding of each step (a captured graph's rows beyond the segment's own).
-    Returns the busy time of those steps."""
+    computed by every running request; lower tiers and loading requests do not change during a run),
+    into the integer columns named by ``sim.metrics.columns``; ``pad`` is the padding of each step (a
+    captured graph's rows beyond the segment's own). Returns the busy time of those steps."""
     cum = 0
     for s in range(seg0, c):
         cum += allocs[s]
@@ -202,8 +241,10 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
     for j in range(upto - c):
         s = c + j
         r = row0 + j
-        f[r, 0] = start if s == 0 else ends[s - 1]
-        f[r, 1] = durations[s]
+        f[r, F_START] = start if s == 0 else ends[s - 1]
+        f[r, F_DURATION] = durations[s]
+        f[r, F_DRAFT] = 0.0          # decode runs never speculate
+        f[r, F_VERIFY] = 0.0
         ends_out[g0 + j] = ends[s]
         busy += durations[s]
         if ib.shape[0] == 0:
@@ -225,8 +266,14 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
         ib[r, I_HBM_LOCKED] = (lk if lk < act else act) * bpb
         ib[r, I_DRAM_USED] = dram
         ib[r, I_NVME_USED] = nvme
+        ib[r, I_DRAM_CACHED] = dram_cached
+        ib[r, I_NVME_CACHED] = nvme_cached
+        ib[r, I_LOADING] = loading
         ib[r, I_FRAG] = (held0 + cum) * bs - (nc0 + T * (s - seg0 + 1))
         ib[r, I_LAUNCHES] = launches[s]
         ib[r, I_SYNCS] = syncs[s]
+        ib[r, I_DRAFT_TOKENS] = 0
+        ib[r, I_ACCEPTED_TOKENS] = 0
+        ib[r, I_DRAFT_KV] = 0
         ib[r, I_PADDED_TOKENS] = pad
     return busy

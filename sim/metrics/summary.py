@@ -3,18 +3,17 @@ the per-request table, and writing everything to a results directory."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from sim import results_io
 from sim.metrics.columns import step_schema
 from sim.metrics.requests import REJECT_REASONS, RequestLog
 from sim.metrics.step_log import StepLog
-from sim.metrics.tokens import TokenLog, itl_statistics
+from sim.metrics.tokens import TokenLog, histogram_edges, itl_statistics
 
 
 def _pct(x: np.ndarray) -> dict:
@@ -37,6 +36,7 @@ class Results:
     timing: dict             # wall-clock figures (not part of the deterministic results)
     step_files: list = field(default_factory=list)
     transfers: "object" = None   # pandas DataFrame: one row per transfer on a link (sim.memory.transfers)
+    itl_hist: "object" = None    # pandas DataFrame: the token-level ITL histogram's occupied bins
     _steps: "object" = None
 
     @property
@@ -51,50 +51,109 @@ class Results:
                            step_schema().empty_table().to_pandas())
         return self._steps
 
-    def write(self, out_dir: str | Path) -> Path:
+    def write(self, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        """Write the results directory: every file by temp-and-rename, ``extra_files`` (name -> text,
+        e.g. the CLI's ``config.toml``) after the results, and the ``DONE`` marker last
+        (``sim.results_io``): a directory without a valid marker is not a finished run."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        results_io.remove_marker(out)
+        results_io.clear_partial(out)
+        written = []
         meta = {f"tiersim.{k}": json.dumps(v, sort_keys=True) for k, v in self.metadata.items()}
         table = pa.Table.from_pandas(self.requests, preserve_index=False)
         table = table.replace_schema_metadata(meta)
-        tmp = out / ".requests.parquet.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(out / "requests.parquet")
+        with results_io.atomic_path(out / "requests.parquet") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        written.append("requests.parquet")
         # steps: the replicas' files, row group by row group, into one file
         schema = step_schema().with_metadata(meta)
-        tmp = out / ".steps.parquet.tmp"
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for p in self.step_files:
-                if not Path(p).exists():
-                    continue
-                f = pq.ParquetFile(p)
-                for g in range(f.num_row_groups):
-                    writer.write_table(f.read_row_group(g).replace_schema_metadata(meta),
-                                       row_group_size=StepLog.CHUNK)
-        tmp.replace(out / "steps.parquet")
-        if self.transfers is not None:
-            tmp = out / ".transfers.parquet.tmp"
-            t = pa.Table.from_pandas(self.transfers, preserve_index=False).replace_schema_metadata(meta)
-            pq.write_table(t, tmp, compression="zstd")
-            tmp.replace(out / "transfers.parquet")
-        (out / "summary.json").write_text(json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
-        (out / "timing.json").write_text(json.dumps(self.timing, indent=2, sort_keys=True) + "\n")
+        with results_io.atomic_path(out / "steps.parquet") as tmp:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for p in self.step_files:
+                    if not Path(p).exists():
+                        continue
+                    f = pq.ParquetFile(p)
+                    for g in range(f.num_row_groups):
+                        writer.write_table(f.read_row_group(g).replace_schema_metadata(meta),
+                                           row_group_size=StepLog.CHUNK)
+                        results_io.kill_point("parquet")
+        written.append("steps.parquet")
+        for name, frame in (("transfers.parquet", self.transfers), ("itl_hist.parquet", self.itl_hist)):
+            if frame is None:
+                continue
+            t = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(meta)
+            with results_io.atomic_path(out / name) as tmp:
+                pq.write_table(t, tmp, compression="zstd")
+            written.append(name)
+        results_io.write_text_atomic(out / "summary.json", json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
+        written.append("summary.json")
+        results_io.kill_point("between")
+        results_io.write_text_atomic(out / "timing.json", json.dumps(self.timing, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            results_io.write_text_atomic(out / name, text)
+            written.append(name)
+        results_io.write_marker(out, written, volatile=["timing.json"],
+                                config_hash=self.metadata.get("config_hash", ""))
         return out
+
+
+def link_timeline(transfers, t0: float, t1: float, windows: int = 60) -> dict:
+    """Utilisation of each link kind over simulated time: the busy fraction of each of ``windows``
+    equal windows of [t0, t1], summed over replicas (a link of every replica busy reads
+    ``num_replicas``); only links that carried anything."""
+    span = max(t1 - t0, 1e-12)
+    edges = t0 + span * np.arange(windows + 1) / windows
+    out: dict = {"window_s": span / windows, "start_s": t0}
+    if transfers is None or not len(transfers):
+        return out
+    for link, g in transfers.groupby("link", sort=True):
+        s, e = g["start_s"].to_numpy(), g["end_s"].to_numpy()
+        busy = np.zeros(windows)
+        for i in range(0, len(s), 8192):          # chunks keep the (transfers x windows) array small
+            lo = np.maximum(s[i:i + 8192, None], edges[None, :-1])
+            hi = np.minimum(e[i:i + 8192, None], edges[None, 1:])
+            busy += np.clip(hi - lo, 0.0, None).sum(axis=0)
+        out[link] = [round(float(b) / (span / windows), 6) for b in busy]
+    return out
 
 
 def spill_dir() -> Path:
     """A temporary directory for step files, removed when the process exits or the results that use
-    it are garbage-collected."""
-    return Path(tempfile.mkdtemp(prefix="tiersim-steps-"))
+    it are garbage-collected; those of killed processes are reaped here, on the next start."""
+    results_io.reap_spill_dirs()
+    return results_io.new_spill_dir()
+
+
+def goodput_rule(slo_ttft_s: float, slo_tpot_s: float, slo_itl_s: float, slo_itl_stat: str) -> dict:
+    """The SLOs and, in words, which requests count as good (stated in the summary)."""
+    parts = [f"TTFT <= {slo_ttft_s:g} s"]
+    if slo_tpot_s > 0:
+        parts.append(f"TPOT (mean per request) <= {slo_tpot_s * 1e3:g} ms")
+    if slo_itl_s > 0:
+        parts.append(f"per-request {slo_itl_stat} ITL <= {slo_itl_s * 1e3:g} ms")
+    return {"slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s, "slo_itl_s": slo_itl_s,
+            "slo_itl_stat": slo_itl_stat, "definition": ", ".join(parts)}
+
+
+def _nonzero_bins(hist: np.ndarray):
+    """The ITL histogram's occupied bins as a DataFrame: lo_s, hi_s, count (see tokens.histogram_edges)."""
+    import pandas as pd
+
+    edges = histogram_edges()
+    nz = np.flatnonzero(hist)
+    return pd.DataFrame({"lo_s": edges[nz], "hi_s": edges[nz + 1], "count": hist[nz].astype(np.int64)})
 
 
 def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], token_log: TokenLog,
                   metadata: dict, kv_info: dict, link_bytes: dict, link_stats: dict, transfer_log,
                   engine_counts: dict, cost_notes: dict, slo_ttft_s: float, slo_tpot_s: float, timing: dict,
-                  spill: Path | None = None) -> Results:
+                   spill: Path | None = None, kv_tiers: dict | None = None,
+                   speculation: dict | None = None, slo_itl_s: float = 0.0,
+                   slo_itl_stat: str = "p99") -> Results:
     import pandas as pd
 
     n = requests.n
@@ -109,9 +168,9 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
     done = requests.status == 1
     itl = np.empty((n, 4))
     qs = np.array([50.0, 90.0, 95.0, 99.0])
-    n_gaps, gap_mean, gap_max, gap_q = itl_statistics(
-        requests.seg_off, requests.seg_cnt, token_log.first.view(), token_log.last.view(), step_end, offsets,
-        requests.extra_tokens, done, qs, itl)
+    n_gaps, gap_mean, gap_max, gap_q, itl_hist = itl_statistics(
+        requests.seg_off, requests.seg_cnt, token_log.first.view(), token_log.last.view(), token_log.tokens.view(),
+        step_end, offsets, done, qs, itl)
     itl_summary = ({"mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "max": None}
                    if n_gaps == 0 else
                    {"mean": float(gap_mean), "p50": float(gap_q[0]), "p90": float(gap_q[1]),
@@ -136,6 +195,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         "prompt_tokens": trace.prompt_tokens, "output_tokens": trace.output_tokens,
         "generated_tokens": requests.generated, "preemptions": requests.preemptions,
         "swaps": requests.swaps, "prefix_hit_tokens": requests.prefix_hit_tokens,
+        "lower_hit_tokens": requests.lower_hit_tokens, "kv_stall_s": requests.kv_stall_s,
     }, copy=False)
 
     # ---- summary
@@ -143,7 +203,13 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
     t0 = float(arrival.min()) if n else 0.0
     t1 = float(np.nanmax(requests.finish_s[done])) if n_done else t0
     span = max(t1 - t0, 1e-12)
-    good = done & (ttft <= slo_ttft_s) & ((tpot <= slo_tpot_s) | (requests.generated <= 1))
+    goodput = goodput_rule(slo_ttft_s, slo_tpot_s, slo_itl_s, slo_itl_stat)
+    itl_stat = {"mean": itl[:, 0], "p50": itl[:, 1], "p99": itl[:, 2], "max": itl[:, 3]}[slo_itl_stat]
+    good = done & (ttft <= slo_ttft_s)
+    if slo_tpot_s > 0:
+        good &= (tpot <= slo_tpot_s) | (requests.generated <= 1)
+    if slo_itl_s > 0:      # a request with one token has no gaps (NaN): nothing to bound
+        good &= (itl_stat <= slo_itl_s) | ~np.isfinite(itl_stat)
     rejected = requests.status == 2
     by_reason = {REJECT_REASONS[k]: int((requests.reason[rejected] == k).sum())
                  for k in np.unique(requests.reason[rejected])}
@@ -161,8 +227,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         "throughput": {"requests_per_s": n_done / span, "output_tokens_per_s": out_tokens / span,
                        "prompt_tokens_per_s": prompt_tokens / span,
                        "total_tokens_per_s": (out_tokens + prompt_tokens) / span},
-        "goodput": {"slo_ttft_s": slo_ttft_s, "slo_tpot_s": slo_tpot_s,
-                    "requests_per_s": int(good.sum()) / span,
+        "goodput": {**goodput, "requests_per_s": int(good.sum()) / span,
                     "fraction": int(good.sum()) / n if n else 0.0},
         "kv": kv_info,
         "links": link_bytes,
@@ -173,11 +238,27 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
                    "preemptions": int(requests.preemptions.sum())},
         "costs": cost_notes,
     }
+    transfers = transfer_log.frame()
+    if kv_tiers is not None:
+        summary["kv_tiers"] = {**kv_tiers, "link_utilization_timeline": link_timeline(transfers, t0, t1)}
+    if speculation is not None:
+        # vLLM's ITL (benchmark_serving): one gap per step that emitted tokens (see sim.metrics.tokens)
+        scratch = np.empty((n, 4))
+        m, mean, mx, q, _ = itl_statistics(requests.seg_off, requests.seg_cnt, token_log.first.view(),
+                                        token_log.last.view(), token_log.tokens.view(), step_end, offsets, done, qs,
+                                        scratch, True)
+        speculation["itl_per_step_s"] = (
+            {"mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "max": None} if m == 0 else
+            {"mean": float(mean), "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]),
+             "max": float(mx)})
+        summary["speculation"] = speculation
     if step_logs and step_logs[0].enabled and num_steps:
         aggs = [log.agg for log in step_logs]
         w = sum(a["busy_s"] for a in aggs)
         rows = sum(a["rows"] for a in aggs)
         summary["kv"].update({
+            "dram_peak_cached_bytes": max(a["peak_dram_cached"] for a in aggs),
+            "nvme_peak_cached_bytes": max(a["peak_nvme_cached"] for a in aggs),
             "hbm_peak_active_bytes": max(a["peak_active"] for a in aggs),
             "hbm_mean_active_bytes": sum(a["active_weighted"] for a in aggs) / w if w > 0 else 0.0,
             "hbm_peak_cached_bytes": max(a["peak_cached"] for a in aggs),
@@ -191,7 +272,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         summary["engine"]["syncs"] = sum(a["syncs"] for a in aggs)
     res = Results(summary=summary, requests=reqs, metadata=metadata, timing=timing,
                   step_files=[str(log.path) for log in step_logs if log.enabled and log.path],
-                  transfers=transfer_log.frame())
+                   transfers=transfers, itl_hist=_nonzero_bins(itl_hist))
     if spill is not None:
-        weakref.finalize(res, shutil.rmtree, str(spill), True)
+        weakref.finalize(res, results_io.release_spill_dir, str(spill))
     return res

@@ -2,9 +2,25 @@
 statistics computed from it in compiled passes.
 
 Token times are not logged per token: a request records the runs of consecutive steps in which it
-emitted a token; when it finishes, those runs move into the token log and the request object is
-released. Inter-token statistics come at the end: per-request mean/p50/p99/max, and exact global
-percentiles by two-pass histogram selection (no array of all gaps is ever built).
+emitted the same number of tokens (one, or more under speculative decoding); when it finishes, those
+runs move into the token log and the request object is released. Inter-token statistics come at the
+end: per-request mean/p50/p99/max, and exact global percentiles by two-pass histogram selection (no
+array of all gaps is ever built).
+
+Inter-token latency (ITL) is defined per emitted token. A token's time is the end of the engine
+step that emitted it. A step that emits ``m`` tokens of a request (its own token plus ``m - 1``
+accepted drafts) shares the gap since that request's previous step evenly among them: ``m`` gaps of
+``gap / m`` each (at the request's first step, which has no gap, its ``m - 1`` further tokens get
+gaps of 0). So a request's gaps sum to its last token time minus its first, its mean ITL equals its
+TPOT, and with one token per step (no speculation) every gap is a whole step gap, exactly as before.
+This is how SGLang's ``bench_serving`` reports ITL under speculative decoding since
+sgl-project/sglang#12064 (each streamed chunk's latency divided by its accept length).
+
+``per_step=True`` gives the other common definition, one gap per step that emitted tokens, whatever
+their number: what vLLM's ``benchmark_serving`` / ``vllm bench serve`` measures, the time between
+consecutive streamed chunks (vllm-project/vllm#27485 notes that it assumes one token per chunk). Under
+speculation its mean exceeds TPOT by the mean accepted length; the summary reports it beside the
+per-token ITL (``summary["speculation"]["itl_per_step_s"]``).
 """
 from __future__ import annotations
 
@@ -23,6 +39,7 @@ class TokenLog:
         self.req = Growable(np.int32)      # request index (traces are far below 2**31 requests)
         self.first = Growable(np.int64)    # global step ids (see sim.request)
         self.last = Growable(np.int64)
+        self.tokens = Growable(np.int32)   # tokens each step of the run emitted
 
     def add(self, req: Request) -> int:
         """Append a finished request's runs; returns where they start (they stay contiguous)."""
@@ -33,7 +50,8 @@ class TokenLog:
         self.req.reserve(k)[n:n + k] = req.idx
         self.first.reserve(k)[n:n + k] = req.seg_start
         self.last.reserve(k)[n:n + k] = req.seg_end
-        self.req.n = self.first.n = self.last.n = n + k
+        self.tokens.reserve(k)[n:n + k] = req.seg_tokens
+        self.req.n = self.first.n = self.last.n = self.tokens.n = n + k
         return n
 
 
@@ -43,33 +61,42 @@ _LO, _HI = 1e-9, 1e5   # seconds; gaps at or below _LO share bin 0
 
 
 @numba.njit(cache=True, nogil=True)
-def _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, buf):
-    """The inter-token gaps of request i into ``buf`` (grown as needed); returns (buf, count). Step
-    ids are global (``replica << STEP_ID_BITS | local``); ``offsets[replica]`` is where that replica's
-    steps start in ``step_end``."""
+def _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, offsets, per_step, buf):
+    """The inter-token gaps of request i into ``buf`` (grown as needed); returns (buf, count): per
+    emitted token (a step's gap shared by its tokens; see the module docstring), or with
+    ``per_step`` one gap per step. Step ids are global (``replica << STEP_ID_BITS | local``);
+    ``offsets[replica]`` is where that replica's steps start in ``step_end``."""
     a = seg_off[i]
     b = a + seg_cnt[i]
-    count = 0
+    need = 0
     for s in range(a, b):
-        count += np.int64(seg_last[s]) - np.int64(seg_first[s]) + 1
-    need = count + extra[i]
+        need += (np.int64(seg_last[s]) - np.int64(seg_first[s]) + 1) * (1 if per_step else seg_tokens[s])
     if need > buf.shape[0]:
         buf = np.empty(need * 2)
     prev = 0.0
-    k = 0
+    k = 0             # gaps written
+    started = False
     for s in range(a, b):
         first = seg_first[s]
+        m = 1 if per_step else seg_tokens[s]
         base = offsets[first >> STEP_ID_BITS] - ((first >> STEP_ID_BITS) << STEP_ID_BITS)
         for st in range(first, seg_last[s] + 1):
             t = step_end[base + st]
-            if k > 0:
-                buf[k - 1] = t - prev
+            if not started:
+                for _ in range(m - 1):      # further tokens of the first step: no gap to share
+                    buf[k] = 0.0
+                    k += 1
+                started = True
+            elif m == 1:
+                buf[k] = t - prev
+                k += 1
+            else:
+                g = (t - prev) / m
+                for _ in range(m):
+                    buf[k] = g
+                    k += 1
             prev = t
-            k += 1
-    ng = k - 1 if k > 0 else 0
-    for j in range(extra[i]):
-        buf[ng + j] = 0.0
-    return buf, ng + extra[i]
+    return buf, k
 
 
 @numba.njit(cache=True, nogil=True)
@@ -81,10 +108,14 @@ def _bin(x):
 
 
 @numba.njit(cache=True, nogil=True)
-def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, done, qs, out):
+def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, offsets, done, qs, out,
+                   per_step=False):
     """Per request (finished ones): ``out[i]`` = (mean, p50, p99, max) of its inter-token gaps.
-    Globally over all gaps: (count, mean, max, exact percentiles ``qs``) by two-pass histogram
-    selection with numpy's default linear interpolation."""
+    Globally over all gaps: (count, mean, max, exact percentiles ``qs``, histogram) by two-pass
+    histogram selection with numpy's default linear interpolation; gaps per emitted token, or per step
+    with ``per_step`` (see the module docstring). The histogram counts every gap in ``_NB`` log-spaced
+    bins (:func:`histogram_edges`; 0.2 % wide): plots draw the token-level ITL distribution from it, the
+    same quantity whose percentiles the summary reports."""
     n = seg_off.shape[0]
     hist = np.zeros(_NB, np.int64)
     buf = np.empty(1024)
@@ -95,7 +126,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, ext
         out[i, :] = np.nan
         if not done[i]:
             continue
-        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, buf)
+        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, offsets, per_step, buf)
         if m == 0:
             continue
         g = buf[:m]
@@ -111,7 +142,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, ext
         total += m
     res = np.full(qs.shape[0], np.nan)
     if total == 0:
-        return total, np.nan, np.nan, res
+        return total, np.nan, np.nan, res, hist
     # ranks needed: floor(pos) and floor(pos) + 1 for each quantile
     cum = np.cumsum(hist)
     lo_rank = np.empty(qs.shape[0], np.int64)
@@ -132,7 +163,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, ext
     for i in range(n):
         if not done[i]:
             continue
-        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, extra, buf)
+        buf, m = _gaps_of(i, seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, offsets, per_step, buf)
         for j in range(m):
             b = _bin(buf[j])
             if want[b]:
@@ -161,4 +192,11 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, step_end, offsets, ext
                 got1 = x
         t = pos - r0
         res[k] = got0 + t * (got1 - got0)
-    return total, ssum / total, gmax, res
+    return total, ssum / total, gmax, res, hist
+
+
+def histogram_edges() -> np.ndarray:
+    """Edges (seconds) of the ITL histogram's ``_NB`` bins: bin 0 holds gaps <= 1 ns (tokens emitted in
+    the same step), bin b >= 1 holds gaps in [edges[b], edges[b + 1])."""
+    inner = np.exp(np.log(_LO) + (np.arange(_NB - 1) / (_NB - 2)) * (np.log(_HI) - np.log(_LO)))
+    return np.concatenate([[0.0], inner, [np.inf]])

@@ -42,7 +42,7 @@ MAX_RUN_STEPS = 4096
 
 @numba.njit(cache=True, nogil=True)
 def plan_run(nc, rem, bs, avail, max_steps, span, c0, n, todo):
-    """Plan a run: (K, allocs, who, when, count, held0).
+    """Plan a run: (K, allocs, who, when, count, held0, fin).
 
     Decoder r finishes at the end of step ``rem[r] - 1``; K is at most ``max_steps``, and the steps
     until the first finish (``span`` False) or the last (``span`` True). With a chunk (``n`` > 0: the
@@ -51,7 +51,8 @@ def plan_run(nc, rem, bs, avail, max_steps, span, c0, n, todo):
     than ``avail`` blocks in total (finished requests' released blocks are not counted). ``allocs[s]``
     = blocks step s allocates (``allocs[0]`` = 0); ``who``/``when``/``count`` list the allocations in
     the order single stepping makes them (``who`` = B is the chunk request); ``held0`` = blocks held
-    after step 0's allocation."""
+    after step 0's allocation; ``fin`` = the sorted steps (< K) at whose end some decoder finishes,
+    when ``span``."""
     B = nc.shape[0]
     k_max = max_steps
     if B:
@@ -112,7 +113,20 @@ def plan_run(nc, rem, bs, avail, max_steps, span, c0, n, todo):
                 when[i] = s
                 count[i] = 1
                 i += 1
-    return K, allocs[:K], who, when, count, held0
+    n_fin = 0
+    seen = np.zeros(K, np.bool_)
+    if span:
+        for r in range(B):
+            if rem[r] <= K and not seen[rem[r] - 1]:
+                seen[rem[r] - 1] = True
+                n_fin += 1
+    fin = np.empty(n_fin, np.int64)
+    j = 0
+    for s in range(K):
+        if seen[s]:
+            fin[j] = s
+            j += 1
+    return K, allocs[:K], who, when, count, held0, fin
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,7 +162,7 @@ class Run:
     B: int
     n: int                  # chunk tokens per step (0: a decode run)
     rem: np.ndarray         # output tokens each decoder still had to produce at the start
-    fin: np.ndarray
+    fin: list
     allocs: np.ndarray      # blocks allocated by each step (step 0's before the run)
     K: int
     start: float
@@ -156,11 +170,14 @@ class Run:
     durations: np.ndarray
     launches: np.ndarray
     syncs: np.ndarray
+    cum_launches: np.ndarray    # launches of steps [0, s), s = 0..K (and syncs likewise)
+    cum_syncs: np.ndarray
     g0: int                 # the run's first step, as a local step index of the replica
     alloc_who: np.ndarray
     alloc_when: np.ndarray
     alloc_count: np.ndarray
     seg0: int
+    B_seg: int              # decoders running in the current segment
     free0: int
     cached0: int
     active0: int
@@ -168,6 +185,9 @@ class Run:
     nc0: int
     dram_used: int
     nvme_used: int
+    dram_cached: int
+    nvme_cached: int
+    loading: int
     inflight: int
     next_fin: int = 0
     next_alloc: int = 0
@@ -192,13 +212,14 @@ class DecodeRuns:
         """How ``step`` may start a run: None if it may not; else (span finishes, chunk) where chunk
         is None or (request, tokens per step)."""
         r = self.r
-        if not self.enabled or step.drafts is not None or step.preempted:
-            return None
+        if (not self.enabled or step.drafts is not None or step.preempted or step.prefix_hit_tokens
+                or step.waits):
+            return None     # (an admission into LOADING, or a write-back the step waits for: one step)
         sched = r.scheduler
         if not step.prefill:
             if len(step.decode) != len(r.running) or not sched.steady_decode(r.view):
                 return None
-            return sched.steady_through_finishes(r.view), None
+            return sched.steady_through_finishes(r.view) and r.kv.finishes_quiet(), None
         if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running):
             return None
         got = sched.steady_chunk(r.view)
@@ -239,9 +260,8 @@ class DecodeRuns:
             reqs = dec + [creq]
         now = r.clock()
         t_next = r.next_arrival_s()
-        K, allocs, who, when, count, held0 = plan_run(nc, rem, bs, hbm.num_available, self._cap(now, t_next),
-                                                      span, c0, n, todo)
-        fin = np.unique(rem[rem <= K] - 1) if span and B else np.empty(0, np.int64)
+        K, allocs, who, when, count, held0, fin = plan_run(nc, rem, bs, kv.run_budget(now),
+                                                           self._cap(now, t_next), span and B > 0, c0, n, todo)
         durations, launches, syncs = self._price(nc, nc_sum, rem, fin, K, c0, n)
         self.last_step_s = float(durations[-1])
         # end with the step in progress when the next request arrives: exactly where an interrupt at
@@ -253,12 +273,17 @@ class DecodeRuns:
             launches, syncs = launches[:K], syncs[:K]
             n_alloc = int(when.searchsorted(K))
             who, when, count = who[:n_alloc], when[:n_alloc], count[:n_alloc]
-            fin = fin[fin < K]
+            fin = fin[:int(fin.searchsorted(K))]
         dram, nvme = kv.dram, kv.nvme
-        run = Run(reqs, B, n, rem, fin, allocs, K, now, ends, durations, launches, syncs, r.steps.n, who, when,
-                  count, 0, hbm.num_free, hbm.num_cached, hbm.num_active, held0, nc_sum + c0,
+        cl = np.zeros(K + 1, np.int64)
+        cs = np.zeros(K + 1, np.int64)
+        np.cumsum(launches, out=cl[1:])
+        np.cumsum(syncs, out=cs[1:])
+        run = Run(reqs, B, n, rem, fin.tolist(), allocs, K, now, ends, durations, launches, syncs, cl, cs, r.steps.n,
+                  who, when, count, 0, B, hbm.num_free, hbm.num_cached, hbm.num_active, held0, nc_sum + c0,
                   dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
-                  hbm.num_locked)
+                  dram.num_cached * dram.bytes_per_block, nvme.num_cached * nvme.bytes_per_block,
+                  len(r.moves.loading), hbm.num_locked)
         self.num_runs += 1
         self.run_ = run
         self.in_run, self.stop = True, False
@@ -325,11 +350,12 @@ class DecodeRuns:
         """Allocate through step ``alloc_through`` and commit steps up to ``progress_upto``, in the
         order single stepping does it: a step's blocks when it starts, and the blocks of requests
         that finish at the end of step f released before step f + 1 allocates."""
+        fin = run.fin
         while True:
-            f = int(run.fin[run.next_fin]) if run.next_fin < run.fin.shape[0] else run.K - 1
+            f = fin[run.next_fin] if run.next_fin < len(fin) else run.K - 1
             self._allocate(run, min(alloc_through, f))
             self._progress(run, min(progress_upto, f + 1))
-            if run.committed < f + 1 or run.next_fin >= run.fin.shape[0]:
+            if run.committed < f + 1 or run.next_fin >= len(fin):
                 return
             # decoders finished at the end of step f: a new segment starts with the pool as it is now
             run.next_fin += 1
@@ -340,6 +366,7 @@ class DecodeRuns:
         hbm = kv.hbm
         act = [q for q in run.reqs[:run.B] if q.state == 1]
         run.seg0 = s
+        run.B_seg = len(act)
         run.free0, run.cached0, run.active0 = hbm.num_free, hbm.num_cached, hbm.num_active
         run.held0 = sum(len(q.blocks) for q in act)
         run.nc0 = sum(q.num_computed for q in act)
@@ -362,18 +389,19 @@ class DecodeRuns:
         r = self.r
         kv = r.kv
         a = run.seg0
-        B = int((run.rem > a).sum()) if run.fin.shape[0] else run.B
+        B = run.B_seg
         steps = r.steps
         row0 = steps.reserve_block(upto - c)
         pad = r.builder.cost.padded_batch(B, run.n > 0) - B      # a captured graph's padding rows
         busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, a, run.start, run.ends,
                              run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
                              run.inflight, run.nc0, B, run.n, kv.block_size, kv.hbm.bytes_per_block,
-                             run.dram_used, run.nvme_used, run.launches, run.syncs, pad)
+                             run.dram_used, run.nvme_used, run.dram_cached, run.nvme_cached, run.loading,
+                             run.launches, run.syncs, pad)
         steps.commit_block(upto - c, busy)
         m = upto - c
-        r.num_launches += int(run.launches[c:upto].sum())
-        r.num_syncs += int(run.syncs[c:upto].sum())
+        r.num_launches += int(run.cum_launches[upto]) - int(run.cum_launches[c])
+        r.num_syncs += int(run.cum_syncs[upto]) - int(run.cum_syncs[c])
         g_first = r.step_id_base + run.g0 + c
         g_last = g_first + m - 1
         first_end = float(run.ends[c])
@@ -385,19 +413,26 @@ class DecodeRuns:
             q.num_computed += m
             g = q.num_generated = q.num_generated + m
             se = q.seg_end              # Request.record_tokens, inlined: this loop is the hot path
-            if se and se[-1] == prev:
+            if se and se[-1] == prev:   # (runs never follow a speculative step: its run emitted 1 each)
                 se[-1] = g_last
             else:
                 q.seg_start.append(g_first)
                 se.append(g_last)
+                q.seg_tokens.append(1)
             if q.first_token_s < 0:
                 q.first_token_s = first_end
             if g >= q.output_tokens:
                 finished.append(q)
         if run.n:
+            # the chunk's full prompt blocks are published step by step, at each step's end, as
+            # single stepping does (their registration time is their last use)
             q = run.reqs[run.B]
-            q.num_computed += m * run.n
-            kv.register_computed(q)
+            if q.hash_keys is None or not kv.prefix_caching:
+                q.num_computed += m * run.n
+            else:
+                for s in range(c, upto):
+                    q.num_computed += run.n
+                    kv.register_computed(q, float(run.ends[s]))
         run.committed = upto
         if finished:
             r.finish(finished, float(run.ends[upto - 1]))

@@ -7,9 +7,16 @@ steady decode run, by one event for the whole run (``sim.replica.decode_run``), 
 one by one. An arrival or a finished transfer interrupts the run; the step in progress completes and
 the replica plans afresh.
 
+Copies between KV tiers (loads of lower-tier prefix hits, prefetch, write-back) are decided by the KV
+owner and carried out by ``sim.replica.prefetch``; an admitted request whose prefix is still loading
+waits there (LOADING) and joins ``running`` when it has landed; a step that reuses blocks whose old
+contents are being written back ends only after that copy.
+
 Invariants: ``running`` holds RUNNING requests in admission order; ``waiting`` holds WAITING
 requests (recompute-preempted first, then by arrival); ``swapped`` holds SWAPPED requests in
-swap-out order; a request is in at most one of them, or in flight on a link, or done.
+swap-out order; ``moves.loading`` holds LOADING requests; a request is in at most one of them, or in
+flight on a link, or done. Every block of a RUNNING request is ready (no step reads KV that has not
+landed).
 """
 from __future__ import annotations
 
@@ -26,13 +33,14 @@ from sim.memory.transfers import Transfers
 from sim.metrics import REASON_CODE, RequestLog, StepLog, TokenLog
 from sim.replica.decode_run import DecodeRuns
 from sim.replica.preemption import Preemption
+from sim.replica.prefetch import KVMoves
 from sim.replica.step import Step, StepBuilder, log_step
-from sim.replica.views import RouterView, SchedulerViewImpl
+from sim.replica.views import RouterView, SchedulerViewImpl, SpeculationViewImpl
 from sim.request import STEP_ID_BITS, Request
 
-WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED = (
+WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED, LOADING = (
     RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT, RequestState.SWAPPED,
-    RequestState.SWAPPING_IN, RequestState.FINISHED, RequestState.REJECTED)
+    RequestState.SWAPPING_IN, RequestState.FINISHED, RequestState.REJECTED, RequestState.LOADING)
 
 
 class Replica:
@@ -60,17 +68,26 @@ class Replica:
         self.swapped: list[Request] = []
         self.num_swapping_in = 0
         self.num_swapping_out = 0
+        self.guarded = guarded
         self.view = SchedulerViewImpl(self, guarded)
         self.state_view = RouterView(self)
+        self.spec_view = SpeculationViewImpl(self)
+        self.drafting = builder.drafting
+        self.spec = SpecStats()
         self.preemption_mode = preemption_mode
         self.preemption = Preemption(self)
+        self.moves = KVMoves(self)
+        kv.attach(residency=policies["residency"], view=self.preemption.view, links=transfers.links,
+                  prefill_s=builder.prefill_s)
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
                                and policies["sparsity"].steady())
         self.observers = [p for p in policies.values() if p.observes()]
+        self.watches_arrivals = any(p.watches_arrivals for p in policies.values())
         self._evicted_seen = 0
         self._wake: simpy.Event | None = None
         self.t_end = -1.0          # exact end of the last step (see _clock)
         self.next_arrival_s = lambda: math.inf   # the cluster sets this: when the next request arrives
+        self.feed = None            # the cluster's ArrivalFeed when this replica pulls its own arrivals
         self.check_invariants = False   # tests turn this on: O(blocks) checks after every step
         self.process = env.process(self._loop())
         # counters
@@ -80,15 +97,17 @@ class Replica:
         self.fetch_wait_s = 0.0
 
     # ================================================================== arrivals and wake-ups
-    def submit(self, req: Request) -> None:
-        """A request routed here (called by the cluster's arrival process at its arrival time)."""
+    def submit(self, req: Request, notify: bool = True) -> None:
+        """A request routed here: by the cluster's arrival process at its arrival time, or pulled by
+        this replica from its feed (``notify=False``: the replica is the one asking)."""
         req.replica = self.replica_id
         reason = self._reject_reason(req)
         if reason:
-            self._reject(req, reason, self.env.now)
+            self._reject(req, reason, req.arrival_s)
             return
         self.waiting.append(req)
-        self.notify()
+        if notify:
+            self.notify()
 
     def _reject_reason(self, req: Request) -> str:
         total = req.prompt_tokens + req.output_tokens
@@ -101,6 +120,7 @@ class Replica:
         return ""
 
     def _reject(self, req: Request, reason: str, now: float) -> None:
+        self.kv.drop_prefetch(req, now)
         req.to(REJECTED)
         self.log.reject(req, REASON_CODE[reason], now)
 
@@ -114,7 +134,7 @@ class Replica:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self.num_swapping_in
-                    or self.num_swapping_out)
+                    or self.num_swapping_out or self.moves.loading or self.moves.in_flight)
 
     def sync(self, now: float) -> None:
         """Bring a decode run in progress up to ``now`` (see ``DecodeRuns.sync``)."""
@@ -122,21 +142,21 @@ class Replica:
 
     # ================================================================== main loop
     def _loop(self):
-        env = self.env
+        feed = self.feed
         while True:
+            if feed is not None:
+                feed.pull(self.clock())
             if not (self.waiting or self.running or self.swapped):
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
+                yield from self._wait()
                 continue
             now = self.clock()
+            self.kv.at(now)
+            self.moves.prefetch(now)
             plan = self.view.unwrap_plan(self.scheduler.schedule(self.view, now))
             step = self._apply(plan, now)
             if not (step.prefill or step.decode):
-                if self.num_swapping_in or self.num_swapping_out:
-                    self._wake = env.event()
-                    yield self._wake
-                    self._wake = None
+                if self.num_swapping_in or self.num_swapping_out or self.moves.loading or self.moves.in_flight:
+                    yield from self._wait()
                     continue
                 if plan.is_empty() or not (plan.prefill or plan.decode):
                     self._unblock(now)
@@ -148,6 +168,21 @@ class Replica:
                 yield from self._single_step(step)
             if self.check_invariants:
                 self.check()
+
+    def _wait(self):
+        """Sleep until notified (a transfer landed, a request was submitted) or, with a feed, until the
+        next request routed here arrives."""
+        env = self.env
+        t = self.feed.next_s() if self.feed is not None else math.inf
+        if t < math.inf and not (self.num_swapping_in or self.num_swapping_out):
+            yield env.timeout(exact_delay(env.now, t))      # nothing in flight can wake it sooner
+            return
+        self._wake = env.event()
+        if t < math.inf:
+            yield env.any_of([self._wake, env.timeout(exact_delay(env.now, t))])
+        else:
+            yield self._wake
+        self._wake = None
 
     def clock(self) -> float:
         """The replica's time: the exact end of its last step when it has just finished one (SimPy's
@@ -183,17 +218,24 @@ class Replica:
         for req in plan.swap_in:
             self.preemption.start_swap_in(req, now)
         prefill = []
-        admitted = hit = 0
+        admitted = hit = loaded = 0
         for req, n in plan.prefill:
             if req.state == WAITING:
                 if not kv.can_admit(req, n):
                     break       # blocks ran short (e.g. prefix hits were evicted since planning)
+                lower0 = req.lower_hit_tokens
                 hit += kv.admit(req, now)
+                loaded += req.lower_hit_tokens - lower0
+                self.drafting.admitted(req)
+                if req.first_scheduled_s < 0:
+                    req.first_scheduled_s = now
+                if kv.waiting_on_load(req):
+                    self.moves.wait(req, now)       # its prefill starts when its prefix has landed
+                    admitted += 1
+                    continue
                 n = min(n, req.tokens_to_compute)
                 kv.grow(req, n, now)
                 req.to(RUNNING)
-                if req.first_scheduled_s < 0:
-                    req.first_scheduled_s = now
                 self.running.append(req)
                 admitted += 1
                 prefill.append((req, n))
@@ -214,31 +256,54 @@ class Replica:
                                    f"in the decode list but it is not decoding")
             if req.num_computed < len(req.blocks) * bs or kv.grow(req, 1, now):
                 decode.append(req)
-        drafts = draft_plan = None
         if decode and not self.speculation.emits_one_token:
-            draft_plan = self.speculation.propose(self.view.frozen(decode), now)
-            drafts = self._reserve_drafts(decode, draft_plan, now)
-        return Step(prefill=prefill, decode=decode, drafts=drafts, draft_plan=draft_plan, preempted=preempted,
-                    prefix_hit_tokens=hit)
+            spec = self.speculation
+            draft_plan = spec.propose(self.view.frozen(decode), now, self.spec_view.of(decode))
+            width = int(draft_plan.width)
+            if width < 1:
+                raise RuntimeError(f"speculation policy {spec.name!r} proposed a tree of width {width}")
+            drafts = self._reserve_drafts(decode, draft_plan.draft_tokens, width, now)
+            accepted = [max(0, min(int(spec.accepted(self.rng, self.view.show(r), d)), d)) if d else 0
+                        for r, d in zip(decode, drafts)]
+        else:
+            drafts, width, accepted = None, 1, None
+        waits = kv.take_waits("hbm")
+        self.moves.start_pending()
+        if self.check_invariants:
+            for req in decode + [r for r, _ in prefill]:
+                assert not kv.waiting_on_load(req), f"request {req.req_id} runs before its prefix landed"
+        return Step(prefill=prefill, decode=decode, drafts=drafts, preempted=preempted, prefix_hit_tokens=hit,
+                    loaded_tokens=loaded, waits=waits or None, width=width, accepted=accepted)
 
     def _dequeue_admitted(self, admitted: int) -> None:
         w = self.waiting
-        head_ok = all(w[i].state == RUNNING for i in range(min(admitted, len(w))))
+        head_ok = all(w[i].state != WAITING for i in range(min(admitted, len(w))))
         if head_ok:
             for _ in range(admitted):
                 w.popleft()
         else:
             self.waiting = deque(r for r in w if r.state == WAITING)
 
-    def _reserve_drafts(self, decode: list, plan, now: float) -> list:
-        """KV slots for each decode's draft tokens (its lookahead), before verification; a request
-        that cannot get them drafts nothing this step."""
-        k = list(plan.draft_tokens) + [0] * (len(decode) - len(plan.draft_tokens))
+    def _reserve_drafts(self, decode: list, depths, width: int, now: float) -> list:
+        """KV slots for each decode's lookahead (``width`` x depth draft tokens besides its own) through
+        the KV owner, before verification. A draft never goes past the request's last output token;
+        a request whose lookahead does not fit drafts as deep as the blocks it can get allow, or not
+        at all."""
+        if len(depths) > len(decode):
+            raise RuntimeError(f"speculation policy {self.speculation.name!r} proposed drafts for "
+                               f"{len(depths)} of {len(decode)} decodes")
+        k = list(depths) + [0] * (len(decode) - len(depths))
+        kv = self.kv
+        bs = kv.block_size
         out = []
         for req, d in zip(decode, k):
             d = max(0, min(int(d), req.output_tokens - req.num_generated - 1))
-            if d and not self.kv.grow(req, 1 + d, now):
-                d = 0
+            if d and not kv.grow(req, 1 + width * d, now):
+                room = (len(req.blocks) + kv.hbm.num_available) * bs - req.num_computed - 1
+                d = max(0, min(d, room // width))
+                if d and not kv.grow(req, 1 + width * d, now):
+                    d = 0
+                self.spec.shortened += 1
             out.append(d)
         return out
 
@@ -248,22 +313,33 @@ class Replica:
         start = self.clock()
         priced = self.builder.price(step)
         end = start + priced.duration_s
-        if priced.fetch_bytes:
-            # KV the step reads from host memory: the step ends when both compute and the copy are done
+        waits = [m for m in step.waits if m.landed_s < 0] if step.waits else None
+        if priced.fetch_bytes or waits:
+            # KV the step reads from host memory, and write-backs of the blocks it overwrites: the step
+            # ends when compute and the copies are done
             got = {}
-            copy = self.transfers.start("pcie_h2d", priced.fetch_bytes, lambda t: got.setdefault("t", t),
-                                        what="sparse_fetch")
-            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs,
-                           priced.padded_tokens)
-            yield env.all_of([env.timeout(exact_delay(env.now, end)), copy])
-            self.fetch_bytes += priced.fetch_bytes
-            if got["t"] > end:
-                self.fetch_wait_s += got["t"] - end
-                end = got["t"]
+            events = [env.timeout(exact_delay(env.now, end))]
+            if priced.fetch_bytes:
+                events.append(self.transfers.start("pcie_h2d", priced.fetch_bytes, lambda t: got.setdefault("t", t),
+                                                   what="sparse_fetch"))
+            if waits:
+                events += [m.event for m in waits]
+            self._log_step(start, priced, end, step)
+            yield env.all_of(events)
+            if priced.fetch_bytes:
+                self.fetch_bytes += priced.fetch_bytes
+                if got["t"] > end:
+                    self.fetch_wait_s += got["t"] - end
+                    end = got["t"]
+            if waits:
+                landed = max(m.landed_s for m in waits)
+                if landed > end:
+                    self.moves.writeback_wait_s += landed - end
+                    end = landed
+            if end > start + priced.duration_s:
                 self.steps.extend_last(end)
         else:
-            self._log_step(start, priced.duration_s, end, step, priced.launches, priced.syncs,
-                           priced.padded_tokens)
+            self._log_step(start, priced, end, step)
             yield env.timeout(exact_delay(env.now, end))
         self.t_end = end
         accepted, finished = self._commit(step, self.step_id_base + self.steps.n - 1, end)
@@ -279,18 +355,24 @@ class Replica:
         for p in self.observers:
             p.observe(outcome)
 
-    def _log_step(self, start, duration, end, step: Step, launches, syncs, padded_tokens=0) -> None:
-        log_step(self.steps, self.kv, self.running, step, start, duration, end, launches, syncs, padded_tokens)
+    def _log_step(self, start, priced, end, step: Step) -> None:
+        launches, syncs = priced.launches, priced.syncs
+        log_step(self.steps, self.kv, self.running, step, start, priced.duration_s, end, launches, syncs,
+                 len(self.moves.loading), priced.draft_s, priced.verify_s, priced.padded_tokens)
         self.num_launches += launches
         self.num_syncs += syncs
+        if step.drafts is not None or priced.draft_s:
+            self.spec.add_step(step, priced, self.kv.hbm.bytes_per_block // self.kv.block_size)
 
     def _commit(self, step: Step, step_id: int, end: float) -> tuple[list, list]:
         kv = self.kv
         finished = []
         accepted = []
+        drafting = self.drafting
         for req, n in step.prefill:
             req.num_computed += n
-            kv.register_computed(req)
+            drafting.prefilled(req)
+            kv.register_computed(req, end)
             if req.num_computed == req.num_tokens:
                 req.num_generated += 1
                 req.record_tokens(step_id, step_id)
@@ -308,15 +390,19 @@ class Replica:
                 if req.num_generated >= req.output_tokens:
                     finished.append(req)
         else:
-            for req, d in zip(step.decode, step.drafts):
-                a = max(0, min(int(self.speculation.accepted(self.rng, self.view.show(req), d)), d)) if d else 0
+            spec = self.spec
+            for req, d, a in zip(step.decode, step.drafts, step.accepted):
+                before = req.num_computed
                 req.num_computed += 1 + a
                 req.num_generated += 1 + a
                 req.record_tokens(step_id, step_id, extra=a)
                 if req.first_token_s < 0:
                     req.first_token_s = end
-                kv.truncate(req, end)           # roll back the KV slots of rejected drafts
                 if d:
+                    held = len(req.blocks)
+                    kv.truncate(req, end)           # roll back the KV slots of rejected drafts
+                    spec.rolled_back_blocks += held - len(req.blocks)
+                    drafting.commit(req, before, d)
                     accepted.append((req, d, a))
                 if req.num_generated >= req.output_tokens:
                     finished.append(req)
@@ -336,6 +422,7 @@ class Replica:
             log.finish(req)
             log.seg_off[req.idx] = self.tokens.add(req)
             log.seg_cnt[req.idx] = len(req.seg_start)
+        self.moves.start_pending()          # copies of the released prompt blocks (write-through)
 
     def check(self) -> None:
         """Assert the replica's invariants (see the module docstring and ``TieredKV``)."""
@@ -352,7 +439,65 @@ class Replica:
             assert len(r.blocks) == -(-r.num_computed // bs), \
                 f"request {r.req_id}: {len(r.blocks)} blocks for {r.num_computed} computed tokens"
             assert 0 <= r.num_computed <= r.num_tokens
+            assert 0 <= r.num_draft_computed <= r.num_computed or not self.drafting.keeps_kv, \
+                f"request {r.req_id}: drafter KV for {r.num_draft_computed} of {r.num_computed} tokens"
         for r in self.waiting:
             assert not r.blocks and r.num_computed == 0
-        held = sum(len(r.blocks) for r in self.running)
+        ready = self.kv.hbm.ready
+        rc = self.kv.hbm.refcount
+        for r in self.running:
+            assert all(ready[b] for b in r.blocks), f"request {r.req_id} is running with KV still loading"
+        for r in self.moves.loading:
+            assert r.state == LOADING and id(r) not in seen, f"request {r.req_id} loading twice or in a queue"
+            seen.add(id(r))
+            assert len(r.blocks) == -(-r.num_computed // bs)
+        for r in list(self.running) + self.moves.loading:
+            assert all(rc[b] > 0 for b in r.blocks), f"request {r.req_id} holds a block nobody references"
+        held = (sum(len(r.blocks) for r in self.running) + sum(len(r.blocks) for r in self.moves.loading)
+                + self.kv.num_held)
         assert self.kv.hbm.num_active <= held + self.kv.hbm.num_locked
+
+
+class SpecStats:
+    """Speculative-decoding counters of one replica, summed over its steps (``summary["speculation"]``)."""
+
+    __slots__ = ("steps", "verify_steps", "drafting_decodes", "decodes", "depth", "proposed", "accepted",
+                 "verify_rows", "draft_s", "verify_s", "kv_peak_bytes", "kv_byte_seconds", "rolled_back_blocks",
+                 "shortened")
+
+    def __init__(self) -> None:
+        self.steps = 0                # steps of a speculating policy (or with drafter work)
+        self.verify_steps = 0         # steps that verified drafts
+        self.drafting_decodes = 0     # (request, step) pairs that drafted
+        self.decodes = 0              # (request, step) pairs decoding under a speculating policy
+        self.depth = 0                # draft depths summed: the most that could be accepted
+        self.proposed = 0             # draft tokens verified (tree nodes)
+        self.accepted = 0
+        self.verify_rows = 0          # query tokens of verified decodes (1 + nodes each)
+        self.draft_s = 0.0
+        self.verify_s = 0.0
+        self.kv_peak_bytes = 0        # lookahead slots of one step, largest
+        self.kv_byte_seconds = 0.0    # lookahead slot bytes x step duration
+        self.rolled_back_blocks = 0   # blocks released by rolling back rejected drafts
+        self.shortened = 0            # drafts cut short because their lookahead KV did not fit
+
+    def add_step(self, step: Step, priced, bytes_per_token: int) -> None:
+        self.steps += 1
+        self.draft_s += priced.draft_s
+        if step.drafts is None:
+            return
+        w = step.width
+        self.decodes += len(step.decode)
+        depth = sum(step.drafts)
+        if not depth:
+            return
+        self.verify_steps += 1
+        self.verify_s += priced.verify_s
+        self.drafting_decodes += sum(1 for d in step.drafts if d)
+        self.depth += depth
+        self.proposed += w * depth
+        self.accepted += sum(step.accepted)
+        self.verify_rows += sum(1 + w * d for d in step.drafts if d)
+        kv = w * depth * bytes_per_token
+        self.kv_peak_bytes = max(self.kv_peak_bytes, kv)
+        self.kv_byte_seconds += kv * priced.duration_s

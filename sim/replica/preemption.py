@@ -28,7 +28,7 @@ class Preemption:
     def __init__(self, replica: Replica) -> None:
         self.r = replica
         self.residency = replica.policies["residency"]
-        self.view = ResidencyViewImpl(replica, replica.preemption_mode)
+        self.view = ResidencyViewImpl(replica, replica.preemption_mode, replica.guarded)
         self.num_out = 0
         self.num_in = 0
         self.num_drops = 0
@@ -48,7 +48,7 @@ class Preemption:
                 req.num_swaps += 1
                 r.num_swapping_out += 1
                 self.num_out += 1
-                self._start_transfer(req, "pcie_d2h", "swap_out", self._swapped_out)
+                self._start_transfer(req, "pcie_d2h", "swap_out", self._swapped_out, r.kv.take_waits("dram"))
                 return
         r.kv.release(req, now)
         self._to_waiting_front(req)
@@ -64,11 +64,15 @@ class Preemption:
             i += 1
         w.insert(i, req)
 
-    def _start_transfer(self, req: Request, link: str, what: str, done) -> None:
-        """Move ``req``'s KV over ``link``; ``done(req, now)`` applies the result when the bytes have
-        arrived. Its HBM blocks stay locked meanwhile."""
+    def _start_transfer(self, req: Request, link: str, what: str, done, after) -> None:
+        """Move ``req``'s KV over ``link`` (after the write-backs ``after`` of the blocks it
+        overwrites); ``done(req, now)`` applies the result when the bytes have arrived. Its HBM blocks
+        stay locked meanwhile. The bytes are the whole replica's (every tensor-parallel shard; the link
+        has a lane per GPU)."""
         r = self.r
-        nbytes = r.kv.lock(req) * r.kv.hbm.bytes_per_block
+        nbytes = r.kv.lock(req) * r.kv.host_bytes_per_block
+        r.moves.start_pending()
+        events = [m.event for m in after if m.event is not None]
 
         def arrived(now: float) -> None:
             r.sync(now)          # a decode run in progress first catches up to now
@@ -76,7 +80,7 @@ class Preemption:
             done(req, now)
             r.notify()
 
-        r.transfers.start(link, nbytes, arrived, what=what, request=req.idx)
+        r.transfers.start_chain((link,), nbytes, arrived, what=what, request=req.idx, after=events)
 
     def _swapped_out(self, req: Request, now: float) -> None:
         r = self.r
@@ -103,4 +107,4 @@ class Preemption:
         req.to(SWAPPING_IN)
         r.num_swapping_in += 1
         self.num_in += 1
-        self._start_transfer(req, "pcie_h2d", "swap_in", self._swapped_in)
+        self._start_transfer(req, "pcie_h2d", "swap_in", self._swapped_in, r.kv.take_waits("hbm"))

@@ -3,10 +3,16 @@ when it completes (:class:`StepRecorder`: the step-log row, request progress, fi
 
 Pricing: the step's prefill chunks and decodes become a step shape; the sparsity policy's attention
 plan says how many KV tokens each decode reads, what selecting them costs and what KV comes from a
-lower tier; speculative drafts add their drafter's steps, priced on the same GPU with the same cost
-backend as the target; the execution policy's reserved SMs shrink the share of the GPU the model's
-kernels run on (``StepCostModel.for_share``). All of this is arithmetic on counters: no time passes
-here (the replica loop owns time).
+lower tier; speculative drafts add their drafter's work (``sim.replica.drafting``), priced on the same
+GPU with the same cost backend as the target; the execution policy's reserved SMs shrink the share of
+the GPU the model's kernels run on (``StepCostModel.for_share``). All of this is arithmetic on
+counters: no time passes here (the replica loop owns time).
+
+A verify step: a decode drafting ``d`` tokens in chains of ``w`` (a tree for ``w > 1``) runs
+``q = 1 + w d`` query tokens: ``q`` GEMM rows and ``q`` LM-head rows (every position needs its
+logits), and attention over its KV plus the new tokens, with the step's longest ``q`` as the query
+length (one kernel, padded). Its drafts' KV slots are reserved before the step and counted in the KV
+columns.
 """
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import AttentionPlan, DraftPlan
+from policies.base import AttentionPlan, Drafter
 from sim.costs.step import StepCostModel
+from sim.replica.drafting import Drafting
 
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
@@ -27,10 +34,13 @@ class Step:
 
     prefill: list          # (request, tokens)
     decode: list           # requests
-    drafts: list | None    # draft tokens per decode (speculation), or None
-    draft_plan: DraftPlan | None
+    drafts: list | None    # draft depth per decode (speculation), or None
     preempted: list        # requests preempted before this step
     prefix_hit_tokens: int = 0
+    loaded_tokens: int = 0         # of those, tokens that come from a lower tier
+    waits: list | None = None      # write-backs of the blocks this step reuses (it ends after them)
+    width: int = 1         # draft chains per decode (a tree when > 1)
+    accepted: list | None = None   # accepted drafts per decode (sampled when the drafts are reserved)
 
 
 @dataclass(slots=True)
@@ -42,6 +52,8 @@ class Priced:
     launches: int
     syncs: int
     fetch_bytes: int = 0
+    draft_s: float = 0.0      # the drafter's share of the step
+    verify_s: float = 0.0     # the target's forward pass of a step that verifies drafts
     padded_tokens: int = 0    # query rows a captured graph ran beyond the step's own (padding)
 
 
@@ -49,25 +61,25 @@ class StepBuilder:
     """Prices steps and decode runs of one replica."""
 
     def __init__(self, *, cost: StepCostModel, sparsity, sm_share: float,
-                 drafter_cost: Callable[[str], StepCostModel]) -> None:
+                 drafter_cost: Callable[[str], StepCostModel], drafter: Drafter | None = None) -> None:
         self.cost = cost.for_share(sm_share) if sm_share < 1.0 else cost
         self.sm_share = sm_share
         self.sparsity = sparsity
         self.dense = sparsity.is_dense
-        self._drafter_cost = drafter_cost
-        self._drafters: dict[str, StepCostModel] = {}
         self.num_layers = cost.num_layers
 
-    def drafter(self, name: str) -> StepCostModel:
-        got = self._drafters.get(name)
-        if got is None:
-            got = self._drafters[name] = self._drafter_cost(name)
-            if self.sm_share < 1.0:
-                got = self._drafters[name] = got.for_share(self.sm_share)
-        return got
+        def model_cost(name: str) -> StepCostModel:
+            got = drafter_cost(name)
+            return got.for_share(sm_share) if sm_share < 1.0 else got
+
+        self.drafting = Drafting(drafter if drafter is not None else Drafter(), self.cost, model_cost)
+        self._estimates: dict[tuple[int, int, int, int], float] = {}
 
     def price(self, step: Step) -> Priced:
         nd = len(step.decode)
+        drafts = step.drafts
+        if drafts is not None and nd and max(drafts):
+            return self._price_verify(step)
         sampled = nd
         if step.prefill:
             qs, cs = [], []
@@ -80,51 +92,95 @@ class StepBuilder:
             pc = np.array(cs, dtype=np.int64)
         else:
             pq = pc = _NO_CHUNKS
-        query = 1
-        if step.drafts is not None and nd:
-            query = 1 + max(step.drafts)
         plan: AttentionPlan | None = None
         if self.dense:
-            ctx_sum = sum(r.num_computed for r in step.decode) + nd * query
+            ctx_sum = sum(r.num_computed for r in step.decode) + nd
         else:
-            ctx = np.fromiter((r.num_computed + query for r in step.decode), dtype=np.int64, count=nd)
+            ctx = np.fromiter((r.num_computed + 1 for r in step.decode), dtype=np.int64, count=nd)
             plan = self.sparsity.plan(ctx) if nd else None
             ctx_sum = int(np.asarray(plan.tokens_read).sum()) if plan is not None else 0
-        duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, query,
-                                                   num_seqs=len(step.prefill) + nd)
-        padded = (self.cost.padded_batch(nd, bool(step.prefill)) - nd) * query
-        fetch = 0
-        if plan is not None:
-            units = plan.selection_units
-            if units is not None and nd and float(np.asarray(units).sum()) > 0:
-                # one top-k selection per layer, over each decode's scored units, before attention
-                per_seq = float(np.asarray(units, dtype=np.float64).mean())
-                duration += self.num_layers * self.cost.backend.selection_time(nd, per_seq, plan.selection_k)
-            fetch = int(plan.lower_tier_bytes)
-        if step.drafts is not None and nd and max(step.drafts):
-            d, lc, sc = self.draft_time(step)
-            duration += d
+        duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, 1, num_seqs=len(step.prefill) + nd)
+        padded = self.cost.padded_batch(nd, bool(step.prefill)) - nd
+        fetch = self._sparse_extras(plan, nd)
+        duration += fetch[0]
+        draft = 0.0
+        if step.prefill and self.drafting.eager_prefill:
+            draft, lc, sc = self.drafting.time(step.prefill, step.decode, drafts, step.width)
+            duration += draft
             launches += lc
             syncs += sc
-        return Priced(duration, launches, syncs, fetch, padded)
+        return Priced(duration, launches, syncs, fetch[1], draft, 0.0, padded)
 
-    def draft_time(self, step: Step) -> tuple[float, int, int]:
-        """The drafter's autoregressive steps before verification: one batched draft step per draft
-        token (the longest draft sets the count), each over the decodes' contexts plus the drafts so
-        far. A drafter of ``"none"`` is free (drafts from elsewhere, e.g. prompt lookup)."""
-        plan = step.draft_plan
-        if plan is None or plan.drafter == "none":
-            return 0.0, 0, 0
-        cost = self.drafter(plan.drafter)
+    def _sparse_extras(self, plan: AttentionPlan | None, nd: int) -> tuple[float, int]:
+        """(selection seconds, bytes fetched from host memory) of a sparse attention plan."""
+        if plan is None:
+            return 0.0, 0
+        extra = 0.0
+        units = plan.selection_units
+        if units is not None and nd and float(np.asarray(units).sum()) > 0:
+            # one top-k selection per layer, over each decode's scored units, before attention
+            per_seq = float(np.asarray(units, dtype=np.float64).mean())
+            extra = self.num_layers * self.cost.backend.selection_time(nd, per_seq, plan.selection_k)
+        return extra, int(plan.lower_tier_bytes)
+
+    def _price_verify(self, step: Step) -> Priced:
+        """A step whose decodes verify drafts (see the module docstring)."""
         nd = len(step.decode)
-        ctx_d = sum(r.num_computed for r in step.decode)
-        total, launches, syncs = 0.0, 0, 0
-        for j in range(max(step.drafts)):
-            d, lc, sc = cost.step(_NO_CHUNKS, _NO_CHUNKS, nd, ctx_d + nd * (j + 1), nd, 1)
-            total += d
-            launches += lc
-            syncs += sc
-        return total, launches, syncs
+        w = step.width
+        qs_dec = [1 + w * d for d in step.drafts]
+        rows = sum(qs_dec)
+        query = max(qs_dec)
+        sampled = rows
+        if step.prefill:
+            qs, cs = [], []
+            for r, n in step.prefill:
+                qs.append(n)
+                cs.append(r.num_computed)
+                if r.num_computed + n == r.prompt_tokens + r.num_generated:
+                    sampled += 1
+            pq = np.array(qs, dtype=np.int64)
+            pc = np.array(cs, dtype=np.int64)
+        else:
+            pq = pc = _NO_CHUNKS
+        plan: AttentionPlan | None = None
+        if self.dense:
+            ctx_sum = sum(r.num_computed for r in step.decode) + rows
+        else:
+            ctx = np.fromiter((r.num_computed + q for r, q in zip(step.decode, qs_dec)), dtype=np.int64, count=nd)
+            plan = self.sparsity.plan(ctx)
+            ctx_sum = int(np.asarray(plan.tokens_read).sum())
+        verify, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, query, rows,
+                                                 num_seqs=len(step.prefill) + nd)
+        padded = (self.cost.padded_batch(nd, bool(step.prefill)) - nd) * query
+        extra, fetch = self._sparse_extras(plan, nd)
+        verify += extra
+        draft, lc, sc = self.drafting.time(step.prefill, step.decode, step.drafts, w)
+        return Priced(verify + draft, launches + lc, syncs + sc, fetch, draft, verify, padded)
+
+    def estimate(self, decode, k: int, width: int = 1) -> float:
+        """Seconds of a decode-only step of ``decode`` drafting ``k`` deep in chains of ``width``
+        (``SpeculationView.step_time``): the requests at their mean context, rounded up to 64 tokens,
+        no drafter lag; cached."""
+        b = len(decode)
+        if b == 0:
+            return 0.0
+        ctx = -(-sum(r.num_computed for r in decode) // (64 * b)) * 64
+        key = (b, k, width, ctx)
+        got = self._estimates.get(key)
+        if got is None:
+            q = 1 + width * k
+            t = self.cost.step(_NO_CHUNKS, _NO_CHUNKS, b, b * (ctx + q), b * q, q, b * q)[0]
+            t += self.drafting.estimate(b, ctx, k, width)[0]
+            got = self._estimates[key] = t
+        return got
+
+    def prefill_s(self, tokens: int, context: int) -> float:
+        """Seconds of one prefill step of ``tokens`` tokens after ``context`` tokens of KV (prices what
+        recomputing a prefix costs)."""
+        if tokens <= 0:
+            return 0.0
+        return self.cost.step(np.array([tokens], dtype=np.int64), np.array([context], dtype=np.int64), 0, 0, 1,
+                              1)[0]
 
     def decode_run(self, nc: np.ndarray, nc_sum: int, K: int, first: int = 0) -> tuple[np.ndarray, int, int]:
         """Durations of K decode-only steps ``first .. first+K-1`` of a run of a fixed batch whose KV
@@ -158,13 +214,14 @@ class StepBuilder:
 
 
 def log_step(steps, kv, running, step: Step, start: float, duration: float, end: float, launches: int,
-             syncs: int, padded_tokens: int = 0, lane: int = 0) -> None:
+             syncs: int, loading: int = 0, draft_s: float = 0.0, verify_s: float = 0.0, padded_tokens: int = 0) -> None:
     """Append one step's row: its batch, and the KV state at its start after its allocations; the
-    rows a captured graph padded it with; the lane that ran it (0: the whole GPU)."""
+    rows a captured graph padded it with."""
     hbm = kv.hbm
     bpb = hbm.bytes_per_block
     n_prefill = sum(n for _, n in step.prefill)
-    tokens = n_prefill + len(step.decode) + (sum(step.drafts) if step.drafts else 0)
+    drafted = step.width * sum(step.drafts) if step.drafts else 0
+    tokens = n_prefill + len(step.decode) + drafted
     # fragmentation: token slots allocated to running requests but empty at the end of the step;
     # locked: blocks of the step's batch plus blocks in flight on a link
     held = computed = 0
@@ -181,4 +238,11 @@ def log_step(steps, kv, running, step: Step, start: float, duration: float, end:
         hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
         dram_used_bytes=dram.num_active * dram.bytes_per_block,
         nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
-        launches=launches, syncs=syncs, preemptions=len(step.preempted), padded_tokens=padded_tokens, lane=lane)
+        launches=launches, syncs=syncs, preemptions=len(step.preempted), padded_tokens=padded_tokens,
+        dram_cached_bytes=dram.num_cached * dram.bytes_per_block,
+        nvme_cached_bytes=nvme.num_cached * nvme.bytes_per_block,
+        loading_seqs=loading, prefix_hit_tokens=step.prefix_hit_tokens, loaded_tokens=step.loaded_tokens)
+
+    if drafted or draft_s:
+        steps.set_last(draft_tokens=drafted, accepted_tokens=sum(step.accepted) if step.accepted else 0,
+                       draft_s=draft_s, verify_s=verify_s, draft_kv_bytes=drafted * bpb // kv.block_size)

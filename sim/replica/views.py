@@ -71,7 +71,9 @@ class SchedulerViewImpl:
 
     @property
     def num_swapping_in(self) -> int:
-        return self._r.num_swapping_in
+        """Requests on their way into the running batch: swap-ins, and admitted requests whose prefix
+        is still loading from a lower tier."""
+        return self._r.num_swapping_in + len(self._r.moves.loading)
 
     @property
     def num_free_blocks(self) -> int:
@@ -164,16 +166,93 @@ class RouterView:
         return r.kv.hbm.count_prefix(keys, min(len(keys), (req.prompt_tokens - 1) // bs)) * bs
 
 
-class ResidencyViewImpl:
-    """What a residency policy sees (``policies.base.ResidencyView``)."""
+class SpeculationViewImpl:
+    """What a speculation policy sees when it proposes (``policies.base.SpeculationView``): the
+    step's price for a draft depth, from the replica's step builder."""
 
-    __slots__ = ("_r", "preemption_mode", "block_size")
+    __slots__ = ("_r", "_decode")
 
-    def __init__(self, replica: Replica, preemption_mode: str) -> None:
+    def __init__(self, replica: Replica) -> None:
         self._r = replica
+        self._decode: list = []
+
+    def of(self, decode: list) -> "SpeculationViewImpl":
+        """This view for a step whose decodes are ``decode``."""
+        self._decode = decode
+        return self
+
+    def step_time(self, draft_tokens: int, width: int = 1) -> float:
+        return self._r.builder.estimate(self._decode, int(draft_tokens), int(width))
+
+
+class ResidencyViewImpl:
+    """What a residency policy sees (``policies.base.ResidencyView``): the replica's tiers, its queue,
+    and for a waiting request where its prefix is and what loading or recomputing it would cost."""
+
+    __slots__ = ("_r", "_g", "preemption_mode", "block_size", "tier_mode", "tiers")
+
+    def __init__(self, replica: Replica, preemption_mode: str, guarded: bool = False) -> None:
+        from sim.memory.tiers import TIERS
+
+        self._r = replica
+        self._g = _Guard(guarded)
         self.preemption_mode = preemption_mode
         self.block_size = replica.kv.block_size
+        kv = replica.kv
+        self.tier_mode = kv.tier_mode
+        self.tiers = tuple(t for t, p in zip(TIERS, kv.all_pools) if p.num_blocks)
+
+    def _pool(self, tier: str):
+        from sim.memory.tiers import TIERS
+
+        return self._r.kv.all_pools[TIERS.index(tier)]
 
     @property
     def num_free_dram_blocks(self) -> int:
         return self._r.kv.dram.num_available
+
+    @property
+    def waiting(self):
+        return self._g.seq(self._r.waiting)
+
+    def num_blocks(self, tier: str) -> int:
+        return self._pool(tier).num_blocks
+
+    def num_available_blocks(self, tier: str) -> int:
+        """Blocks an allocation in ``tier`` can obtain now (free plus evictable cached)."""
+        return self._pool(tier).num_available
+
+    def num_free_blocks(self, tier: str) -> int:
+        return self._pool(tier).num_free
+
+    @property
+    def num_prefetched_blocks(self) -> int:
+        """HBM blocks prefetched and held for waiting requests (loading or landed, not yet admitted)."""
+        return self._r.kv.num_held
+
+    def hbm_hit_blocks(self, req) -> int:
+        """Leading prompt blocks of a waiting request in HBM, before the first one that is not."""
+        return self._r.kv.lookup(unwrap(req)).hbm_lead
+
+    def lower_hit_blocks(self, req) -> dict[str, int]:
+        """Prompt blocks of a waiting request found in each lower tier (the prefix found, across tiers)."""
+        from sim.memory.tiers import TIERS
+
+        c = self._r.kv.lookup(unwrap(req)).counts
+        return {t: c[i] for i, t in enumerate(TIERS) if i and c[i]}
+
+    def prefix_hit_blocks(self, req) -> int:
+        """Leading prompt blocks a waiting request takes from the cache if admitted now."""
+        return self._r.kv.prefix_hit_blocks(unwrap(req))
+
+    def load_s(self, req) -> float:
+        """Seconds to copy the request's lower-tier prefix into HBM over idle links (no queueing)."""
+        return self._r.kv.load_estimate_s(unwrap(req))
+
+    def recompute_s(self, req) -> float:
+        """Prefill seconds recomputing that prefix would add."""
+        return self._r.kv.recompute_estimate_s(unwrap(req))
+
+    def link_backlog_s(self, link: str) -> float:
+        """Seconds of copies queued or in flight on one of the replica's links."""
+        return self._r.transfers.backlog_s(link)

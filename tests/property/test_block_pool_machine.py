@@ -1,9 +1,13 @@
 """The block pool against a trivially correct model (Hypothesis RuleBasedStateMachine).
 
 The model keeps, per block, a reference count and an optional key, and the cached blocks in LRU
-order; the pool must agree after every operation and keep its own invariants."""
+order; the pool must agree after every operation and keep its own invariants. Besides allocation,
+release, registration and hits, the rules cover what the KV tiers use: allocating a decode run's
+blocks in one call, discarding blocks (a promoted block leaving an exclusive tier), forgetting cached
+keys (a lower copy of a block recomputed above), and locking blocks for a load that is not ready."""
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -86,6 +90,58 @@ class PoolMachine(RuleBasedStateMachine):
             self.lru.remove(b)
         self.rc[b] += 1
         self.held.append([b])
+
+    @rule(n=st.integers(1, 4))
+    def allocate_run(self, n):
+        if n > self._avail():
+            return
+        self.t += 1
+        times = self.t + np.arange(n) * 0.25
+        got = self.pool.allocate_run(times, np.full(n, 7, dtype=np.int64))
+        evicted = [b for b in got if b in self.lru]
+        assert evicted == self.lru[:len(evicted)]
+        for b in evicted:
+            self.lru.remove(b)
+            self.key[b] = None
+        for b, t in zip(got, times):
+            assert self.rc[b] == 0 and self.pool.last_access[b] == t and self.pool.owner[b] == 7
+            self.rc[b] = 1
+        self.held.append(list(got))
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100))
+    def discard(self, i):
+        blocks = self.held.pop(i % len(self.held))
+        self.pool.discard(blocks)
+        for b in reversed(blocks):
+            self.rc[b] -= 1
+            if self.rc[b] == 0:
+                self.key[b] = None
+
+    @precondition(lambda self: any(k is not None for k in self.key))
+    @rule(j=st.integers(0, 100), extra=st.integers(5000, 5003))
+    def forget(self, j, extra):
+        keyed = [b for b in range(N) if self.key[b] is not None]
+        b = keyed[j % len(keyed)]
+        k = self.key[b]
+        dropped = self.pool.forget_keys(np.array([k, extra], dtype=np.int64))   # an unknown key is ignored
+        if self.rc[b] == 0:
+            assert dropped == 1 and self.pool.last_evicted()[0].tolist() == [k]
+            self.lru.remove(b)
+            self.key[b] = None
+        else:
+            assert dropped == 0
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100))
+    def load_and_land(self, i):
+        blocks = self.held[i % len(self.held)]
+        self.pool.lock(blocks)
+        self.pool.set_ready(blocks, False)
+        self.pool.check()
+        assert not self.pool.ready[blocks].any()
+        self.pool.set_ready(blocks, True)
+        self.pool.unlock(blocks)
 
     @invariant()
     def agrees(self):

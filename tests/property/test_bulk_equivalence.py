@@ -1,6 +1,8 @@
 """Advancing a steady decode run as one event gives exactly what stepping one step at a time gives:
-the same step start times and durations, token counts, KV columns, per-request metrics, and the same
-block ids allocated in the same order from every pool."""
+the same step start times and durations, token counts, KV columns, per-request metrics, the same
+block ids allocated in the same order from every pool, and — with the KV hierarchy on — the same copies
+between tiers at the same times (every eviction policy, both residency policies, inclusive and
+exclusive tiers, a shared store)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -9,36 +11,36 @@ from hypothesis import strategies as st
 
 from sim.memory.block_pool import BlockPool
 from tests.conftest import examples, run_checked, small_config
-from tests.property.test_engine_invariants import traces_
+from tests.property.test_engine_invariants import shipped, tier_overrides, traces_
 
 
 def _run_recording(cfg, trace):
     seqs: dict[int, list] = {}
     orig_one, orig_many = BlockPool.allocate_one, BlockPool.allocate
 
-    def one(self, now, choose=None):
-        b = orig_one(self, now, choose)
+    def one(self, now, choose=None, owner=-1):
+        b = orig_one(self, now, choose, owner)
         seqs.setdefault(id(self), []).append((self.tier, b, now))
         return b
 
-    def many(self, n, now, choose=None):
-        got = orig_many(self, n, now, choose)
+    def many(self, n, now, choose=None, owner=-1):
+        got = orig_many(self, n, now, choose, owner)
         if got:
             seqs.setdefault(id(self), []).extend((self.tier, b, now) for b in got)
         return got
 
-    orig_take = BlockPool.take_free
+    orig_run = BlockPool.allocate_run
 
-    def take(self, n, times):
-        got = orig_take(self, n, times)
+    def run(self, times, owners, choose=None):
+        got = orig_run(self, times, owners, choose)
         seqs.setdefault(id(self), []).extend((self.tier, b, float(t)) for b, t in zip(got, times))
         return got
 
-    BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = one, many, take
+    BlockPool.allocate_one, BlockPool.allocate, BlockPool.allocate_run = one, many, run
     try:
         sim, res = run_checked(cfg, trace)
     finally:
-        BlockPool.allocate_one, BlockPool.allocate, BlockPool.take_free = orig_one, orig_many, orig_take
+        BlockPool.allocate_one, BlockPool.allocate, BlockPool.allocate_run = orig_one, orig_many, orig_run
     per_pool = sorted((seq[0][0], tuple(seq)) for seq in seqs.values())
     return sim, res, per_pool
 
@@ -51,7 +53,8 @@ def assert_equivalent(cfg_overrides: dict, trace) -> int:
     pd.testing.assert_frame_equal(s_res.requests, b_res.requests, check_exact=True)
     pd.testing.assert_frame_equal(s_res.steps, b_res.steps, check_exact=True)
     assert s_alloc == b_alloc, "block allocation sequences differ"
-    for key in ("ttft_s", "itl_s", "e2e_s", "throughput", "kv", "links"):
+    pd.testing.assert_frame_equal(s_res.transfers, b_res.transfers, check_exact=True)
+    for key in ("ttft_s", "itl_s", "e2e_s", "throughput", "kv", "links", "kv_tiers"):
         assert s_res.summary[key] == b_res.summary[key], key
     assert s_res.summary["engine"]["decode_runs"] == 0
     return b_res.summary["engine"]["decode_runs"]
@@ -72,13 +75,18 @@ def bulk_schedulers() -> list[str]:
 @given(trace=traces_(), scheduling=st.sampled_from(bulk_schedulers()),
        execution=st.sampled_from(["cuda-graph", "host-launched"]),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(24, 200),
-       replicas=st.integers(1, 2), prefix=st.booleans(), admission=st.sampled_from(["chunk", "prompt"]))
+       replicas=st.integers(1, 2), prefix=st.booleans(), admission=st.sampled_from(["chunk", "prompt"]),
+       eviction=st.sampled_from(shipped("eviction")), residency=st.sampled_from(shipped("residency")),
+       tiers=st.sampled_from(["hbm", "dram", "dram+nvme", "store"]),
+       mode=st.sampled_from(["inclusive", "exclusive"]), load=st.sampled_from(["when-faster", "always"]))
 def test_decode_runs_equal_single_stepping(trace, scheduling, execution, preemption, blocks, replicas, prefix,
-                                           admission):
+                                           admission, eviction, residency, tiers, mode, load):
     chunked = {"policies.scheduling.admission": admission} if scheduling == "chunked-prefill" else {}
     assert_equivalent({"policies.scheduling.name": scheduling, "policies.execution.name": execution,
                        "replica.preemption_mode": preemption, "replica.num_hbm_blocks": blocks,
-                       "cluster.num_replicas": replicas, "replica.prefix_caching": prefix, **chunked}, trace)
+                       "cluster.num_replicas": replicas, "replica.prefix_caching": prefix, **chunked,
+                       "policies.eviction.name": eviction, "policies.residency.name": residency,
+                       **tier_overrides(tiers, mode, load, residency)}, trace)
 
 
 def test_equivalence_on_a_real_trace_slice_with_preemption():

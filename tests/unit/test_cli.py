@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from sim.cli import main
@@ -43,6 +44,9 @@ def test_progress_display_does_not_change_results(tmp_path, capsys):
     args = [a for a in SMALL if a != "--no-progress"]
     rc, out, err = run_cli(capsys, "run", "--out", str(tmp_path / "b"), *args)
     assert rc == 0
+    # not a terminal: one line at the end (and every 10 s): requests of the total, simulated time, ETA
+    assert "run: 200/200 requests (100.0 %) | simulated " in err and "(last arrival at " in err
+    assert "ETA 0:00:00" in err
     for f in ("summary.json", "requests.parquet", "steps.parquet"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
@@ -117,3 +121,103 @@ def test_plot_draws_a_run_and_refuses_a_directory_that_is_not_one(tmp_path, caps
     assert rc == 0 and (tmp_path / "again.png").exists()
     rc, _, err = run_cli(capsys, "plot", str(tmp_path))
     assert rc == 2 and "not a tiersim results directory" in err and "steps.parquet" in err
+
+
+def test_version_and_every_option_states_its_default(capsys):
+    import sim
+    from sim.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tiersim {sim.__version__}"
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    missing = []
+    for name in ("run", "plot", "config", "compare", "report", "sweep", "predict-step", "list"):
+        sp = sub.choices[name]
+        text = sp.format_help()
+        for a in sp._actions:
+            if a.option_strings and a.help != "==SUPPRESS==" and not a.required and "-h" not in a.option_strings:
+                helptext = sp._get_formatter()._expand_help(a) if a.help else ""
+                if "default" not in sp.formatter_class(sp.prog)._get_help_string(a) % {**vars(a), "default": 0} \
+                        and "default" not in helptext:
+                    missing.append(f"{name} {a.option_strings[0]}")
+        assert "usage" in text
+    assert not missing, missing
+
+
+def test_an_existing_output_directory_is_kept_unless_forced(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert run_cli(capsys, "run", "--out", out, *SMALL)[0] == 0
+    before = (tmp_path / "r" / "summary.json").read_bytes()
+    rc, _, err = run_cli(capsys, "run", "--out", out, *SMALL, "--set", "trace.max_requests=50")
+    assert rc == 2 and "already holds a finished run" in err and "--force" in err
+    assert (tmp_path / "r" / "summary.json").read_bytes() == before
+    # rerunning the saved config would write where it came from: refused too
+    rc, _, err = run_cli(capsys, "run", "--config", str(tmp_path / "r" / "config.toml"), "--no-progress")
+    assert rc == 2 and "already holds a finished run" in err
+    assert run_cli(capsys, "run", "--out", out, *SMALL, "--set", "trace.max_requests=50", "--force")[0] == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["requests"]["total"] == 50
+    from sim import results_io
+
+    assert results_io.verify(tmp_path / "r") is None
+
+
+def test_saved_config_after_trace_name_holds_the_trace_once_and_reproduces_the_run(tmp_path, capsys):
+    import tomllib
+
+    args = ["--trace", "azure-code", *SMALL]
+    assert run_cli(capsys, "run", "--out", str(tmp_path / "a"), *args)[0] == 0
+    saved = tomllib.loads((tmp_path / "a" / "config.toml").read_text())
+    assert saved["trace"]["bundled"] == "azure-code" and saved["trace"]["path"] == ""
+    assert run_cli(capsys, "run", "--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b"),
+                   "--no-progress")[0] == 0
+    for f in ("summary.json", "requests.parquet", "steps.parquet", "itl_hist.parquet"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_config_defaults_document_every_key(capsys):
+    import tomllib
+
+    from sim.config import SimConfig, from_dict
+    from sim.config_docs import undocumented_keys
+
+    rc, out, _ = run_cli(capsys, "config", "--defaults")
+    assert rc == 0 and "slo_itl_stat = \"p99\"" in out and "# tokens per paged-KV block" in out
+    assert from_dict(tomllib.loads(out)).hash() == SimConfig().hash()    # the printout is a valid config
+    assert undocumented_keys() == []
+
+
+def test_per_token_goodput_slo_counts_a_long_stall_that_the_mean_hides(tmp_path, capsys):
+    base = ["--out", str(tmp_path / "m"), *SMALL, "--set", "trace.max_requests=100"]
+    assert run_cli(capsys, "run", *base, "--json")[0] == 0
+    mean_only = json.loads((tmp_path / "m" / "summary.json").read_text())["goodput"]
+    strict = ["--set", "metrics.slo_itl_s=0.02", "--set", "metrics.slo_itl_stat=max"]
+    rc, out, _ = run_cli(capsys, "run", *base, *strict, "--force")
+    assert rc == 0 and "per-request max ITL <= 20 ms" in out
+    gp = json.loads((tmp_path / "m" / "summary.json").read_text())["goodput"]
+    assert gp["definition"] == "TTFT <= 2 s, TPOT (mean per request) <= 100 ms, per-request max ITL <= 20 ms"
+    import pandas as pd
+
+    req = pd.read_parquet(tmp_path / "m" / "requests.parquet")
+    fin = req[req["status"] == "finished"]
+    good = ((fin["ttft_s"] <= 2) & ((fin["tpot_s"] <= 0.1) | fin["tpot_s"].isna())
+            & ((fin["itl_max_s"] <= 0.02) | fin["itl_max_s"].isna()))
+    assert gp["fraction"] == good.sum() / len(req) < mean_only["fraction"]
+
+
+def test_compare_prints_differences_and_draws_token_level_itl_cdfs(tmp_path, capsys):
+    for d, sched in (("fcfs", "fcfs"), ("chunked", "chunked-prefill")):
+        assert run_cli(capsys, "run", "--out", str(tmp_path / d), *SMALL,
+                       "--set", f"policies.scheduling.name={sched}", "--set", "trace.rate_scale=4")[0] == 0
+    rc, out, _ = run_cli(capsys, "compare", str(tmp_path / "fcfs"), str(tmp_path / "chunked"), "--out",
+                         str(tmp_path / "cmp.svg"))
+    assert rc == 0 and "TTFT p99 (s)" in out and "Δ[1]" in out and "ITL p99 (ms)" in out and " %" in out
+    svg = (tmp_path / "cmp.svg").read_text()
+    assert svg.count("<path") > 10 and "every token gap" in svg
+    from sim.results_data import load_run
+
+    run = load_run(tmp_path / "fcfs")
+    x, y = run.itl_cdf()
+    p99 = run.summary["itl_s"]["p99"]
+    assert abs(np.interp(0.99, y, x) / p99 - 1) < 0.01     # the CDF is the quantity the summary reports

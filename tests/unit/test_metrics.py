@@ -8,40 +8,55 @@ from sim.metrics import INT_COLUMNS, StepLog, itl_statistics
 from tests.conftest import examples
 
 
+def _brute_force_gaps(times: list[float], tokens: list[int], per_step: bool) -> list[float]:
+    """Gaps by the definition in sim.metrics.tokens, token by token."""
+    gaps = []
+    for j, (t, m) in enumerate(zip(times, tokens)):
+        m = 1 if per_step else m
+        if j == 0:
+            gaps += [0.0] * (m - 1)
+        else:
+            gaps += [(t - times[j - 1]) / m] * m
+    return gaps
+
+
 @settings(max_examples=examples(60), deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), zeros=st.booleans())
-def test_itl_statistics_match_brute_force(seed, n, zeros):
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), multi=st.booleans(), per_step=st.booleans())
+def test_itl_statistics_match_brute_force(seed, n, multi, per_step):
     rng = np.random.default_rng(seed)
     steps = int(rng.integers(5, 400))
     dur = rng.exponential(0.01, steps) * (rng.random(steps) < 0.9) + rng.exponential(1e-4, steps)
     step_end = np.cumsum(dur)
-    seg_first, seg_last, seg_ptr, extra, done = [], [], [0], [], []
+    seg_first, seg_last, seg_tok, seg_ptr, done = [], [], [], [0], []
     all_gaps, per_req = [], []
     for _ in range(n):
-        t, k = [], int(rng.integers(0, 4))
+        t, tok, k = [], [], int(rng.integers(0, 4))
         s = int(rng.integers(0, steps))
         for _ in range(k):
             if s >= steps:
                 break
             e = min(steps - 1, s + int(rng.integers(0, 30)))
+            m = int(rng.integers(1, 5)) if multi else 1     # tokens per step of this run (speculation)
             seg_first.append(s)
             seg_last.append(e)
+            seg_tok.append(m)
             t.extend(step_end[s:e + 1])
+            tok.extend([m] * (e + 1 - s))
             s = e + 1 + int(rng.integers(0, 5))
         seg_ptr.append(len(seg_first))
-        x = int(rng.integers(0, 3)) if zeros else 0
-        extra.append(x)
         done.append(True)
-        g = list(np.diff(t)) + [0.0] * x
+        g = _brute_force_gaps(t, tok, per_step)
         per_req.append(g)
         all_gaps.extend(g)
+        if g and not per_step:   # per emitted token, a request's gaps add up to its last token minus its first
+            assert np.isclose(sum(g), t[-1] - t[0], rtol=1e-12, atol=1e-15)
     out = np.empty((n, 4))
     qs = np.array([50.0, 90.0, 95.0, 99.0])
     ptr = np.array(seg_ptr)
-    total, mean, mx, q = itl_statistics(ptr[:-1], np.diff(ptr).astype(np.int32), np.array(seg_first, np.int64),
-                                        np.array(seg_last, np.int64), step_end, np.array([0, steps]),
-                                        np.array(extra, np.int64), np.array(done), qs, out)
-    assert total == len(all_gaps)
+    total, mean, mx, q, hist = itl_statistics(ptr[:-1], np.diff(ptr).astype(np.int32), np.array(seg_first, np.int64),
+                                        np.array(seg_last, np.int64), np.array(seg_tok, np.int32), step_end,
+                                        np.array([0, steps]), np.array(done), qs, out, per_step)
+    assert total == len(all_gaps) == hist.sum()
     if all_gaps:
         assert np.isclose(mean, np.mean(all_gaps), rtol=1e-12, atol=1e-18)
         assert mx == max(all_gaps)
@@ -65,10 +80,12 @@ def test_step_log_streams_chunks_to_parquet_in_order(tmp_path, monkeypatch):
     df = pq.read_table(tmp_path / "s.parquet").to_pandas()
     assert list(df["step"]) == list(range(30)) and (df["replica"] == 3).all()
     assert list(df["start_s"]) == [float(k) for k in range(30)]
-    assert list(df["num_seqs"]) == list(range(30)) and list(df["preemptions"]) == list(range(13, 43))
+    assert list(df["num_seqs"]) == list(range(30)) and list(df["preemptions"]) == list(
+        range(INT_COLUMNS.index("preemptions"), INT_COLUMNS.index("preemptions") + 30))
     assert (df["hbm_free_bytes"] == 10_000 - df["hbm_active_bytes"] - df["hbm_cached_bytes"]).all()
-    assert (df["dram_free_bytes"] == 2_000 - df["dram_used_bytes"]).all()
-    assert (df["nvme_free_bytes"] == 500 - df["nvme_used_bytes"]).all()
+    # below HBM, free = capacity - used - cached (cached blocks are findable and evictable)
+    assert (df["dram_free_bytes"] == 2_000 - df["dram_used_bytes"] - df["dram_cached_bytes"]).all()
+    assert (df["nvme_free_bytes"] == 500 - df["nvme_used_bytes"] - df["nvme_cached_bytes"]).all()
     assert list(log.end_s) == [float(k) + 1 for k in range(30)]
     assert log.agg["rows"] == 30 and log.busy_s == 30.0
 

@@ -10,6 +10,7 @@ import pytest
 
 from policies.base import (
     AttentionPlan,
+    Drafter,
     DraftPlan,
     EvictionPolicy,
     ResidencyPolicy,
@@ -19,6 +20,7 @@ from policies.base import (
 )
 from policies.registry import register, registered
 from policies.scheduling.fcfs import FCFS
+from sim.engine import Simulation
 from sim.errors import PolicyError
 from sim.request import PolicyMutationError
 from tests.conftest import make_trace, run_checked, small_config
@@ -57,12 +59,17 @@ class _MRU(EvictionPolicy):
 
 
 def _drafting(name: str, drafter: str) -> type:
+    declared = Drafter(kind="model", model=drafter) if drafter != "none" else Drafter()
+
     class _Draft(SpeculationPolicy):
-        def propose(self, decodes, now):
-            return DraftPlan(draft_tokens=(3,) * len(decodes), drafter=drafter)
+        def propose(self, decodes, now, view):
+            return DraftPlan(draft_tokens=(3,) * len(decodes))
 
         def accepted(self, rng, req, num_draft):
             return 0        # everything rejected: the output and the steps are the same for all drafters
+
+        def drafter(self):
+            return declared
 
     return _Draft
 
@@ -163,6 +170,64 @@ def test_a_larger_drafter_costs_more_per_speculative_step():
     assert means["test-draft-8b"] - means["test-draft-free"] > 2 * means["test-draft-free"]
 
 
+def test_a_declared_drafter_takes_its_weights_and_kv_out_of_the_kv_pool():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 0}
+    tr = make_trace([0.0], [64], [8])
+    free = Simulation(small_config(**base, **{"policies.speculation.name": "test-draft-free"}), trace=tr)
+    one_b = Simulation(small_config(**base, **{"policies.speculation.name": "test-draft-1b"}), trace=tr)
+    assert free.hbm_blocks == Simulation(small_config(**base), trace=tr).hbm_blocks
+    fp = one_b.draft_footprint
+    assert fp.weight_bytes == 2 * fp.params                # Llama-3.2-1B in bf16
+    assert one_b.hbm_blocks == (free.budget.kv_bytes - fp.weight_bytes) // one_b.hbm_bytes_per_block
+    assert one_b.hbm_blocks < free.hbm_blocks * 0.95      # 2.5 GB of weights, and a block holds the 1B's KV too
+
+
+def test_propose_sees_the_price_of_each_draft_depth():
+    seen = []
+
+    class Peek(SpeculationPolicy):
+        def propose(self, decodes, now, view):
+            times = [view.step_time(k) for k in range(5)]
+            seen.append(times)
+            # draft only while a 4-token draft costs less than twice a plain step
+            return DraftPlan(draft_tokens=(4 if times[4] < 2 * times[0] else 0,) * len(decodes))
+
+        def accepted(self, rng, req, num_draft):
+            return num_draft
+
+        def drafter(self):
+            return Drafter(kind="model", model="llama-3.2-1b")
+
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 4000, "policies.scheduling.max_num_seqs": 512}
+    with registered(("speculation", "test-peek", Peek)):
+        _, small = run_checked(small_config(**base, **{"policies.speculation.name": "test-peek"}), _decode_trace())
+        _, large = run_checked(small_config(**base, **{"policies.speculation.name": "test-peek"}),
+                               make_trace([0.0] * 400, [32] * 400, [12] * 400))
+    assert seen and all(np.all(np.diff(t) > 0) for t in seen)
+    assert small.summary["speculation"]["proposed_tokens"] > 0            # 4 requests: a draft is cheap
+    big = large.steps[large.steps["decode_seqs"] >= 300]
+    assert len(big) and (big["draft_tokens"] == 0).all()                  # 400: it is not
+
+
+def test_the_plans_tree_width_multiplies_the_tokens_verified():
+    class Tree(SpeculationPolicy):
+        def propose(self, decodes, now, view):
+            return DraftPlan(draft_tokens=(2,) * len(decodes), width=3)
+
+        def accepted(self, rng, req, num_draft):
+            return 1
+
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    with registered(("speculation", "test-tree3", Tree)):
+        _, tree = run_checked(small_config(**base, **{"policies.speculation.name": "test-tree3"}), _decode_trace())
+    _, chain = run_checked(small_config(**base, **{"policies.speculation.name": "test-accept-all"}), _decode_trace())
+    st = tree.steps[(tree.steps["draft_tokens"] > 0) & (tree.steps["prefill_seqs"] == 0)]
+    assert (st["draft_tokens"] == 6 * st["decode_seqs"]).all()            # 3 chains of 2 per decode
+    assert (st["accepted_tokens"] == st["decode_seqs"]).all()
+    ch = chain.steps[(chain.steps["draft_tokens"] > 0) & (chain.steps["prefill_seqs"] == 0)]
+    assert st["verify_s"].mean() > ch["verify_s"].mean()                  # 7 query tokens per request, not 3
+
+
 def test_attending_to_fewer_tokens_shortens_decode_steps():
     base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
     _, dense = run_checked(small_config(**base), _decode_trace())
@@ -237,11 +302,14 @@ def test_reserved_sms_slow_compute_bound_steps_and_barely_memory_bound_ones():
 
 
 class _AcceptAll(SpeculationPolicy):
-    def propose(self, decodes, now):
-        return DraftPlan(draft_tokens=(2,) * len(decodes), drafter="llama-3.2-1b")
+    def propose(self, decodes, now, view):
+        return DraftPlan(draft_tokens=(2,) * len(decodes))
 
     def accepted(self, rng, req, num_draft):
         return num_draft
+
+    def drafter(self):
+        return Drafter(kind="model", model="llama-3.2-1b")
 
 
 class _ObservingLRU(EvictionPolicy):
@@ -285,6 +353,166 @@ def test_step_outcomes_add_up_to_the_run_summary():
             assert t["accepted"] == int(sim.requests.extra_tokens.sum()) > 0
 
 
+# --------------------------------------------------------------------------------- the KV hierarchy
+class _DemoteToDram(ResidencyPolicy):
+    def demote_to(self, view, tier, now):
+        return "dram" if tier == "hbm" else "drop"
+
+
+class _OffloadToDram(ResidencyPolicy):
+    def offload_to(self, view, req, now):
+        return "dram"
+
+
+class _DemoteNeverLoad(_DemoteToDram):
+    def load_or_recompute(self, view, req, now):
+        return "recompute"
+
+
+class _DemoteAndPrefetch(_DemoteToDram):
+    def prefetch(self, view, now):
+        return [r for r in view.waiting if view.lower_hit_blocks(r)][:1]
+
+
+def _abc():
+    from tests.unit.test_kv_tiers import _abc as abc
+
+    return abc()
+
+
+def _tier_cfg(**kw):
+    from tests.unit.test_kv_tiers import _cfg
+
+    return _cfg(**kw)
+
+
+def test_demote_to_decides_where_evicted_blocks_go():
+    _, drop = run_checked(_tier_cfg(), _abc())
+    _, kept = run_checked(_tier_cfg(**{"policies.residency.name": "test-demote-dram"}), _abc())
+    assert drop.summary["links"]["pcie_d2h_bytes"] == 0 and drop.summary["kv_tiers"]["token_hit_rate"]["dram"] == 0
+    assert kept.summary["links"]["pcie_d2h_bytes"] > 0 and kept.summary["kv_tiers"]["token_hit_rate"]["dram"] > 0
+    assert kept.summary["kv"]["prefix_hit_tokens"] > drop.summary["kv"]["prefix_hit_tokens"]
+
+
+def test_offload_to_copies_released_blocks_down():
+    _, res = run_checked(_tier_cfg(**{"policies.residency.name": "test-offload-dram"}), _abc())
+    t = res.transfers
+    first = t.sort_values("start_s").iloc[0]
+    # A's prompt goes down when A finishes, before anything is evicted
+    assert first["what"] == "writeback" and first["link"] == "pcie_d2h" and first["start_s"] < 1.0
+    assert res.summary["kv_tiers"]["token_hit_rate"]["dram"] > 0
+
+
+def test_load_or_recompute_decides_whether_a_lower_tier_hit_is_loaded():
+    _, load = run_checked(_tier_cfg(**{"policies.residency.name": "test-demote-dram"}), _abc())
+    _, recompute = run_checked(_tier_cfg(**{"policies.residency.name": "test-demote-never-load"}), _abc())
+    assert load.requests["lower_hit_tokens"].sum() > 0 and load.summary["kv_tiers"]["recompute_choices"] == 0
+    assert recompute.requests["lower_hit_tokens"].sum() == 0 and recompute.summary["kv_tiers"]["recompute_choices"] == 1
+    assert recompute.summary["links"]["pcie_h2d_bytes"] == 0
+
+
+def test_prefetch_starts_loads_for_waiting_requests():
+    from tests.unit.test_kv_tiers import _queued_c
+
+    # C waits behind a long request, its prefix in DRAM
+    cfg = {"replica.num_hbm_blocks": 800, "policies.scheduling.max_num_seqs": 1}
+    _, lazy = run_checked(_tier_cfg(**cfg, **{"policies.residency.name": "test-demote-dram"}), _queued_c())
+    _, eager = run_checked(_tier_cfg(**cfg, **{"policies.residency.name": "test-demote-prefetch"}), _queued_c())
+    assert lazy.summary["kv_tiers"]["prefetch"]["blocks"] == 0
+    assert eager.summary["kv_tiers"]["prefetch"]["on_time_blocks"] > 0
+    assert eager.summary["kv_tiers"]["stall"]["total_s"] < lazy.summary["kv_tiers"]["stall"]["total_s"]
+
+
+class _ClockedLRU(EvictionPolicy):
+    """LRU that records when it is asked (a stand-in for a policy whose choice depends on the time)."""
+
+    time_dependent = True
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.calls = []
+
+    def evict_cached(self, view, num_blocks, now):
+        self.calls.append((num_blocks, now))
+        return view.lru_order(num_blocks)
+
+
+class _BatchedLRU(_ClockedLRU):
+    time_dependent = False
+
+
+def test_a_time_dependent_eviction_policy_is_asked_at_each_allocation_of_a_decode_run():
+    # one long decode in a full cache: every new decode block evicts a cached one
+    hashes = [list(range(1, 9)), list(range(20, 40))]
+    tr = make_trace([0.0, 1.0], [512, 1280], [2, 300], hashes, 64)
+    base = {"replica.num_hbm_blocks": 110, "policies.scheduling.watermark": 0.0}
+    calls = {}
+    for name in ("test-clocked-lru", "test-batched-lru"):
+        sim, res = run_checked(small_config(**base, **{"policies.eviction.name": name}), tr)
+        calls[name] = sim.replicas[0].kv.eviction.calls
+        assert res.summary["engine"]["decode_runs"] > 0
+    clocked, batched = calls["test-clocked-lru"], calls["test-batched-lru"]
+    assert sum(n for n, _ in clocked) == sum(n for n, _ in batched)     # the same evictions...
+    singles = [t for n, t in clocked if n == 1]
+    assert len(singles) > 10 and len(set(singles)) == len(singles)     # one at a time, each at its step
+    assert len(batched) < len(clocked) / 4                              # ...or asked for together
+
+
+def test_an_lru_equivalent_policy_lets_the_pool_evict_from_its_lru_head_with_the_same_result():
+    import pandas as pd
+
+    hashes = [list(range(1, 9)), list(range(20, 40))]
+    tr = make_trace([0.0, 1.0], [512, 1280], [2, 300], hashes, 64)
+    base = {"replica.num_hbm_blocks": 110, "policies.scheduling.watermark": 0.0}
+    sim, asked = run_checked(small_config(**base, **{"policies.eviction.name": "test-batched-lru"}), tr)
+    _, own = run_checked(small_config(**base), tr)          # lru declares lru_equivalent
+    assert sim.replicas[0].kv.eviction.calls
+    pd.testing.assert_frame_equal(asked.requests, own.requests)
+    pd.testing.assert_frame_equal(asked.steps, own.steps)
+
+
+class _PeekingAtTheFuture(EvictionPolicy):
+    def evict_cached(self, view, num_blocks, now):
+        view.next_use_s(view.candidates())
+        return view.lru_order(num_blocks)
+
+
+class _DeepestFirst(EvictionPolicy):
+    """Ranks by the ranking view's per-block fields: the deepest block of a prompt goes first."""
+
+    def evict_cached(self, view, num_blocks, now):
+        c = view.candidates()
+        pos, owner, ins, cost = view.position(c), view.owner(c), view.inserted_s(c), view.recompute_s(c)
+        assert (owner >= -1).all() and (ins <= now).all() and (cost >= 0).all()
+        assert list(view.session(c)) == [None] * len(c)
+        return c[np.argsort(-pos, kind="stable")[:num_blocks]]
+
+
+def _a_b_d_a():
+    """A (8 blocks), B (16), D (8, evicting 7), then A again: LRU evicts A's (older) blocks, keeping B's."""
+    hashes = [[1, 2], [9, 8, 7, 6], [20, 21], [1, 2]]
+    return make_trace([0.0, 1.0, 2.0, 3.0], [128, 256, 128, 128], [2, 2, 2, 2], hashes, 64)
+
+
+_ABDA = {"replica.num_hbm_blocks": 26, "policies.scheduling.watermark": 0.0}
+
+
+def test_only_a_policy_that_declares_needs_future_sees_the_trace_future():
+    with pytest.raises(RuntimeError, match="needs_future"):
+        run_checked(small_config(**_ABDA, **{"policies.eviction.name": "test-peeking"}), _a_b_d_a())
+    _, belady = run_checked(small_config(**_ABDA, **{"policies.eviction.name": "belady"}), _a_b_d_a())
+    _, lru = run_checked(small_config(**_ABDA), _a_b_d_a())
+    # B's prompt is never used again: Belady evicts it instead of A's, which the last request reuses
+    assert list(lru.requests["prefix_hit_tokens"]) == [0, 0, 0, 16]
+    assert list(belady.requests["prefix_hit_tokens"]) == [0, 0, 0, 112]
+
+
+def test_the_ranking_view_gives_eviction_policies_each_blocks_position_and_cost():
+    _, deep = run_checked(small_config(**_ABDA, **{"policies.eviction.name": "test-deepest"}), _a_b_d_a())
+    # the deepest blocks (B's tail) go first: A's short prompt survives
+    assert list(deep.requests["prefix_hit_tokens"]) == [0, 0, 0, 112]
+
+
 PLUGINS = [
     ("scheduling", "test-mutating", _Mutating),
     ("scheduling", "test-observing", _Observing),
@@ -298,6 +526,14 @@ PLUGINS = [
     ("speculation", "test-draft-1b", _drafting("test-draft-1b", "llama-3.2-1b")),
     ("speculation", "test-draft-8b", _drafting("test-draft-8b", "llama-3.1-8b")),
     ("speculation", "test-draft-free", _drafting("test-draft-free", "none")),
+    ("residency", "test-demote-dram", _DemoteToDram),
+    ("residency", "test-offload-dram", _OffloadToDram),
+    ("residency", "test-demote-never-load", _DemoteNeverLoad),
+    ("residency", "test-demote-prefetch", _DemoteAndPrefetch),
+    ("eviction", "test-clocked-lru", _ClockedLRU),
+    ("eviction", "test-batched-lru", _BatchedLRU),
+    ("eviction", "test-peeking", _PeekingAtTheFuture),
+    ("eviction", "test-deepest", _DeepestFirst),
 ]
 
 

@@ -60,6 +60,7 @@ README_SHA256 = {
     "azure-code": "54e9a6d2a4bd06ba1e060304b900abbc74cbea53de96506e60fe5bb4f2277fb6",
     "azure-conv": "2f1e5b666d4e3055fdbba98598ce2ec307767b9064e03e2fa46676dbcc7d0bf8",
     "mooncake-conversation": "b8cbb061a85206d729d91cdc2981f43c9e0d99209dce588d3af5f7934408b9df",
+    "mooncake-synthetic": "bd070915a98fc0ed264d7cfef2ce746002eb3076a695ec31ba2674c0111ec131",
     "sharegpt-lengths": "6d6c296302a853e2669a674a96f269283e60c57e60363bd450588a1066919f9f",
 }
 
@@ -71,6 +72,12 @@ def test_bundled_files_decompress_to_the_upstream_bytes(name):
     assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == README_SHA256[name]
     entry = BUNDLED[name]
     assert entry.license in ("CC-BY-4.0", "Apache-2.0") and entry.attribution and entry.description
+
+
+def test_mooncake_synthetic_is_bundled_with_its_hashes():
+    tr = load_trace("mooncake-synthetic")
+    assert len(tr) == 3_993 and tr.has_hashes and tr.hash_block_tokens == 512
+    assert tr.prompt_tokens.mean() == pytest.approx(15_325, abs=1)     # the upstream README's mean
 
 
 def test_bundled_unknown_name_lists_the_known_ones():

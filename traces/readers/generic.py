@@ -172,6 +172,7 @@ def _build(path: Path, frame: pd.DataFrame, src: dict[str, str], time_unit: str,
     priority = (cols.integers(frame[src["priority"]], src["priority"], dtype=np.int32)
                 if "priority" in src else None)
     text = {k: cols.strings(frame[src[k]], src[k]) for k in _TEXT_COLUMNS if k in src}
+    rate = cols.numbers(frame[src["acceptance_rate"]], src["acceptance_rate"]) if "acceptance_rate" in src else None
     offsets = values = None
     if hashes is not None:
         offsets, values = _hash_csr(hashes, cols, src["block_hashes"])
@@ -185,7 +186,7 @@ def _build(path: Path, frame: pd.DataFrame, src: dict[str, str], time_unit: str,
                  hash_offsets=offsets, hash_values=values,
                  hash_block_tokens=hash_block_tokens if offsets is not None else None,
                  session_id=text.get("session_id"), tenant=text.get("tenant"), priority=priority,
-                 name=name or default_name(path), source=str(path.resolve()), meta=meta)
+                 acceptance_rate=rate, name=name or default_name(path), source=str(path.resolve()), meta=meta)
 
 
 def _hash_csr(column: pa.ChunkedArray, cols: SourceColumns, field: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,249 @@
+"""Crash-safe results directories: atomic files, a final ``DONE`` marker, verification, and reaping what
+a killed process left behind.
+
+A results directory is complete only when its ``DONE`` marker (JSON, written last, by temp-and-rename)
+lists every result file with its size and sha256 and every listed file matches. Every file is written
+to a temporary name in the same directory and renamed into place, so a reader sees a file whole or
+not at all; a kill leaves at most ``.NAME.tmp-PID`` files, which :func:`clear_partial` removes.
+
+    with atomic_path(out / "requests.parquet") as tmp:   # write tmp; renamed on success
+        pq.write_table(table, tmp)
+    write_text_atomic(out / "summary.json", text)
+    write_marker(out, ["requests.parquet", "summary.json"], config_hash=h)   # last
+    verify(out)          # -> None when complete, else the reason it is not
+
+Files whose bytes change from run to run (``timing.json``: wall-clock figures) are listed as
+``volatile``, checked for presence only, so for the same config and seed the marker is byte-identical
+too.
+
+Spill directories (``tiersim-steps-PID-*`` in the temp folder) are removed when the process exits
+normally or by a signal it can catch; one killed with SIGKILL leaves its directory, and
+:func:`reap_spill_dirs` (called when a simulation or a sweep starts) removes those of dead processes.
+
+``TIERSIM_KILL_AT=POINT:FLAGFILE`` makes the process SIGKILL itself at the named write point the first
+time it gets there (the flag file records that it did): the crash-safety tests use it to kill at
+``parquet`` (half-way through writing steps.parquet), ``between`` (after summary.json, before the rest),
+``marker`` (half-way through the marker) and ``publish`` (a sweep run renamed into place, not yet
+indexed).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+MARKER = "DONE"
+MARKER_FORMAT = 1
+SPILL_PREFIX = "tiersim-steps-"
+_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+# ------------------------------------------------------------------ test hook
+def kill_point(name: str) -> None:
+    """SIGKILL this process at write point ``name`` if ``TIERSIM_KILL_AT`` asks for it (once)."""
+    spec = os.environ.get("TIERSIM_KILL_AT")
+    if not spec:
+        return
+    point, _, flag = spec.partition(":")
+    if point != name or not flag:
+        return
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{name} {os.getpid()}\n".encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ atomic files
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed onto it when the block ends without an error, removed
+    when it raises."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ the marker
+def marker_text(out: Path, files: Iterable[str], volatile: Iterable[str] = (), **extra) -> str:
+    entries = {}
+    for name in sorted(set(files)):
+        p = out / name
+        entries[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    return json.dumps({"format": MARKER_FORMAT, "files": entries, "volatile": sorted(set(volatile)), **extra},
+                      indent=1, sort_keys=True) + "\n"
+
+
+def write_marker(out: str | Path, files: Iterable[str], volatile: Iterable[str] = (), **extra) -> None:
+    """Write ``DONE`` last: the listed files' sizes and checksums, the ``volatile`` files' names (checked
+    for presence), and ``extra`` (e.g. the config hash)."""
+    out = Path(out)
+    data = marker_text(out, files, volatile, **extra).encode()
+    with atomic_path(out / MARKER) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            kill_point("marker")
+            fh.write(data[len(data) // 2:])
+
+
+def remove_marker(out: str | Path) -> None:
+    """Before a directory is rewritten: it is not complete until the new marker is written."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(out) / MARKER).unlink()
+
+
+def read_marker(out: str | Path) -> dict | None:
+    try:
+        data = json.loads((Path(out) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def verify(out: str | Path, *, checksums: bool = True) -> str | None:
+    """None when ``out`` holds a complete results directory, else why not (one line)."""
+    out = Path(out)
+    if not out.is_dir():
+        return "no such directory"
+    marker = read_marker(out)
+    if marker is None:
+        return f"no {MARKER} marker" if not (out / MARKER).exists() else f"unreadable {MARKER} marker"
+    for name, want in marker["files"].items():
+        p = out / name
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != want.get("bytes"):
+            return f"{name} has {size} bytes, the marker says {want.get('bytes')}"
+        if checksums and sha256_file(p) != want.get("sha256"):
+            return f"{name} does not match its checksum"
+    for name in marker.get("volatile") or []:
+        if not (out / name).is_file():
+            return f"{name} is missing"
+    return None
+
+
+def clear_partial(out: str | Path) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``out``; returns them."""
+    out = Path(out)
+    gone = []
+    if out.is_dir():
+        for p in out.iterdir():
+            if _TMP.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    gone.append(p)
+    return gone
+
+
+# ------------------------------------------------------------------ spill directories
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_spill_dir() -> Path:
+    """A fresh ``tiersim-steps-PID-*`` directory in the temp folder, removed at exit (see
+    :func:`reap_spill_dirs` for a process that was killed)."""
+    d = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
+    _cleanup.add(d)
+    return d
+
+
+def release_spill_dir(d: str | Path) -> None:
+    shutil.rmtree(d, ignore_errors=True)
+    _cleanup.discard(Path(d))
+
+
+def reap_spill_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove spill directories whose process is gone (killed before it could clean up)."""
+    root = Path(root or tempfile.gettempdir())
+    gone = []
+    with contextlib.suppress(OSError):
+        for p in root.glob(f"{SPILL_PREFIX}*"):
+            m = re.match(rf"^{SPILL_PREFIX}(\d+)-", p.name)
+            if m and not pid_alive(int(m.group(1))) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+class _Cleanup:
+    """Spill directories of this process, removed at interpreter exit and on SIGTERM/SIGHUP."""
+
+    def __init__(self) -> None:
+        self.dirs: set[Path] = set()
+        self.installed = False
+
+    def add(self, d: Path) -> None:
+        self.dirs.add(d)
+        if not self.installed:
+            import atexit
+
+            atexit.register(self.run)
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(ValueError, OSError):   # not the main thread: atexit only
+                    if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                        signal.signal(sig, self._on_signal)
+            self.installed = True
+
+    def discard(self, d: Path) -> None:
+        self.dirs.discard(d)
+
+    def run(self) -> None:
+        for d in list(self.dirs):
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.run()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_cleanup = _Cleanup()
