@@ -76,6 +76,12 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     lines.append(f"requests: {rq['finished']:,} finished, {rej} | preemptions {en['preemptions']:,}"
                  f" (swaps out {en['swaps_out']:,}) | steps {en['steps']:,}"
                  f" | launches {en['launches']:,}, syncs {en['syncs']:,}")
+    ex = summary.get("execution")
+    if ex:
+        lpt, spt = ex["launches_per_token"], ex["syncs_per_token"]
+        lines.append(f"execution: {ex['mode']} | launches {'-' if lpt is None else f'{lpt:,.2f}'}, syncs "
+                     f"{'-' if spt is None else f'{spt:,.2f}'} per output token | padded tokens "
+                     f"{ex['padded_tokens']:,} | model on {ex['model_sms']} SMs ({ex['reserved_sms']} reserved)")
     if "hbm_peak_active_bytes" in kv:
         hit = kv.get("hbm_prefix_hit_rate")
         lines.append(f"KV: HBM peak {kv['hbm_peak_active_bytes'] / 1e9:.1f} of "

@@ -401,6 +401,7 @@ class DecodeRuns:
         steps.commit_block(upto - c, busy)
         m = upto - c
         r.num_launches += int(run.cum_launches[upto]) - int(run.cum_launches[c])
+        r.num_padded_tokens += pad * (upto - c)
         r.num_syncs += int(run.cum_syncs[upto]) - int(run.cum_syncs[c])
         g_first = r.step_id_base + run.g0 + c
         g_last = g_first + m - 1
