@@ -16,10 +16,10 @@ Defaults are 0 (the shipped runs and goldens are unchanged). ``host = "reference
 coefficients fitted to the reference server's measured steps on an H200 (``HOST_PROFILES``; the
 server's host time per step, ``host_s + post_s``, of 75,757 steps in the eight cases of
 ``calibration/tables/h200/e2e/run1`` and ``run2``; least squares, median absolute residual 55 us; the
-two leases' intercepts differ, 123 and 80 us). For comparison, vLLM 0.5.3 spent 29 % of its time
-scheduling serving Llama-3-8B on one H100 (vLLM blog, "vLLM v0.6.0: 2.7x Throughput Improvement and 5x
-Latency Reduction", 2024-09-05), which its asynchronous output processing and multi-step scheduling
-then hid.
+two leases' intercepts differ, 123 and 80 us; ``python -m calibration.host_fit`` refits them). For
+comparison, vLLM 0.5.3 spent 29 % of its time scheduling serving Llama-3-8B on one H100 (vLLM blog,
+"vLLM v0.6.0: 2.7x Throughput Improvement and 5x Latency Reduction", 2024-09-05), which its
+asynchronous output processing and multi-step scheduling then hid.
 """
 from __future__ import annotations
 
