@@ -90,6 +90,12 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                      f"{kv['dram_peak_used_bytes'] / 1e9:.1f} GB | prefix hit rate "
                      f"{'-' if hit is None else f'{100 * hit:.1f} %'} | PCIe H2D {ln['pcie_h2d_bytes'] / 1e9:.2f} GB,"
                      f" D2H {ln['pcie_d2h_bytes'] / 1e9:.2f} GB")
+    if "hbm_mean_locked_bytes" in kv:
+        lines.append(f"KV use (time-weighted mean / peak): active {kv['hbm_mean_active_bytes'] / 1e9:.2f} / "
+                     f"{kv['hbm_peak_active_bytes'] / 1e9:.2f} GB, locked by the running batch "
+                     f"{kv['hbm_mean_locked_bytes'] / 1e9:.2f} / {kv['hbm_peak_locked_bytes'] / 1e9:.2f} GB | "
+                     f"fragmentation {kv['fragmentation_tokens_mean']:,.0f} token slots | HBM blocks evicted "
+                     f"{kv['hbm_evicted_blocks']:,}")
     if "speculation" in summary:
         lines.append(speculation_line(summary["speculation"]))
     dropped = tr.get("dropped_rows") or {}

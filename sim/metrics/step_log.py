@@ -97,7 +97,8 @@ class StepLog:
         self._writer = None
         # summary aggregates over flushed rows
         self.agg = {"rows": 0, "busy_s": 0.0, "active_weighted": 0.0, "frag_weighted": 0.0,
-                    "peak_active": 0, "peak_cached": 0, "peak_dram": 0, "peak_nvme": 0,
+                    "locked_weighted": 0.0, "peak_locked": 0, "peak_active": 0, "peak_cached": 0, "peak_dram": 0,
+                    "peak_nvme": 0,
                     "peak_dram_cached": 0, "peak_nvme_cached": 0,
                     "num_seqs": 0, "tokens": 0, "launches": 0, "syncs": 0}
 
@@ -185,6 +186,8 @@ class StepLog:
             a["busy_s"] += float(dur.sum())
             a["active_weighted"] += float((col["hbm_active_bytes"] * dur).sum())
             a["frag_weighted"] += float((col["frag_tokens"] * dur).sum())
+            a["locked_weighted"] += float((col["hbm_locked_bytes"] * dur).sum())
+            a["peak_locked"] = max(a["peak_locked"], int(col["hbm_locked_bytes"].max()))
             a["peak_active"] = max(a["peak_active"], int(col["hbm_active_bytes"].max()))
             a["peak_cached"] = max(a["peak_cached"], int(col["hbm_cached_bytes"].max()))
             a["peak_dram"] = max(a["peak_dram"], int(col["dram_used_bytes"].max()))

@@ -212,3 +212,40 @@ def test_same_config_and_seed_give_identical_results_in_every_mode():
         pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
         pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
         assert a.summary["execution"] == b.summary["execution"]
+
+
+# --------------------------------------------------------------------------------- presets
+def test_serial_decode_and_mega_kernel_sim_presets_run_and_name_what_they_measure(capsys, tmp_path):
+    from sim.cli import main
+
+    got = {}
+    for preset in ("serial_decode", "mega_kernel_sim"):
+        rc = main(["run", "--preset", preset, "--set", "trace.max_requests=5", "--out", str(tmp_path / preset),
+                   "--no-progress", "--json"])
+        assert rc == 0
+        got[preset] = __import__("json").loads(capsys.readouterr().out)
+        rc = main(["run", "--preset", preset, "--set", "trace.max_requests=5", "--out", str(tmp_path / preset),
+                   "--no-progress", "--force"])
+        out = capsys.readouterr().out
+        assert rc == 0 and out.startswith(f"preset {preset}: measures ")
+        assert "launches" in out.splitlines()[0] and "per output token" in out and "ITL (ms)" in out
+    serial, mega = got["serial_decode"], got["mega_kernel_sim"]
+    assert serial["execution"]["mode"] == "host-launched" and serial["execution"]["syncs_per_token"] == 1.0
+    assert serial["engine"]["mean_batch_seqs"] == 1.0
+    assert mega["execution"]["launches_per_token"] == 0.0 and mega["execution"]["reserved_sms"] == 8
+    assert mega["itl_s"]["mean"] < serial["itl_s"]["mean"]
+
+
+def test_kv_pressure_preset_preempts_evicts_and_prints_the_kv_it_measures(capsys, tmp_path):
+    from sim.cli import main
+
+    rc = main(["run", "--preset", "kv_pressure", "--set", "trace.max_requests=150", "--set", "costs.backend=roofline",
+               "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("preset kv_pressure: measures ")
+    assert "prefix hit rate" in out and "locked by the running batch" in out and "fragmentation" in out
+    import json
+
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["engine"]["preemptions"] > 0 and s["kv"]["hbm_evicted_blocks"] > 0
+    assert s["kv"]["hbm_peak_locked_bytes"] <= s["kv"]["hbm_kv_bytes_per_gpu"]
