@@ -19,10 +19,6 @@ and memory times and ``s_c``, ``s_m`` the achievable fractions of compute rate a
 bandwidth saturates with well under all SMs (``raw/hbm_stream.parquet``, ``extra.sweep == "blocks"``:
 one 1,024-thread block per SM reaches 98 % of the full-chip copy bandwidth with half of an H100's
 SMs), so memory-bound kernels slow far less.
-
-HBM share. ``for_share(f, hbm_cap)`` also caps the bandwidth the kernels get at ``hbm_cap`` of the
-GPU's: what is left when another lane on the other SMs of the same GPU streams at the same time
-(``sim.replica.lanes``): ``s_m`` becomes ``min(s_m(f), hbm_cap)``.
 """
 from __future__ import annotations
 
@@ -94,11 +90,10 @@ class CostBackend(Protocol):
         for each of ``num_seqs`` sequences (one call; 0 when nothing is selected)."""
         ...
 
-    def for_share(self, sm_fraction: float, hbm_cap: float = 1.0) -> CostBackend:
+    def for_share(self, sm_fraction: float) -> CostBackend:
         """This backend with the model's kernels confined to ``sm_fraction`` (0 < f <= 1) of the
-        GPU's SMs, and to at most ``hbm_cap`` (0 < c <= 1) of its HBM bandwidth. Cached per value;
-        ``(1.0, 1.0)`` returns the backend itself. Always a fraction of the whole GPU, also when called
-        on a derived backend."""
+        GPU's SMs. Cached per value; ``1.0`` returns the backend itself. Always a fraction of the
+        whole GPU, also when called on a derived backend."""
         ...
 
     def flops_bytes(self, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
@@ -201,13 +196,12 @@ class ShareCurves:
 
 
 def share_factor(flops: np.ndarray, nbytes: np.ndarray, gpu: GPUSpec, curves: ShareCurves,
-                 f: float, hbm_cap: float = 1.0) -> np.ndarray:
-    """Stretch of each kernel's time above its floor when confined to ``f`` of the SMs and at most
-    ``hbm_cap`` of the HBM bandwidth (>= 1)."""
+                 f: float) -> np.ndarray:
+    """Stretch of each kernel's time above its floor when confined to ``f`` of the SMs (>= 1)."""
     c = np.asarray(flops, float) / gpu.peak_bf16_flops
     m = np.asarray(nbytes, float) / gpu.hbm_bandwidth_bytes_per_s
     base = np.maximum(c, m)
-    slow = np.maximum(c / curves.compute(f), m / min(curves.memory(f), hbm_cap))
+    slow = np.maximum(c / curves.compute(f), m / curves.memory(f))
     return np.where(base > 0, slow / np.where(base > 0, base, 1.0), 1.0)
 
 
@@ -297,17 +291,15 @@ class BackendBase:
         self._shares: dict[float, CostBackend] = {}
 
     # -- SM share
-    def for_share(self, sm_fraction: float, hbm_cap: float = 1.0) -> CostBackend:
-        f, cap = float(sm_fraction), float(hbm_cap)
+    def for_share(self, sm_fraction: float) -> CostBackend:
+        f = float(sm_fraction)
         if not 0.0 < f <= 1.0:
             raise ValueError(f"sm_fraction must be in (0, 1] (got {sm_fraction!r})")
-        if not 0.0 < cap <= 1.0:
-            raise ValueError(f"hbm_cap must be in (0, 1] (got {hbm_cap!r})")
-        if f == 1.0 and cap == 1.0:
+        if f == 1.0:
             return self
-        got = self._shares.get((f, cap))
+        got = self._shares.get(f)
         if got is None:
-            got = self._shares[(f, cap)] = SharedBackend(self, f, cap)
+            got = self._shares[f] = SharedBackend(self, f)
         return got
 
     # -- selection
@@ -333,14 +325,11 @@ class SharedBackend:
     are cached per (tokens, sampled); counters (extrapolations) are the base's.
     """
 
-    def __init__(self, base: BackendBase, fraction: float, hbm_cap: float = 1.0) -> None:
+    def __init__(self, base: BackendBase, fraction: float) -> None:
         self.base = base
         self.fraction = float(fraction)
-        self.hbm_cap = float(hbm_cap)
         self.ops, self.gpu = base.ops, base.gpu
         self.identity = {**base.identity, "sm_fraction": self.fraction}
-        if self.hbm_cap < 1.0:
-            self.identity["hbm_cap"] = self.hbm_cap
         self.launch = base.launch
         self.host_call_s = base.host_call_s
         self.step_host_s = base.step_host_s
@@ -349,7 +338,7 @@ class SharedBackend:
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         ops = base.ops
         self._ia, self._ip = ops.index["attn_decode"], ops.index["attn_prefill"]
-        self._mem_f = min(self.curves.memory(self.fraction), self.hbm_cap)
+        self._mem_f = self.curves.memory(self.fraction)
         self._cmp_f = self.curves.compute(self.fraction)
         m = ops.model
         self._kv_per_token = 2.0 * ops.kv_heads * m.head_dim * m.bytes_per_kv
@@ -368,8 +357,8 @@ class SharedBackend:
                               num_decode=tokens, decode_ctx_sum=0, num_sampled=sampled)
             flops, nbytes = self.ops.flops_bytes(shape)
             kern = self.base.kernel_counts(tokens, sampled, False, False)
-            got = stretch(base, kern, share_factor(flops, nbytes, self.gpu, self.curves, self.fraction,
-                                                   self.hbm_cap), self.curves.floor_s)
+            got = stretch(base, kern, share_factor(flops, nbytes, self.gpu, self.curves, self.fraction),
+                          self.curves.floor_s)
             self._cache[key] = got
         return got
 
@@ -381,7 +370,7 @@ class SharedBackend:
         shape = StepShape(prefill_q=q, prefill_c=c, num_decode=0, decode_ctx_sum=0, num_sampled=0)
         flops, nbytes = self.ops.flops_bytes(shape)
         f = share_factor(flops[self._ip:self._ip + 1], nbytes[self._ip:self._ip + 1], self.gpu, self.curves,
-                         self.fraction, self.hbm_cap)
+                         self.fraction)
         return float(stretch(np.array([t]), np.ones(1), f, self.curves.floor_s)[0])
 
     def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
@@ -391,7 +380,7 @@ class SharedBackend:
         flops = self._q_flops_per_token * ctx * query_tokens
         nbytes = ctx * self._kv_per_token + 2.0 * batch * query_tokens * self.ops.q_heads * m.head_dim * \
             m.bytes_per_weight
-        f = share_factor(flops, nbytes, self.gpu, self.curves, self.fraction, self.hbm_cap)
+        f = share_factor(flops, nbytes, self.gpu, self.curves, self.fraction)
         return stretch(t, np.ones_like(t), f, self.curves.floor_s)
 
     def selection_time(self, num_seqs: int, units_per_seq: float, k: int) -> float:
@@ -401,8 +390,8 @@ class SharedBackend:
         waves = np.ceil(num_seqs / sms) / max(np.ceil(num_seqs / self.gpu.sm_count), 1.0)
         return float(t * max(waves, 1.0))
 
-    def for_share(self, sm_fraction: float, hbm_cap: float = 1.0) -> CostBackend:
-        return self.base.for_share(sm_fraction, hbm_cap)
+    def for_share(self, sm_fraction: float) -> CostBackend:
+        return self.base.for_share(sm_fraction)
 
     def flops_bytes(self, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
         return self.base.flops_bytes(shape)
@@ -410,5 +399,5 @@ class SharedBackend:
     def lookup_report(self, execution: str | None = None) -> dict:
         rep = dict(self.base.lookup_report(execution))
         rep["sm_share"] = {"fraction": self.fraction, "compute_rate": self._cmp_f, "hbm_bandwidth": self._mem_f,
-                           "hbm_cap": self.hbm_cap, "curves": self.curves.source}
+                           "curves": self.curves.source}
         return rep
