@@ -443,6 +443,9 @@ def cmd_predict_step(args) -> int:
                                generalise=args.fallback == "generalise", recipe=load_recipe(args.recipe))
     execution = registry.build("execution", args.mode, {})
     cost = StepCostModel(ops, backend, execution)
+    reserved = execution.reserved_sms(gpu.sm_count)      # a persistent kernel's SMs: the model runs on the rest
+    if reserved:
+        cost = cost.for_share((gpu.sm_count - reserved) / gpu.sm_count)
     B = args.batch
     if B < 1:
         raise TiersimError(f"--batch must be >= 1 (got {B})")
@@ -496,7 +499,8 @@ def cmd_predict_step(args) -> int:
               f"{r.flops / 1e9:>10.2f}{r.bytes / 1e6:>10.2f}{r.kernels:>9}  {r.bound:9}"
               f"{sources.get(r.name, {}).get('source', '')}")
     print(f"{'launch/sync/idle':16}{'':>6}{overhead * 1e3:>10.4f}{100 * overhead / duration:>7.1f}%"
-          f"{'':>10}{'':>10}{'':>9}  {launches} launch(es), {syncs} sync(s)")
+          f"{'':>10}{'':>10}{'':>9}  {launches} launch(es), {syncs} sync(s)"
+          + ("; negative: fused stages drop the inter-kernel gaps the op times include" if overhead < 0 else ""))
     print(f"{'step':16}{'':>6}{duration * 1e3:>10.4f}{100.0:>7.1f}%")
     for line in cost_notes_lines({k: v for k, v in report.items() if k != "extrapolated"}):
         print(line)

@@ -51,7 +51,7 @@ def capture_list(value) -> tuple[int, ...] | None:
             raise ValueError(f"capture_sizes must be one of {', '.join(CAPTURE_PRESETS)} or a list of batch sizes "
                              f"(got {value!r})")
         return CAPTURE_PRESETS[value]
-    sizes = list(value)
+    sizes = list(value) if isinstance(value, (list, tuple)) else []
     if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
         raise ValueError(f"capture_sizes must be a non-empty list of batch sizes >= 1 (got {value!r})")
     return tuple(sorted(set(sizes)))

@@ -249,3 +249,20 @@ def test_kv_pressure_preset_preempts_evicts_and_prints_the_kv_it_measures(capsys
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["engine"]["preemptions"] > 0 and s["kv"]["hbm_evicted_blocks"] > 0
     assert s["kv"]["hbm_peak_locked_bytes"] <= s["kv"]["hbm_kv_bytes_per_gpu"]
+
+
+def test_predict_step_prices_the_persistent_kernel_on_the_sms_it_leaves(capsys):
+    from sim.cli import main
+
+    args = ["predict-step", "--gpu", "h100-sxm-80gb", "--model", "llama-3.1-8b", "--phase", "prefill", "--tokens",
+            "4096"]
+    assert main(args + ["--mode", "cuda-graph"]) == 0
+    graph = capsys.readouterr().out
+    assert main(args + ["--mode", "persistent"]) == 0
+    pers = capsys.readouterr().out
+    assert "0 launch(es), 0 sync(s)" in pers and "1 launch(es), 1 sync(s)" in graph
+
+    def step_ms(out):
+        return float(next(line for line in out.splitlines() if line.startswith("step ")).split()[1])
+
+    assert step_ms(pers) > step_ms(graph)        # compute-bound prefill on 124 of 132 SMs
