@@ -20,10 +20,11 @@ mixed steps eagerly unless told otherwise:
   ``range(160, 257, 8)``);
 - a list of batch sizes.
 
-``prefill_graphs``: with buckets, steps that run prefill chunks are eager by default (SGLang captures
-decode only; vLLM V0 captured decode-only batches, ``_use_captured_graph``); ``true`` prices them as
+``prefill_graphs``: with buckets (``"auto"``), steps that run prefill chunks are eager (SGLang captures
+decode only; vLLM V0 captured decode-only batches, ``_use_captured_graph``); ``"always"`` prices them as
 graphs at their own shape (roughly vLLM V1's piecewise graphs for mixed batches, which also pad the
-token count and leave attention outside the graph). An eager step is priced as ``host-launched``
+token count and leave attention outside the graph); ``"never"`` runs them eagerly also with ``"all"``.
+An eager step is priced as ``host-launched``
 prices it (the table's measured host costs per call), with the same ``cpu_overhead_s``.
 """
 from __future__ import annotations
@@ -61,12 +62,14 @@ def capture_list(value) -> tuple[int, ...] | None:
 class CudaGraphParams(HostParams):
     cpu_overhead_s: float = 0.0   # engine host work per step, serial (kept: the e2e validation sets it)
     capture_sizes: tuple[int, ...] | str = "all"   # "all" | "vllm" | "sglang" | a list of batch sizes
-    prefill_graphs: bool | None = None             # None: true with "all", false with buckets
+    prefill_graphs: str = "auto"   # "auto" (graphed with "all", eager with buckets) | "always" | "never"
 
     def __post_init__(self) -> None:
         HostParams.__post_init__(self)
         if self.cpu_overhead_s < 0:
             raise ValueError(f"cpu_overhead_s must be >= 0 (got {self.cpu_overhead_s})")
+        if self.prefill_graphs not in ("auto", "always", "never"):
+            raise ValueError(f"prefill_graphs must be 'auto', 'always' or 'never' (got {self.prefill_graphs!r})")
         sizes = capture_list(self.capture_sizes)
         if not isinstance(self.capture_sizes, str):
             object.__setattr__(self, "capture_sizes", sizes)
@@ -83,7 +86,7 @@ class CudaGraph(HostOverhead, ExecutionPolicy):
         self._sizes = capture_list(self.p.capture_sizes)
         self._max = self._sizes[-1] if self._sizes else 0
         pg = self.p.prefill_graphs
-        self._graph_prefill = (self._sizes is None) if pg is None else bool(pg)
+        self._graph_prefill = (self._sizes is None) if pg == "auto" else pg == "always"
         self._eager = HostLaunched(HostLaunchedParams(cpu_overhead_s=self.p.cpu_overhead_s))
 
     # ------------------------------------------------------------------ buckets
@@ -95,11 +98,9 @@ class CudaGraph(HostOverhead, ExecutionPolicy):
 
     def graphed(self, seq: KernelSequence) -> bool:
         """Whether a step of these kernels replays a captured graph (else it runs eagerly)."""
-        if self._sizes is None:
-            return True
         if seq.has_prefill:
             return self._graph_prefill
-        return seq.batch <= self._max
+        return self._sizes is None or seq.batch <= self._max
 
     # ------------------------------------------------------------------ pricing
     def _base(self, seq: KernelSequence, launch: LaunchCosts) -> float:

@@ -129,6 +129,10 @@ def test_padding_to_a_capture_bucket_shows_in_the_step_log_and_costs_time():
     # prefill steps replay no graph with buckets (eager: one launch per kernel) and are not padded
     assert (_prefill_steps(vllm)["launches"] > 1).all() and (_prefill_steps(ideal)["launches"] == 1).all()
     assert (_prefill_steps(vllm)["padded_tokens"] == 0).all()
+    _, pg = run_checked(small_config(**_ex("cuda-graph", capture_sizes="vllm", prefill_graphs="always")), tr)
+    assert (_prefill_steps(pg)["launches"] == 1).all()
+    _, never = run_checked(small_config(**_ex("cuda-graph", prefill_graphs="never")), tr)
+    assert (_prefill_steps(never)["launches"] > 1).all() and (_decode_steps(never)["launches"] == 1).all()
 
 
 def test_a_batch_above_the_largest_bucket_runs_eagerly():
