@@ -327,7 +327,10 @@ class Simulation:
         return {"mode": ex.name, "params": dict(ex.params), "reserved_sms": int(reserved),
                 "model_sms": int(self.gpu.sm_count - reserved), "output_tokens": tokens,
                 "launches_per_token": per(engine["launches"]), "syncs_per_token": per(engine["syncs"]),
-                "padded_tokens": engine["padded_tokens"]}
+                "padded_tokens": engine["padded_tokens"],
+                # what a fused (persistent) step drops per kernel, and where that figure came from
+                "graph_gap_s": self.backend.launch.graph_gap_s,
+                "graph_gap_source": self.backend.launch.graph_gap_source}
 
     def _results(self, wall0: float, wall_run: float) -> Results:
         reps = self.replicas

@@ -74,6 +74,8 @@ def test_stage_fusion_removes_the_measured_gap_per_kernel():
     diff = _decode_steps(unfused)["duration_s"].to_numpy() - _decode_steps(fused)["duration_s"].to_numpy()
     kernels = diff / gap                     # the same whole number of kernels on every decode step
     assert np.allclose(kernels, np.round(kernels[0]), atol=1e-6) and kernels[0] > 100
+    assert fused.summary["execution"]["graph_gap_s"] == gap
+    assert "in_model.json" in fused.summary["execution"]["graph_gap_source"]
 
 
 def test_doorbell_polling_dispatch_and_queue_depth_each_price_what_they_say():
