@@ -58,3 +58,16 @@ def test_lanes_change_mixed_steps_only_and_every_request_still_finishes():
 def test_the_fraction_is_validated_with_the_key_named(bad):
     with pytest.raises(ConfigError, match="replica.prefill_sm_fraction"):
         small_config(**{"replica.prefill_sm_fraction": bad})
+
+
+def test_bulk_advance_under_lanes_equals_single_stepping():
+    from tests.property.test_bulk_equivalence import assert_equivalent
+
+    n = 80
+    rng = np.random.default_rng(3)
+    tr = make_trace(np.sort(rng.uniform(0, 4.0, n)), rng.integers(50, 3000, n), rng.integers(1, 120, n))
+    runs = assert_equivalent({"model.name": "llama-3.1-8b", "costs.backend": "table", "replica.num_hbm_blocks": 3000,
+                              "policies.scheduling.name": "chunked-prefill",
+                              "policies.scheduling.max_num_batched_tokens": 512,
+                              "replica.prefill_sm_fraction": 0.75}, tr)
+    assert runs > 0
