@@ -38,6 +38,9 @@ class OpCost:
     bound: str          # "compute" | "memory" | "latency"
 
 
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
 class StepCostModel:
     """Prices engine steps of one model on one replica, through a :class:`CostBackend` only."""
 
@@ -146,6 +149,25 @@ class StepCostModel:
         if num_seqs >= 0:
             d = self._overhead(d, num_seqs, ptok + own, seq, self.launch)
         return d, launches, syncs
+
+    def lanes_step(self, prefill_lane: "StepCostModel", decode_lane: "StepCostModel", prefill_q: np.ndarray,
+                   prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int, num_sampled: int,
+                   num_seqs: int = -1) -> tuple[float, int, int]:
+        """(duration_s, launches, syncs) of a mixed step run as two lanes (Nexus-style intra-GPU
+        disaggregation): the prefill chunks' kernels on ``prefill_lane``'s SMs and the decodes' on
+        ``decode_lane``'s, concurrently, each lane its own stream of the whole layer stack (so the
+        weights are read once per lane). The step ends when both lanes end; the host work of the step
+        (``num_seqs``) is counted once, on the whole step's kernels."""
+        nd = num_decode
+        dp, lp, sp = prefill_lane.step(prefill_q, prefill_c, 0, 0, num_sampled - nd)
+        dd, ld, sd = decode_lane.step(_EMPTY, _EMPTY, nd, decode_ctx_sum, nd)
+        d = dp if dp > dd else dd
+        if num_seqs >= 0:
+            ptok = int(prefill_q.sum())
+            padded = self._pad(nd, True) if nd else 0
+            seq = self.sequence(ptok + padded, num_sampled + padded - nd, True, nd > 0, padded)
+            d = self._overhead(d, num_seqs, ptok + nd, seq, self.launch)
+        return d, lp + ld, sp if sp > sd else sd
 
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Durations of consecutive decode-only engine steps of ``batch`` sequences whose attended

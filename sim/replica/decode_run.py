@@ -220,8 +220,8 @@ class DecodeRuns:
             if len(step.decode) != len(r.running) or not sched.steady_decode(r.view):
                 return None
             return sched.steady_through_finishes(r.view) and r.kv.finishes_quiet(), None
-        if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running):
-            return None
+        if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running) or r.builder.lanes:
+            return None     # (chunk runs price time-multiplexed steps; lanes step one at a time)
         got = sched.steady_chunk(r.view)
         if got is None:
             return None

@@ -61,9 +61,15 @@ class StepBuilder:
     """Prices steps and decode runs of one replica."""
 
     def __init__(self, *, cost: StepCostModel, sparsity, sm_share: float,
-                 drafter_cost: Callable[[str], StepCostModel], drafter: Drafter | None = None) -> None:
+                 drafter_cost: Callable[[str], StepCostModel], drafter: Drafter | None = None,
+                 prefill_fraction: float = 0.0) -> None:
         self.cost = cost.for_share(sm_share) if sm_share < 1.0 else cost
         self.sm_share = sm_share
+        # Nexus-style lanes: mixed steps' prefill on prefill_fraction of the model's SMs, decodes on the rest
+        self.lanes = prefill_fraction > 0.0
+        if self.lanes:
+            self.prefill_lane = cost.for_share(sm_share * prefill_fraction)
+            self.decode_lane = cost.for_share(sm_share * (1.0 - prefill_fraction))
         self.sparsity = sparsity
         self.dense = sparsity.is_dense
         self.num_layers = cost.num_layers
@@ -99,7 +105,12 @@ class StepBuilder:
             ctx = np.fromiter((r.num_computed + 1 for r in step.decode), dtype=np.int64, count=nd)
             plan = self.sparsity.plan(ctx) if nd else None
             ctx_sum = int(np.asarray(plan.tokens_read).sum()) if plan is not None else 0
-        duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, 1, num_seqs=len(step.prefill) + nd)
+        if self.lanes and step.prefill and nd:
+            duration, launches, syncs = self.cost.lanes_step(self.prefill_lane, self.decode_lane, pq, pc, nd, ctx_sum,
+                                                             sampled, num_seqs=len(step.prefill) + nd)
+        else:
+            duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, 1,
+                                                       num_seqs=len(step.prefill) + nd)
         padded = self.cost.padded_batch(nd, bool(step.prefill)) - nd
         fetch = self._sparse_extras(plan, nd)
         duration += fetch[0]
