@@ -127,6 +127,20 @@ def test_inclusive_tiers_keep_a_promoted_copy_and_exclusive_ones_free_it(mode):
     kv.check()
 
 
+def test_a_load_keeps_its_lower_tier_copies_through_the_cascade_its_allocation_starts():
+    # exclusive tiers, DRAM of 100 blocks: A's blocks sit in DRAM when C (A's prompt) is admitted; the
+    # HBM blocks C needs for them evict B's, which move down to DRAM, whose own victims move on to NVMe.
+    # The copies C loads are taken before that allocation, so the cascade cannot evict them (it did:
+    # "dram: prefix key ... is not in the cache", on the whole Mooncake replay with DRAM and NVMe)
+    cfg = _cfg(**{"policies.residency.name": "tiered", "replica.kv_tier_mode": "exclusive",
+                  "replica.dram_kv_bytes": 100 * MIB2, "replica.nvme_kv_bytes": 400 * MIB2})
+    _, res = run_checked(cfg, _abc())
+    c = _reqs(res).loc[2]
+    assert c["lower_hit_tokens"] == 90 * 16 and c["prefix_hit_tokens"] == 99 * 16 and c["kv_stall_s"] > 0
+    kt = res.summary["kv_tiers"]
+    assert kt["load_blocks"]["dram"] == 90 and kt["write_blocks"]["hbm->dram"] > 100
+
+
 def test_a_step_waits_for_the_write_back_of_the_blocks_it_reuses():
     # straight to NVMe (3.8 GB/s): B's 91 evicted blocks take longer to write than B's prefill to run
     cfg = _cfg(**{"policies.residency.hbm_evict_to": "nvme", "replica.nvme_kv_bytes": 400 * MIB2})
