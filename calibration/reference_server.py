@@ -280,7 +280,7 @@ class PricedExecutor:
         from sim.replica.step import Step as SimStep
 
         priced = self.builder.price(SimStep(prefill=[(r, n) for r, n, _ in step.prefill],
-                                            decode=[r for r, _ in step.decode], drafts=None, draft_plan=None,
+                                            decode=[r for r, _ in step.decode], drafts=None,
                                             preempted=step.preempted))
         return StepTiming(duration_s=priced.duration_s)
 
