@@ -22,7 +22,9 @@ residency      where a preempted request's KV goes (recompute, or swap to DRAM);
                recomputed; which waiting requests' prefixes to prefetch
 speculation    how many draft tokens each decode proposes (a chain or a tree), with which drafter
                (priced, its weights and KV in HBM); how many the verifier accepts
-execution      how a step's kernels are launched (host launches, CUDA graphs); SMs it reserves
+execution      how a step's kernels are launched (host launches, CUDA graphs, a persistent kernel);
+               the batch a captured graph pads a step to; the step's host and dispatch work; SMs it
+               reserves
 routing        which replica an arriving request joins
 sparsity       which KV tokens each decode query reads, what selecting them costs, and what KV the step
                fetches from a lower tier
@@ -553,6 +555,10 @@ class LaunchCosts:
     ``graph_launch_s``: launching one CUDA graph; ``graph_kernel_s``: extra time per kernel node inside
     a graph; ``sync_s``: a host↔device synchronisation round trip; ``doorbell_s`` and
     ``persistent_item_s``: persistent-kernel host→device doorbell latency and per-work-item dispatch.
+    ``graph_gap_s``: the idle gap between consecutive kernels inside a real model's CUDA-graph replay,
+    measured in-model (``calibration.attribute``; 0 when the table has no such measurement) -- what
+    fusing the kernels into one resident kernel's stages removes; ``graph_gap_source`` says where it
+    came from.
     """
 
     dispatch_s: float
@@ -564,6 +570,8 @@ class LaunchCosts:
     # Measured op times (calibrated tables) already include the gap between back-to-back kernels;
     # roofline times are pure GPU time and need ``graph_kernel_s`` added per kernel.
     times_include_gap: bool = False
+    graph_gap_s: float = 0.0
+    graph_gap_source: str = ""
 
 
 class KernelSequence:
@@ -580,14 +588,21 @@ class KernelSequence:
     The aggregates (``num_kernels``, ``total_gpu_s``, ``var_weight``) are all that whole-step policies
     such as CUDA graphs need; the per-kernel arrays (``gpu_s``, ``var_index``, ``var_share``,
     ``host_s``, in launch order) are built on first use, for policies that walk kernels one by one.
+
+    ``batch`` is the decode batch the kernels are shaped for (after a captured graph's padding, see
+    ``ExecutionPolicy.padded_batch``) and ``has_prefill`` whether the step runs prefill chunks: what a
+    policy that captures graphs for some shapes only needs to tell a graphed step from an eager one.
     """
 
     __slots__ = ("op_gpu_s", "op_kernels", "op_var", "op_host_s", "op_repeat", "switch_s", "lead_s",
-                 "num_kernels", "total_gpu_s", "var_weight", "var_terms", "_arrays")
+                 "num_kernels", "total_gpu_s", "var_weight", "var_terms", "batch", "has_prefill", "_arrays",
+                 "_host_total")
 
     def __init__(self, *, op_gpu_s: np.ndarray, op_kernels: np.ndarray, op_var: np.ndarray,
                  op_host_s: np.ndarray, op_repeat: np.ndarray, switch_s: float = 0.0, lead_s: float = 0.0,
-                 num_var: int = 2) -> None:
+                 num_var: int = 2, batch: int = 0, has_prefill: bool = False) -> None:
+        self.batch, self.has_prefill = int(batch), bool(has_prefill)
+        self._host_total = None
         self.op_gpu_s, self.op_kernels, self.op_var = op_gpu_s, op_kernels, op_var
         self.op_host_s, self.op_repeat = op_host_s, op_repeat
         self.switch_s, self.lead_s = float(switch_s), float(lead_s)
@@ -652,6 +667,14 @@ class KernelSequence:
     def host_s(self) -> np.ndarray:
         return self._expand()[3]
 
+    @property
+    def host_total_s(self) -> float:
+        """Host seconds an eager engine spends issuing the whole step (``lead_s`` plus every call)."""
+        if self._host_total is None:
+            calls = np.where(self.op_kernels > 0, self.op_repeat, 0)
+            self._host_total = self.lead_s + float((calls * self.op_host_s).sum())
+        return self._host_total
+
 
 @dataclass(frozen=True, slots=True)
 class StepTiming:
@@ -665,6 +688,21 @@ class ExecutionPolicy(Policy):
         """SMs held back from the model's kernels (a persistent scheduler's own SMs, say); the cost
         backend prices the model's ops on the SMs left. Default: none."""
         return 0
+
+    def padded_batch(self, num_decode: int, has_prefill: bool) -> int:
+        """The decode batch a step's kernels run at: a captured CUDA graph's batch size when the step
+        replays one (at least ``num_decode``; the rest is padding, priced as real rows), else
+        ``num_decode``. Default: no padding."""
+        return num_decode
+
+    def with_step_overhead(self, durations, num_seqs: int, num_tokens: int, seq: KernelSequence,
+                           launch: LaunchCosts):
+        """Step durations (a float, or an array of a run's steps: the same arithmetic either way, so
+        single steps and runs round alike) with the per-step work outside the model's kernels that the
+        step waits for: the engine's scheduling and input preparation on the host for ``num_seqs``
+        sequences and ``num_tokens`` tokens (serial, or overlapped one step ahead), a resident kernel's
+        doorbell and per-item dispatch. Called for engine steps only (not a drafter's). Default: none."""
+        return durations
 
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
         """Durations of K steps that share ``seq``, with ``var_s`` (K, num_variable_ops)."""

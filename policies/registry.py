@@ -37,7 +37,7 @@ _BUILTIN_MODULES = (
     "policies.residency.config",
     "policies.speculation.none", "policies.speculation.fixed_k", "policies.speculation.adaptive_k",
     "policies.speculation.tree",
-    "policies.execution.host_launched", "policies.execution.cuda_graph",
+    "policies.execution.host_launched", "policies.execution.cuda_graph", "policies.execution.persistent",
     "policies.routing.round_robin",
     "policies.sparsity.dense",
 )

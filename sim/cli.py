@@ -76,6 +76,12 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     lines.append(f"requests: {rq['finished']:,} finished, {rej} | preemptions {en['preemptions']:,}"
                  f" (swaps out {en['swaps_out']:,}) | steps {en['steps']:,}"
                  f" | launches {en['launches']:,}, syncs {en['syncs']:,}")
+    ex = summary.get("execution")
+    if ex:
+        lpt, spt = ex["launches_per_token"], ex["syncs_per_token"]
+        lines.append(f"execution: {ex['mode']} | launches {'-' if lpt is None else f'{lpt:,.2f}'}, syncs "
+                     f"{'-' if spt is None else f'{spt:,.2f}'} per output token | padded tokens "
+                     f"{ex['padded_tokens']:,} | model on {ex['model_sms']} SMs ({ex['reserved_sms']} reserved)")
     if "hbm_peak_active_bytes" in kv:
         hit = kv.get("hbm_prefix_hit_rate")
         lines.append(f"KV: HBM peak {kv['hbm_peak_active_bytes'] / 1e9:.1f} of "
@@ -84,6 +90,12 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                      f"{kv['dram_peak_used_bytes'] / 1e9:.1f} GB | prefix hit rate "
                      f"{'-' if hit is None else f'{100 * hit:.1f} %'} | PCIe H2D {ln['pcie_h2d_bytes'] / 1e9:.2f} GB,"
                      f" D2H {ln['pcie_d2h_bytes'] / 1e9:.2f} GB")
+    if "hbm_mean_locked_bytes" in kv:
+        lines.append(f"KV use (time-weighted mean / peak): active {kv['hbm_mean_active_bytes'] / 1e9:.2f} / "
+                     f"{kv['hbm_peak_active_bytes'] / 1e9:.2f} GB, locked by the running batch "
+                     f"{kv['hbm_mean_locked_bytes'] / 1e9:.2f} / {kv['hbm_peak_locked_bytes'] / 1e9:.2f} GB | "
+                     f"fragmentation {kv['fragmentation_tokens_mean']:,.0f} token slots | HBM blocks evicted "
+                     f"{kv['hbm_evicted_blocks']:,}")
     if "speculation" in summary:
         lines.append(speculation_line(summary["speculation"]))
     dropped = tr.get("dropped_rows") or {}
@@ -431,6 +443,9 @@ def cmd_predict_step(args) -> int:
                                generalise=args.fallback == "generalise", recipe=load_recipe(args.recipe))
     execution = registry.build("execution", args.mode, {})
     cost = StepCostModel(ops, backend, execution)
+    reserved = execution.reserved_sms(gpu.sm_count)      # a persistent kernel's SMs: the model runs on the rest
+    if reserved:
+        cost = cost.for_share((gpu.sm_count - reserved) / gpu.sm_count)
     B = args.batch
     if B < 1:
         raise TiersimError(f"--batch must be >= 1 (got {B})")
@@ -484,7 +499,8 @@ def cmd_predict_step(args) -> int:
               f"{r.flops / 1e9:>10.2f}{r.bytes / 1e6:>10.2f}{r.kernels:>9}  {r.bound:9}"
               f"{sources.get(r.name, {}).get('source', '')}")
     print(f"{'launch/sync/idle':16}{'':>6}{overhead * 1e3:>10.4f}{100 * overhead / duration:>7.1f}%"
-          f"{'':>10}{'':>10}{'':>9}  {launches} launch(es), {syncs} sync(s)")
+          f"{'':>10}{'':>10}{'':>9}  {launches} launch(es), {syncs} sync(s)"
+          + ("; negative: fused stages drop the inter-kernel gaps the op times include" if overhead < 0 else ""))
     print(f"{'step':16}{'':>6}{duration * 1e3:>10.4f}{100.0:>7.1f}%")
     for line in cost_notes_lines({k: v for k, v in report.items() if k != "extrapolated"}):
         print(line)

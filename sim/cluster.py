@@ -132,6 +132,7 @@ class Cluster:
             share = gpu.sm_share
             cost = sim.cost_model(sim.model.name, policies["execution"])
             builder = StepBuilder(cost=cost, sparsity=policies["sparsity"], sm_share=share,
+                                  prefill_fraction=rc.prefill_sm_fraction,
                                   drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex),
                                   drafter=policies["speculation"].drafter())
             pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)

@@ -190,8 +190,14 @@ class ReplicaConfig:
     bulk_decode: bool = True                # advance predictable decode steps together (exact)
     kv_tier_mode: str = "inclusive"         # or "exclusive"
     kv_dtype: str = ""                      # "" (the model's), "bf16", "fp16", "fp8", "int4"
+    prefill_sm_fraction: float = 0.0        # > 0: a mixed step's prefill runs on this share of the SMs
+                                            # while its decodes run on the rest, concurrently (Nexus-style
+                                            # lanes); 0: one stream, the phases time-multiplexed
 
     def __post_init__(self) -> None:
+        _check(math.isfinite(self.prefill_sm_fraction) and 0.0 <= self.prefill_sm_fraction < 1.0,
+               "replica.prefill_sm_fraction",
+               f"must be in [0, 1): the prefill lane's share of the SMs, 0 for none (got {self.prefill_sm_fraction})")
         _check(1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE, "replica.tensor_parallel_size",
                f"must be in [1, {MAX_TENSOR_PARALLEL_SIZE}] (got {self.tensor_parallel_size})")
         _check(self.block_size_tokens >= 1, "replica.block_size_tokens",

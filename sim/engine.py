@@ -318,6 +318,20 @@ class Simulation:
         out["admissions"] = admissions
         return out
 
+    def _execution_summary(self, engine: dict) -> dict:
+        """How the steps were launched, per output token: what the execution presets compare."""
+        ex = self.config.policies.execution
+        tokens = int(self.requests.generated.sum())
+        per = (lambda n: n / tokens) if tokens else (lambda n: None)
+        reserved = self.gpu.sm_count - round(self.replicas[0].builder.sm_share * self.gpu.sm_count)
+        return {"mode": ex.name, "params": dict(ex.params), "reserved_sms": int(reserved),
+                "model_sms": int(self.gpu.sm_count - reserved), "output_tokens": tokens,
+                "launches_per_token": per(engine["launches"]), "syncs_per_token": per(engine["syncs"]),
+                "padded_tokens": engine["padded_tokens"],
+                # what a fused (persistent) step drops per kernel, and where that figure came from
+                "graph_gap_s": self.backend.launch.graph_gap_s,
+                "graph_gap_source": self.backend.launch.graph_gap_source}
+
     def _results(self, wall0: float, wall_run: float) -> Results:
         reps = self.replicas
         kv0 = reps[0].kv
@@ -353,6 +367,7 @@ class Simulation:
             "swaps_in": int(sum(r.preemption.num_in for r in reps)),
             "swap_copies_dropped": int(sum(r.preemption.num_drops for r in reps)),
             "sm_share": reps[0].builder.sm_share,
+            "padded_tokens": int(sum(r.num_padded_tokens for r in reps)),
         }
         cost_notes = self.backend.lookup_report(execution=self.config.policies.execution.name)
         timing = {"wall_s": wall_run, "simulated_s": float(self.env.now), "events": self.events,
@@ -368,6 +383,7 @@ class Simulation:
                              slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers(),
                              speculation=self._speculation_summary() if self.speculating else None,
                              slo_itl_s=mc.slo_itl_s, slo_itl_stat=mc.slo_itl_stat)
+        res.summary["execution"] = self._execution_summary(engine)
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

@@ -13,8 +13,10 @@ def _cut(score: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def smallest(score: np.ndarray, n: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the ``n`` smallest ``score`` values; among equal scores at the cut, the smallest
-    ``tiebreak`` first, then the lowest index. O(len): partitions, no sort."""
+    """Indices of the ``n`` smallest ``score`` values, in the order ``n`` choices of one would take
+    them: by score, then the smallest ``tiebreak``, then the lowest index (a run's allocations give
+    the k-th victim to the k-th allocation, so the order is part of the answer). O(len + n log n):
+    partitions, then a sort of the chosen only."""
     m = score.shape[0]
     if n >= m:
         return (np.lexsort((np.arange(m), tiebreak, score)) if tiebreak is not None
@@ -24,5 +26,8 @@ def smallest(score: np.ndarray, n: int, tiebreak: np.ndarray | None = None) -> n
     less, tie, need = _cut(score, n)
     if tiebreak is not None and need < tie.shape[0]:
         less2, tie2, need2 = _cut(tiebreak[tie], need)
-        return np.concatenate([less, tie[less2], tie[tie2[:need2]]])
-    return np.concatenate([less, tie[:need]])
+        got = np.concatenate([less, tie[less2], tie[tie2[:need2]]])
+    else:
+        got = np.concatenate([less, tie[:need]])
+    keys = (got, score[got]) if tiebreak is None else (got, tiebreak[got], score[got])
+    return got[np.lexsort(keys)]

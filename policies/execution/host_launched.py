@@ -7,6 +7,10 @@ kernels 0..j (each kernel's share of its op call's measured framework cost, or a
 has finished. So a step is launch-bound where kernels are shorter than their dispatch and GPU-bound
 where they are longer, with queued work draining through short kernels. The step ends when both the
 host has issued everything and the GPU has finished, plus one synchronisation round trip.
+
+The engine's scheduling and input preparation per step (``host``, ``host_step_s``, ...; see
+``policies.execution.host``) come on top, serial or overlapped with the previous step's GPU work; the
+kernel launches themselves are host work that never overlaps.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numba
 import numpy as np
 
 from policies.base import ExecutionPolicy, KernelSequence, LaunchCosts, StepTiming
+from policies.execution.host import HostOverhead, HostParams
 from policies.registry import register
 
 
@@ -42,12 +47,13 @@ def _pipeline(gpu_s, var_index, var_share, var_s, host_s, cpu0, sync):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HostLaunchedParams:
+class HostLaunchedParams(HostParams):
     cpu_overhead_s: float = 0.0   # engine host work per step before the first launch
     dispatch_s: float | None = None   # a uniform per-kernel host cost instead of the cost table's
                                       # measured per-op host costs (None: use those)
 
     def __post_init__(self) -> None:
+        HostParams.__post_init__(self)
         if not (math.isfinite(self.cpu_overhead_s) and self.cpu_overhead_s >= 0):
             raise ValueError(f"cpu_overhead_s must be finite and >= 0 (got {self.cpu_overhead_s})")
         if self.dispatch_s is not None and not (math.isfinite(self.dispatch_s) and self.dispatch_s >= 0):
@@ -56,7 +62,7 @@ class HostLaunchedParams:
 
 
 @register("execution", "host-launched")
-class HostLaunched(ExecutionPolicy):
+class HostLaunched(HostOverhead, ExecutionPolicy):
     """Eager execution: one host launch per kernel, one sync per step (launch/GPU overlap modelled)."""
 
     Params = HostLaunchedParams
@@ -77,3 +83,10 @@ class HostLaunched(ExecutionPolicy):
         d = _pipeline(seq.gpu_s, seq.var_index, seq.var_share, np.ascontiguousarray(var_s, dtype=np.float64),
                       host, self.p.cpu_overhead_s + lead, launch.sync_s)
         return StepTiming(duration_s=d, launches=seq.num_kernels, syncs=1)
+
+    def host_busy_s(self, seq: KernelSequence, launch: LaunchCosts) -> float:
+        """The host's own issue time per step: every launch, and the per-step work before the first."""
+        if self.p.dispatch_s is not None or seq.host_s is None:
+            dispatch = self.p.dispatch_s if self.p.dispatch_s is not None else launch.dispatch_s
+            return self.p.cpu_overhead_s + dispatch * seq.num_kernels
+        return self.p.cpu_overhead_s + seq.host_total_s

@@ -2,8 +2,15 @@
 wall-clock step time by the execution policy (host launches, CUDA graphs, persistent kernels).
 
 Hot path: the kernel sequence of a step depends only on (tokens, sampled rows, has prefill, has
-decode) and is cached; only attention changes from one decode step to the next, so a run of K decode
-steps is priced with one vectorised call.
+decode, the decode batch it is shaped for) and is cached; only attention changes from one decode step
+to the next, so a run of K decode steps is priced with one vectorised call.
+
+Two things the execution policy adds around the kernels, on every path alike (single steps, decode
+runs, chunk runs): a captured graph's padding (``ExecutionPolicy.padded_batch``: a decode-only step of
+``B`` sequences runs its GEMMs, LM head and decode attention at the bucket's ``P >= B`` rows; the
+padded rows read no KV), and the per-step work outside the kernels (``with_step_overhead``: host
+scheduling and input preparation, a resident kernel's dispatch), for engine steps (``num_seqs`` given)
+and not for a drafter's.
 """
 from __future__ import annotations
 
@@ -31,6 +38,9 @@ class OpCost:
     bound: str          # "compute" | "memory" | "latency"
 
 
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
 class StepCostModel:
     """Prices engine steps of one model on one replica, through a :class:`CostBackend` only."""
 
@@ -55,9 +65,11 @@ class StepCostModel:
         else:
             self._repeat = np.asarray(repeat, dtype=np.int64)
             self._runs = (self._repeat > 0).astype(np.int64)
-        self._seq_cache: dict[int, KernelSequence] = {}
+        self._seq_cache: dict[tuple, KernelSequence] = {}
         self._ctx1 = np.empty(1)             # scratch: one decode step's attended context
         self._one_step = execution.step_time_one   # declared on ExecutionPolicy (a scalar path)
+        self._pad = execution.padded_batch
+        self._overhead = execution.with_step_overhead
         self._shares: dict[float, StepCostModel] = {}
         self.steps_priced = 0
 
@@ -78,11 +90,17 @@ class StepCostModel:
             got = self._shares[f] = StepCostModel(self.ops, self.backend.for_share(f), self.execution, self._subset)
         return got
 
+    def padded_batch(self, num_decode: int, has_prefill: bool) -> int:
+        """The decode batch a step of ``num_decode`` decodes runs at (the execution policy's)."""
+        return self._pad(num_decode, has_prefill) if num_decode else 0
+
     # ---------------------------------------------------------------- kernel layout
-    def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool) -> KernelSequence:
+    def sequence(self, tokens: int, sampled: int, has_prefill: bool, has_decode: bool,
+                 batch: int = 0) -> KernelSequence:
         """The step's kernels: per-op GPU time, kernel counts, variable ops and host costs (see
-        ``policies.base.KernelSequence``); cached per (tokens, sampled rows, has prefill, has decode)."""
-        key = (tokens << 34) | (sampled << 2) | (has_prefill << 1) | has_decode   # one int: cheap to hash
+        ``policies.base.KernelSequence``); cached per (tokens, sampled rows, has prefill, has decode,
+        decode batch)."""
+        key = ((tokens << 34) | (sampled << 2) | (has_prefill << 1) | has_decode, batch)
         seq = self._seq_cache.get(key)
         if seq is not None:
             return seq
@@ -97,40 +115,71 @@ class StepCostModel:
             kernels = kernels * self._runs
         seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
                              op_host_s=np.asarray(backend.host_call_s, dtype=np.float64), op_repeat=self._repeat,
-                             switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s))
+                             switch_s=float(backend.switch_s), lead_s=float(backend.step_host_s), batch=batch,
+                             has_prefill=has_prefill)
         self._seq_cache[key] = seq
         return seq
 
     # ---------------------------------------------------------------- pricing
     def step(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
-             num_sampled: int, decode_query_tokens: int = 1, decode_tokens: int = -1) -> tuple[float, int, int]:
+             num_sampled: int, decode_query_tokens: int = 1, decode_tokens: int = -1,
+             num_seqs: int = -1) -> tuple[float, int, int]:
         """(duration_s, launches, syncs) of one step. ``decode_query_tokens``: query tokens per decode
         as attention sees them (the most any decode has: a speculative verify step); ``decode_tokens``:
         all decodes' query tokens together, the GEMM rows (default: ``num_decode x
-        decode_query_tokens``)."""
+        decode_query_tokens``). With ``num_seqs`` (an engine step's sequences) the execution policy's
+        per-step overhead is included. A captured graph's padding rows (``padded_batch``) run
+        ``decode_query_tokens`` query tokens each and are sampled like real rows."""
         has_p = prefill_q.shape[0] > 0
-        dtok = num_decode * decode_query_tokens if decode_tokens < 0 else decode_tokens
-        tokens = int(prefill_q.sum()) + dtok if has_p else dtok
-        seq = self.sequence(tokens, num_sampled, has_p, num_decode > 0)
+        own = num_decode * decode_query_tokens if decode_tokens < 0 else decode_tokens
+        nd = self._pad(num_decode, has_p) if num_decode else 0
+        pad = (nd - num_decode) * decode_query_tokens
+        dtok = own + pad
+        ptok = int(prefill_q.sum()) if has_p else 0
+        tokens = ptok + dtok if has_p else dtok
+        seq = self.sequence(tokens, num_sampled + pad, has_p, num_decode > 0, nd)
         pre = float(self.backend.prefill_attention_time(prefill_q, prefill_c)) if has_p else 0.0
         dec = 0.0
         if num_decode:
             ctx = self._ctx1
             ctx[0] = decode_ctx_sum
-            dec = float(self.backend.decode_attention_times(num_decode, ctx, decode_query_tokens)[0])
+            dec = float(self.backend.decode_attention_times(nd, ctx, decode_query_tokens)[0])
         self.steps_priced += 1
-        return self._one_step(seq, (pre, dec), self.launch)
+        d, launches, syncs = self._one_step(seq, (pre, dec), self.launch)
+        if num_seqs >= 0:
+            d = self._overhead(d, num_seqs, ptok + own, seq, self.launch)
+        return d, launches, syncs
+
+    def lanes_step(self, prefill_lane: "StepCostModel", decode_lane: "StepCostModel", prefill_q: np.ndarray,
+                   prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int, num_sampled: int,
+                   num_seqs: int = -1) -> tuple[float, int, int]:
+        """(duration_s, launches, syncs) of a mixed step run as two lanes (Nexus-style intra-GPU
+        disaggregation): the prefill chunks' kernels on ``prefill_lane``'s SMs and the decodes' on
+        ``decode_lane``'s, concurrently, each lane its own stream of the whole layer stack (so the
+        weights are read once per lane). The step ends when both lanes end; the host work of the step
+        (``num_seqs``) is counted once, on the whole step's kernels."""
+        nd = num_decode
+        dp, lp, sp = prefill_lane.step(prefill_q, prefill_c, 0, 0, num_sampled - nd)
+        dd, ld, sd = decode_lane.step(_EMPTY, _EMPTY, nd, decode_ctx_sum, nd)
+        d = dp if dp > dd else dd
+        if num_seqs >= 0:
+            ptok = int(prefill_q.sum())
+            padded = self._pad(nd, True) if nd else 0
+            seq = self.sequence(ptok + padded, num_sampled + padded - nd, True, nd > 0, padded)
+            d = self._overhead(d, num_seqs, ptok + nd, seq, self.launch)
+        return d, lp + ld, sp if sp > sd else sd
 
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """Durations of consecutive decode-only steps of ``batch`` sequences whose attended context
-        totals are ``ctx_sums`` (one per step); plus launches and syncs per step."""
-        seq = self.sequence(batch, batch, False, True)
+        """Durations of consecutive decode-only engine steps of ``batch`` sequences whose attended
+        context totals are ``ctx_sums`` (one per step); plus launches and syncs per step."""
+        nd = self._pad(batch, False)
+        seq = self.sequence(nd, nd, False, True, nd)
         k = ctx_sums.shape[0]
         var = np.zeros((k, 2))
-        var[:, VAR_DECODE] = self.backend.decode_attention_times(batch, ctx_sums)
+        var[:, VAR_DECODE] = self.backend.decode_attention_times(nd, ctx_sums)
         timing = self.execution.step_times(seq, var, self.launch)
         self.steps_priced += k
-        return timing.duration_s, timing.launches, timing.syncs
+        return self._overhead(timing.duration_s, batch, batch, seq, self.launch), timing.launches, timing.syncs
 
     def chunk_run(self, num_decode: int, ctx_sums: np.ndarray, chunk: int, cached: np.ndarray
                   ) -> tuple[np.ndarray, int, int]:
@@ -138,7 +187,8 @@ class StepCostModel:
         ``ctx_sums``, one per step) and one prefill chunk of ``chunk`` new tokens on top of
         ``cached[j]`` cached ones that does not finish its prompt (samples nothing); plus launches and
         syncs per step. Every term is computed as :meth:`step` computes it for one such step."""
-        seq = self.sequence(chunk + num_decode, num_decode, True, num_decode > 0)
+        nd = self._pad(num_decode, True) if num_decode else 0
+        seq = self.sequence(chunk + nd, nd, True, num_decode > 0, nd)
         k = cached.shape[0]
         var = np.zeros((k, 2))
         q = np.array([chunk], dtype=np.int64)
@@ -148,10 +198,11 @@ class StepCostModel:
             c[0] = cached[j]
             var[j, VAR_PREFILL] = float(pre(q, c))
         if num_decode:
-            var[:, VAR_DECODE] = self.backend.decode_attention_times(num_decode, ctx_sums)
+            var[:, VAR_DECODE] = self.backend.decode_attention_times(nd, ctx_sums)
         timing = self.execution.step_times(seq, var, self.launch)
         self.steps_priced += k
-        return timing.duration_s, timing.launches, timing.syncs
+        d = self._overhead(timing.duration_s, num_decode + 1, chunk + num_decode, seq, self.launch)
+        return d, timing.launches, timing.syncs
 
     # ---------------------------------------------------------------- explanation
     def breakdown(self, shape: StepShape) -> tuple[float, list[OpCost], float, int, int]:
@@ -162,7 +213,8 @@ class StepCostModel:
         has_d = shape.num_decode > 0
         duration, launches, syncs = self.step(shape.prefill_q, shape.prefill_c, shape.num_decode,
                                               shape.decode_ctx_sum, shape.num_sampled,
-                                              max(1, shape.num_decode_tokens // max(shape.num_decode, 1)))
+                                              max(1, shape.num_decode_tokens // max(shape.num_decode, 1)),
+                                              num_seqs=int(shape.prefill_q.size) + shape.num_decode)
         fixed = self.backend.fixed_times(shape.num_tokens, shape.num_sampled)
         kern = self.backend.kernel_counts(shape.num_tokens, shape.num_sampled, has_p, has_d)
         flops, nbytes = self.backend.flops_bytes(shape)

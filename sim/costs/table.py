@@ -133,6 +133,30 @@ class CostTable:
         return (float(got["latency_s"]), float(got["bandwidth_bytes_per_s"])) if got else None
 
 
+def in_model_graph_gap(table_dir: Path) -> tuple[float, str]:
+    """(seconds, source) of the idle gap between consecutive kernels inside a real model's CUDA-graph
+    replay: from the table's in-model attribution (``validation/in_model.json``, written by
+    ``python -m calibration.attribute``: per traced step, its span minus the time inside kernels, over
+    its kernels), the median over the traced steps. Without that file, ``graph_kernel_s`` (the per-node
+    cost of a graph of empty kernels: an upper bound on the gap), said so in the source."""
+    path = Path(table_dir) / "validation" / "in_model.json"
+    if path.exists():
+        try:
+            cases = json.loads(path.read_text())
+            gaps = [(c["span_us"] - c["kernel_us"]) / c["kernels_measured"] * 1e-6 for c in cases
+                    if c.get("kernels_measured")]
+        except (OSError, ValueError, KeyError, TypeError):
+            gaps = []
+        if gaps:
+            return float(np.median(gaps)), (f"{Path(table_dir).name}/validation/in_model.json: median idle gap "
+                                            f"per kernel over {len(gaps)} traced graph replays")
+    meta = json.loads((Path(table_dir) / "table.json").read_text()).get("launch", {})
+    if "graph_kernel_s" in meta:
+        return float(meta["graph_kernel_s"]), (f"{Path(table_dir).name}: graph_kernel_s (no in-model "
+                                               "attribution; an upper bound on the gap)")
+    return 0.0, "none measured"
+
+
 class Curve1D:
     """time(x): piecewise-linear on the grid, clamped below, fitted line beyond (flagged); and the
     kernels one call launches at the nearest grid point (it can change with size: split-K GEMMs)."""
@@ -439,7 +463,9 @@ class TableBackend(BackendBase):
         if self.missing:
             self.identity["roofline_fallback_for"] = sorted(f"{op} {key}" for op, key in missing)
         roof_launch = fallback.launch if fallback else RooflineBackend(ops, gpu).launch
-        self.launch = dataclasses.replace(table.launch(roof_launch), times_include_gap=True)
+        gap_s, gap_source = in_model_graph_gap(table.dir)
+        self.launch = dataclasses.replace(table.launch(roof_launch), times_include_gap=True, graph_gap_s=gap_s,
+                                          graph_gap_source=gap_source)
         self.kernels = np.array([table.kernels(op.table_op) for op in ops.ops], dtype=np.int64)
         self.switch_s = float(table.meta.get("launch", {}).get("switch_s", 0.0))
         self._init_shared(table.dir)

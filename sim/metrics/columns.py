@@ -20,6 +20,8 @@ STEP_COLUMNS: dict[str, type] = {
     # the step and the target's verification (seconds), and the KV bytes of the lookahead slots
     "draft_tokens": np.int32, "accepted_tokens": np.int32, "draft_s": np.float64, "verify_s": np.float64,
     "draft_kv_bytes": np.int64,
+    # query rows a captured CUDA graph ran beyond the step's own (padding up to its bucket)
+    "padded_tokens": np.int32,
 }
 # free bytes per tier, derived when rows are written (capacity - used - cached), not kept in the buffer
 FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
@@ -55,6 +57,7 @@ I_LOADED = INT_INDEX["loaded_tokens"]
 I_DRAFT_TOKENS = INT_INDEX["draft_tokens"]
 I_ACCEPTED_TOKENS = INT_INDEX["accepted_tokens"]
 I_DRAFT_KV = INT_INDEX["draft_kv_bytes"]
+I_PADDED_TOKENS = INT_INDEX["padded_tokens"]
 assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_COLUMNS), \
     "every integer column has exactly one I_ constant"
 

@@ -33,6 +33,7 @@ from sim.metrics.columns import (
     I_NUM_SEQS,
     I_NVME_CACHED,
     I_NVME_USED,
+    I_PADDED_TOKENS,
     I_PREFILL_SEQS,
     I_PREFILL_TOKENS,
     I_SYNCS,
@@ -96,7 +97,8 @@ class StepLog:
         self._writer = None
         # summary aggregates over flushed rows
         self.agg = {"rows": 0, "busy_s": 0.0, "active_weighted": 0.0, "frag_weighted": 0.0,
-                    "peak_active": 0, "peak_cached": 0, "peak_dram": 0, "peak_nvme": 0,
+                    "locked_weighted": 0.0, "peak_locked": 0, "peak_active": 0, "peak_cached": 0, "peak_dram": 0,
+                    "peak_nvme": 0,
                     "peak_dram_cached": 0, "peak_nvme_cached": 0,
                     "num_seqs": 0, "tokens": 0, "launches": 0, "syncs": 0}
 
@@ -184,6 +186,8 @@ class StepLog:
             a["busy_s"] += float(dur.sum())
             a["active_weighted"] += float((col["hbm_active_bytes"] * dur).sum())
             a["frag_weighted"] += float((col["frag_tokens"] * dur).sum())
+            a["locked_weighted"] += float((col["hbm_locked_bytes"] * dur).sum())
+            a["peak_locked"] = max(a["peak_locked"], int(col["hbm_locked_bytes"].max()))
             a["peak_active"] = max(a["peak_active"], int(col["hbm_active_bytes"].max()))
             a["peak_cached"] = max(a["peak_cached"], int(col["hbm_cached_bytes"].max()))
             a["peak_dram"] = max(a["peak_dram"], int(col["dram_used_bytes"].max()))
@@ -223,14 +227,15 @@ class StepLog:
 @numba.njit(cache=True, nogil=True)
 def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, durations, allocs, free0, cached0,
                   active0, held0, inflight, nc0, B, n, bs, bpb, dram, nvme, dram_cached, nvme_cached, loading,
-                  launches, syncs):
+                  launches, syncs, pad):
     """Write steps c..upto-1 of a run's segment starting at step ``seg0`` (``B`` decodes and, when
     ``n`` > 0, a prefill chunk of ``n`` tokens per step): times into ``f`` at buffer row ``row0``, end
     times into ``ends_out`` at step index ``g0``, and (when ``ib`` has rows) the KV state at each step's
     start after its allocation (allocations take free blocks first, then evict cached ones; the
     ``*0`` figures are the segment's at ``seg0`` before that step's allocation, ``nc0`` the tokens
     computed by every running request; lower tiers and loading requests do not change during a run),
-    into the integer columns named by ``sim.metrics.columns``. Returns the busy time of those steps."""
+    into the integer columns named by ``sim.metrics.columns``; ``pad`` is the padding of each step (a
+    captured graph's rows beyond the segment's own). Returns the busy time of those steps."""
     cum = 0
     for s in range(seg0, c):
         cum += allocs[s]
@@ -273,4 +278,5 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
         ib[r, I_DRAFT_TOKENS] = 0
         ib[r, I_ACCEPTED_TOKENS] = 0
         ib[r, I_DRAFT_KV] = 0
+        ib[r, I_PADDED_TOKENS] = pad
     return busy

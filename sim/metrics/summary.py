@@ -262,6 +262,8 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
             "hbm_peak_active_bytes": max(a["peak_active"] for a in aggs),
             "hbm_mean_active_bytes": sum(a["active_weighted"] for a in aggs) / w if w > 0 else 0.0,
             "hbm_peak_cached_bytes": max(a["peak_cached"] for a in aggs),
+            "hbm_peak_locked_bytes": max(a["peak_locked"] for a in aggs),
+            "hbm_mean_locked_bytes": sum(a["locked_weighted"] for a in aggs) / w if w > 0 else 0.0,
             "dram_peak_used_bytes": max(a["peak_dram"] for a in aggs),
             "nvme_peak_used_bytes": max(a["peak_nvme"] for a in aggs),
             "fragmentation_tokens_mean": sum(a["frag_weighted"] for a in aggs) / w if w > 0 else 0.0,

@@ -220,8 +220,8 @@ class DecodeRuns:
             if len(step.decode) != len(r.running) or not sched.steady_decode(r.view):
                 return None
             return sched.steady_through_finishes(r.view) and r.kv.finishes_quiet(), None
-        if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running):
-            return None
+        if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running) or r.builder.lanes:
+            return None     # (chunk runs price time-multiplexed steps; lanes step one at a time)
         got = sched.steady_chunk(r.view)
         if got is None:
             return None
@@ -392,14 +392,16 @@ class DecodeRuns:
         B = run.B_seg
         steps = r.steps
         row0 = steps.reserve_block(upto - c)
+        pad = r.builder.cost.padded_batch(B, run.n > 0) - B      # a captured graph's padding rows
         busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, a, run.start, run.ends,
                              run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
                              run.inflight, run.nc0, B, run.n, kv.block_size, kv.hbm.bytes_per_block,
                              run.dram_used, run.nvme_used, run.dram_cached, run.nvme_cached, run.loading,
-                             run.launches, run.syncs)
+                             run.launches, run.syncs, pad)
         steps.commit_block(upto - c, busy)
         m = upto - c
         r.num_launches += int(run.cum_launches[upto]) - int(run.cum_launches[c])
+        r.num_padded_tokens += pad * (upto - c)
         r.num_syncs += int(run.cum_syncs[upto]) - int(run.cum_syncs[c])
         g_first = r.step_id_base + run.g0 + c
         g_last = g_first + m - 1

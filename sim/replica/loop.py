@@ -92,6 +92,7 @@ class Replica:
         self.process = env.process(self._loop())
         # counters
         self.num_launches = 0
+        self.num_padded_tokens = 0     # query rows captured graphs ran beyond the steps' own
         self.num_syncs = 0
         self.fetch_bytes = 0
         self.fetch_wait_s = 0.0
@@ -358,8 +359,9 @@ class Replica:
     def _log_step(self, start, priced, end, step: Step) -> None:
         launches, syncs = priced.launches, priced.syncs
         log_step(self.steps, self.kv, self.running, step, start, priced.duration_s, end, launches, syncs,
-                 len(self.moves.loading), priced.draft_s, priced.verify_s)
+                 len(self.moves.loading), priced.draft_s, priced.verify_s, priced.padded_tokens)
         self.num_launches += launches
+        self.num_padded_tokens += priced.padded_tokens
         self.num_syncs += syncs
         if step.drafts is not None or priced.draft_s:
             self.spec.add_step(step, priced, self.kv.hbm.bytes_per_block // self.kv.block_size)

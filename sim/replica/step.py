@@ -54,15 +54,22 @@ class Priced:
     fetch_bytes: int = 0
     draft_s: float = 0.0      # the drafter's share of the step
     verify_s: float = 0.0     # the target's forward pass of a step that verifies drafts
+    padded_tokens: int = 0    # query rows a captured graph ran beyond the step's own (padding)
 
 
 class StepBuilder:
     """Prices steps and decode runs of one replica."""
 
     def __init__(self, *, cost: StepCostModel, sparsity, sm_share: float,
-                 drafter_cost: Callable[[str], StepCostModel], drafter: Drafter | None = None) -> None:
+                 drafter_cost: Callable[[str], StepCostModel], drafter: Drafter | None = None,
+                 prefill_fraction: float = 0.0) -> None:
         self.cost = cost.for_share(sm_share) if sm_share < 1.0 else cost
         self.sm_share = sm_share
+        # Nexus-style lanes: mixed steps' prefill on prefill_fraction of the model's SMs, decodes on the rest
+        self.lanes = prefill_fraction > 0.0
+        if self.lanes:
+            self.prefill_lane = cost.for_share(sm_share * prefill_fraction)
+            self.decode_lane = cost.for_share(sm_share * (1.0 - prefill_fraction))
         self.sparsity = sparsity
         self.dense = sparsity.is_dense
         self.num_layers = cost.num_layers
@@ -98,7 +105,13 @@ class StepBuilder:
             ctx = np.fromiter((r.num_computed + 1 for r in step.decode), dtype=np.int64, count=nd)
             plan = self.sparsity.plan(ctx) if nd else None
             ctx_sum = int(np.asarray(plan.tokens_read).sum()) if plan is not None else 0
-        duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, 1)
+        if self.lanes and step.prefill and nd:
+            duration, launches, syncs = self.cost.lanes_step(self.prefill_lane, self.decode_lane, pq, pc, nd, ctx_sum,
+                                                             sampled, num_seqs=len(step.prefill) + nd)
+        else:
+            duration, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, 1,
+                                                       num_seqs=len(step.prefill) + nd)
+        padded = self.cost.padded_batch(nd, bool(step.prefill)) - nd
         fetch = self._sparse_extras(plan, nd)
         duration += fetch[0]
         draft = 0.0
@@ -107,7 +120,7 @@ class StepBuilder:
             duration += draft
             launches += lc
             syncs += sc
-        return Priced(duration, launches, syncs, fetch[1], draft, 0.0)
+        return Priced(duration, launches, syncs, fetch[1], draft, 0.0, padded)
 
     def _sparse_extras(self, plan: AttentionPlan | None, nd: int) -> tuple[float, int]:
         """(selection seconds, bytes fetched from host memory) of a sparse attention plan."""
@@ -147,11 +160,13 @@ class StepBuilder:
             ctx = np.fromiter((r.num_computed + q for r, q in zip(step.decode, qs_dec)), dtype=np.int64, count=nd)
             plan = self.sparsity.plan(ctx)
             ctx_sum = int(np.asarray(plan.tokens_read).sum())
-        verify, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, query, rows)
+        verify, launches, syncs = self.cost.step(pq, pc, nd, ctx_sum, sampled, query, rows,
+                                                 num_seqs=len(step.prefill) + nd)
+        padded = (self.cost.padded_batch(nd, bool(step.prefill)) - nd) * query
         extra, fetch = self._sparse_extras(plan, nd)
         verify += extra
         draft, lc, sc = self.drafting.time(step.prefill, step.decode, step.drafts, w)
-        return Priced(verify + draft, launches + lc, syncs + sc, fetch, draft, verify)
+        return Priced(verify + draft, launches + lc, syncs + sc, fetch, draft, verify, padded)
 
     def estimate(self, decode, k: int, width: int = 1) -> float:
         """Seconds of a decode-only step of ``decode`` drafting ``k`` deep in chains of ``width``
@@ -210,8 +225,9 @@ class StepBuilder:
 
 
 def log_step(steps, kv, running, step: Step, start: float, duration: float, end: float, launches: int,
-             syncs: int, loading: int = 0, draft_s: float = 0.0, verify_s: float = 0.0) -> None:
-    """Append one step's row: its batch, and the KV state at its start after its allocations."""
+             syncs: int, loading: int = 0, draft_s: float = 0.0, verify_s: float = 0.0, padded_tokens: int = 0) -> None:
+    """Append one step's row: its batch, and the KV state at its start after its allocations; the
+    rows a captured graph padded it with."""
     hbm = kv.hbm
     bpb = hbm.bytes_per_block
     n_prefill = sum(n for _, n in step.prefill)
@@ -233,7 +249,7 @@ def log_step(steps, kv, running, step: Step, start: float, duration: float, end:
         hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
         dram_used_bytes=dram.num_active * dram.bytes_per_block,
         nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
-        launches=launches, syncs=syncs, preemptions=len(step.preempted),
+        launches=launches, syncs=syncs, preemptions=len(step.preempted), padded_tokens=padded_tokens,
         dram_cached_bytes=dram.num_cached * dram.bytes_per_block,
         nvme_cached_bytes=nvme.num_cached * nvme.bytes_per_block,
         loading_seqs=loading, prefix_hit_tokens=step.prefix_hit_tokens, loaded_tokens=step.loaded_tokens)

@@ -5,7 +5,9 @@ between tiers at the same times (every eviction policy, both residency policies,
 exclusive tiers, a shared store)."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +62,26 @@ def assert_equivalent(cfg_overrides: dict, trace) -> int:
     return b_res.summary["engine"]["decode_runs"]
 
 
+# every execution mode, with the per-step work each adds outside the kernels: capture buckets (padding,
+# eager fallback above the largest), the engine's host work serial and overlapped, the persistent
+# kernel's dispatch, doorbells and reserved SMs
+EXECUTIONS = [
+    {"policies.execution.name": "cuda-graph"},
+    {"policies.execution.name": "host-launched"},
+    {"policies.execution.name": "cuda-graph", "policies.execution.capture_sizes": [1, 2, 4, 8],
+     "policies.execution.host": "reference-h200"},
+    {"policies.execution.name": "cuda-graph", "policies.execution.capture_sizes": "vllm",
+     "policies.execution.host_step_s": 3e-3, "policies.execution.host_per_seq_s": 1e-4,
+     "policies.execution.host_overlap": True},
+    {"policies.execution.name": "host-launched", "policies.execution.host": "reference-h200",
+     "policies.execution.host_overlap": True},
+    {"policies.execution.name": "persistent"},
+    {"policies.execution.name": "persistent", "policies.execution.scheduler_sms": 32,
+     "policies.execution.queue_depth": 2, "policies.execution.poll_interval_s": 1e-5,
+     "policies.execution.host_per_token_s": 2e-4, "policies.execution.host_overlap": True},
+]
+
+
 @settings(max_examples=examples(40), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 def bulk_schedulers() -> list[str]:
@@ -73,7 +95,7 @@ def bulk_schedulers() -> list[str]:
 
 
 @given(trace=traces_(), scheduling=st.sampled_from(bulk_schedulers()),
-       execution=st.sampled_from(["cuda-graph", "host-launched"]),
+       execution=st.sampled_from(EXECUTIONS),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(24, 200),
        replicas=st.integers(1, 2), prefix=st.booleans(), admission=st.sampled_from(["chunk", "prompt"]),
        eviction=st.sampled_from(shipped("eviction")), residency=st.sampled_from(shipped("residency")),
@@ -82,7 +104,7 @@ def bulk_schedulers() -> list[str]:
 def test_decode_runs_equal_single_stepping(trace, scheduling, execution, preemption, blocks, replicas, prefix,
                                            admission, eviction, residency, tiers, mode, load):
     chunked = {"policies.scheduling.admission": admission} if scheduling == "chunked-prefill" else {}
-    assert_equivalent({"policies.scheduling.name": scheduling, "policies.execution.name": execution,
+    assert_equivalent({"policies.scheduling.name": scheduling, **execution,
                        "replica.preemption_mode": preemption, "replica.num_hbm_blocks": blocks,
                        "cluster.num_replicas": replicas, "replica.prefix_caching": prefix, **chunked,
                        "policies.eviction.name": eviction, "policies.residency.name": residency,
@@ -98,3 +120,18 @@ def test_equivalence_on_a_real_trace_slice_with_preemption():
     runs = assert_equivalent({"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 900,
                               "replica.preemption_mode": "swap", "replica.dram_kv_bytes": 2 * 1024**3}, tr)
     assert runs > 50
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS, ids=lambda e: "-".join(str(v) for v in e.values())[:60])
+@pytest.mark.parametrize("scheduling", ["fcfs", "chunked-prefill"])
+def test_equivalence_in_every_execution_mode(execution, scheduling):
+    """Each execution mode on one fixed trace of staggered arrivals (decode runs cut by arrivals,
+    chunked prompts beside decodes, batches that cross capture buckets), FCFS and chunked prefill."""
+    from tests.conftest import make_trace
+
+    rng = np.random.default_rng(7)
+    n = 24
+    tr = make_trace(np.sort(rng.uniform(0, 0.05, n)), rng.integers(16, 700, n), rng.integers(1, 90, n))
+    runs = assert_equivalent({"policies.scheduling.name": scheduling, "replica.num_hbm_blocks": 200, **execution},
+                             tr)
+    assert runs > 0
