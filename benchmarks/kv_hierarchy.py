@@ -13,7 +13,9 @@ token per GPU). The hit rate does not depend on the model or GPU here, only on t
 times are priced by the roofline (they do not enter the figure).
 
 Writes ``benchmarks/results/kv_hierarchy.json`` and ``.csv`` (one row per trace, policy and capacity:
-token-weighted hit rate, request hit fraction, evictions) and ``kv_hierarchy.png``.
+token-weighted hit rate, request hit fraction, evictions) and ``kv_hierarchy.png``. Each finished run is
+appended to ``kv_hierarchy.rows.jsonl`` as it ends; ``--plot-only`` writes the rest from those rows (an
+interrupted sweep keeps what it ran).
 """
 from __future__ import annotations
 
@@ -154,23 +156,33 @@ def main(argv=None) -> int:
     p.add_argument("--capacities", nargs="*", type=int, default=list(CAPACITIES))
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--plot-only", action="store_true",
+                   help="write the JSON, CSV and plot from the rows an earlier (perhaps interrupted) run logged")
     args = p.parse_args(argv)
-    jobs = [(t, pol, c) for t in args.traces for pol in args.policies for c in args.capacities]
-    rows = []
-    with ProcessPoolExecutor(args.jobs) as ex:
-        for row in ex.map(run_one, jobs):
-            rows.append(row)
-            print(f"{row['trace']:13}{row['policy']:11}{row['capacity_blocks']:>8,}  "
-                  f"hit {100 * row['token_hit_rate']:5.1f} %  ({row['cpu_s']:.1f} cpu s)", flush=True)
-    oracle = {(t, c): lru_replay(t, c) for t in args.traces for c in args.capacities}
-    ideals = {t: ideal(t) for t in args.traces}
-    for r in rows:
-        r["lru_replay_hit_rate"] = oracle[(r["trace"], r["capacity_blocks"])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    log = out / "kv_hierarchy.rows.jsonl"       # one line per finished run, so an interrupted sweep keeps them
+    if args.plot_only:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    else:
+        jobs = [(t, pol, c) for t in args.traces for pol in args.policies for c in args.capacities]
+        rows = []
+        log.write_text("")
+        with ProcessPoolExecutor(args.jobs) as ex:
+            for row in ex.map(run_one, jobs):
+                rows.append(row)
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{row['trace']:13}{row['policy']:11}{row['capacity_blocks']:>8,}  "
+                      f"hit {100 * row['token_hit_rate']:5.1f} %  ({row['cpu_s']:.1f} cpu s)", flush=True)
+    names = sorted({r["trace"] for r in rows}, key=list(TRACES).index)
+    oracle = {(t, c): lru_replay(t, c) for t in names for c in sorted({r["capacity_blocks"] for r in rows})}
+    ideals = {t: ideal(t) for t in names}
+    for r in rows:
+        r["lru_replay_hit_rate"] = oracle[(r["trace"], r["capacity_blocks"])]
     (out / "kv_hierarchy.json").write_text(json.dumps({"rows": rows, "unbounded_cache_hit_rate": ideals,
                                                         "mooncake_reported": MOONCAKE_REPORTED,
-                                                        "configs": {t: config(t, "<policy>", 0) for t in args.traces}},
+                                                        "configs": {t: config(t, "<policy>", 0) for t in names}},
                                                        indent=2) + "\n")
     with open(out / "kv_hierarchy.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -494,15 +494,23 @@ class TieredKV:
         self.writes[src, dst] += 1
         return m
 
+    def _retain_sources(self, keys: np.ndarray, tiers: np.ndarray, now: float) -> dict[int, np.ndarray]:
+        """Take the lower-tier copies a load will read, before the HBM blocks it writes are allocated:
+        that allocation's write-backs can cascade down (exclusive tiers move every HBM victim to DRAM,
+        whose own victims move on to NVMe) and must not evict the very copies being loaded."""
+        return {t: np.asarray(self._pools[t].retain_keys(keys[tiers == t], now), dtype=np.int64)
+                for t in (DRAM, NVME, STORE) if (tiers == t).any()}
+
     def _load(self, req_idx: int, positions: np.ndarray, keys: np.ndarray, dst_blocks: np.ndarray,
-              tiers: np.ndarray, now: float, after: list[Move], prefetch: bool) -> None:
-        """Loads of ``keys`` (found in ``tiers``) into the HBM blocks ``dst_blocks``, one per source."""
+              tiers: np.ndarray, srcs: dict[int, np.ndarray], after: list[Move], prefetch: bool) -> None:
+        """Loads of ``keys`` (found in ``tiers``, their copies ``srcs`` retained by
+        :meth:`_retain_sources`) into the HBM blocks ``dst_blocks``, one per source."""
         for t in (DRAM, NVME, STORE):
             sel = tiers == t
             n = int(sel.sum())
             if not n:
                 continue
-            src = np.asarray(self._pools[t].retain_keys(keys[sel], now), dtype=np.int64)
+            src = srcs[t]
             self._pools[t].lock(src)
             self._moves.append(Move("load", t, HBM, LOAD_LINKS[t], n * self.host_bytes_per_block, src,
                                     dst_blocks[sel], keys[sel], positions[sel].astype(np.int32), list(after),
@@ -558,6 +566,7 @@ class TieredKV:
             if self.prefetch_blocks:
                 served[hpos] = self.hbm.prefetched_from(self.hbm.find(keys[hpos]))
             blocks[hpos] = self.hbm.retain_keys(keys[hpos], now, req.idx)
+            srcs = self._retain_sources(keys[lpos], tiers[lpos], now)
             got, waits = self._alloc(HBM, lpos.shape[0], now, req.idx)
             if got is None:
                 raise RuntimeError("admit: no HBM blocks for the lower-tier hits (can_admit was not asked)")
@@ -567,7 +576,7 @@ class TieredKV:
             self.hbm.lock(new)
             self.hbm.set_ready(new, False)
             self._waits[HBM].extend(waits)
-            self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], now, waits, False)
+            self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], srcs, waits, False)
             req.blocks = blocks.tolist()
         if held:
             self.hbm.release(held, now)      # the request holds what was prefetched for it now
@@ -617,9 +626,12 @@ class TieredKV:
         if lpos.shape[0] > self.hbm.num_available - hpos.shape[0]:
             return 0
         shield = self.hbm.retain_keys(keys[hpos], now, hit=False)
+        srcs = self._retain_sources(keys[lpos], tiers[lpos], now)
         got, waits = self._alloc(HBM, lpos.shape[0], now)
         self.hbm.release(shield, now)
         if got is None:
+            for t, src in srcs.items():
+                self._pools[t].release(src.tolist(), now)
             return 0
         new = np.asarray(got, dtype=np.int64)
         self.hbm.register_many(new, keys[lpos], now, lpos)
@@ -627,7 +639,7 @@ class TieredKV:
         self.hbm.set_ready(new, False)
         for t in (DRAM, NVME, STORE):
             self.hbm.tag_prefetched(new[tiers[lpos] == t], t)
-        self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], now, waits, True)
+        self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], srcs, waits, True)
         self._holds.setdefault(req.idx, []).extend(got)
         self.num_held += lpos.shape[0]
         self.prefetch_requests += 1

@@ -334,3 +334,26 @@ def test_speculative_runs_repeat_exactly():
                                        **spec(name="adaptive-k")})
     a, b = Simulation(cfg).run(), Simulation(cfg).run()
     assert a.summary["speculation"] == b.summary["speculation"] and a.summary["e2e_s"] == b.summary["e2e_s"]
+
+
+def test_ngram_drafts_only_on_the_steps_whose_lookup_matches():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    got = {}
+    for rate in (0.0, 0.5, 1.0):
+        p = dict(name="fixed-k", k=3, drafter="ngram", ngram_match_rate=rate, acceptance="iid", alpha=0.5)
+        _, res = run_checked(small_config(**base, **spec(**p)), _decode_trace(out=400))
+        st = res.steps
+        dec = st[(st["decode_seqs"] > 0) & (st["prefill_seqs"] == 0)]
+        got[rate] = float((dec["draft_tokens"] / (3 * dec["decode_seqs"])).mean())     # share of decodes drafting
+    assert got[0.0] == 0.0 and got[1.0] > 0.95          # (a request's last steps draft fewer than k)
+    assert 0.4 * got[1.0] < got[0.5] < 0.6 * got[1.0], got
+
+
+def test_medusa_drafts_every_depth_in_one_pass_of_its_heads():
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    draft = {}
+    for k in (1, 4):
+        p = dict(name="fixed-k", k=k, drafter="medusa", medusa_heads=4, acceptance="iid", alpha=0.0)
+        _, res = run_checked(small_config(**base, **spec(**p)), _decode_trace())
+        draft[k] = _mean_verify_step(res)[1]
+    assert draft[1] > 0 and math.isclose(draft[1], draft[4], rel_tol=1e-9), draft
