@@ -28,6 +28,21 @@ from sim.replica.drafting import Drafting
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
 
+def _prefill_chunks(prefill: list) -> tuple[np.ndarray, np.ndarray, int]:
+    """A step's prompt chunks as (new tokens, cached tokens) arrays, and how many of them finish their
+    prompt (each samples a first token)."""
+    if not prefill:
+        return _NO_CHUNKS, _NO_CHUNKS, 0
+    qs, cs = [], []
+    finishing = 0
+    for r, n in prefill:
+        qs.append(n)
+        cs.append(r.num_computed)
+        if r.num_computed + n == r.prompt_tokens + r.num_generated:
+            finishing += 1
+    return np.array(qs, dtype=np.int64), np.array(cs, dtype=np.int64), finishing
+
+
 @dataclass(slots=True)
 class Step:
     """An applied plan: what runs in the step about to start."""
@@ -87,17 +102,8 @@ class StepBuilder:
         if drafts is not None and nd and max(drafts):
             return self._price_verify(step)
         sampled = nd
-        if step.prefill:
-            qs, cs = [], []
-            for r, n in step.prefill:
-                qs.append(n)
-                cs.append(r.num_computed)
-                if r.num_computed + n == r.prompt_tokens + r.num_generated:
-                    sampled += 1
-            pq = np.array(qs, dtype=np.int64)
-            pc = np.array(cs, dtype=np.int64)
-        else:
-            pq = pc = _NO_CHUNKS
+        pq, pc, finishing = _prefill_chunks(step.prefill)
+        sampled += finishing
         plan: AttentionPlan | None = None
         if self.dense:
             ctx_sum = sum(r.num_computed for r in step.decode) + nd
@@ -142,17 +148,8 @@ class StepBuilder:
         rows = sum(qs_dec)
         query = max(qs_dec)
         sampled = rows
-        if step.prefill:
-            qs, cs = [], []
-            for r, n in step.prefill:
-                qs.append(n)
-                cs.append(r.num_computed)
-                if r.num_computed + n == r.prompt_tokens + r.num_generated:
-                    sampled += 1
-            pq = np.array(qs, dtype=np.int64)
-            pc = np.array(cs, dtype=np.int64)
-        else:
-            pq = pc = _NO_CHUNKS
+        pq, pc, finishing = _prefill_chunks(step.prefill)
+        sampled += finishing
         plan: AttentionPlan | None = None
         if self.dense:
             ctx_sum = sum(r.num_computed for r in step.decode) + rows
