@@ -3,6 +3,7 @@ traces, beside a separate LRU replay of the same hashes (no engine) and Belady's
 
     python benchmarks/kv_hierarchy.py                    # both traces, every shipped policy
     python benchmarks/kv_hierarchy.py --traces conversation --policies lru belady --capacities 1000 20000
+    python benchmarks/kv_hierarchy.py --resume           # run only the points the rows log lacks
 
 Requests are admitted in arrival order and one at a time (``max_num_seqs = 1``, a token budget as large
 as the context, no watermark): the condition under which the engine's LRU must equal the replay (the
@@ -125,13 +126,15 @@ def plot(rows: list[dict], oracle: dict, ideals: dict, path: Path) -> None:
 
     names = sorted({r["trace"] for r in rows}, key=list(TRACES).index)
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.4), squeeze=False)
-    styles = {"belady": dict(color="black", lw=2.2), "lru": dict(color="tab:blue", lw=2.0)}
+    colours = {"lru": "tab:blue", "lfu": "tab:olive", "fifo": "tab:orange", "arc": "tab:green", "2q": "tab:red",
+               "ttl": "tab:purple", "cost-aware": "tab:brown", "belady": "black"}
+    styles = {p: dict(color=c, lw=2.2 if p in ("belady", "lru") else 1.1) for p, c in colours.items()}
     for ax, name in zip(axes[0], names):
         for policy in [p for p in POLICIES if any(r["policy"] == p and r["trace"] == name for r in rows)]:
             pts = sorted((r["capacity_blocks"], r["token_hit_rate"]) for r in rows
                          if r["trace"] == name and r["policy"] == policy)
             ax.plot([c for c, _ in pts], [100 * h for _, h in pts], marker="o", ms=3.5, label=policy,
-                    **styles.get(policy, dict(lw=1.1)))
+                    **styles.get(policy, dict(lw=1.1, color="tab:gray")))
         pts = sorted((c, h) for (t, c), h in oracle.items() if t == name)
         ax.plot([c for c, _ in pts], [100 * h for _, h in pts], ls="none", marker="x", ms=9, color="tab:red",
                 label="LRU replay (oracle, no engine)")
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--capacities", nargs="*", type=int, default=list(CAPACITIES))
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an earlier run logged and run only the (trace, policy, capacity) points missing")
     p.add_argument("--plot-only", action="store_true",
                    help="write the JSON, CSV and plot from the rows an earlier (perhaps interrupted) run logged")
     args = p.parse_args(argv)
@@ -167,7 +172,13 @@ def main(argv=None) -> int:
     else:
         jobs = [(t, pol, c) for t in args.traces for pol in args.policies for c in args.capacities]
         rows = []
-        log.write_text("")
+        if args.resume and log.exists():
+            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            done = {(r["trace"], r["policy"], r["capacity_blocks"]) for r in rows}
+            jobs = [j for j in jobs if j not in done]
+            print(f"resuming: {len(rows)} rows logged, {len(jobs)} points to run", flush=True)
+        else:
+            log.write_text("")
         with ProcessPoolExecutor(args.jobs) as ex:
             for row in ex.map(run_one, jobs):
                 rows.append(row)
