@@ -162,16 +162,18 @@ def test_unsupported_combinations_are_config_errors_naming_the_key():
     with pytest.raises(ConfigError, match="replica.prefill_sm_fraction"):
         small_config(**{"replica.lanes": "decoupled", "replica.lanes_partition": "adaptive",
                         "replica.prefill_sm_fraction": 0.5})
+    from policies.registry import registered
     from sim.engine import Simulation
+    from tests.unit.test_policy_hooks import _Observing, _Window
 
     tr = make_trace([0.0], [10], [2])
-    for key, name in (("policies.speculation.name", "fixed-k"), ("policies.sparsity.name", "quest")):
-        try:
+    with registered(("sparsity", "test-nexus-window", _Window), ("scheduling", "test-nexus-sched", _Observing)):
+        for key, name in (("policies.speculation.name", "fixed-k"), ("policies.sparsity.name", "test-nexus-window"),
+                          ("policies.scheduling.name", "test-nexus-sched")):
             cfg = small_config(**DECOUPLED, **{key: name})
-        except ConfigError:
-            continue
-        with pytest.raises(ConfigError, match=key):
-            Simulation(cfg, trace=tr)
+            with pytest.raises(ConfigError, match=key):
+                Simulation(cfg, trace=tr)
+        Simulation(small_config(**DECOUPLED), trace=tr)     # the supported combination builds
 
 
 def test_lockstep_configs_keep_their_hash():
