@@ -397,5 +397,5 @@ class DecoupledLanes:
         return {"prefill_steps": p.steps, "decode_steps": d.steps,
                 "prefill_share_mean": p.share_sum / p.steps if p.steps else 0.0,
                 "decode_share_mean": d.share_sum / d.steps if d.steps else 0.0,
-                "prefill_hbm_stretch_s": self.hbm.stretch_s[PREFILL],
-                "decode_hbm_stretch_s": self.hbm.stretch_s[DECODE]}
+                "prefill_hbm_stretch_s": float(self.hbm.stretch_s[PREFILL]),
+                "decode_hbm_stretch_s": float(self.hbm.stretch_s[DECODE])}
