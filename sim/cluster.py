@@ -117,6 +117,9 @@ class Cluster:
                                      block_size=rc.block_size_tokens, bytes_per_block=sim.host_bytes_per_block,
                                      eviction=sim.build_policy("eviction", -1, tier=3))
         futures = self._futures(sim) if sim.eviction_needs_future else None
+        decoupled = rc.lanes == "decoupled"
+        lanes = (dict(mode=rc.lanes_partition, fraction=rc.prefill_sm_fraction, itl_slo_s=rc.lanes_itl_slo_s)
+                 if decoupled else None)
         for i in range(cfg.cluster.num_replicas):
             policies = {kind: sim.build_policy(kind, i) for kind in registry.KINDS if kind != "routing"}
             lower = {t: sim.build_policy("eviction", i, tier=k) for k, t in ((1, "dram"), (2, "nvme"))}
@@ -132,7 +135,7 @@ class Cluster:
             share = gpu.sm_share
             cost = sim.cost_model(sim.model.name, policies["execution"])
             builder = StepBuilder(cost=cost, sparsity=policies["sparsity"], sm_share=share,
-                                  prefill_fraction=rc.prefill_sm_fraction,
+                                  prefill_fraction=0.0 if decoupled else rc.prefill_sm_fraction,
                                   drafter_cost=lambda name, ex=policies["execution"]: sim.cost_model(name, ex),
                                   drafter=policies["speculation"].drafter())
             pcie = PCIeLink(env, f"replica{i}.pcie", h2d_bw, d2h_bw, lat, lanes=rc.tensor_parallel_size)
@@ -152,7 +155,7 @@ class Cluster:
                               preemption_mode=rc.preemption_mode, max_model_len=sim.max_model_len,
                               requests=self.requests, step_log=step_log, token_log=self.tokens,
                               rng=np.random.default_rng([cfg.seed, i]), bulk_decode=rc.bulk_decode,
-                              guarded=guarded)
+                              guarded=guarded, lanes=lanes)
             replica.gpu = gpu
             self.replicas.append(replica)
             self.pools[0].replicas.append(replica)

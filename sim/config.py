@@ -193,11 +193,37 @@ class ReplicaConfig:
     prefill_sm_fraction: float = 0.0        # > 0: a mixed step's prefill runs on this share of the SMs
                                             # while its decodes run on the rest, concurrently (Nexus-style
                                             # lanes); 0: one stream, the phases time-multiplexed
+    # how the lanes run: "lockstep" (each mixed step's two lanes end together: StepCostModel.lanes_step)
+    # or "decoupled" (Nexus-style, Shi et al. arXiv 2507.06608: a prefill lane and a decode lane, two
+    # independent step streams over one KV pool, sharing HBM bandwidth: sim.replica.lanes)
+    lanes: str = "lockstep"
+    lanes_partition: str = "static"         # decoupled lanes' SM split: "static" (prefill_sm_fraction) or
+                                            # "adaptive" (chosen per prefill step from the decode batch)
+    lanes_itl_slo_s: float = 0.05           # adaptive: the decode step time the decode lane's share must
+                                            # meet (a 50 ms TBT SLO: our choice; set your own SLO)
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.prefill_sm_fraction) and 0.0 <= self.prefill_sm_fraction < 1.0,
                "replica.prefill_sm_fraction",
                f"must be in [0, 1): the prefill lane's share of the SMs, 0 for none (got {self.prefill_sm_fraction})")
+        _check(self.lanes in ("lockstep", "decoupled"), "replica.lanes",
+               f"must be 'lockstep' or 'decoupled' (got {self.lanes!r})")
+        _check(self.lanes_partition in ("static", "adaptive"), "replica.lanes_partition",
+               f"must be 'static' or 'adaptive' (got {self.lanes_partition!r})")
+        _check(self.lanes_partition == "static" or self.lanes == "decoupled", "replica.lanes_partition",
+               "'adaptive' partitions decoupled lanes: set replica.lanes = 'decoupled'")
+        _check(math.isfinite(self.lanes_itl_slo_s) and self.lanes_itl_slo_s > 0, "replica.lanes_itl_slo_s",
+               f"must be a positive number of seconds (got {self.lanes_itl_slo_s})")
+        if self.lanes == "decoupled":
+            if self.lanes_partition == "static":
+                _check(self.prefill_sm_fraction > 0.0, "replica.prefill_sm_fraction",
+                       "decoupled lanes with a static partition need the prefill lane's share of the SMs, in "
+                       "(0, 1) (or set replica.lanes_partition = 'adaptive')")
+            else:
+                _check(self.prefill_sm_fraction == 0.0, "replica.prefill_sm_fraction",
+                       "is chosen per prefill step by replica.lanes_partition = 'adaptive': leave it 0")
+            _check(self.preemption_mode == "recompute", "replica.preemption_mode",
+                   "decoupled lanes support 'recompute' only (a swap-out would race the other lane's step)")
         _check(1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE, "replica.tensor_parallel_size",
                f"must be in [1, {MAX_TENSOR_PARALLEL_SIZE}] (got {self.tensor_parallel_size})")
         _check(self.block_size_tokens >= 1, "replica.block_size_tokens",
@@ -298,6 +324,9 @@ class OutputConfig:
     dir: str = "tiersim-results"    # results directory of tiersim run (--out); never overwritten without --force
 
 
+_LANES_KEYS = ("lanes", "lanes_partition", "lanes_itl_slo_s")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
     seed: int = 0                    # seeds every policy's random generator and synthetic traces
@@ -325,6 +354,10 @@ class SimConfig:
                 out["policies"] = {k: getattr(section, k).to_dict() for k in POLICY_KINDS}
             else:
                 out[f.name] = dataclasses.asdict(section)
+        if self.replica.lanes == "lockstep":
+            # the decoupled-lanes keys only when used: configs without them keep their hash and TOML
+            for k in _LANES_KEYS:
+                out["replica"].pop(k)
         return out
 
     def canonical_json(self) -> str:

@@ -84,6 +84,8 @@ class Simulation:
             registry.load_plugin(plugin)
         probes = {kind: self.build_policy(kind, -1) for kind in registry.KINDS}
         self.eviction_needs_future = registry.lookup("eviction", config.policies.eviction.name).needs_future
+        if rc.lanes == "decoupled":
+            self._check_decoupled(probes)
         # ---- the speculation policy's drafter: priced on this GPU, its weights and KV in this HBM
         self.drafter = probes["speculation"].drafter()
         self.speculating = not probes["speculation"].emits_one_token
@@ -130,6 +132,27 @@ class Simulation:
         self._ran = False
 
     # ------------------------------------------------------------------ building
+    def _lanes_summary(self) -> dict:
+        """``summary["lanes"]``: the decoupled lanes' partition and HBM sharing, per replica."""
+        rc = self.config.replica
+        reps = self.replicas
+        return {"mode": "decoupled", "partition": rc.lanes_partition, "prefill_sm_fraction": rc.prefill_sm_fraction,
+                "itl_slo_s": rc.lanes_itl_slo_s, "hbm_peak_bytes_per_s": reps[0].lanes.hbm.peak,
+                "replicas": [r.lanes.summary() for r in reps]}
+
+    def _check_decoupled(self, probes: dict) -> None:
+        """What decoupled lanes (``replica.lanes = "decoupled"``, ``sim.replica.lanes``) run with."""
+        pc = self.config.policies
+        if pc.scheduling.name not in ("chunked-prefill", "fcfs"):
+            raise ConfigError(f"policies.scheduling.name={pc.scheduling.name!r}: decoupled lanes "
+                              "(replica.lanes = 'decoupled') run with 'chunked-prefill' or 'fcfs'")
+        if not probes["speculation"].emits_one_token or probes["speculation"].drafter().kind != "none":
+            raise ConfigError(f"policies.speculation.name={pc.speculation.name!r}: decoupled lanes "
+                              "(replica.lanes = 'decoupled') do not model speculative decoding; use 'none'")
+        if not probes["sparsity"].is_dense:
+            raise ConfigError(f"policies.sparsity.name={pc.sparsity.name!r}: decoupled lanes "
+                              "(replica.lanes = 'decoupled') price dense attention only; use 'dense'")
+
     def build_policy(self, kind: str, replica: int, tier: int = 0):
         """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide);
         ``tier`` > 0: an eviction policy for a lower KV tier (1 DRAM, 2 NVMe, 3 the shared store)."""
@@ -384,6 +407,8 @@ class Simulation:
                              speculation=self._speculation_summary() if self.speculating else None,
                              slo_itl_s=mc.slo_itl_s, slo_itl_stat=mc.slo_itl_stat)
         res.summary["execution"] = self._execution_summary(engine)
+        if self.config.replica.lanes == "decoupled":
+            res.summary["lanes"] = self._lanes_summary()
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

@@ -143,7 +143,9 @@ class ShareCurves:
     ``mem_sms``/``mem_frac``: bandwidth with that many SMs over the bandwidth with all of them (one
     block per SM; non-decreasing). ``compute_exponent``: compute rate ∝ (SMs used)^exponent (1 =
     linear). ``floor_s``: per-kernel time that does not depend on the SMs (launch, ramp, tail).
-    ``source`` says where the curves were measured.
+    ``source`` says where the curves were measured. ``peak_bytes_per_s``: the full-chip bandwidth that
+    sweep measured (all SMs, one block each), the most any set of concurrent kernels can draw; 0 when
+    not measured (then the GPU spec's, :meth:`BackendBase.hbm_peak_bytes_per_s`).
     """
 
     sm_count: int
@@ -152,6 +154,7 @@ class ShareCurves:
     compute_exponent: float = 1.0
     floor_s: float = 2.0e-6
     source: str = "assumed"
+    peak_bytes_per_s: float = 0.0
 
     def compute(self, f: float) -> float:
         """Fraction of the full compute rate with ``f`` of the SMs."""
@@ -204,7 +207,8 @@ class ShareCurves:
             if len(k):
                 floor = float(k["median_s"].median())
         return cls(sm_count, tuple(sms.tolist()), tuple(frac.tolist()), exponent, floor,
-                   f"{Path(table_dir).name}/raw: hbm_stream blocks sweep, sm_fma per-SM, launch gpu_per_kernel")
+                   f"{Path(table_dir).name}/raw: hbm_stream blocks sweep, sm_fma per-SM, launch gpu_per_kernel",
+                   full)
 
 
 def share_factor(flops: np.ndarray, nbytes: np.ndarray, gpu: GPUSpec, curves: ShareCurves,
@@ -319,6 +323,12 @@ class BackendBase:
             self._selection = SelectionModel(_read_raw(self._table_dir, "topk"), self.gpu)
         return self._selection
 
+    @property
+    def hbm_peak_bytes_per_s(self) -> float:
+        """The most HBM bandwidth the GPU's kernels can draw together: the blocks sweep's full-chip
+        figure where measured, else the GPU spec's (decoupled lanes share it: ``sim.replica.lanes``)."""
+        return self.share_curves.peak_bytes_per_s or self.gpu.hbm_bandwidth_bytes_per_s
+
     # -- SM share
     def for_share(self, sm_fraction: float) -> CostBackend:
         f = float(sm_fraction)
@@ -379,6 +389,10 @@ class SharedBackend:
     @property
     def extrapolations(self) -> dict[str, int]:
         return self.base.extrapolations
+
+    @property
+    def hbm_peak_bytes_per_s(self) -> float:
+        return self.base.hbm_peak_bytes_per_s
 
     def fixed_times(self, tokens: int, sampled: int) -> np.ndarray:
         key = (tokens, sampled)

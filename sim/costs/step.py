@@ -169,6 +169,14 @@ class StepCostModel:
             d = self._overhead(d, num_seqs, ptok + nd, seq, self.launch)
         return d, lp + ld, sp if sp > sd else sd
 
+    def step_bytes(self, prefill_q: np.ndarray, prefill_c: np.ndarray, num_decode: int, decode_ctx_sum: int,
+                   num_sampled: int) -> float:
+        """HBM bytes one step's kernels move (weights, activations, KV: the op list's byte counts, each
+        op times its instances per step), the traffic two concurrent lanes contend for."""
+        shape = StepShape(prefill_q=prefill_q, prefill_c=prefill_c, num_decode=num_decode,
+                          decode_ctx_sum=decode_ctx_sum, num_sampled=num_sampled)
+        return float(np.dot(self.backend.flops_bytes(shape)[1], self._repeat))
+
     def decode_run(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Durations of consecutive decode-only engine steps of ``batch`` sequences whose attended
         context totals are ``ctx_sums`` (one per step); plus launches and syncs per step."""

@@ -22,6 +22,9 @@ STEP_COLUMNS: dict[str, type] = {
     "draft_kv_bytes": np.int64,
     # query rows a captured CUDA graph ran beyond the step's own (padding up to its bucket)
     "padded_tokens": np.int32,
+    # decoupled prefill/decode lanes (replica.lanes = "decoupled"): which lane ran the step (0: the one
+    # stream, 1: prefill lane, 2: decode lane) and the share of the GPU's SMs it ran on (0: not a lane's)
+    "lane": np.int32, "sm_share": np.float64,
 }
 # free bytes per tier, derived when rows are written (capacity - used - cached), not kept in the buffer
 FREE_COLUMNS = ("hbm_free_bytes", "dram_free_bytes", "nvme_free_bytes")
@@ -58,6 +61,7 @@ I_DRAFT_TOKENS = INT_INDEX["draft_tokens"]
 I_ACCEPTED_TOKENS = INT_INDEX["accepted_tokens"]
 I_DRAFT_KV = INT_INDEX["draft_kv_bytes"]
 I_PADDED_TOKENS = INT_INDEX["padded_tokens"]
+I_LANE = INT_INDEX["lane"]
 assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_COLUMNS), \
     "every integer column has exactly one I_ constant"
 

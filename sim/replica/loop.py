@@ -32,6 +32,7 @@ from sim.memory.tiers import TieredKV
 from sim.memory.transfers import Transfers
 from sim.metrics import REASON_CODE, RequestLog, StepLog, TokenLog
 from sim.replica.decode_run import DecodeRuns
+from sim.replica.lanes import DecoupledLanes
 from sim.replica.preemption import Preemption
 from sim.replica.prefetch import KVMoves
 from sim.replica.step import Step, StepBuilder, log_step
@@ -47,7 +48,7 @@ class Replica:
     def __init__(self, *, env: simpy.Environment, replica_id: int, kv: TieredKV, builder: StepBuilder,
                  transfers: Transfers, policies: dict, preemption_mode: str, max_model_len: int,
                  requests: RequestLog, step_log: StepLog, token_log: TokenLog, rng: np.random.Generator,
-                 bulk_decode: bool, guarded: bool = False) -> None:
+                 bulk_decode: bool, guarded: bool = False, lanes: dict | None = None) -> None:
         self.env = env
         self.replica_id = replica_id
         self.kv = kv
@@ -80,7 +81,7 @@ class Replica:
         kv.attach(residency=policies["residency"], view=self.preemption.view, links=transfers.links,
                   prefill_s=builder.prefill_s)
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
-                               and policies["sparsity"].steady())
+                               and policies["sparsity"].steady() and lanes is None)
         self.observers = [p for p in policies.values() if p.observes()]
         self.watches_arrivals = any(p.watches_arrivals for p in policies.values())
         self._evicted_seen = 0
@@ -89,7 +90,9 @@ class Replica:
         self.next_arrival_s = lambda: math.inf   # the cluster sets this: when the next request arrives
         self.feed = None            # the cluster's ArrivalFeed when this replica pulls its own arrivals
         self.check_invariants = False   # tests turn this on: O(blocks) checks after every step
-        self.process = env.process(self._loop())
+        # decoupled prefill/decode lanes (sim.replica.lanes): two step processes instead of the one loop
+        self.lanes = None if lanes is None else DecoupledLanes(self, **lanes)
+        self.process = env.process(self._loop()) if lanes is None else None
         # counters
         self.num_launches = 0
         self.num_padded_tokens = 0     # query rows captured graphs ran beyond the steps' own
@@ -128,7 +131,9 @@ class Replica:
     def notify(self) -> None:
         """Something changed (arrival, transfer done): wake an idle replica, or cut a decode run short
         (unless the run already ends with the step in progress)."""
-        if self._wake is not None and not self._wake.triggered:
+        if self.lanes is not None:
+            self.lanes.notify()
+        elif self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
         else:
             self.runs.interrupt()
@@ -154,13 +159,13 @@ class Replica:
             self.kv.at(now)
             self.moves.prefetch(now)
             plan = self.view.unwrap_plan(self.scheduler.schedule(self.view, now))
-            step = self._apply(plan, now)
+            step = self.apply(plan, now)
             if not (step.prefill or step.decode):
                 if self.num_swapping_in or self.num_swapping_out or self.moves.loading or self.moves.in_flight:
                     yield from self._wait()
                     continue
                 if plan.is_empty() or not (plan.prefill or plan.decode):
-                    self._unblock(now)
+                    self.unblock(now)
                 continue
             how = self.runs.plan_for(step)
             if how is not None:
@@ -193,7 +198,7 @@ class Replica:
         t = self.t_end
         return t if abs(now - t) <= 4.0 * math.ulp(t) else now
 
-    def _unblock(self, now: float) -> None:
+    def unblock(self, now: float) -> None:
         """The scheduler planned nothing although work is queued and nothing is in flight: if the
         head of the queue can never run, reject it rather than wait forever."""
         if self.running:
@@ -207,7 +212,7 @@ class Replica:
             self._reject(req, "could not be scheduled", now)
 
     # ================================================================== applying a plan
-    def _apply(self, plan: StepPlan, now: float) -> Step:
+    def apply(self, plan: StepPlan, now: float) -> Step:
         kv = self.kv
         preempted = []
         for req in plan.preempt:
@@ -343,7 +348,7 @@ class Replica:
             self._log_step(start, priced, end, step)
             yield env.timeout(exact_delay(env.now, end))
         self.t_end = end
-        accepted, finished = self._commit(step, self.step_id_base + self.steps.n - 1, end)
+        accepted, finished = self.commit(step, self.step_id_base + self.steps.n - 1, end)
         if self.observers:
             self.observe(StepOutcome(self.replica_id, start, end, 1, finished, accepted, step.prefix_hit_tokens,
                                      0, step.preempted))
@@ -366,7 +371,7 @@ class Replica:
         if step.drafts is not None or priced.draft_s:
             self.spec.add_step(step, priced, self.kv.hbm.bytes_per_block // self.kv.block_size)
 
-    def _commit(self, step: Step, step_id: int, end: float) -> tuple[list, list]:
+    def commit(self, step: Step, step_id: int, end: float) -> tuple[list, list]:
         kv = self.kv
         finished = []
         accepted = []
@@ -426,8 +431,9 @@ class Replica:
             log.seg_cnt[req.idx] = len(req.seg_start)
         self.moves.start_pending()          # copies of the released prompt blocks (write-through)
 
-    def check(self) -> None:
-        """Assert the replica's invariants (see the module docstring and ``TieredKV``)."""
+    def check(self, ahead: dict | None = None) -> None:
+        """Assert the replica's invariants (see the module docstring and ``TieredKV``); ``ahead``: tokens
+        whose blocks a decoupled lane's step in flight holds before it has computed them, by request."""
         self.kv.check()
         bs = self.kv.block_size
         seen = set()
@@ -438,7 +444,8 @@ class Replica:
                 seen.add(id(r))
                 assert 0 <= r.num_generated < r.output_tokens or r.state != RUNNING
         for r in self.running:
-            assert len(r.blocks) == -(-r.num_computed // bs), \
+            n = r.num_computed + (ahead.get(id(r), 0) if ahead else 0)
+            assert len(r.blocks) == -(-n // bs), \
                 f"request {r.req_id}: {len(r.blocks)} blocks for {r.num_computed} computed tokens"
             assert 0 <= r.num_computed <= r.num_tokens
             assert 0 <= r.num_draft_computed <= r.num_computed or not self.drafting.keeps_kv, \

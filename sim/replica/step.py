@@ -79,6 +79,7 @@ class StepBuilder:
                  drafter_cost: Callable[[str], StepCostModel], drafter: Drafter | None = None,
                  prefill_fraction: float = 0.0) -> None:
         self.cost = cost.for_share(sm_share) if sm_share < 1.0 else cost
+        self._whole = cost
         self.sm_share = sm_share
         # Nexus-style lanes: mixed steps' prefill on prefill_fraction of the model's SMs, decodes on the rest
         self.lanes = prefill_fraction > 0.0
@@ -127,6 +128,23 @@ class StepBuilder:
             launches += lc
             syncs += sc
         return Priced(duration, launches, syncs, fetch[1], draft, 0.0, padded)
+
+    def lane_cost(self, fraction: float) -> StepCostModel:
+        """The cost model on ``fraction`` of this replica's SMs (a decoupled lane's share)."""
+        return self._whole.for_share(self.sm_share * fraction) if fraction < 1.0 else self.cost
+
+    def price_lane(self, step: Step, fraction: float) -> tuple[Priced, float]:
+        """A decoupled lane's step (only prefill chunks, or only decodes; dense attention, no drafts) on
+        ``fraction`` of this replica's SMs, on its own: its price, with the lane's own per-step host
+        work, and the HBM bytes its kernels move (``sim.replica.lanes``)."""
+        cost = self.lane_cost(fraction)
+        nd = len(step.decode)
+        pq, pc, finishing = _prefill_chunks(step.prefill)
+        ctx_sum = sum(r.num_computed for r in step.decode) + nd
+        d, launches, syncs = cost.step(pq, pc, nd, ctx_sum, nd + finishing, 1, num_seqs=len(step.prefill) + nd)
+        padded = cost.padded_batch(nd, bool(step.prefill))
+        nbytes = cost.step_bytes(pq, pc, padded, ctx_sum, padded + finishing)
+        return Priced(d, launches, syncs, 0, 0.0, 0.0, padded - nd), nbytes
 
     def _sparse_extras(self, plan: AttentionPlan | None, nd: int) -> tuple[float, int]:
         """(selection seconds, bytes fetched from host memory) of a sparse attention plan."""

@@ -117,6 +117,36 @@ class SchedulerViewImpl:
         return self._g.wrap(req) if self._g.enabled else req
 
 
+class LaneView(SchedulerViewImpl):
+    """A decoupled lane's view of its replica (``sim.replica.lanes``): ``running`` shows only the
+    requests of the lane's phase that the other lane's step in flight does not hold; the decode lane
+    sees no waiting or swapped requests (it admits nothing); ``num_swapping_in`` adds the other lane's
+    running requests, so ``max_num_seqs`` still counts every sequence of the replica."""
+
+    __slots__ = ("_lanes", "_lane")
+
+    def __init__(self, replica: Replica, lanes, lane: int, guarded: bool = False) -> None:
+        super().__init__(replica, guarded)
+        self._lanes = lanes
+        self._lane = lane
+
+    @property
+    def waiting(self):
+        return self._g.seq(self._r.waiting) if self._lane == 0 else ()
+
+    @property
+    def running(self):
+        return self._g.seq(self._lanes.requests(self._lane))
+
+    @property
+    def swapped(self):
+        return self._g.seq(self._r.swapped) if self._lane == 0 else ()
+
+    @property
+    def num_swapping_in(self) -> int:
+        return self._r.num_swapping_in + len(self._r.moves.loading) + self._lanes.others(self._lane)
+
+
 class RouterView:
     """What routers see of a replica (``policies.base.ReplicaView``); brings itself up to date."""
 
