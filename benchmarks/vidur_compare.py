@@ -8,6 +8,8 @@ predictors for ~25 min on 2 cores and caches them in $VIDUR_CACHE, later runs st
     python benchmarks/vidur_compare.py --qps 0.6                # sarathi; Vidur's vllm fails here (below)
     python benchmarks/vidur_compare.py --qps 0.5 --skip-vidur   # reuse the saved Vidur outputs
     python benchmarks/vidur_compare.py --qps 0.6 --schedulers sarathi --tiersim-only   # tiersim's side only
+    python benchmarks/vidur_compare.py --qps 0.6 --schedulers sarathi --variants vidur-predictions --alternate 3
+                                                                # + 3 alternated whole-process rounds
 
 Needs ``VIDUR_PEER_DIR`` (default ``/work/shared/peers/vidur``): ``run.sh`` and ``run_vidur_offline.py``,
 which run PyPI ``vidur==0.0.26`` offline, and ``data/``, Vidur's profiling CSVs (MIT). The only
@@ -432,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="where both simulators' outputs go (kept for --skip-vidur)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON")
     p.add_argument("--repeats", type=int, default=1, help="tiersim runs per case; the fastest is reported")
+    p.add_argument("--alternate", type=int, default=0, metavar="N",
+                   help="after the paired runs, N more rounds per scheduler of one Vidur and one tiersim "
+                        "process (the first table variant), alternating which goes first; the whole-process "
+                        "ratio of each round and their median are reported")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"tiersim cost tables: {', '.join(VARIANTS)}")
     p.add_argument("--vidur-training-log", default=None,
                    help="log of the run that trained Vidur's predictors (its VIDUR_SUMMARY is reported)")
@@ -530,6 +536,20 @@ def main(argv: list[str] | None = None) -> int:
         result["pairs"].append(pair)
         print_pair(pair, args.qps)
 
+    if args.alternate and not (args.tiersim_only or args.skip_vidur):
+        name, (table, fallback) = next(iter(tables.items()))
+        for pair in result["pairs"]:
+            sched = pair["vidur_scheduler"]
+            if pair["vidur"].get("failed"):
+                continue
+            pair["alternated"] = alternate(sched, args.alternate, name, table, fallback, trace, work, qtag,
+                                           trace_file, args.qps, venv, cache, cpu)
+            a = pair["alternated"]
+            print(f"alternated ({sched} / {SCHEDULERS[sched]}, {name}, {args.alternate} rounds): whole-process "
+                  f"ratio median {a['ratio_process_median']:.2f}x (range {a['ratio_process_min']:.2f}-"
+                  f"{a['ratio_process_max']:.2f}); Vidur {a['vidur_process_s_median']:.1f} s, tiersim "
+                  f"{a['tiersim_process_s_median']:.1f} s", flush=True)
+
     try:
         result["step_check"] = step_check(cache, tables)
     except Exception as exc:  # the check is a diagnostic; a cache it cannot read should not lose the run
@@ -543,6 +563,47 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"results: {path}")
     return 0
+
+
+def alternate(sched: str, rounds: int, name: str, table: str, fallback: str, trace: dict, work: Path, qtag: str,
+              trace_file: Path, qps: float, venv: Path, cache: Path, cpu: int) -> dict:
+    """``rounds`` rounds of one Vidur process and one tiersim process on the same core, the order
+    alternating from round to round (Vidur first in even rounds), so that drift in the machine's speed
+    (other jobs, thermal) falls on both alike. Whole process: Vidur's ``t_total_s`` (its shim's clock
+    from its first line of Python) against tiersim's ``wall_process_s`` (likewise)."""
+    import statistics
+
+    out = work / f"tiersim-{SCHEDULERS[sched]}-{name}-{qtag}-alt"
+    ov = tiersim_overrides(SCHEDULERS[sched], table, fallback, trace["tiersim_rate_scale"], out)
+    rows = []
+    for i in range(rounds):
+        got = {}
+        order = ("vidur", "tiersim") if i % 2 == 0 else ("tiersim", "vidur")
+        for who in order:
+            print(f"  round {i}: {who} {sched if who == 'vidur' else SCHEDULERS[sched]} ...", flush=True)
+            if who == "vidur":
+                v = run_vidur(trace_file, qps, sched, work / f"vidur-{sched}-{qtag}-alt", venv, cache, cpu)
+                if v.get("failed"):
+                    raise RuntimeError(f"Vidur ({sched}) failed in alternated round {i}: {v.get('error')}")
+                got["vidur_process_s"] = v["summary"]["t_total_s"]
+                got["vidur_run_plus_write_s"] = v["summary"]["t_run_plus_write_s"]
+                got["vidur_wall_parent_s"] = v["wall_parent_s"]
+            else:
+                t = run_tiersim(ov, cpu, 1)
+                got["tiersim_process_s"] = t["wall_process_s"]
+                got["tiersim_run_plus_write_s"] = t["wall_run_plus_write_s"]
+                got["tiersim_wall_parent_s"] = t["wall_parent_s"]
+                got["tiersim_peak_rss_mb"] = t["peak_rss_mb"]
+        got["order"] = list(order)
+        got["ratio_process"] = got["vidur_process_s"] / got["tiersim_process_s"]
+        got["ratio_parent_wall"] = got["vidur_wall_parent_s"] / got["tiersim_wall_parent_s"]
+        rows.append(got)
+    med = statistics.median
+    r = [g["ratio_process"] for g in rows]
+    return {"variant": name, "rounds": rows, "ratio_process_median": med(r), "ratio_process_min": min(r),
+            "ratio_process_max": max(r), "ratio_parent_wall_median": med([g["ratio_parent_wall"] for g in rows]),
+            "vidur_process_s_median": med([g["vidur_process_s"] for g in rows]),
+            "tiersim_process_s_median": med([g["tiersim_process_s"] for g in rows])}
 
 
 def print_pair(pair: dict, qps: float) -> None:
