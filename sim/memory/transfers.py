@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import simpy
 
+from sim.clock import exact_delay
 from sim.hardware.links import Channel
 
 LINK_NAMES = ("pcie_h2d", "pcie_d2h", "nvme_read", "nvme_write", "net_read", "net_write")
@@ -60,6 +61,10 @@ class Transfers:
         self.replica_id = replica_id
         self.links = dict(links)
         self.log = log
+        # the owner's exact time (the replica sets its clock: SimPy's can sit an ulp off a step's end,
+        # by a different ulp on a path that reached that end by other delays), so that a copy started
+        # at a step's end is timed from that end on every path alike
+        self.clock: Callable[[], float] = lambda: env.now
 
     def link(self, name: str) -> Channel:
         try:
@@ -98,18 +103,21 @@ class Transfers:
         done(self.env.now)
 
     def _hop(self, channel: Channel, name: str, nbytes: int, what: str, request: int):
-        queued = self.env.now
+        env = self.env
+        t0 = env.now
+        queued = self.clock()
         channel.queued_bytes += nbytes
         with channel.resource.request() as slot:
             yield slot
-            start = self.env.now
+            start = queued if env.now == t0 else env.now    # at once, or when the copy ahead landed
             d = channel.duration_s(nbytes)
-            yield self.env.timeout(d)
+            end = start + d
+            yield env.timeout(exact_delay(env.now, end))
             channel.busy_s += d
         channel.queued_bytes -= nbytes
         channel.bytes_moved += nbytes
         channel.num_transfers += 1
-        self.log.add(self.replica_id, name, what, request, nbytes, queued, start, self.env.now)
+        self.log.add(self.replica_id, name, what, request, nbytes, queued, start, end)
 
     def stats(self) -> dict[str, dict]:
         """Bytes, transfers and busy seconds per link."""

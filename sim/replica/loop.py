@@ -54,6 +54,7 @@ class Replica:
         self.kv = kv
         self.builder = builder
         self.transfers = transfers
+        transfers.clock = self.clock       # copies started at a step's end are timed from that exact end
         self.policies = policies
         self.scheduler = policies["scheduling"]
         self.speculation = policies["speculation"]

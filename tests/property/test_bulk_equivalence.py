@@ -135,3 +135,23 @@ def test_equivalence_in_every_execution_mode(execution, scheduling):
     runs = assert_equivalent({"policies.scheduling.name": scheduling, "replica.num_hbm_blocks": 200, **execution},
                              tr)
     assert runs > 0
+
+
+def test_a_write_through_at_a_runs_last_step_starts_at_that_steps_exact_end():
+    """Found by the property test: a request finishing at a run's last step wrote its prompt through
+    to DRAM from SimPy's clock, which sat one ulp off the step's end on the run's path and not on the
+    single-stepping one (the two reach the end by different delays); copies are now timed from the
+    replica's exact clock."""
+    from traces.schema import Trace
+
+    trace = Trace(arrival_s=np.array([0.0, 0.00641296, 0.01240732, 0.01240732] + [0.11033091] * 7),
+                  prompt_tokens=np.array([50, 1, 143] + [1] * 8), output_tokens=np.array([49, 1, 37] + [1] * 8),
+                  request_id=np.arange(11), hash_offsets=np.array([0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13]),
+                  hash_values=np.array([10000, 10100, 10200, 10201, 10202] + [10300 + 100 * k for k in range(8)]),
+                  hash_block_tokens=64, name="test", source="test")
+    assert_equivalent({"policies.scheduling.name": "chunked-prefill", "policies.execution.name": "host-launched",
+                       "replica.preemption_mode": "recompute", "replica.num_hbm_blocks": 24,
+                       "cluster.num_replicas": 2, "replica.prefix_caching": True,
+                       "policies.scheduling.admission": "chunk", "policies.eviction.name": "2q",
+                       "policies.residency.name": "tiered",
+                       **tier_overrides("hbm", "inclusive", "when-faster", "tiered")}, trace)
