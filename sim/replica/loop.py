@@ -181,7 +181,8 @@ class Replica:
         next request routed here arrives."""
         env = self.env
         t = self.feed.next_s() if self.feed is not None else math.inf
-        if t < math.inf and not (self.num_swapping_in or self.num_swapping_out):
+        if t < math.inf and not (self.num_swapping_in or self.num_swapping_out or self.moves.loading
+                                 or self.moves.in_flight):
             yield env.timeout(exact_delay(env.now, t))      # nothing in flight can wake it sooner
             return
         self._wake = env.event()

@@ -314,3 +314,18 @@ def test_ttl_beats_lru_on_the_mooncake_conversation_trace():
     a, b = lru.summary["kv"]["hbm_prefix_hit_rate"], ttl.summary["kv"]["hbm_prefix_hit_rate"]
     assert b > a + 0.002, (a, b)                                            # 3.64 % -> 3.94 %
     assert ttl.summary["ttft_s"]["mean"] < lru.summary["ttft_s"]["mean"]
+
+
+def test_a_replica_with_a_load_in_flight_wakes_when_it_lands_not_at_the_next_arrival():
+    """A replica pulling its arrivals from a feed slept until the next arrival even while a prefix
+    load was in flight: the loaded request's first token came at t = 100 s, its stall read 0.1 ms."""
+    h = lambda base, n: [base + j for j in range(n)]  # noqa: E731
+    # A fills the prefix cache; B and C evict it to DRAM; D (A's prefix) loads it; E arrives much later
+    tr = make_trace([0.0, 1.0, 2.0, 3.0, 100.0], [256, 256, 256, 256, 16], [2, 2, 2, 2, 2],
+                    hashes=[h(0, 4), h(100, 4), h(200, 4), h(0, 4), h(300, 1)], hash_block_tokens=64)
+    cfg = small_config(**{"replica.num_hbm_blocks": 40, "policies.residency.hbm_evict_to": "dram",
+                          "policies.residency.load": "always"})
+    _, res = run_checked(cfg, tr)
+    d = res.requests.iloc[3]
+    assert d["lower_hit_tokens"] > 0
+    assert d["first_token_s"] - d["first_scheduled_s"] < 0.1
