@@ -7,7 +7,8 @@ A config file mirrors these sections (every key optional; defaults reproduce ``t
                  for csv/parquet files columns = {arrival_s = "ts", ...}, time_unit, time_format
     [model]      name = "llama-3.1-8b"
     [hardware]   gpu = "h100-sxm-80gb", server = "dgx-h100"
-    [cluster]    num_replicas = 1
+    [cluster]    num_replicas = 1; prefill_replicas = N for N prefill-only replicas (the rest decode), the
+                 hand-off link (handoff_bandwidth_bytes_per_s, handoff_latency_s), decode_routing
     [replica]    block_size_tokens, gpu_memory_utilization, preemption_mode, tensor_parallel_size, ...
     [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory,
                  fallback = "generalise" | "roofline" | "error", recipe = "fused" | "torch-unfused" | a .toml

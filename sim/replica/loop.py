@@ -438,8 +438,9 @@ class Replica:
         """Requests that sampled their first token in this step and are not finished leave for a
         decode replica (a prefill replica never decodes): they wait in ``handing_off``, holding their
         blocks, until their KV has landed there."""
+        # (a prompt whose last token is left for a one-token step has not sampled anything yet)
         leaving = [r for r in [q for q, _ in step.prefill] + step.decode
-                   if r.state == RUNNING and r.prompt_tokens + r.num_generated - r.num_computed == 1]
+                   if r.state == RUNNING and r.num_generated > 0]
         if not leaving:
             return
         gone = set(map(id, leaving))

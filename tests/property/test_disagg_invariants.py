@@ -1,9 +1,10 @@
 """End-to-end invariants of a disaggregated cluster (``cluster.prefill_replicas``): random small traces
 on 3 replicas, 1 or 2 of them prefill-only, crossed with the shipped schedulers, routers (arrival and
-decode), preemption modes, bulk decode and prefix caching, in an HBM small enough that hand-offs wait for
-room. Besides every invariant of ``test_engine_invariants`` (each request finished once with its
-tokens or rejected, time monotone, KV conserved on every tier of every replica and nothing held at the
-end, checked after every step too), here:
+decode), preemption modes, bulk decode and prefix caching, with and without lower KV tiers and a shared
+store, in an HBM small enough that hand-offs wait for room. Besides every invariant of
+``test_engine_invariants`` (each request finished once with its tokens or rejected, time monotone, KV
+conserved on every tier of every replica and nothing held at the end, checked after every step too),
+here:
   * a request with more than one output token sampled its first token on a prefill replica and
     finished on a decode replica, after exactly one hand-off; one with a single token never left;
   * prefill replicas never decode and decode replicas prefill only what they recompute after a
@@ -19,8 +20,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sim.config import with_overrides
 from tests.conftest import examples, run_checked, small_config
-from tests.property.test_engine_invariants import _check_results, shipped, traces_
+from tests.property.test_engine_invariants import _check_results, shipped, tier_overrides, traces_
 
 
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -29,9 +31,10 @@ from tests.property.test_engine_invariants import _check_results, shipped, trace
        decode_routing=st.sampled_from(shipped("routing")), preemption=st.sampled_from(["recompute", "swap"]),
        block_size=st.sampled_from([4, 16]), blocks=st.integers(30, 90), bulk=st.booleans(),
        prefix=st.booleans(), budget=st.sampled_from([64, 512, 4096]), max_running=st.sampled_from([1, 3, 256]),
-       bandwidth=st.sampled_from([0.0, 1e9]))
+       bandwidth=st.sampled_from([0.0, 1e9]), residency=st.sampled_from(shipped("residency")),
+       tiers=st.sampled_from(["hbm", "dram", "store"]), mode=st.sampled_from(["inclusive", "exclusive"]))
 def test_disaggregated_invariants(trace, prefill, scheduling, routing, decode_routing, preemption, block_size,
-                                  blocks, bulk, prefix, budget, max_running, bandwidth):
+                                  blocks, bulk, prefix, budget, max_running, bandwidth, residency, tiers, mode):
     cfg = small_config(**{
         "cluster.num_replicas": 3, "cluster.prefill_replicas": prefill,
         "cluster.decode_routing": decode_routing, "cluster.decode_max_running": max_running,
@@ -41,7 +44,11 @@ def test_disaggregated_invariants(trace, prefill, scheduling, routing, decode_ro
         "replica.num_hbm_blocks": blocks * (16 // block_size), "replica.dram_kv_bytes": 40 * 2 * 16 * 32768,
         "replica.bulk_decode": bulk, "replica.prefix_caching": prefix,
         "policies.scheduling.max_num_batched_tokens": budget if scheduling == "chunked-prefill" else 0,
+        "policies.residency.name": residency,
     })
+    # lower KV tiers: evictions written back, write-through on release (the sender's prompt blocks
+    # after a hand-off), loads and prefetch of prefix hits on the prefill replicas
+    cfg = with_overrides(cfg, tier_overrides(tiers, mode, "always", residency))
     sim, res = run_checked(cfg, trace)
     _check_results(sim, res, trace)
     req = res.requests

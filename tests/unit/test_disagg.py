@@ -168,3 +168,17 @@ def test_speculation_and_unknown_decode_routers_are_refused_with_the_key():
         Simulation(_disagg(**{"policies.speculation.name": "fixed-k"}), trace=tr)
     with pytest.raises(ConfigError, match=r"cluster.decode_routing.*'nope'.*round-robin"):
         Simulation(_disagg(**{"cluster.decode_routing": "nope"}), trace=tr)
+
+
+def test_a_prompt_whose_last_token_runs_alone_hands_off_after_its_first_token():
+    # a 64-token chunk leaves the prompt's 65th token for a one-token step: the request must sample its
+    # first token on the prefill replica, not leave with 64 tokens of KV (found by the property test)
+    tr = make_trace([0.0], [65], [3])
+    sim, res = run_checked(_disagg(**{"policies.scheduling.name": "chunked-prefill",
+                                      "policies.scheduling.max_num_batched_tokens": 64,
+                                      "replica.block_size_tokens": 4, "replica.num_hbm_blocks": 120}), tr)
+    r = res.requests.iloc[0]
+    assert r.handoff_bytes == 17 * sim.host_bytes_per_block
+    pre = res.steps[res.steps.replica == 0]
+    assert len(pre) == 2 and r.first_token_s == pre.start_s.iloc[1] + pre.duration_s.iloc[1]
+    assert (res.steps[res.steps.replica == 1].prefill_tokens == 0).all()
