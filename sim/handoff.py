@@ -12,7 +12,14 @@ then the KV crosses ``Cluster.network(src, dst)`` as one transfer (latency + byt
 contending with other hand-offs on that link); when it lands the sender releases its blocks (into its
 prefix cache, as any release) and the request joins the decode replica's running batch. When no
 decode replica has room the queue waits (backpressure): the request keeps its prefill replica's
-blocks, which that replica's scheduler cannot use, and the wait is measured.
+blocks, which that replica's scheduler cannot use, and the wait is measured. The queue is strict FIFO
+(a large head blocks smaller requests behind it, as a FIFO transfer queue does).
+
+The queue is served whenever room can have appeared, at that instant: when a prefill finishes, after
+a decode replica has applied its plan (blocks its preemptions freed and its step left) and after each
+of its steps (finishes), and when one of its swap-outs lands. While the head waits, decode replicas
+plan their bulk decode runs only to their first finish (``sim.replica.decode_run``), so a run's
+finishes are not hidden from the queue; a property test checks that runs then equal single steps.
 
 Times, per request: ``ready`` (the prefill step that sampled its first token ended), ``reserved`` (a
 decode replica took it), ``start`` (its bytes got the link), ``landed``. Backpressure is ready to
