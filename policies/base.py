@@ -52,6 +52,9 @@ class RequestState(IntEnum):
     REJECTED = 6
     LOADING = 7        # admitted; its prefix hits are on their way in from a lower tier (HBM blocks
                        # allocated, locked, not ready): it joins the running batch when they land
+    HANDING_OFF = 8    # prefilled on a prefill replica (first token sampled there); its KV waits for
+                       # room on a decode replica and crosses the network to it (sim.handoff), then it
+                       # joins that replica's running batch
 
 
 class RequestLike(Protocol):

@@ -38,7 +38,7 @@ _BUILTIN_MODULES = (
     "policies.speculation.none", "policies.speculation.fixed_k", "policies.speculation.adaptive_k",
     "policies.speculation.tree",
     "policies.execution.host_launched", "policies.execution.cuda_graph", "policies.execution.persistent",
-    "policies.routing.round_robin",
+    "policies.routing.round_robin", "policies.routing.most_free_kv",
     "policies.sparsity.dense",
 )
 

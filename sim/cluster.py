@@ -1,9 +1,10 @@
 """The cluster: pools of replicas, the router, the arrival process, and the links between replicas.
 
-A *pool* is a group of replicas with one role and one GPU type. Today every replica serves whole
-requests (role ``"mixed"``) on the configured GPU; the pool is where prefill-only and decode-only
-roles, heterogeneous GPUs and a shared KV store attach, without changing the replica. Inter-replica
-links (``network``) carry KV hand-offs between replicas as transfers (``sim.memory.transfers``).
+A *pool* is a group of replicas with one role and one GPU type. By default every replica serves
+whole requests (one pool, role ``"mixed"``); with ``cluster.prefill_replicas`` = N > 0 the first N
+form a ``"prefill"`` pool, the only one the router sees, and the rest a ``"decode"`` pool, which
+receives every prefilled request's KV through the hand-off queue (``sim.handoff``) over the
+inter-replica links (``network``: one channel per ordered pair, as transfers, ``sim.memory.transfers``).
 
 Arrivals come from one process over the pre-sorted trace arrays: at each arrival time the router
 picks a replica from read-only views that bring themselves up to date, and the request joins it.
@@ -20,6 +21,7 @@ import simpy
 
 from policies import registry
 from sim.clock import exact_delay
+from sim.handoff import HandOffs
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import Channel, PCIeLink
 from sim.hardware.storage import HostDRAM, NVMeDrive
@@ -35,7 +37,7 @@ from sim.request import FrozenRequest, Request
 if TYPE_CHECKING:
     from sim.engine import Simulation
 
-ROLES = ("mixed",)
+ROLES = ("mixed", "prefill", "decode")
 
 
 @dataclass(slots=True)
@@ -106,10 +108,14 @@ class Cluster:
         self.requests = RequestLog(len(sim.trace))
         self.tokens = TokenLog()
         self.transfer_log = TransferLog()
-        self.pools = [Pool("main", "mixed", sim.gpu.name)]
+        cc = cfg.cluster
+        n_pre = cc.prefill_replicas
+        if n_pre:
+            self.pools = [Pool("prefill", "prefill", sim.gpu.name), Pool("decode", "decode", sim.gpu.name)]
+        else:
+            self.pools = [Pool("main", "mixed", sim.gpu.name)]
         self.replicas: list[Replica] = []
         h2d_bw, d2h_bw, lat = sim.pcie_params()
-        cc = cfg.cluster
         # the KV store the replicas share (Mooncake Store / LMCache-like), when configured
         self.store = None
         if cc.shared_kv_bytes:
@@ -155,18 +161,38 @@ class Cluster:
                               preemption_mode=rc.preemption_mode, max_model_len=sim.max_model_len,
                               requests=self.requests, step_log=step_log, token_log=self.tokens,
                               rng=np.random.default_rng([cfg.seed, i]), bulk_decode=rc.bulk_decode,
-                              guarded=guarded, lanes=lanes)
+                              guarded=guarded, lanes=lanes,
+                              role=self.pools[-1].role if n_pre and i >= n_pre else self.pools[0].role)
             replica.gpu = gpu
             self.replicas.append(replica)
-            self.pools[0].replicas.append(replica)
+            self.pools[1 if n_pre and i >= n_pre else 0].replicas.append(replica)
         # links between replicas (KV hand-off): one channel per ordered pair, created on use, at the
-        # GPU's NVLink bandwidth (replicas of one node; 50 GB/s when the preset gives none)
-        self.network_bandwidth_bytes_per_s = sim.gpu.nvlink_bandwidth_bytes_per_s or 50e9
+        # GPU's NVLink bandwidth (replicas of one node; 50 GB/s when the preset gives none) unless the
+        # config names one; with tensor parallelism each GPU sends its shard over its own link, so a
+        # replica's link has tensor_parallel_size times the bandwidth (as its PCIe link does)
+        bw = cc.handoff_bandwidth_bytes_per_s or sim.gpu.nvlink_bandwidth_bytes_per_s or 50e9
+        self.network_bandwidth_bytes_per_s = bw * rc.tensor_parallel_size
+        self.network_latency_s = cc.handoff_latency_s
         self._network: dict[tuple[int, int], Channel] = {}
+        # arrivals go to the first pool: every replica, or the prefill pool
+        self.entry: list[Replica] = self.pools[0].replicas
         self.router = sim.build_policy("routing", -1)
         if self.router.observes():
-            for r in self.replicas:
+            for r in self.entry:
                 r.observers.append(self.router)
+        self.handoffs = None
+        if n_pre:
+            decode = self.pools[1].replicas
+            # the decode pool's router: a second cluster-wide routing policy with a stream of its own
+            drouter = registry.build("routing", cc.decode_routing, {})
+            drouter.attach(policy_rng(cfg.seed, "routing", -1, tier=1))
+            if drouter.observes():
+                for r in decode:
+                    r.observers.append(drouter)
+            self.handoffs = HandOffs(self, self.entry, decode, drouter, cc.decode_max_running, len(self.trace),
+                                     guarded=guarded)
+            for r in self.replicas:
+                r.handoffs = self.handoffs
         self.num_arrived = 0
 
     def _futures(self, sim: Simulation) -> FutureUses:
@@ -183,7 +209,7 @@ class Cluster:
         ch = self._network.get((src, dst))
         if ch is None:
             ch = self._network[(src, dst)] = Channel(self.env, f"net.{src}->{dst}",
-                                                     self.network_bandwidth_bytes_per_s, 5e-6)
+                                                     self.network_bandwidth_bytes_per_s, self.network_latency_s)
         return ch
 
     def make_request(self, i: int) -> Request:
@@ -201,8 +227,8 @@ class Cluster:
 
     def _route(self, req: Request, views, now: float) -> int:
         k = self.router.route(FrozenRequest(req) if self.guarded else req, views, now)
-        if not 0 <= k < len(self.replicas):
-            raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of {len(self.replicas)}")
+        if not 0 <= k < len(self.entry):
+            raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of {len(self.entry)}")
         return k
 
     def start(self) -> None:
@@ -218,9 +244,9 @@ class Cluster:
         if self.router.reads_state or any(r.watches_arrivals for r in self.replicas):
             self.env.process(self.arrivals())
             return
-        views = [_Unread(r.replica_id) for r in self.replicas]
+        views = [_Unread(r.replica_id) for r in self.entry]
         t = tr.arrival_s
-        per: list[list[int]] = [[] for _ in self.replicas]
+        per: list[list[int]] = [[] for _ in self.entry]
         for i in range(len(tr)):
             stub = Request(idx=i, req_id=int(tr.request_id[i]), arrival_s=float(t[i]),
                            prompt_tokens=int(tr.prompt_tokens[i]), output_tokens=int(tr.output_tokens[i]),
@@ -228,7 +254,7 @@ class Cluster:
                            tenant=tr.tenant[i] if tr.tenant is not None else None,
                            session_id=tr.session_id[i] if tr.session_id is not None else None)
             per[self._route(stub, views, float(t[i]))].append(i)
-        for r, idx in zip(self.replicas, per):
+        for r, idx in zip(self.entry, per):
             r.feed = ArrivalFeed(self, r, np.asarray(idx, dtype=np.int64))
             r.next_arrival_s = r.feed.next_s
         self.num_arrived = len(tr)
@@ -238,7 +264,7 @@ class Cluster:
         env = self.env
         t = self.trace.arrival_s
         n = len(t)
-        replicas = self.replicas
+        replicas = self.entry
         views = [r.state_view for r in replicas]
         cursor = [0]
 

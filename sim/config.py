@@ -7,7 +7,8 @@ A config file mirrors these sections (every key optional; defaults reproduce ``t
                  for csv/parquet files columns = {arrival_s = "ts", ...}, time_unit, time_format
     [model]      name = "llama-3.1-8b"
     [hardware]   gpu = "h100-sxm-80gb", server = "dgx-h100"
-    [cluster]    num_replicas = 1
+    [cluster]    num_replicas = 1; prefill_replicas = N for N prefill-only replicas (the rest decode), the
+                 hand-off link (handoff_bandwidth_bytes_per_s, handoff_latency_s), decode_routing
     [replica]    block_size_tokens, gpu_memory_utilization, preemption_mode, tensor_parallel_size, ...
     [costs]      backend = "table" | "roofline", table = "h100-sxm-80gb" or a directory,
                  fallback = "generalise" | "roofline" | "error", recipe = "fused" | "torch-unfused" | a .toml
@@ -145,16 +146,49 @@ class HardwareConfig:
 class ClusterConfig:
     """Replicas, and the KV store they share (Mooncake Store / LMCache-like; 0 bytes = none): every
     replica looks it up after its own tiers and reads or writes it over its NIC (``net_read`` /
-    ``net_write``, at the store bandwidth per replica, then PCIe)."""
+    ``net_write``, at the store bandwidth per replica, then PCIe).
+
+    Prefill/decode disaggregation (DistServe, OSDI 2024; Splitwise, ISCA 2024; Mooncake, FAST 2025):
+    with ``prefill_replicas`` = N > 0 the first N replicas only prefill (the router picks among them)
+    and the other ``num_replicas - N`` only decode. A prefilled request samples its first token on its
+    prefill replica, then its KV crosses the network to a decode replica (``decode_routing`` picks one
+    with room) as one transfer at ``handoff_bandwidth_bytes_per_s`` per GPU (``sim.handoff``).
+    """
 
     num_replicas: int = 1           # serving instances behind the router
     shared_kv_bytes: int = 0                         # capacity of the KV store the replicas share (0: none)
     shared_kv_bandwidth_bytes_per_s: float = 50e9    # one 400 Gb/s NIC per GPU (DGX H100's ConnectX-7)
     shared_kv_latency_s: float = 10e-6               # per copy to or from the store (one RDMA round trip)
+    prefill_replicas: int = 0       # > 0: the first N replicas prefill only, the rest decode only; 0 = mixed
+    handoff_bandwidth_bytes_per_s: float = 0.0       # KV hand-off link per GPU; 0 = the GPU's NVLink (one node,
+                                                     # as DistServe places its pairs; 50e9 if the preset has
+                                                     # none); across nodes RDMA: 25e9-50e9 (200-400 Gb/s NICs,
+                                                     # Mooncake's Transfer Engine)
+    handoff_latency_s: float = 5e-6                  # per hand-off transfer (a peer copy's setup, a few us)
+    decode_routing: str = "most-free-kv"             # routing policy that picks the decode replica of a hand-off
+                                                     # among those with room (tiersim list policies)
+    decode_max_running: int = 256   # requests a decode replica holds (running + arriving) before hand-offs
+                                    # to it wait (vLLM's max_num_seqs)
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_replicas <= MAX_NUM_REPLICAS, "cluster.num_replicas",
                f"must be in [1, {MAX_NUM_REPLICAS}] (got {self.num_replicas:,})")
+        _check(self.prefill_replicas >= 0, "cluster.prefill_replicas",
+               f"must be >= 0 (0 = every replica serves whole requests) (got {self.prefill_replicas})")
+        _check(self.prefill_replicas < self.num_replicas, "cluster.prefill_replicas",
+               f"{self.prefill_replicas} prefill replicas of cluster.num_replicas = {self.num_replicas} leave no "
+               f"decode replica: raise cluster.num_replicas above {self.prefill_replicas}, or set "
+               f"cluster.prefill_replicas = 0 for mixed replicas")
+        _finite("cluster.handoff_bandwidth_bytes_per_s", self.handoff_bandwidth_bytes_per_s)
+        _check(self.handoff_bandwidth_bytes_per_s >= 0, "cluster.handoff_bandwidth_bytes_per_s",
+               f"must be >= 0 (0 = the GPU's NVLink) (got {self.handoff_bandwidth_bytes_per_s})")
+        _finite("cluster.handoff_latency_s", self.handoff_latency_s)
+        _check(self.handoff_latency_s >= 0, "cluster.handoff_latency_s",
+               f"must be >= 0 (got {self.handoff_latency_s})")
+        _check(isinstance(self.decode_routing, str) and bool(self.decode_routing), "cluster.decode_routing",
+               f"must name a routing policy (got {self.decode_routing!r})")
+        _check(self.decode_max_running >= 1, "cluster.decode_max_running",
+               f"must be >= 1 (got {self.decode_max_running})")
         _check(self.shared_kv_bytes >= 0, "cluster.shared_kv_bytes", f"must be >= 0 (got {self.shared_kv_bytes})")
         _check(self.shared_kv_bandwidth_bytes_per_s > 0, "cluster.shared_kv_bandwidth_bytes_per_s",
                f"must be > 0 (got {self.shared_kv_bandwidth_bytes_per_s})")

@@ -30,7 +30,7 @@ from sim.costs.recipe import load_recipe
 from sim.costs.roofline import RooflineBackend
 from sim.costs.step import StepCostModel
 from sim.costs.table import CostTable, TableBackend, resolve_table_dir
-from sim.errors import ConfigError
+from sim.errors import ConfigError, PolicyError
 from sim.hardware.gpu import hbm_budget
 from sim.metrics import Results, build_results, spill_dir
 from sim.replica.drafting import drafter_footprint
@@ -89,6 +89,17 @@ class Simulation:
         # ---- the speculation policy's drafter: priced on this GPU, its weights and KV in this HBM
         self.drafter = probes["speculation"].drafter()
         self.speculating = not probes["speculation"].emits_one_token
+        cc = config.cluster
+        if cc.prefill_replicas:
+            if self.speculating:
+                raise ConfigError(f"cluster.prefill_replicas: speculative decoding (policies.speculation.name = "
+                                  f"{config.policies.speculation.name!r}) is not modelled in a disaggregated "
+                                  f"cluster (the drafter's KV is not handed off); set policies.speculation.name = "
+                                  f"'none', or cluster.prefill_replicas = 0")
+            try:
+                registry.lookup("routing", cc.decode_routing)
+            except PolicyError as exc:     # name the config key that chose it
+                raise ConfigError(f"cluster.decode_routing: {str(exc).split(': ', 1)[-1]}") from None
         self.draft_footprint = drafter_footprint(self.drafter, self.model, tp)
         # ---- costs: one backend per model (the target, and drafters named by speculation plans)
         self.table = None
@@ -399,16 +410,25 @@ class Simulation:
                   "steps_per_wall_s": sum(r.steps.n for r in reps) / wall_run if wall_run > 0 else None,
                   "decode_runs": engine["decode_runs"]}
         mc = self.config.metrics
+        handoffs = self.cluster.handoffs
+        extra = None
+        if handoffs is not None:
+            handoffs.link_starts(self.cluster.transfer_log)
+            extra = handoffs.columns()
+            link_bytes["network_bytes"] = int(stats.get("network", {}).get("bytes", 0))
         res = build_results(requests=self.requests, trace=self.trace, step_logs=[r.steps for r in reps],
                             token_log=self.cluster.tokens, metadata=self.metadata(), kv_info=kv_info,
                             link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
                             engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
                              slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers(),
                              speculation=self._speculation_summary() if self.speculating else None,
-                             slo_itl_s=mc.slo_itl_s, slo_itl_stat=mc.slo_itl_stat)
+                             slo_itl_s=mc.slo_itl_s, slo_itl_stat=mc.slo_itl_stat, extra_columns=extra)
         res.summary["execution"] = self._execution_summary(engine)
         if self.config.replica.lanes == "decoupled":
             res.summary["lanes"] = self._lanes_summary()
+        if handoffs is not None:
+            res.summary["handoff"] = handoffs.summary(res.summary["time"]["makespan_s"],
+                                                      [r.steps.busy_s for r in reps])
         res.timing["wall_total_s"] = time.perf_counter() - wall0
         res.timing["sim_to_wall_ratio"] = (res.summary["time"]["makespan_s"] / res.timing["wall_total_s"])
         return res

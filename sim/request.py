@@ -36,14 +36,16 @@ from policies.base import RequestState
 
 STEP_ID_BITS = 40            # local step ids below 2**40 (a trillion steps per replica)
 
-W, R, SO, S, SI, F, X, L = (RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT,
-                            RequestState.SWAPPED, RequestState.SWAPPING_IN, RequestState.FINISHED,
-                            RequestState.REJECTED, RequestState.LOADING)
+W, R, SO, S, SI, F, X, L, H = (RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT,
+                               RequestState.SWAPPED, RequestState.SWAPPING_IN, RequestState.FINISHED,
+                               RequestState.REJECTED, RequestState.LOADING, RequestState.HANDING_OFF)
 # the life cycle: which states each state may move to
 TRANSITIONS: dict[int, frozenset] = {
     W: frozenset({R, L, X}),             # admitted (with a prefix still loading); or rejected
     L: frozenset({R}),                   # its prefix has landed
-    R: frozenset({W, SO, F}),            # recompute-preempted; swapped out; finished
+    R: frozenset({W, SO, F, H}),         # recompute-preempted; swapped out; finished; prefilled on a
+                                         # prefill replica, handed off to a decode replica
+    H: frozenset({R}),                   # its KV has landed on the decode replica
     SO: frozenset({S}),
     S: frozenset({SI, W, X}),            # swapped in; DRAM copy dropped (recompute); rejected
     SI: frozenset({R}),

@@ -165,7 +165,9 @@ class TieredKV:
     """Per-replica KV blocks in HBM, DRAM and NVMe, and the shared store when the cluster has one.
 
     Invariants: a RUNNING or SWAPPING request's ``blocks`` are HBM blocks it holds one reference to,
-    all ready; a LOADING request's ``blocks`` are HBM blocks it holds, some still loading; a SWAPPED or
+    all ready; a LOADING request's ``blocks`` are HBM blocks it holds, some still loading; a HANDING_OFF
+    request's ``blocks`` are its sender's (ready; locked while they are sent), and ``num_importing``
+    blocks of the receiver are reserved for it (locked, not ready) until they land; a SWAPPED or
     SWAPPING request's ``dram_blocks`` are DRAM blocks it holds; WAITING, FINISHED and REJECTED
     requests hold nothing. Blocks are conserved in each tier (BlockPool invariants); in exclusive mode
     no settled block (not on a link) is findable in two of the replica's tiers.
@@ -226,6 +228,7 @@ class TieredKV:
         self.prefetch_blocks = 0
         self._holds: dict[int, list[int]] = {}     # HBM blocks prefetched for a waiting request
         self.num_held = 0
+        self.num_importing = 0            # HBM blocks reserved for KV on its way from another replica
         self.recompute_choices = 0        # admissions that found a lower-tier prefix and recomputed it
         self.recompute_choice_tokens = 0
         self.write_blocks = np.zeros((4, 4), dtype=np.int64)   # [source, destination]
@@ -850,6 +853,34 @@ class TieredKV:
 
     def finish_swap_in(self, req: Request, now: float) -> None:
         self.drop_dram_copy(req, now)
+
+    # ------------------------------------------------------------------ hand-off between replicas
+    def reserve_import(self, num_blocks: int, now: float, owner: int = -1) -> list[int] | None:
+        """HBM blocks for KV arriving from another replica (a prefill replica's hand-off): allocated
+        (evicting cached blocks if need be), locked and not ready until :meth:`land_import`; None on
+        shortage. Write-backs of evicted blocks the copy must wait for are in :meth:`take_waits`."""
+        got, waits = self._alloc(HBM, num_blocks, now, owner)
+        if got is None:
+            return None
+        self._waits[HBM].extend(waits)
+        arr = np.asarray(got, dtype=np.int64)
+        self.hbm.lock(arr)
+        self.hbm.set_ready(arr, False)
+        self.num_importing += len(got)
+        return got
+
+    def land_import(self, req: Request, blocks: list[int], now: float) -> None:
+        """The hand-off reserved in ``blocks`` has landed: they become ``req``'s block table, ready. The
+        prompt blocks are not published in this replica's prefix cache (a decode replica never
+        prefills them; a request it recompute-preempts publishes its own when it prefills again)."""
+        if req.blocks:
+            raise RuntimeError(f"request {req.req_id} still holds {len(req.blocks)} blocks of its sender")
+        arr = np.asarray(blocks, dtype=np.int64)
+        self.hbm.unlock(arr)
+        self.hbm.set_ready(arr, True)
+        self.num_importing -= len(blocks)
+        req.blocks = list(blocks)
+        req.num_cached_blocks = 0
 
     # ------------------------------------------------------------------ transfers
     def lock(self, req: Request) -> int:

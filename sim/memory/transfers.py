@@ -85,6 +85,12 @@ class Transfers:
         hops = [(self.link(name), name) for name in links]
         return self.env.process(self._chain(hops, int(nbytes), done, what, request, tuple(after)))
 
+    def start_over(self, channel: Channel, name: str, nbytes: int, done: Callable[[float], None], *, what: str,
+                   request: int = -1, after: Sequence[simpy.Event] = ()) -> simpy.Process:
+        """Move ``nbytes`` over ``channel``, a link this replica shares with others (the cluster's
+        network between two replicas), logged under ``name``, after the events in ``after``."""
+        return self.env.process(self._chain(((channel, name),), int(nbytes), done, what, request, tuple(after)))
+
     def backlog_s(self, link: str) -> float:
         """Seconds of bytes queued or in flight on ``link`` (at its bandwidth)."""
         ch = self.link(link)

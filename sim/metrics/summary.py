@@ -178,7 +178,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
                   engine_counts: dict, cost_notes: dict, slo_ttft_s: float, slo_tpot_s: float, timing: dict,
                    spill: Path | None = None, kv_tiers: dict | None = None,
                    speculation: dict | None = None, slo_itl_s: float = 0.0,
-                   slo_itl_stat: str = "p99") -> Results:
+                   slo_itl_stat: str = "p99", extra_columns: dict | None = None) -> Results:
     import pyarrow as pa
 
     n = requests.n
@@ -223,6 +223,7 @@ def build_results(*, requests: RequestLog, trace, step_logs: list[StepLog], toke
         "generated_tokens": requests.generated, "preemptions": requests.preemptions,
         "swaps": requests.swaps, "prefix_hit_tokens": requests.prefix_hit_tokens,
         "lower_hit_tokens": requests.lower_hit_tokens, "kv_stall_s": requests.kv_stall_s,
+        **(extra_columns or {}),      # a disaggregated run's hand-off columns (sim.handoff)
     }
     reqs = pa.table({k: v if isinstance(v, pa.Array) else from_numpy(v, nan_is_null=True)
                      for k, v in columns.items()})

@@ -219,7 +219,9 @@ class DecodeRuns:
         if not step.prefill:
             if len(step.decode) != len(r.running) or not sched.steady_decode(r.view):
                 return None
-            return sched.steady_through_finishes(r.view) and r.kv.finishes_quiet(), None
+            # a hand-off waiting for room (sim.handoff) takes the blocks of the run's first finish
+            span = sched.steady_through_finishes(r.view) and r.kv.finishes_quiet()
+            return span and not (r.handoffs is not None and r.handoffs.blocked), None
         if len(step.prefill) != 1 or len(step.decode) + 1 != len(r.running) or r.builder.lanes:
             return None     # (chunk runs price time-multiplexed steps; lanes step one at a time)
         got = sched.steady_chunk(r.view)
@@ -428,6 +430,7 @@ class DecodeRuns:
             # the chunk's full prompt blocks are published step by step, at each step's end, as
             # single stepping does (their registration time is their last use)
             q = run.reqs[run.B]
+            r.num_prefill_tokens += m * run.n
             if q.hash_keys is None or not kv.prefix_caching:
                 q.num_computed += m * run.n
             else:

@@ -12,11 +12,17 @@ owner and carried out by ``sim.replica.prefetch``; an admitted request whose pre
 waits there (LOADING) and joins ``running`` when it has landed; a step that reuses blocks whose old
 contents are being written back ends only after that copy.
 
+A replica has a role (``sim.cluster.ROLES``): ``mixed`` serves whole requests; ``prefill`` hands
+every request whose first token it sampled to the cluster's hand-off queue (``sim.handoff``), where it
+waits, holding its blocks here (``handing_off``), until its KV has landed on a ``decode`` replica; a
+decode replica takes such requests straight into ``running`` (its scheduler never admits a prompt,
+but recomputes one it preempted) and counts those on their way in (``num_incoming``).
+
 Invariants: ``running`` holds RUNNING requests in admission order; ``waiting`` holds WAITING
 requests (recompute-preempted first, then by arrival); ``swapped`` holds SWAPPED requests in
-swap-out order; ``moves.loading`` holds LOADING requests; a request is in at most one of them, or in
-flight on a link, or done. Every block of a RUNNING request is ready (no step reads KV that has not
-landed).
+swap-out order; ``moves.loading`` holds LOADING requests; ``handing_off`` holds HANDING_OFF requests;
+a request is in at most one of them, or in flight on a link, or done. Every block of a RUNNING
+request is ready (no step reads KV that has not landed).
 """
 from __future__ import annotations
 
@@ -39,16 +45,18 @@ from sim.replica.step import Step, StepBuilder, log_step
 from sim.replica.views import RouterView, SchedulerViewImpl, SpeculationViewImpl
 from sim.request import STEP_ID_BITS, Request
 
-WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED, LOADING = (
+WAITING, RUNNING, SWAPPING_OUT, SWAPPED, SWAPPING_IN, FINISHED, REJECTED, LOADING, HANDING_OFF = (
     RequestState.WAITING, RequestState.RUNNING, RequestState.SWAPPING_OUT, RequestState.SWAPPED,
-    RequestState.SWAPPING_IN, RequestState.FINISHED, RequestState.REJECTED, RequestState.LOADING)
+    RequestState.SWAPPING_IN, RequestState.FINISHED, RequestState.REJECTED, RequestState.LOADING,
+    RequestState.HANDING_OFF)
 
 
 class Replica:
     def __init__(self, *, env: simpy.Environment, replica_id: int, kv: TieredKV, builder: StepBuilder,
                  transfers: Transfers, policies: dict, preemption_mode: str, max_model_len: int,
                  requests: RequestLog, step_log: StepLog, token_log: TokenLog, rng: np.random.Generator,
-                 bulk_decode: bool, guarded: bool = False, lanes: dict | None = None) -> None:
+                 bulk_decode: bool, guarded: bool = False, lanes: dict | None = None,
+                 role: str = "mixed") -> None:
         self.env = env
         self.replica_id = replica_id
         self.kv = kv
@@ -70,6 +78,11 @@ class Replica:
         self.swapped: list[Request] = []
         self.num_swapping_in = 0
         self.num_swapping_out = 0
+        self.role = role
+        self.handoffs = None            # the cluster's hand-off queue (sim.handoff), in a disaggregated cluster
+        self.handing_off: dict[int, Request] = {}   # prefilled here, waiting or in flight to a decode replica
+        self.num_incoming = 0           # hand-offs on their way here (blocks reserved)
+        self.num_prefill_tokens = 0     # prompt and recompute tokens this replica computed
         self.guarded = guarded
         self.view = SchedulerViewImpl(self, guarded)
         self.state_view = RouterView(self)
@@ -81,8 +94,9 @@ class Replica:
         self.moves = KVMoves(self)
         kv.attach(residency=policies["residency"], view=self.preemption.view, links=transfers.links,
                   prefill_s=builder.prefill_s)
+        # a prefill replica hands off every request at its first token: no steady decode batch
         self.runs = DecodeRuns(self, bulk_decode and self.speculation.emits_one_token
-                               and policies["sparsity"].steady() and lanes is None)
+                               and policies["sparsity"].steady() and lanes is None and role != "prefill")
         self.observers = [p for p in policies.values() if p.observes()]
         self.watches_arrivals = any(p.watches_arrivals for p in policies.values())
         self._evicted_seen = 0
@@ -141,7 +155,8 @@ class Replica:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self.num_swapping_in
-                    or self.num_swapping_out or self.moves.loading or self.moves.in_flight)
+                    or self.num_swapping_out or self.moves.loading or self.moves.in_flight
+                    or self.handing_off or self.num_incoming)
 
     def sync(self, now: float) -> None:
         """Bring a decode run in progress up to ``now`` (see ``DecodeRuns.sync``)."""
@@ -161,8 +176,11 @@ class Replica:
             self.moves.prefetch(now)
             plan = self.view.unwrap_plan(self.scheduler.schedule(self.view, now))
             step = self.apply(plan, now)
+            if self.role == "decode" and self.handoffs.queue:
+                self.handoffs.dispatch(now)     # blocks its preemptions freed and the step left
             if not (step.prefill or step.decode):
-                if self.num_swapping_in or self.num_swapping_out or self.moves.loading or self.moves.in_flight:
+                if (self.num_swapping_in or self.num_swapping_out or self.moves.loading or self.moves.in_flight
+                        or self.handing_off or self.num_incoming):
                     yield from self._wait()
                     continue
                 if plan.is_empty() or not (plan.prefill or plan.decode):
@@ -173,6 +191,8 @@ class Replica:
                 yield from self.runs.run(step, *how)
             else:
                 yield from self._single_step(step)
+            if self.role == "decode" and self.handoffs.queue:
+                self.handoffs.dispatch(self.clock())     # blocks this step freed may take a hand-off
             if self.check_invariants:
                 self.check()
 
@@ -182,7 +202,7 @@ class Replica:
         env = self.env
         t = self.feed.next_s() if self.feed is not None else math.inf
         if t < math.inf and not (self.num_swapping_in or self.num_swapping_out or self.moves.loading
-                                 or self.moves.in_flight):
+                                 or self.moves.in_flight or self.handing_off):
             yield env.timeout(exact_delay(env.now, t))      # nothing in flight can wake it sooner
             return
         self._wake = env.event()
@@ -380,6 +400,7 @@ class Replica:
         drafting = self.drafting
         for req, n in step.prefill:
             req.num_computed += n
+            self.num_prefill_tokens += n
             drafting.prefilled(req)
             kv.register_computed(req, end)
             if req.num_computed == req.num_tokens:
@@ -417,7 +438,24 @@ class Replica:
                     finished.append(req)
         if finished:
             self.finish(finished, end)
+        if self.role == "prefill":
+            self._hand_off(step, end)
         return accepted, finished
+
+    def _hand_off(self, step: Step, end: float) -> None:
+        """Requests that sampled their first token in this step and are not finished leave for a
+        decode replica (a prefill replica never decodes): they wait in ``handing_off``, holding their
+        blocks, until their KV has landed there."""
+        # (a prompt whose last token is left for a one-token step has not sampled anything yet)
+        leaving = [r for r in [q for q, _ in step.prefill] + step.decode
+                   if r.state == RUNNING and r.num_generated > 0]
+        if not leaving:
+            return
+        gone = set(map(id, leaving))
+        self.running = [r for r in self.running if id(r) not in gone]
+        for req in leaving:
+            self.handing_off[req.idx] = req
+            self.handoffs.ready(self, req, end)
 
     def finish(self, finished: list, end: float) -> None:
         kv = self.kv
@@ -464,8 +502,14 @@ class Replica:
             assert len(r.blocks) == -(-r.num_computed // bs)
         for r in list(self.running) + self.moves.loading:
             assert all(rc[b] > 0 for b in r.blocks), f"request {r.req_id} holds a block nobody references"
+        for r in self.handing_off.values():
+            assert r.state == HANDING_OFF and id(r) not in seen, f"request {r.req_id} handing off twice or queued"
+            seen.add(id(r))
+            assert len(r.blocks) == -(-r.num_computed // bs) and all(ready[b] and rc[b] > 0 for b in r.blocks)
+        assert self.role != "prefill" or all(r.num_generated == 0 for r in self.running)
+        assert self.kv.num_importing >= 0 and (self.kv.num_importing > 0) == (self.num_incoming > 0)
         held = (sum(len(r.blocks) for r in self.running) + sum(len(r.blocks) for r in self.moves.loading)
-                + self.kv.num_held)
+                + self.kv.num_held + sum(len(r.blocks) for r in self.handing_off.values()) + self.kv.num_importing)
         assert self.kv.hbm.num_active <= held + self.kv.hbm.num_locked
 
 

@@ -32,11 +32,13 @@ class Preemption:
         self.num_out = 0
         self.num_in = 0
         self.num_drops = 0
+        self.num_preempted = 0
 
     def preempt(self, req: Request, now: float) -> None:
         r = self.r
         r.running.remove(req)
         req.num_preemptions += 1
+        self.num_preempted += 1
         if req.blocks and self.residency.preempt_to(self.view, req, now) == "swap":
             got, dropped = r.kv.reserve_dram(req, now, r.swapped)
             for victim in dropped:
@@ -88,6 +90,8 @@ class Preemption:
         req.to(SWAPPED)
         r.num_swapping_out -= 1
         r.swapped.append(req)
+        if r.role == "decode" and r.handoffs.queue:
+            r.handoffs.dispatch(now)        # its HBM blocks are free now
 
     def _swapped_in(self, req: Request, now: float) -> None:
         r = self.r

@@ -155,3 +155,18 @@ def test_a_write_through_at_a_runs_last_step_starts_at_that_steps_exact_end():
                        "policies.scheduling.admission": "chunk", "policies.eviction.name": "2q",
                        "policies.residency.name": "tiered",
                        **tier_overrides("hbm", "inclusive", "when-faster", "tiered")}, trace)
+
+
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=traces_(), scheduling=st.sampled_from(bulk_schedulers()), prefill=st.sampled_from([1, 2]),
+       preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(24, 120), prefix=st.booleans(),
+       decode_routing=st.sampled_from(shipped("routing")), max_running=st.sampled_from([2, 256]))
+def test_decode_runs_equal_single_stepping_in_a_disaggregated_cluster(trace, scheduling, prefill, preemption, blocks,
+                                                                      prefix, decode_routing, max_running):
+    """Decode replicas advance runs while hand-offs land, reserve blocks and wait for room (the run stops
+    at its first finish while one waits): the same as stepping one by one."""
+    assert_equivalent({"policies.scheduling.name": scheduling, "cluster.num_replicas": 3,
+                       "cluster.prefill_replicas": prefill, "cluster.decode_routing": decode_routing,
+                       "cluster.decode_max_running": max_running, "cluster.handoff_bandwidth_bytes_per_s": 2e9,
+                       "replica.preemption_mode": preemption, "replica.num_hbm_blocks": blocks,
+                       "replica.prefix_caching": prefix}, trace)
