@@ -163,6 +163,10 @@ class Simulation:
         if not probes["sparsity"].is_dense:
             raise ConfigError(f"policies.sparsity.name={pc.sparsity.name!r}: decoupled lanes "
                               "(replica.lanes = 'decoupled') price dense attention only; use 'dense'")
+        if self.config.cluster.prefill_replicas:
+            raise ConfigError(f"cluster.prefill_replicas={self.config.cluster.prefill_replicas}: decoupled lanes "
+                              "(replica.lanes = 'decoupled') run on mixed replicas, not in a disaggregated "
+                              "cluster; set cluster.prefill_replicas = 0, or replica.lanes = 'lockstep'")
 
     def build_policy(self, kind: str, replica: int, tier: int = 0):
         """A fresh instance of the configured policy of ``kind`` for one replica (-1: cluster-wide);

@@ -173,6 +173,9 @@ def test_unsupported_combinations_are_config_errors_naming_the_key():
             cfg = small_config(**DECOUPLED, **{key: name})
             with pytest.raises(ConfigError, match=key):
                 Simulation(cfg, trace=tr)
+        cfg = small_config(**DECOUPLED, **{"cluster.num_replicas": 2, "cluster.prefill_replicas": 1})
+        with pytest.raises(ConfigError, match="cluster.prefill_replicas"):
+            Simulation(cfg, trace=tr)
         Simulation(small_config(**DECOUPLED), trace=tr)     # the supported combination builds
 
 
