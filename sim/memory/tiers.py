@@ -55,9 +55,6 @@ _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
 _LOW63 = np.uint64(0x7FFFFFFFFFFFFFFF)
 
 
-_SMALL_RUN_ALLOC = 8     # grow_run: up to this many allocations, one call each beats the array path
-
-
 @numba.njit(cache=True, nogil=True)
 def _prefix_keys(hashes, hash_block_tokens, n, block_size, out):
     j = 0
@@ -687,12 +684,10 @@ class TieredKV:
         ``allocate``). The caller planned them to fit (:meth:`run_budget`), so nothing evicted here is
         written back."""
         hbm = self.hbm
+        total = int(count.sum())
         wl = who.tolist()
-        total = int(count.sum()) if len(wl) > _SMALL_RUN_ALLOC else -1
-        if total < 0 or (self.time_dependent and total > hbm.num_free):
-            # one allocation at a time, each at its own time: what a policy whose choice depends on
-            # the time needs, and, for a few allocations, cheaper than the array path (the same blocks:
-            # a run's choice of k victims equals k choices of one when the policy is not time dependent)
+        if self.time_dependent and total > hbm.num_free:
+            # a policy whose choice depends on the time is asked at each allocation's own time
             choose = self._choose[HBM]
             for w, c, t in zip(wl, count.tolist(), times.tolist()):
                 req = reqs[w]
