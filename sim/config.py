@@ -388,8 +388,10 @@ class SimConfig:
                 out["policies"] = {k: getattr(section, k).to_dict() for k in POLICY_KINDS}
             else:
                 out[f.name] = dataclasses.asdict(section)
-        if self.replica.lanes == "lockstep":
-            # the decoupled-lanes keys only when used: configs without them keep their hash and TOML
+        defaults = ReplicaConfig()
+        if all(getattr(self.replica, k) == getattr(defaults, k) for k in _LANES_KEYS):
+            # the decoupled-lanes keys only when set: configs without them keep their hash and TOML (and
+            # one that sets any of them, even with lock-step lanes, writes them all and reads back the same)
             for k in _LANES_KEYS:
                 out["replica"].pop(k)
         return out
