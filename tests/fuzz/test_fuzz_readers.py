@@ -375,3 +375,16 @@ def test_random_bytes_without_a_format(workdir, content, suffix):
 def test_csv_text_helper_round_trips_awkward_cells():
     text = cg.csv_text(["a", "b"], [["1,5", 'x"y'], ["4\n2", ""]])
     assert list(csv.reader(io.StringIO(text))) == [["a", "b"], ["1,5", 'x"y'], ["4\n2", ""]]
+
+
+def test_a_bare_carriage_return_in_a_cell_names_that_cell(workdir):
+    """Found by the fuzzer: an unquoted ``\\r`` in the arrival column split the row for the parser, and
+    the error named the row's last field as missing."""
+    path = workdir / "bare-cr.csv"
+    path.write_bytes(b"arrival_s,prompt_tokens,output_tokens\n0.0,120,30\n0.25,64,8\n\r,900,120\n1.5,33,64\n")
+    got = load(path, "csv")
+    assert isinstance(got, TraceError)
+    check_error(got, path, row=3, field="arrival_s")
+    assert "line 4" in str(got)
+    path.write_bytes(b"arrival_s,prompt_tokens,output_tokens\r\n0.0,120,30\r\n0.25,64,8\r\n")
+    assert len(load(path, "csv")) == 2                # CRLF line ends are not bare

@@ -168,6 +168,31 @@ def jsonl_line_of_row(path: Path, row_index: int) -> int | None:
     return None
 
 
+def _refuse_bare_cr(path: Path, data: bytes, header: Sequence[str]) -> None:
+    """A carriage return outside quotes and not before a newline, in a file whose lines end in newlines:
+    CSV parsers end the row there, so the row's later fields would be reported missing. Name the field
+    it sits in instead (quoted cells are left to the parser: there it is part of the value)."""
+    if b"\n" not in data or re.search(rb"\r(?!\n)", data) is None:
+        return
+    line, field, quoted, start = 1, 0, False, True
+    for i, ch in enumerate(data):
+        if ch == 0x22 and (start or quoted):        # a quote opening or closing a quoted field
+            quoted = not quoted
+        elif quoted:
+            pass
+        elif ch == 0x2C:                            # ,
+            field += 1
+        elif ch == 0x0A:                            # \n
+            line, field = line + 1, 0
+        elif ch == 0x0D and data[i + 1:i + 2] != b"\n":
+            name = header[field] if field < len(header) else f"column {field + 1}"
+            raise TraceError("a bare carriage return (\\r) inside the line; CSV readers end the row there: "
+                             "remove it or quote the cell", path=path, row=line - 1 if line > 1 else None,
+                             line=line, field=name)
+        start = ch in (0x2C, 0x0A) or (start and ch == 0x20)
+    return
+
+
 def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str] = (),
                      as_text: Iterable[str] = ()) -> pd.DataFrame:
     """Read the named columns of a CSV (gzip allowed) in one vectorised pass.
@@ -181,6 +206,7 @@ def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str
     if not data.strip():
         raise TraceError("the file is empty (no header, no rows)", path=path)
     header = csv_header(path, data)
+    _refuse_bare_cr(path, data, header)
     wanted = [c for c in (*required, *optional) if c in header]
     for col in wanted:
         at = [i + 1 for i, c in enumerate(header) if c == col]
