@@ -7,6 +7,15 @@ import math
 import numpy as np
 
 
+def woken_or_at(env, wake, t: float):
+    """Wait (a SimPy process body fragment, ``yield from``) until ``wake`` fires or, when ``t`` is
+    finite, until time ``t``, whichever comes first."""
+    if t < math.inf:
+        yield env.any_of([wake, env.timeout(exact_delay(env.now, t))])
+    else:
+        yield wake
+
+
 def exact_delay(now: float, target: float) -> float:
     """A delay ``d`` with ``now + d == target`` in floating point (SimPy schedules at now + delay)."""
     d = target - now

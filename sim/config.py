@@ -359,6 +359,7 @@ class OutputConfig:
 
 
 _LANES_KEYS = ("lanes", "lanes_partition", "lanes_itl_slo_s")
+_LANES_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReplicaConfig) if f.name in _LANES_KEYS}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -388,8 +389,7 @@ class SimConfig:
                 out["policies"] = {k: getattr(section, k).to_dict() for k in POLICY_KINDS}
             else:
                 out[f.name] = dataclasses.asdict(section)
-        defaults = ReplicaConfig()
-        if all(getattr(self.replica, k) == getattr(defaults, k) for k in _LANES_KEYS):
+        if all(getattr(self.replica, k) == d for k, d in _LANES_DEFAULTS.items()):
             # the decoupled-lanes keys only when set: configs without them keep their hash and TOML (and
             # one that sets any of them, even with lock-step lanes, writes them all and reads back the same)
             for k in _LANES_KEYS:

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policies.base import StepOutcome
-from sim.clock import exact_delay
+from sim.clock import exact_delay, woken_or_at
 from sim.replica.step import log_step
 from sim.replica.views import LaneView
 
@@ -277,10 +277,7 @@ class DecoupledLanes:
         feed = self.r.feed
         t = feed.next_s() if lane.index == PREFILL and feed is not None else math.inf
         lane.wake = env.event()
-        if t < math.inf:
-            yield env.any_of([lane.wake, env.timeout(exact_delay(env.now, t))])
-        else:
-            yield lane.wake
+        yield from woken_or_at(env, lane.wake, t)
         lane.wake = None
 
     def _plan(self, lane: int, now: float):

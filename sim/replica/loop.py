@@ -33,7 +33,7 @@ import numpy as np
 import simpy
 
 from policies.base import RequestState, StepOutcome, StepPlan
-from sim.clock import exact_delay
+from sim.clock import exact_delay, woken_or_at
 from sim.memory.tiers import TieredKV
 from sim.memory.transfers import Transfers
 from sim.metrics import REASON_CODE, RequestLog, StepLog, TokenLog
@@ -206,10 +206,7 @@ class Replica:
             yield env.timeout(exact_delay(env.now, t))      # nothing in flight can wake it sooner
             return
         self._wake = env.event()
-        if t < math.inf:
-            yield env.any_of([self._wake, env.timeout(exact_delay(env.now, t))])
-        else:
-            yield self._wake
+        yield from woken_or_at(env, self._wake, t)
         self._wake = None
 
     def clock(self) -> float:

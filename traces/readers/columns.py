@@ -190,7 +190,6 @@ def _refuse_bare_cr(path: Path, data: bytes, header: Sequence[str]) -> None:
                              "remove it or quote the cell", path=path, row=line - 1 if line > 1 else None,
                              line=line, field=name)
         start = ch in (0x2C, 0x0A) or (start and ch == 0x20)
-    return
 
 
 def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str] = (),
