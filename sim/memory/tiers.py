@@ -684,12 +684,13 @@ class TieredKV:
         ``allocate``). The caller planned them to fit (:meth:`run_budget`), so nothing evicted here is
         written back."""
         hbm = self.hbm
-        total = int(count.sum())
         wl = who.tolist()
+        cl = count.tolist()
+        total = sum(cl)
         if self.time_dependent and total > hbm.num_free:
             # a policy whose choice depends on the time is asked at each allocation's own time
             choose = self._choose[HBM]
-            for w, c, t in zip(wl, count.tolist(), times.tolist()):
+            for w, c, t in zip(wl, cl, times.tolist()):
                 req = reqs[w]
                 if c == 1:
                     b = hbm.allocate_one(t, choose, req.idx)
@@ -704,15 +705,19 @@ class TieredKV:
                 if hbm.c[C_NEV]:
                     self.dropped_blocks[HBM] += int(hbm.c[C_NEV])
             return
-        owners = np.fromiter((reqs[w].idx for w in wl), dtype=np.int64, count=len(wl))
+        owners = np.array([reqs[w].idx for w in wl], dtype=np.int64)
         if total != len(wl):
             owners = np.repeat(owners, count)
             times = np.repeat(times, count)
         got = hbm.allocate_run(times, owners, self._choose[HBM])
         if hbm.c[C_NEV]:
             self.dropped_blocks[HBM] += int(hbm.c[C_NEV])
+        if total == len(wl):
+            for w, b in zip(wl, got):
+                reqs[w].blocks.append(b)
+            return
         i = 0
-        for w, c in zip(wl, count.tolist()):
+        for w, c in zip(wl, cl):
             reqs[w].blocks.extend(got[i:i + c])
             i += c
 

@@ -237,11 +237,14 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
     ``*0`` figures are the segment's at ``seg0`` before that step's allocation, ``nc0`` the tokens
     computed by every running request; lower tiers and loading requests do not change during a run),
     into the integer columns named by ``sim.metrics.columns``; ``pad`` is the padding of each step (a
-    captured graph's rows beyond the segment's own). Returns the busy time of those steps."""
+    captured graph's rows beyond the segment's own). Returns the busy time, launches and syncs of
+    those steps."""
     cum = 0
     for s in range(seg0, c):
         cum += allocs[s]
     busy = 0.0
+    nl = 0
+    ns = 0
     T = B + n
     for j in range(upto - c):
         s = c + j
@@ -252,6 +255,8 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
         f[r, F_VERIFY] = 0.0
         ends_out[g0 + j] = ends[s]
         busy += durations[s]
+        nl += launches[s]
+        ns += syncs[s]
         if ib.shape[0] == 0:
             continue
         cum += allocs[s]
@@ -281,4 +286,4 @@ def fill_run_rows(f, ib, ends_out, row0, g0, c, upto, seg0, start, ends, duratio
         ib[r, I_ACCEPTED_TOKENS] = 0
         ib[r, I_DRAFT_KV] = 0
         ib[r, I_PADDED_TOKENS] = pad
-    return busy
+    return busy, nl, ns

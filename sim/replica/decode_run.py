@@ -148,6 +148,34 @@ def run_ends(now, durations, t_next):
     return ends, keep
 
 
+@numba.njit(cache=True, nogil=True)
+def segments(nc, rem, fin, K):
+    """The segments of a run of K steps whose decoders finish at the end of the steps ``fin``
+    (sorted): each segment's end step (exclusive), its decoders (those with ``rem`` > its first
+    step) and their KV tokens before step 0."""
+    m = 0
+    for f in fin:
+        if f < K - 1:
+            m += 1
+    bounds = np.empty(m + 1, np.int64)
+    sizes = np.zeros(m + 1, np.int64)
+    sums = np.zeros(m + 1, np.int64)
+    a = 0
+    j = 0
+    for f in fin:
+        if f < K - 1:
+            bounds[j] = f + 1
+            j += 1
+    bounds[m] = K
+    for j in range(m + 1):
+        for r in range(nc.shape[0]):
+            if rem[r] > a:
+                sizes[j] += 1
+                sums[j] += nc[r]
+        a = bounds[j]
+    return bounds, sizes, sums
+
+
 @dataclass(slots=True)
 class Run:
     """A run in progress: K steps priced at its start, committed incrementally, segment by segment.
@@ -170,8 +198,6 @@ class Run:
     durations: np.ndarray
     launches: np.ndarray
     syncs: np.ndarray
-    cum_launches: np.ndarray    # launches of steps [0, s), s = 0..K (and syncs likewise)
-    cum_syncs: np.ndarray
     g0: int                 # the run's first step, as a local step index of the replica
     alloc_who: np.ndarray
     alloc_when: np.ndarray
@@ -277,11 +303,7 @@ class DecodeRuns:
             who, when, count = who[:n_alloc], when[:n_alloc], count[:n_alloc]
             fin = fin[:int(fin.searchsorted(K))]
         dram, nvme = kv.dram, kv.nvme
-        cl = np.zeros(K + 1, np.int64)
-        cs = np.zeros(K + 1, np.int64)
-        np.cumsum(launches, out=cl[1:])
-        np.cumsum(syncs, out=cs[1:])
-        run = Run(reqs, B, n, rem, fin.tolist(), allocs, K, now, ends, durations, launches, syncs, cl, cs, r.steps.n,
+        run = Run(reqs, B, n, rem, fin.tolist(), allocs, K, now, ends, durations, launches, syncs, r.steps.n,
                   who, when, count, 0, B, hbm.num_free, hbm.num_cached, hbm.num_active, held0, nc_sum + c0,
                   dram.num_active * dram.bytes_per_block, nvme.num_active * nvme.bytes_per_block,
                   dram.num_cached * dram.bytes_per_block, nvme.num_cached * nvme.bytes_per_block,
@@ -321,11 +343,14 @@ class DecodeRuns:
         durations = np.empty(K)
         launches = np.empty(K, np.int64)
         syncs = np.empty(K, np.int64)
+        bounds, sizes, sums = segments(nc, rem, fin, K)
         a = 0
-        for b in [int(f) + 1 for f in fin if f < K - 1] + [K]:
-            act = rem > a
-            nca = nc[act]
-            d, lc, sc = builder.decode_run(nca, int(nca.sum()), b - a, first=a)
+        dense = builder.dense
+        for b, B, total in zip(bounds.tolist(), sizes.tolist(), sums.tolist()):
+            if dense:
+                d, lc, sc = builder.dense_decode_run(B, total, b - a, a)
+            else:
+                d, lc, sc = builder.decode_run(nc[rem > a], total, b - a, first=a)
             durations[a:b], launches[a:b], syncs[a:b] = d, lc, sc
             a = b
         return durations, launches, syncs
@@ -395,16 +420,16 @@ class DecodeRuns:
         steps = r.steps
         row0 = steps.reserve_block(upto - c)
         pad = r.builder.cost.padded_batch(B, run.n > 0) - B      # a captured graph's padding rows
-        busy = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, a, run.start, run.ends,
+        busy, nl, ns = fill_run_rows(steps.f, steps.i, steps.ends.a, row0, steps.n, c, upto, a, run.start, run.ends,
                              run.durations, run.allocs, run.free0, run.cached0, run.active0, run.held0,
                              run.inflight, run.nc0, B, run.n, kv.block_size, kv.hbm.bytes_per_block,
                              run.dram_used, run.nvme_used, run.dram_cached, run.nvme_cached, run.loading,
                              run.launches, run.syncs, pad)
         steps.commit_block(upto - c, busy)
         m = upto - c
-        r.num_launches += int(run.cum_launches[upto]) - int(run.cum_launches[c])
+        r.num_launches += nl
         r.num_padded_tokens += pad * (upto - c)
-        r.num_syncs += int(run.cum_syncs[upto]) - int(run.cum_syncs[c])
+        r.num_syncs += ns
         g_first = r.step_id_base + run.g0 + c
         g_last = g_first + m - 1
         first_end = float(run.ends[c])

@@ -213,14 +213,17 @@ class StepBuilder:
         before the run's step 0 is ``nc`` tokens per request (each step adds one), plus launches and
         syncs per step."""
         B = nc.shape[0]
-        s0 = first + 1
         if self.dense:
-            ctx_sums = np.arange(nc_sum + B * s0, nc_sum + B * (s0 + K), B, dtype=np.float64)
-        else:
-            s_idx = np.arange(first, first + K, dtype=np.int64)
-            ctx = (nc[None, :] + 1) + s_idx[:, None]
-            ctx_sums = np.asarray(self.sparsity.attended(ctx)).sum(axis=1).astype(np.float64)
+            return self.dense_decode_run(B, nc_sum, K, first)
+        s_idx = np.arange(first, first + K, dtype=np.int64)
+        ctx = (nc[None, :] + 1) + s_idx[:, None]
+        ctx_sums = np.asarray(self.sparsity.attended(ctx)).sum(axis=1).astype(np.float64)
         return self.cost.decode_run(B, ctx_sums)
+
+    def dense_decode_run(self, B: int, nc_sum: int, K: int, first: int) -> tuple[np.ndarray, int, int]:
+        """:meth:`decode_run` under dense attention, from the batch size and its KV total alone."""
+        s0 = first + 1
+        return self.cost.decode_run(B, np.arange(nc_sum + B * s0, nc_sum + B * (s0 + K), B, dtype=np.float64))
 
     def chunk_run(self, nc: np.ndarray, nc_sum: int, K: int, c0: int, n: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
