@@ -289,7 +289,10 @@ class Curve1D:
     def kernels_at(self, x: float, default: int) -> int:
         if self.ks is None:
             return default
-        i = int(np.argmin(np.abs(np.log(np.maximum(self.xs, 1e-9)) - np.log(max(x, 1e-9)))))
+        xs = self.xs
+        # nearest grid point in log x; at or beyond the last (``xs`` is increasing) that is the last
+        i = (xs.shape[0] - 1 if x >= xs[-1] else
+             int(np.argmin(np.abs(np.log(np.maximum(xs, 1e-9)) - np.log(max(x, 1e-9))))))
         k = self.ks[i]
         return int(round(k)) if np.isfinite(k) and k > 0 else default
 
@@ -603,6 +606,7 @@ class TableBackend(BackendBase):
                                  f"{ops.model.name}` or set costs.fallback = \"roofline\"")
         self.host_call_s, self.step_host_s = self._host_model(table, host_kernels)
         self._dense = self._build_dense()
+        self._above = self._build_above() if self._dense is not None else None
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
     # ------------------------------------------------------------------ sources
@@ -987,6 +991,51 @@ class TableBackend(BackendBase):
                     k_arr[1:, i] = self.kernels[i]
         return nt, ns, tok_t, smp_t, tok_k, smp_k
 
+    def _build_above(self):
+        """For steps of more tokens than every token-row op's grid holds (long prompts, e.g. Mooncake's):
+        the token-row ops' curve ends, so that their times are one vector expression instead of a
+        lookup per op. (op indices, x per token, last x, time there, slope, the op indices of each
+        table op in first-occurrence order, the token count beyond which every such op extrapolates,
+        the smallest sampled-row count no sampled-row op's grid starts above)."""
+        ops = self.ops
+        idx = [i for i, op in enumerate(ops.ops)
+               if not op.table_op.startswith("attn") and not (op.table_op == "allreduce" and ops.tp == 1)
+               and op.rows != "sampled"]
+        unit = np.array([ops.model.hidden_size * ops.model.bytes_per_weight if ops.ops[i].table_op == "allreduce"
+                         else 1.0 for i in idx], dtype=np.float64)
+        xs_last = np.array([self.curves[i].xs[-1] for i in idx], dtype=np.float64)
+        groups: dict[str, list[int]] = {}
+        for j, i in enumerate(idx):
+            groups.setdefault(ops.ops[i].table_op, []).append(j)
+        smp = [i for i, op in enumerate(ops.ops) if op.rows == "sampled" and i in self.curves]
+        return (np.array(idx, dtype=np.int64), unit, xs_last,
+                np.array([self.curves[i].ts[-1] for i in idx], dtype=np.float64),
+                np.array([self.curves[i].slope for i in idx], dtype=np.float64),
+                [(name, np.array(js, dtype=np.int64)) for name, js in groups.items()],
+                int(np.floor(np.max(xs_last / unit))) if idx else 0,
+                max([float(self.curves[i].xs[0]) for i in smp], default=0.0),
+                any(ops.ops[i].table_op == "allreduce" for i in idx))
+
+    def _fixed_above(self, tokens: int, sampled: int) -> np.ndarray | None:
+        """:meth:`fixed_times` of a step beyond every token-row grid (None where that does not hold):
+        the same values and the same extrapolation notes as the per-op lookups."""
+        idx, unit, xs_last, ts_last, slope, groups, t_min, smp_x0, has_ar = self._above
+        if tokens <= t_min or (0 < sampled < smp_x0):
+            return None
+        x = tokens * unit
+        if has_ar:      # (as ``op_x`` computes it)
+            ar = float(tokens * self.ops.model.hidden_size * self.ops.model.bytes_per_weight)
+            x = np.where(unit != 1.0, ar, x)
+        if not (x > xs_last).all():
+            return None
+        d = self._dense
+        out = d[3][sampled].copy()
+        out[idx] = ts_last + slope * (x - xs_last)
+        over = x / xs_last
+        for name, js in groups:
+            self._note(name, int(js.shape[0]), float(over[js].max()))
+        return out
+
     def _note(self, name: str, n: int, over: float, under: float = 1.0) -> None:
         """Count ``n`` lookups of ``name`` outside its grid: the largest coordinate was ``over`` times
         the grid's largest, the smallest ``under`` times the grid's smallest."""
@@ -1004,6 +1053,11 @@ class TableBackend(BackendBase):
         got = self._cache.get(key)
         if got is not None:
             return got
+        if self._above is not None and sampled <= d[1]:
+            got = self._fixed_above(tokens, sampled)
+            if got is not None:
+                self._cache[key] = got
+                return got
         ops = self.ops
         out = np.zeros(len(ops.ops))
         roof = None

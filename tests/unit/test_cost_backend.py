@@ -85,3 +85,27 @@ def test_selection_time_from_the_topk_microkernel(h100):
     assert 0 < roof.selection_time(64, 4096, 32) < t_small       # no measurement: a lower bound
     # fewer SMs: rows beyond them run in more waves
     assert table.for_share(0.25).selection_time(256, 4096, 32) > table.selection_time(256, 4096, 32)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_steps_beyond_every_token_grid_price_as_the_per_op_lookups(tp):
+    """Long prompts (Mooncake's reach 100k tokens) take a vector path past the token grids' ends; it
+    gives the per-op lookups' times to the bit and the same extrapolation notes, and steps that are
+    not beyond every grid keep the per-op path."""
+    gpu = load_gpu("h100")
+    ops = TransformerOps(load_model("llama-3.1-8b"), tp)
+    fast = TableBackend(ops, gpu, CostTable(resolve_table_dir("h100-sxm-80gb")))
+    slow = TableBackend(ops, gpu, CostTable(resolve_table_dir("h100-sxm-80gb")))
+    assert fast._above is not None
+    slow._above = None
+    t_min = fast._above[6]
+    rng = np.random.default_rng(tp)
+    shapes = [(int(t), int(s)) for t, s in zip(rng.integers(t_min - 50, 8 * t_min, 300), rng.integers(0, 4097, 300))]
+    shapes += [(t_min, 1), (t_min + 1, 0), (t_min + 1, 4096)]
+    for tokens, sampled in shapes:
+        np.testing.assert_array_equal(fast.fixed_times(tokens, sampled), slow.fixed_times(tokens, sampled))
+        np.testing.assert_array_equal(fast.kernel_counts(tokens, sampled, True, True),
+                                      slow.kernel_counts(tokens, sampled, True, True))
+    assert fast.extrapolations == slow.extrapolations and fast.extrapolations
+    assert list(fast.ext_over.items()) == list(slow.ext_over.items())
+    assert fast.ext_under == slow.ext_under
