@@ -184,6 +184,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    # a killed process whose parent died too stays a zombie until init reaps it, which a container's
+    # init may do late: its spill directory is as dead as it is
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
     return True
 
 
