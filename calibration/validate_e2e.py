@@ -152,20 +152,16 @@ def replay(rec, config, name: str):
     rep = sim.replicas[0]           # one replica: its token log and step end times give the gaps
     log = rep.tokens
     local = (1 << STEP_ID_BITS) - 1     # global step ids -> the replica's own step indices
-    # each request's runs are contiguous in the token log, where the request log says
+    # each request's runs lie contiguous in the token log, from the request log's seg_off, so the
+    # requests in seg_off order, each repeated seg_cnt times, are the log's rows' requests
     reqs = sim.cluster.requests
-    idx = np.empty(log.first.n, dtype=np.int64)
-    idx[np.repeat(reqs.seg_off, reqs.seg_cnt) + _within(reqs.seg_cnt)] = np.repeat(np.arange(reqs.n), reqs.seg_cnt)
+    has = np.flatnonzero(reqs.seg_cnt)
+    has = has[np.argsort(reqs.seg_off[has], kind="stable")]
+    idx = np.repeat(has, reqs.seg_cnt[has])
     runs = pd.DataFrame({"idx": idx, "seg_first": log.first.view().astype(np.int64) & local,
                          "seg_last": log.last.view().astype(np.int64) & local})
     gaps, _ = itl_gaps(runs, rep.steps.end_s, len(rec.requests))
     return res, gaps
-
-
-def _within(counts: np.ndarray) -> np.ndarray:
-    """0, 1, ... counts[i] - 1 for each i, concatenated."""
-    ends = np.cumsum(counts)
-    return np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - counts, counts)
 
 
 # ============================================================================ comparing

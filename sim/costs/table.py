@@ -356,6 +356,26 @@ def _decode_eval(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx_sums):
     return out, max(n_lo, n_hi)
 
 
+@dataclass(frozen=True, slots=True)
+class _AboveGrids:
+    """The token-row ops' (``idx``) curve ends, for steps of more tokens than every such op's grid
+    holds (long prompts, e.g. Mooncake's): their times there are one vector expression instead of a
+    lookup per op. ``unit``: x per token; ``allreduce``: ops whose x is bytes (computed as ``op_x``
+    does); ``groups``: the positions in ``idx`` of each table op, in first-occurrence order (for the
+    extrapolation notes); beyond ``t_min`` tokens every such op extrapolates; ``sampled_x0``: the
+    sampled-row count from which no sampled-row op's grid starts above it."""
+
+    idx: np.ndarray
+    unit: np.ndarray
+    allreduce: np.ndarray
+    xs_last: np.ndarray
+    ts_last: np.ndarray
+    slope: np.ndarray
+    groups: list
+    t_min: int
+    sampled_x0: float
+
+
 class DecodeGrid:
     """Decode attention time(batch, ctx) for uniform contexts; a batch with mixed contexts is priced
     at its mean context (attention over paged KV is memory-bound: time follows total KV read)."""
@@ -957,20 +977,27 @@ class TableBackend(BackendBase):
 
     DENSE_MAX = 16384
 
+    def _fixed_ops(self) -> tuple[list[int], list[int], dict[int, float]]:
+        """The ops priced from their own curves (not attention, not an all-reduce at TP 1): those whose
+        x is the step's tokens, those whose x is its sampled rows, and each one's x per token or row
+        (an all-reduce's bytes per token, else 1)."""
+        ops = self.ops
+        needed = [i for i, op in enumerate(ops.ops)
+                  if not op.table_op.startswith("attn") and not (op.table_op == "allreduce" and ops.tp == 1)]
+        unit = {i: (ops.model.hidden_size * ops.model.bytes_per_weight if ops.ops[i].table_op == "allreduce" else 1)
+                for i in needed}
+        return ([i for i in needed if ops.ops[i].rows != "sampled"],
+                [i for i in needed if ops.ops[i].rows == "sampled"], unit)
+
     def _build_dense(self):
         """Per-op times and kernel counts for every token count (and sampled-row count) inside the
         measured grids, so that pricing a step's fixed ops is one row lookup. None when an op is priced
         by the roofline fallback (then the per-shape path, cached, is used)."""
         ops = self.ops
         n = len(ops.ops)
-        needed = [i for i, op in enumerate(ops.ops)
-                  if not op.table_op.startswith("attn") and not (op.table_op == "allreduce" and ops.tp == 1)]
-        if any(i not in self.curves for i in needed):
+        tok, smp, unit = self._fixed_ops()
+        if any(i not in self.curves for i in tok + smp):
             return None
-        unit = {i: (ops.model.hidden_size * ops.model.bytes_per_weight if ops.ops[i].table_op == "allreduce" else 1)
-                for i in needed}
-        tok = [i for i in needed if ops.ops[i].rows != "sampled"]
-        smp = [i for i in needed if ops.ops[i].rows == "sampled"]
 
         def limit(idx):
             return min([self.DENSE_MAX] + [int(self.curves[i].xs[-1] // unit[i]) for i in idx])
@@ -991,48 +1018,40 @@ class TableBackend(BackendBase):
                     k_arr[1:, i] = self.kernels[i]
         return nt, ns, tok_t, smp_t, tok_k, smp_k
 
-    def _build_above(self):
-        """For steps of more tokens than every token-row op's grid holds (long prompts, e.g. Mooncake's):
-        the token-row ops' curve ends, so that their times are one vector expression instead of a
-        lookup per op. (op indices, x per token, last x, time there, slope, the op indices of each
-        table op in first-occurrence order, the token count beyond which every such op extrapolates,
-        the smallest sampled-row count no sampled-row op's grid starts above)."""
+    def _build_above(self) -> "_AboveGrids":
+        """The token-row ops' curve ends (see :class:`_AboveGrids`): the vector path of steps longer
+        than every token-row grid. Built only with the dense tables (every such op has a curve)."""
         ops = self.ops
-        idx = [i for i, op in enumerate(ops.ops)
-               if not op.table_op.startswith("attn") and not (op.table_op == "allreduce" and ops.tp == 1)
-               and op.rows != "sampled"]
-        unit = np.array([ops.model.hidden_size * ops.model.bytes_per_weight if ops.ops[i].table_op == "allreduce"
-                         else 1.0 for i in idx], dtype=np.float64)
-        xs_last = np.array([self.curves[i].xs[-1] for i in idx], dtype=np.float64)
+        tok, smp, unit = self._fixed_ops()
         groups: dict[str, list[int]] = {}
-        for j, i in enumerate(idx):
+        for j, i in enumerate(tok):
             groups.setdefault(ops.ops[i].table_op, []).append(j)
-        smp = [i for i, op in enumerate(ops.ops) if op.rows == "sampled" and i in self.curves]
-        return (np.array(idx, dtype=np.int64), unit, xs_last,
-                np.array([self.curves[i].ts[-1] for i in idx], dtype=np.float64),
-                np.array([self.curves[i].slope for i in idx], dtype=np.float64),
-                [(name, np.array(js, dtype=np.int64)) for name, js in groups.items()],
-                int(np.floor(np.max(xs_last / unit))) if idx else 0,
-                max([float(self.curves[i].xs[0]) for i in smp], default=0.0),
-                any(ops.ops[i].table_op == "allreduce" for i in idx))
+        u = np.array([unit[i] for i in tok], dtype=np.float64)
+        xs_last = np.array([self.curves[i].xs[-1] for i in tok], dtype=np.float64)
+        return _AboveGrids(
+            idx=np.array(tok, dtype=np.int64), unit=u,
+            allreduce=np.array([ops.ops[i].table_op == "allreduce" for i in tok], dtype=bool), xs_last=xs_last,
+            ts_last=np.array([self.curves[i].ts[-1] for i in tok], dtype=np.float64),
+            slope=np.array([self.curves[i].slope for i in tok], dtype=np.float64),
+            groups=[(name, np.array(js, dtype=np.int64)) for name, js in groups.items()],
+            t_min=int(np.floor(np.max(xs_last / u))) if tok else 0,
+            sampled_x0=max([float(self.curves[i].xs[0]) for i in smp], default=0.0))
 
     def _fixed_above(self, tokens: int, sampled: int) -> np.ndarray | None:
         """:meth:`fixed_times` of a step beyond every token-row grid (None where that does not hold):
         the same values and the same extrapolation notes as the per-op lookups."""
-        idx, unit, xs_last, ts_last, slope, groups, t_min, smp_x0, has_ar = self._above
-        if tokens <= t_min or (0 < sampled < smp_x0):
+        a = self._above
+        if tokens <= a.t_min or (0 < sampled < a.sampled_x0):
             return None
-        x = tokens * unit
-        if has_ar:      # (as ``op_x`` computes it)
-            ar = float(tokens * self.ops.model.hidden_size * self.ops.model.bytes_per_weight)
-            x = np.where(unit != 1.0, ar, x)
-        if not (x > xs_last).all():
+        x = tokens * a.unit
+        if a.allreduce.any():      # (as ``op_x`` computes it)
+            x = np.where(a.allreduce, float(tokens * self.ops.model.hidden_size * self.ops.model.bytes_per_weight), x)
+        if not (x > a.xs_last).all():
             return None
-        d = self._dense
-        out = d[3][sampled].copy()
-        out[idx] = ts_last + slope * (x - xs_last)
-        over = x / xs_last
-        for name, js in groups:
+        out = self._dense[3][sampled].copy()
+        out[a.idx] = a.ts_last + a.slope * (x - a.xs_last)
+        over = x / a.xs_last
+        for name, js in a.groups:
             self._note(name, int(js.shape[0]), float(over[js].max()))
         return out
 
