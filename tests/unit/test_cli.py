@@ -70,14 +70,16 @@ def test_written_config_reproduces_the_run(tmp_path, capsys):
     (["--set", "costs.table=/nonexistent/table"], "unknown cost table"),
     (["--set", "hardware.gpu=h300"], "unknown gpu 'h300'"),
 ])
-def test_bad_config_gets_one_line_without_traceback(capsys, args, needle):
+def test_bad_config_gets_one_line_without_traceback(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)     # (a checkout where `tiersim run` already wrote tiersim-results/ is refused first)
     rc, out, err = run_cli(capsys, "run", *args, "--no-progress")
     assert rc == 2
     assert needle in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_bad_trace_rows_name_file_row_and_field(tmp_path, capsys):
+def test_bad_trace_rows_name_file_row_and_field(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,10,5\n"
                    "2023-11-16 18:15:47.6805900,-5,5\n")
