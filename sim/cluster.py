@@ -30,6 +30,7 @@ from sim.memory.store import SharedStore
 from sim.memory.tiers import TieredKV, prefix_keys
 from sim.memory.transfers import TransferLog, Transfers
 from sim.metrics import RequestLog, StepLog, TokenLog
+from sim.metrics.columns import schema_metadata
 from sim.replica import Replica
 from sim.replica.step import StepBuilder
 from sim.request import FrozenRequest, Request
@@ -126,6 +127,7 @@ class Cluster:
         decoupled = rc.lanes == "decoupled"
         lanes = (dict(mode=rc.lanes_partition, fraction=rc.prefill_sm_fraction, itl_slo_s=rc.lanes_itl_slo_s)
                  if decoupled else None)
+        step_meta = schema_metadata(sim._metadata)
         for i in range(cfg.cluster.num_replicas):
             policies = {kind: sim.build_policy(kind, i) for kind in registry.KINDS if kind != "routing"}
             lower = {t: sim.build_policy("eviction", i, tier=k) for k, t in ((1, "dram"), (2, "nvme"))}
@@ -155,7 +157,8 @@ class Cluster:
                 links["net_write"] = Channel(env, f"replica{i}.net_write", cc.shared_kv_bandwidth_bytes_per_s,
                                              cc.shared_kv_latency_s)
             step_log = StepLog(cfg.metrics.step_log, i, sim.spill / f"steps-replica{i}.parquet",
-                               tuple(p.num_blocks * p.bytes_per_block for p in kv.pools))
+                               tuple(p.num_blocks * p.bytes_per_block for p in kv.pools),
+                               metadata=step_meta)
             replica = Replica(env=env, replica_id=i, kv=kv, builder=builder,
                               transfers=Transfers(env, i, links, self.transfer_log), policies=policies,
                               preemption_mode=rc.preemption_mode, max_model_len=sim.max_model_len,

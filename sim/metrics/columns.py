@@ -66,6 +66,19 @@ assert len({v for k, v in globals().items() if k.startswith("I_")}) == len(INT_C
     "every integer column has exactly one I_ constant"
 
 
+# How ``steps.parquet`` is encoded, by the step logs' spill files and by the merge alike. No dictionary
+# pages: step columns hardly repeat, so dictionaries only cost time (on the default run, 0.15 s of zstd
+# with them against 0.09 s without, and 9.3 MB against 7.5 MB).
+STEP_PARQUET = {"compression": "zstd", "use_dictionary": False}
+
+
+def schema_metadata(metadata: dict) -> dict[str, str]:
+    """A run's metadata (config, hash, cost table and trace identity) as Parquet schema metadata."""
+    import json
+
+    return {f"tiersim.{k}": json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+
+
 def step_schema():
     """The Arrow schema of ``steps.parquet``: replica, every step column, the derived free bytes."""
     import pyarrow as pa

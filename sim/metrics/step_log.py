@@ -41,6 +41,7 @@ from sim.metrics.columns import (
     INT_COLUMNS,
     INT_INDEX,
     STEP_COLUMNS,
+    STEP_PARQUET,
     step_schema,
 )
 
@@ -77,14 +78,18 @@ class StepLog:
     Buffers are zero-filled: a column a writer leaves out reads 0. With ``enabled=False`` only end
     times and the busy time are kept.
 
+    The spill file is written as ``steps.parquet`` is (``STEP_PARQUET``, with the run's ``metadata``
+    in its schema when given), so a single replica's file is the results' file as it stands.
+
     Invariants: ``n`` steps logged; buffer row ``r`` is step ``base + r``; steps ``< base`` are on disk.
     """
 
     CHUNK = 1 << 16
 
     def __init__(self, enabled: bool, replica: int, path: Path | None,
-                 capacity_bytes: tuple[int, int, int]) -> None:
+                 capacity_bytes: tuple[int, int, int], metadata: dict[str, str] | None = None) -> None:
         self.enabled = enabled
+        self.metadata = metadata
         self.capacity_bytes = capacity_bytes      # KV capacity of (HBM, DRAM, NVMe), whole replica
         self.replica = replica
         self.path = path
@@ -199,6 +204,8 @@ class StepLog:
             for k in ("num_seqs", "tokens", "launches", "syncs"):
                 a[k] += int(col[k].sum())
             schema = step_schema()
+            if self.metadata:
+                schema = schema.with_metadata(self.metadata)
             arrays = [from_numpy(np.full(m, self.replica, np.int16))]
             for k, t in STEP_COLUMNS.items():
                 if k == "step":
@@ -212,8 +219,7 @@ class StepLog:
                        from_numpy(dram_cap - col["dram_used_bytes"] - col["dram_cached_bytes"]),
                        from_numpy(nvme_cap - col["nvme_used_bytes"] - col["nvme_cached_bytes"])]
             if self._writer is None:
-                # a temporary spill file, re-encoded (zstd) when merged into steps.parquet
-                self._writer = pq.ParquetWriter(self.path, schema, compression="none")
+                self._writer = pq.ParquetWriter(self.path, schema, **STEP_PARQUET)
             self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=self.CHUNK)
             self.f[:m] = 0.0
             self.i[:m] = 0

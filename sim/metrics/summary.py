@@ -3,6 +3,7 @@ the per-request table, and writing everything to a results directory."""
 from __future__ import annotations
 
 import json
+import shutil
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 
 from sim import results_io
 from sim.arrow import categorical, from_numpy
-from sim.metrics.columns import step_schema
+from sim.metrics.columns import STEP_PARQUET, schema_metadata, step_schema
 from sim.metrics.requests import REJECT_REASONS, RequestLog
 from sim.metrics.step_log import StepLog
 from sim.metrics.tokens import TokenLog, histogram_edges, itl_statistics
@@ -85,23 +86,27 @@ class Results:
         results_io.remove_marker(out)
         results_io.clear_partial(out)
         written = []
-        meta = {f"tiersim.{k}": json.dumps(v, sort_keys=True) for k, v in self.metadata.items()}
+        meta = schema_metadata(self.metadata)
         table = self.requests_table.replace_schema_metadata(meta)
         with results_io.atomic_path(out / "requests.parquet") as tmp:
             pq.write_table(table, tmp, compression="zstd")
         written.append("requests.parquet")
-        # steps: the replicas' files, row group by row group, into one file
+        # steps: the replicas' spill files, row group by row group, into one file; a single replica's
+        # file written with this run's metadata already is that file, and is copied as it stands
         schema = step_schema().with_metadata(meta)
+        files = [p for p in self.step_files if Path(p).exists()]
         with results_io.atomic_path(out / "steps.parquet") as tmp:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for p in self.step_files:
-                    if not Path(p).exists():
-                        continue
-                    f = pq.ParquetFile(p)
-                    for g in range(f.num_row_groups):
-                        writer.write_table(f.read_row_group(g).replace_schema_metadata(meta),
-                                           row_group_size=StepLog.CHUNK)
-                        results_io.kill_point("parquet")
+            if len(files) == 1 and pq.read_schema(files[0]).equals(schema, check_metadata=True):
+                shutil.copyfile(files[0], tmp)
+                results_io.kill_point("parquet")
+            else:
+                with pq.ParquetWriter(tmp, schema, **STEP_PARQUET) as writer:
+                    for p in files:
+                        f = pq.ParquetFile(p)
+                        for g in range(f.num_row_groups):
+                            writer.write_table(f.read_row_group(g).replace_schema_metadata(meta),
+                                               row_group_size=StepLog.CHUNK)
+                            results_io.kill_point("parquet")
         written.append("steps.parquet")
         for name, arrow in (("transfers.parquet", self.transfers_table), ("itl_hist.parquet", self.itl_hist_table)):
             if arrow is None:
