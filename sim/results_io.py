@@ -46,8 +46,9 @@ _TMP = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 # ------------------------------------------------------------------ test hook
-def kill_point(name: str) -> None:
-    """SIGKILL this process at write point ``name`` if ``TIERSIM_KILL_AT`` asks for it (once)."""
+def kill_point(name: str, group: bool = False) -> None:
+    """SIGKILL this process at write point ``name`` if ``TIERSIM_KILL_AT`` asks for it (once); with
+    ``group``, its whole process group (a sweep driver with its workers)."""
     spec = os.environ.get("TIERSIM_KILL_AT")
     if not spec:
         return
@@ -60,6 +61,8 @@ def kill_point(name: str) -> None:
         return
     os.write(fd, f"{name} {os.getpid()}\n".encode())
     os.close(fd)
+    if group:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -520,6 +520,8 @@ def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | N
     def record(row: dict) -> None:
         row = {k: v for k, v in row.items()}
         _append_index(out, row)
+        if row["status"] == "done":
+            results_io.kill_point("indexed", group=True)     # crash tests: driver and workers die here
         rows[row["run"]] = row
         if progress is not None:
             progress.run_finished(row["run"], row["status"] + (f" ({row['error']})" if row.get("error") else ""),
