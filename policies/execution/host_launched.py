@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from policies.base import ExecutionPolicy, KernelSequence, LaunchCosts, StepTiming
 from policies.execution.host import HostOverhead, HostParams
 from policies.registry import register
+from sim.jit import numba
 
 
 @numba.njit(cache=True, nogil=True)

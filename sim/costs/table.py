@@ -26,7 +26,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from policies.base import LaunchCosts
@@ -34,6 +33,7 @@ from sim.costs.backend import BackendBase, stretch
 from sim.costs.model import OpDef, StepShape, TransformerOps, parse_key
 from sim.costs.roofline import RooflineBackend
 from sim.errors import CostTableError
+from sim.jit import numba
 from sim.specs import GPUSpec
 
 TABLE_FORMAT = "tiersim-cost-table/1"

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numba
 import numpy as np
+
+from sim.jit import numba
 
 FREE, CACHED, ACTIVE = 0, 1, 2
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 
+from sim.jit import numba
 from sim.memory.block_pool import _ht_insert, ht_find, new_table
 
 

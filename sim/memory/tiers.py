@@ -33,10 +33,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 
 from policies.base import RequestState
+from sim.jit import numba
 from sim.memory.block_pool import C_KEYS, C_NEV, C_VERSION, BlockPool, ht_find
 from sim.memory.cache_view import PoolCacheView
 from sim.request import FrozenRequest, Request, unwrap

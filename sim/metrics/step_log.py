@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numba
 import numpy as np
 
+from sim.jit import numba
 from sim.metrics.columns import (
     F_DRAFT,
     F_DURATION,

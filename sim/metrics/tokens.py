@@ -24,9 +24,9 @@ per-token ITL (``summary["speculation"]["itl_per_step_s"]``).
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from sim.jit import numba
 from sim.metrics.step_log import Growable
 from sim.request import STEP_ID_BITS, Request
 

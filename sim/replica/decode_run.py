@@ -24,12 +24,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 import simpy
 
 from policies.base import StepOutcome
 from sim.clock import exact_delay
+from sim.jit import numba
 from sim.metrics import fill_run_rows
 from sim.request import unwrap
 
