@@ -127,7 +127,7 @@ class Cluster:
         decoupled = rc.lanes == "decoupled"
         lanes = (dict(mode=rc.lanes_partition, fraction=rc.prefill_sm_fraction, itl_slo_s=rc.lanes_itl_slo_s)
                  if decoupled else None)
-        step_meta = schema_metadata(sim._metadata)
+        step_meta = schema_metadata(sim.run_metadata)
         for i in range(cfg.cluster.num_replicas):
             policies = {kind: sim.build_policy(kind, i) for kind in registry.KINDS if kind != "routing"}
             lower = {t: sim.build_policy("eviction", i, tier=k) for k, t in ((1, "dram"), (2, "nvme"))}

@@ -219,7 +219,7 @@ class Simulation:
         env = simpy.Environment()
         self.env = env
         self.spill = spill_dir()
-        self._metadata = self.metadata()    # known before the run: the step logs' spill files carry it
+        self.run_metadata = self.metadata()    # known before the run: the step logs' spill files carry it
         self.cluster = Cluster(self, env, guarded=self.guarded)
         self.replicas = self.cluster.replicas
         for r in self.replicas:
@@ -422,7 +422,7 @@ class Simulation:
             extra = handoffs.columns()
             link_bytes["network_bytes"] = int(stats.get("network", {}).get("bytes", 0))
         res = build_results(requests=self.requests, trace=self.trace, step_logs=[r.steps for r in reps],
-                            token_log=self.cluster.tokens, metadata=self._metadata, kv_info=kv_info,
+                            token_log=self.cluster.tokens, metadata=self.run_metadata, kv_info=kv_info,
                             link_bytes=link_bytes, link_stats=stats, transfer_log=self.cluster.transfer_log,
                             engine_counts=engine, cost_notes=cost_notes, slo_ttft_s=mc.slo_ttft_s,
                              slo_tpot_s=mc.slo_tpot_s, timing=timing, spill=self.spill, kv_tiers=self._kv_tiers(),
