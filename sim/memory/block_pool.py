@@ -434,6 +434,12 @@ class BlockPool:
         """Changes whenever the set of findable keys changes (lookups may be memoised on it)."""
         return int(self.c[C_VERSION])
 
+    def occupancy(self) -> tuple[int, int, int]:
+        """(active, cached, locked) blocks in one call (what a step-log row reads of each tier)."""
+        c = self.c
+        cached = int(c[C_CACHED])
+        return self.num_blocks - int(c[C_FREE]) - cached, cached, int(c[C_LOCKED])
+
     def prefetch_counts(self) -> tuple[int, int, int]:
         """Prefetched blocks (see :meth:`tag_prefetched`): used after they landed, used while still
         loading (the request waited), and evicted or dropped unused."""

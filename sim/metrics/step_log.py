@@ -70,6 +70,14 @@ class Growable:
         return self.a[:self.n]
 
 
+# the integer columns an engine step's row sets (``StepLog.append_row``), in this order
+ROW_COLUMNS = ("num_seqs", "prefill_seqs", "prefill_tokens", "decode_seqs", "tokens", "hbm_active_bytes",
+               "hbm_cached_bytes", "hbm_locked_bytes", "dram_used_bytes", "nvme_used_bytes", "frag_tokens",
+               "launches", "syncs", "preemptions", "padded_tokens", "dram_cached_bytes", "nvme_cached_bytes",
+               "loading_seqs", "prefix_hit_tokens", "loaded_tokens")
+_ROW_INDEX = np.array([INT_INDEX[k] for k in ROW_COLUMNS], dtype=np.intp)
+
+
 class StepLog:
     """One row per engine step of one replica.
 
@@ -137,6 +145,20 @@ class StepLog:
                     f[FLOAT_INDEX[k]] = v
                 else:
                     row[j] = v
+        ends = self.ends.reserve(1)
+        ends[self.n] = end_s
+        self.ends.n = self.n = self.n + 1
+        self.busy_s += duration_s
+
+    def append_row(self, start_s: float, duration_s: float, end_s: float, values: tuple) -> None:
+        """One engine step with the integer columns ``ROW_COLUMNS`` given in that order (the hot path:
+        no keyword dict, one vector store); the other columns read 0 until :meth:`set_last`."""
+        r = self._room(1)
+        f = self.f[r]
+        f[F_START] = start_s
+        f[F_DURATION] = duration_s
+        if self.enabled:
+            self.i[r, _ROW_INDEX] = values
         ends = self.ends.reserve(1)
         ends[self.n] = end_s
         self.ends.n = self.n = self.n + 1

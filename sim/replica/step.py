@@ -248,29 +248,34 @@ def log_step(steps, kv, running, step: Step, start: float, duration: float, end:
     rows a captured graph padded it with."""
     hbm = kv.hbm
     bpb = hbm.bytes_per_block
-    n_prefill = sum(n for _, n in step.prefill)
+    prefill = step.prefill
+    decode = step.decode
+    n_prefill = 0
+    batch = 0
+    for r, n in prefill:
+        n_prefill += n
+        batch += len(r.blocks)
+    for r in decode:
+        batch += len(r.blocks)
     drafted = step.width * sum(step.drafts) if step.drafts else 0
-    tokens = n_prefill + len(step.decode) + drafted
+    nd = len(decode)
+    tokens = n_prefill + nd + drafted
     # fragmentation: token slots allocated to running requests but empty at the end of the step;
     # locked: blocks of the step's batch plus blocks in flight on a link
     held = computed = 0
     for r in running:
         held += len(r.blocks)
         computed += r.num_computed
-    filled = computed + tokens
-    batch = sum(len(r.blocks) for r, _ in step.prefill) + sum(len(r.blocks) for r in step.decode)
-    active = hbm.num_active
-    dram, nvme = kv.dram, kv.nvme
-    steps.append(
-        start, duration, end, num_seqs=len(step.prefill) + len(step.decode), prefill_seqs=len(step.prefill),
-        prefill_tokens=n_prefill, decode_seqs=len(step.decode), tokens=tokens, hbm_active_bytes=active * bpb,
-        hbm_cached_bytes=hbm.num_cached * bpb, hbm_locked_bytes=min(batch + hbm.num_locked, active) * bpb,
-        dram_used_bytes=dram.num_active * dram.bytes_per_block,
-        nvme_used_bytes=nvme.num_active * nvme.bytes_per_block, frag_tokens=held * kv.block_size - filled,
-        launches=launches, syncs=syncs, preemptions=len(step.preempted), padded_tokens=padded_tokens,
-        dram_cached_bytes=dram.num_cached * dram.bytes_per_block,
-        nvme_cached_bytes=nvme.num_cached * nvme.bytes_per_block,
-        loading_seqs=loading, prefix_hit_tokens=step.prefix_hit_tokens, loaded_tokens=step.loaded_tokens)
+    active, cached, locked = hbm.occupancy()
+    locked += batch
+    dram_active, dram_cached, _ = kv.dram.occupancy()
+    nvme_active, nvme_cached, _ = kv.nvme.occupancy()
+    dbpb, nbpb = kv.dram.bytes_per_block, kv.nvme.bytes_per_block
+    steps.append_row(start, duration, end, (
+        len(prefill) + nd, len(prefill), n_prefill, nd, tokens, active * bpb, cached * bpb,
+        (locked if locked < active else active) * bpb, dram_active * dbpb, nvme_active * nbpb,
+        held * kv.block_size - computed - tokens, launches, syncs, len(step.preempted), padded_tokens,
+        dram_cached * dbpb, nvme_cached * nbpb, loading, step.prefix_hit_tokens, step.loaded_tokens))
 
     if drafted or draft_s:
         steps.set_last(draft_tokens=drafted, accepted_tokens=sum(step.accepted) if step.accepted else 0,

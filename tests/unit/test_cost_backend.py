@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from policies import registry
 from sim.costs.backend import CostBackend, ShareCurves
@@ -109,3 +111,17 @@ def test_steps_beyond_every_token_grid_price_as_the_per_op_lookups(tp):
     assert fast.extrapolations == slow.extrapolations and fast.extrapolations
     assert list(fast.ext_over.items()) == list(slow.ext_over.items())
     assert fast.ext_under == slow.ext_under
+
+
+@given(xp=st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=24, unique=True),
+       fp=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=24, max_size=24),
+       xs=st.lists(st.floats(-25, 25, allow_nan=False), min_size=1, max_size=16))
+def test_compiled_interp_is_numpys_bit_for_bit(xp, fp, xs):
+    """The tables' scalar interpolation (``_interp1``, the decode and prefill grids' hot path) returns
+    exactly what ``np.interp`` does, grid points and values outside the grid included."""
+    from sim.costs.table import _interp1
+
+    grid = np.array(sorted(xp))
+    vals = np.array(fp[:grid.size])
+    for x in xs + list(grid):
+        assert np.float64(_interp1(float(x), grid, vals)).tobytes() == np.float64(np.interp(x, grid, vals)).tobytes()
