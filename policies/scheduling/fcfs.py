@@ -38,10 +38,10 @@ class FCFSParams:
 def split_running(running: list) -> tuple[list, list]:
     """(decoding, still prefilling) running requests, each in running order. A request decodes when
     exactly one token is left to compute: its prompt is done and the next token is sampled."""
-    decoding, prefilling = [], []
-    for r in running:
-        (decoding if r.prompt_tokens + r.num_generated - r.num_computed == 1 else prefilling).append(r)
-    return decoding, prefilling
+    decoding = [r for r in running if r.prompt_tokens + r.num_generated - r.num_computed == 1]
+    if len(decoding) == len(running):       # the common case: every running request decodes
+        return decoding, []
+    return decoding, [r for r in running if r.prompt_tokens + r.num_generated - r.num_computed != 1]
 
 
 def plan_decodes(view: SchedulerView, candidates: list, free: int, plan: StepPlan, budget: int) -> int:

@@ -93,11 +93,9 @@ class SchedulerViewImpl:
 
     def decode_blocks_needed(self, reqs) -> list[int]:
         bs = self.block_size
-        out = []
-        for r in reqs:
-            r = unwrap(r)
-            out.append(1 if r.num_computed >= len(r.blocks) * bs else 0)
-        return out
+        if self._g.enabled:
+            reqs = [unwrap(r) for r in reqs]
+        return [1 if r.num_computed >= len(r.blocks) * bs else 0 for r in reqs]
 
     def blocks_freed_by_release(self, req) -> int:
         return self._kv.blocks_freed_by_release(unwrap(req))
