@@ -228,10 +228,10 @@ class Lane:
 class _Row:
     """Collects one step's log row at its start (``log_step``'s columns), written when it ends."""
 
-    __slots__ = ("columns",)
+    __slots__ = ("values",)
 
-    def append(self, start_s, duration_s, end_s, **columns) -> None:
-        self.columns = columns
+    def append_row(self, start_s, duration_s, end_s, values: tuple) -> None:
+        self.values = values
 
 
 class DecoupledLanes:
@@ -374,7 +374,7 @@ class DecoupledLanes:
                 r.moves.writeback_wait_s += landed - end
                 end = landed
         lane.t_end = end
-        r.steps.append(start, end - start, end, **row.columns)
+        r.steps.append_row(start, end - start, end, row.values)
         r.steps.set_last(lane=LANE_CODE[lane.index], sm_share=share * r.builder.sm_share)
         lane.steps += 1
         lane.share_sum += share
