@@ -103,3 +103,17 @@ def test_turning_the_step_log_off_changes_no_request_metric():
     assert on.summary["engine"]["steps"] == off.summary["engine"]["steps"] > 0
     assert len(off.steps) == 0 and len(on.steps) == on.summary["engine"]["steps"]
     assert "hbm_peak_active_bytes" in on.summary["kv"] and "hbm_peak_active_bytes" not in off.summary["kv"]
+
+
+def test_positional_step_rows_land_in_their_named_columns(tmp_path):
+    """``append_row`` (the engine's hot path) writes what ``append`` with the same columns by name does."""
+    from sim.metrics.step_log import ROW_COLUMNS
+
+    cap = (10**9, 10**9, 10**9)
+    by_name, by_position = StepLog(True, 0, tmp_path / "a.parquet", cap), StepLog(True, 0, tmp_path / "b.parquet", cap)
+    for k in range(3):
+        vals = tuple(100 * k + j + 1 for j in range(len(ROW_COLUMNS)))
+        by_name.append(float(k), 0.5, k + 0.5, **dict(zip(ROW_COLUMNS, vals)))
+        by_position.append_row(float(k), 0.5, k + 0.5, vals)
+    assert (by_name.i[:3] == by_position.i[:3]).all() and (by_name.f[:3] == by_position.f[:3]).all()
+    assert by_name.i[:3].any() and list(by_position.end_s) == [0.5, 1.5, 2.5]
