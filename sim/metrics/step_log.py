@@ -76,6 +76,7 @@ ROW_COLUMNS = ("num_seqs", "prefill_seqs", "prefill_tokens", "decode_seqs", "tok
                "launches", "syncs", "preemptions", "padded_tokens", "dram_cached_bytes", "nvme_cached_bytes",
                "loading_seqs", "prefix_hit_tokens", "loaded_tokens")
 _ROW_INDEX = np.array([INT_INDEX[k] for k in ROW_COLUMNS], dtype=np.intp)
+_NO_ROW = (0,) * len(ROW_COLUMNS)
 
 
 class StepLog:
@@ -133,22 +134,8 @@ class StepLog:
 
     def append(self, start_s: float, duration_s: float, end_s: float, **columns) -> None:
         """One step; ``columns`` are the other columns by name (see ``sim.metrics.columns``)."""
-        r = self._room(1)
-        f = self.f[r]
-        f[F_START] = start_s
-        f[F_DURATION] = duration_s
-        if self.enabled:
-            row = self.i[r]
-            for k, v in columns.items():
-                j = INT_INDEX.get(k)
-                if j is None:
-                    f[FLOAT_INDEX[k]] = v
-                else:
-                    row[j] = v
-        ends = self.ends.reserve(1)
-        ends[self.n] = end_s
-        self.ends.n = self.n = self.n + 1
-        self.busy_s += duration_s
+        self.append_row(start_s, duration_s, end_s, _NO_ROW)
+        self.set_last(**columns)
 
     def append_row(self, start_s: float, duration_s: float, end_s: float, values: tuple) -> None:
         """One engine step with the integer columns ``ROW_COLUMNS`` given in that order (the hot path:
