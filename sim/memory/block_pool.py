@@ -342,6 +342,32 @@ def _discard(blocks, m, free, ht, bits, c):
         c[C_VERSION] += 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _add_locks(blocks, m, c, delta):
+    """Add ``delta`` (+1 or -1) to each block's lock count: 0, or -(1 + index) of the first block that
+    is not active (locking) or not locked (unlocking); nothing changes then."""
+    for j in range(blocks.shape[0]):
+        b = blocks[j]
+        if (m[b].rc <= 0) if delta > 0 else (m[b].locks <= 0):
+            return -(1 + j)
+    for j in range(blocks.shape[0]):
+        m[blocks[j]].locks += delta
+    c[C_LOCKED] += delta * blocks.shape[0]
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _hold(blocks, m):
+    """One more reference to each active block; -(1 + index) of the first inactive one (nothing
+    changes then), else 0."""
+    for j in range(blocks.shape[0]):
+        if m[blocks[j]].rc <= 0:
+            return -(1 + j)
+    for j in range(blocks.shape[0]):
+        m[blocks[j]].rc += 1
+    return 0
+
+
 def _table_bits(num_blocks: int) -> int:
     bits = 1
     while (1 << bits) < 2 * max(num_blocks, 1):
@@ -460,12 +486,20 @@ class BlockPool:
         short; without it the least recently used are taken. :meth:`last_evicted` then says what
         went. ``owner``: the request index the blocks are for (eviction policies may read it).
         """
+        got = self._alloc(n, now, choose_victims, owner)
+        return got if got is None else got.tolist()
+
+    def allocate_array(self, n: int, now: float,
+                       choose_victims: Callable[["BlockPool", int, float], Sequence[int]] | None = None,
+                       owner: int = -1) -> np.ndarray | None:
+        """:meth:`allocate`, the blocks as an int64 array (for callers that index with them: a copy's
+        destination blocks, a load's; no list is built and converted back)."""
         return self._alloc(n, now, choose_victims, owner)
 
-    def _alloc(self, n: int, now: float, choose_victims, owner: int) -> list[int] | None:
+    def _alloc(self, n: int, now: float, choose_victims, owner: int) -> np.ndarray | None:
         if n <= 0:
             self.c[C_NEV] = 0
-            return []
+            return _NO_BLOCKS
         c = self.c
         if n > c[C_FREE] + c[C_CACHED]:
             return None
@@ -479,7 +513,7 @@ class BlockPool:
         out = np.empty(n, dtype=np.int64)
         _allocate(out, take, victims, use_lru, now, owner, self.m, self.free, self.ht, self.bits, c,
                   self._ev_keys, self._ev_pos)
-        return out.tolist()
+        return out
 
     def _victims(self, chosen, rest: int) -> np.ndarray:
         victims = np.asarray(chosen, dtype=np.int64).reshape(-1)
@@ -513,7 +547,7 @@ class BlockPool:
             return b
         if not c[C_CACHED]:
             return -1
-        return self._alloc(1, now, choose_victims, owner)[0]
+        return int(self._alloc(1, now, choose_victims, owner)[0])
 
     def allocate_run(self, times: np.ndarray, owners: np.ndarray,
                      choose_victims: Callable[["BlockPool", int, float], Sequence[int]] | None = None
@@ -568,10 +602,8 @@ class BlockPool:
         released to the cache, and so from eviction, until it lands)."""
         if not len(blocks):
             return
-        idx = np.asarray(blocks, dtype=np.int64)
-        if (self.refcount[idx] <= 0).any():
+        if _hold(np.asarray(blocks, dtype=np.int64), self.m):
             raise RuntimeError(f"{self.tier}: only active blocks can be held by a transfer")
-        self.refcount[idx] += 1
 
     # ------------------------------------------------------------------ prefix cache
     def register(self, block: int, key: int) -> bool:
@@ -643,20 +675,14 @@ class BlockPool:
         its blocks once, so ``blocks`` has no repeats."""
         if not len(blocks):
             return
-        idx = np.asarray(blocks, dtype=np.int64)
-        if (self.refcount[idx] <= 0).any():
+        if _add_locks(np.asarray(blocks, dtype=np.int64), self.m, self.c, 1):
             raise RuntimeError(f"{self.tier}: only active blocks can be locked for a transfer")
-        self.locks[idx] += 1
-        self.c[C_LOCKED] += len(idx)
 
     def unlock(self, blocks: Sequence[int]) -> None:
         if not len(blocks):
             return
-        idx = np.asarray(blocks, dtype=np.int64)
-        if (self.locks[idx] <= 0).any():
+        if _add_locks(np.asarray(blocks, dtype=np.int64), self.m, self.c, -1):
             raise RuntimeError(f"{self.tier}: unlocking blocks that are not locked")
-        self.locks[idx] -= 1
-        self.c[C_LOCKED] -= len(idx)
 
     def set_ready(self, blocks: Sequence[int], ready: bool) -> None:
         """Mark blocks whose bytes are on their way in (``False``; they must be locked) or arrived."""

@@ -444,11 +444,12 @@ class TieredKV:
         d = TIERS.index(name)
         return d if self._pools[d].num_blocks else -1
 
-    def _alloc(self, t: int, n: int, now: float, owner: int = -1) -> tuple[list[int] | None, list[Move]]:
-        """``n`` blocks of tier ``t`` and the write-backs their evicted contents need (whoever writes
-        the blocks waits for those)."""
+    def _alloc(self, t: int, n: int, now: float, owner: int = -1, array: bool = False
+               ) -> tuple[list[int] | np.ndarray | None, list[Move]]:
+        """``n`` blocks of tier ``t`` (a list, or with ``array`` an int64 array) and the write-backs
+        their evicted contents need (whoever writes the blocks waits for those)."""
         pool = self._pools[t]
-        got = pool.allocate(n, now, self._choose[t], owner)
+        got = (pool.allocate_array if array else pool.allocate)(n, now, self._choose[t], owner)
         if got is None or not pool.c[C_NEV]:
             return got, []
         return got, self._evicted(t, now)
@@ -481,8 +482,7 @@ class TieredKV:
         if n == 0:
             return None
         keys, pos = keys[:n], pos[:n]
-        got, cascade = self._alloc(dst, n, now)
-        dst_blocks = np.asarray(got, dtype=np.int64)
+        dst_blocks, cascade = self._alloc(dst, n, now, array=True)
         dpool.lock(dst_blocks)
         held = _NONE
         if src_blocks is not None:
@@ -570,10 +570,9 @@ class TieredKV:
                 served[hpos] = self.hbm.prefetched_from(self.hbm.find(keys[hpos]))
             blocks[hpos] = self.hbm.retain_keys(keys[hpos], now, req.idx)
             srcs = self._retain_sources(keys[lpos], tiers[lpos], now)
-            got, waits = self._alloc(HBM, lpos.shape[0], now, req.idx)
-            if got is None:
+            new, waits = self._alloc(HBM, lpos.shape[0], now, req.idx, array=True)
+            if new is None:
                 raise RuntimeError("admit: no HBM blocks for the lower-tier hits (can_admit was not asked)")
-            new = np.asarray(got, dtype=np.int64)
             blocks[lpos] = new
             self.hbm.register_many(new, keys[lpos], now, lpos)
             self.hbm.lock(new)
@@ -630,20 +629,19 @@ class TieredKV:
             return 0
         shield = self.hbm.retain_keys(keys[hpos], now, hit=False)
         srcs = self._retain_sources(keys[lpos], tiers[lpos], now)
-        got, waits = self._alloc(HBM, lpos.shape[0], now)
+        new, waits = self._alloc(HBM, lpos.shape[0], now, array=True)
         self.hbm.release(shield, now)
-        if got is None:
+        if new is None:
             for t, src in srcs.items():
                 self._pools[t].release(src.tolist(), now)
             return 0
-        new = np.asarray(got, dtype=np.int64)
         self.hbm.register_many(new, keys[lpos], now, lpos)
         self.hbm.lock(new)
         self.hbm.set_ready(new, False)
         for t in (DRAM, NVME, STORE):
             self.hbm.tag_prefetched(new[tiers[lpos] == t], t)
         self._load(req.idx, lpos, keys[lpos], new, tiers[lpos], srcs, waits, True)
-        self._holds.setdefault(req.idx, []).extend(got)
+        self._holds.setdefault(req.idx, []).extend(new.tolist())
         self.num_held += lpos.shape[0]
         self.prefetch_requests += 1
         self.prefetch_blocks += lpos.shape[0]

@@ -1,4 +1,7 @@
 """Exact block-pool scenarios: which block ids come out, in which order, and what gets evicted."""
+import numpy as np
+import pytest
+
 from sim.memory.block_pool import ACTIVE, CACHED, FREE, BlockPool
 
 
@@ -67,3 +70,39 @@ def test_duplicate_prefix_key_is_not_registered_twice():
     assert p.register(y, 5) is False    # same prefix computed twice: only the first is findable
     p.release([x, y], 1.0)
     assert p.state(x) == CACHED and p.state(y) == FREE
+
+
+def test_allocate_array_gives_the_blocks_allocate_would_as_an_int64_array():
+    a, b = BlockPool("hbm", 6, 16, 1), BlockPool("hbm", 6, 16, 1)
+    for p in (a, b):
+        got = p.allocate(3, 0.0)
+        p.register_many(got, [10, 11, 12])
+        p.release(got, 1.0)
+    lst = a.allocate(5, 2.0, owner=7)             # three free blocks, then two evicted (tail first)
+    arr = b.allocate_array(5, 2.0, owner=7)
+    assert arr.dtype == np.int64 and arr.tolist() == lst
+    assert a.last_evicted()[0].tolist() == b.last_evicted()[0].tolist() == [12, 11]
+    assert b.allocate_array(2, 3.0) is None and b.allocate_array(0, 3.0).shape == (0,)
+    a.check()
+    b.check()
+
+
+def test_lock_unlock_and_hold_refuse_bad_blocks_and_change_nothing():
+    p = BlockPool("hbm", 4, 16, 1)
+    live = p.allocate(2, 0.0)                     # blocks 0, 1 active; 2, 3 free
+    with pytest.raises(RuntimeError, match="only active blocks can be locked"):
+        p.lock([live[0], 2])
+    assert p.num_locked == 0 and p.locks.tolist() == [0, 0, 0, 0]
+    p.lock(live)
+    assert p.num_locked == 2 and p.locks.tolist() == [1, 1, 0, 0]
+    with pytest.raises(RuntimeError, match="not locked"):
+        p.unlock([live[0], 3])
+    assert p.num_locked == 2 and p.locks.tolist() == [1, 1, 0, 0]
+    p.unlock(live)
+    assert p.num_locked == 0
+    with pytest.raises(RuntimeError, match="held by a transfer"):
+        p.hold([live[1], 3])
+    assert p.refcount.tolist() == [1, 1, 0, 0]
+    p.hold(live)
+    assert p.refcount.tolist() == [2, 2, 0, 0]
+    p.check()
