@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,11 +235,35 @@ def in_model_graph_gap(table_dir: Path) -> tuple[float, str]:
     return 0.0, "none measured"
 
 
+class _NearestLog:
+    """The grid point nearest ``x`` in log space, as ``np.argmin(np.abs(np.log(np.maximum(xs, 1e-9)) -
+    np.log(max(x, 1e-9))))`` picks it (the first on a tie), found by bisecting the midpoints between
+    neighbouring log grid points; within 1e-9 of a midpoint (a near tie, where rounding could decide)
+    it asks ``argmin`` itself, so the answer is always argmin's."""
+
+    __slots__ = ("logs", "mids", "last", "kint")
+
+    def __init__(self, xs: np.ndarray, ks: np.ndarray | None = None) -> None:
+        self.logs = np.log(np.maximum(np.asarray(xs, float), 1e-9))
+        self.mids = ((self.logs[:-1] + self.logs[1:]) / 2.0).tolist()
+        self.last = float(xs[-1]) if len(xs) else math.inf
+        # each grid point's kernel count as Curve1D.kernels_at rounds it, -1 where unknown
+        self.kint = None if ks is None else [int(round(k)) if np.isfinite(k) and k > 0 else -1 for k in ks]
+
+    def index(self, x: float) -> int:
+        lx = math.log(max(x, 1e-9))
+        mids = self.mids
+        i = bisect_left(mids, lx)
+        if (i and lx - mids[i - 1] < 1e-9) or (i < len(mids) and mids[i] - lx < 1e-9):
+            return int(np.argmin(np.abs(self.logs - np.log(max(x, 1e-9)))))
+        return i
+
+
 class Curve1D:
     """time(x): piecewise-linear on the grid, clamped below, fitted line beyond (flagged); and the
     kernels one call launches at the nearest grid point (it can change with size: split-K GEMMs)."""
 
-    __slots__ = ("xs", "ts", "slope", "ks")
+    __slots__ = ("xs", "ts", "slope", "ks", "_near")
 
     def __init__(self, xs: np.ndarray, ts: np.ndarray, tail: TailFit | None,
                  kernels: np.ndarray | None = None) -> None:
@@ -251,6 +277,7 @@ class Curve1D:
             k = np.asarray(kernels, float)[order]
             self.ks = np.array([np.nanmedian(k[inv == i]) if np.isfinite(k[inv == i]).any() else np.nan
                                 for i in range(ux.size)])
+        self._near = _NearestLog(ux, self.ks)
         if tail is not None:
             self.slope = max(tail.per_x_s, 0.0)
         elif ux.size >= 2:
@@ -265,6 +292,7 @@ class Curve1D:
         c.xs, c.ts = np.asarray(xs, float), np.asarray(ts, float)
         c.slope = max(float(slope), 0.0)
         c.ks = None if ks is None else np.asarray(ks, float)
+        c._near = _NearestLog(c.xs, c.ks)
         return c
 
     def at(self, x: np.ndarray) -> np.ndarray:
@@ -287,14 +315,12 @@ class Curve1D:
         return float(np.interp(x, xs, self.ts)), bool(x < xs[0])
 
     def kernels_at(self, x: float, default: int) -> int:
-        if self.ks is None:
+        near = self._near
+        if near.kint is None:
             return default
-        xs = self.xs
         # nearest grid point in log x; at or beyond the last (``xs`` is increasing) that is the last
-        i = (xs.shape[0] - 1 if x >= xs[-1] else
-             int(np.argmin(np.abs(np.log(np.maximum(xs, 1e-9)) - np.log(max(x, 1e-9))))))
-        k = self.ks[i]
-        return int(round(k)) if np.isfinite(k) and k > 0 else default
+        k = near.kint[-1 if x >= near.last else near.index(x)]
+        return k if k >= 0 else default
 
     def many(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         x = np.asarray(x, float)
@@ -404,6 +430,7 @@ class DecodeGrid:
 
     def __init__(self, points, tail: TailFit | None) -> None:
         self.batches = np.unique(points["x"].to_numpy(float))
+        self._near = _NearestLog(self.batches)
         self.rows = []
         for b in self.batches:
             sel = points[points["x"] == b]
@@ -419,8 +446,8 @@ class DecodeGrid:
                       float(tail.per_xy_s) if tail else -1.0)
 
     def kernels_at(self, batch: int, ctx: float, default: int) -> int:
-        i = int(np.argmin(np.abs(np.log(self.batches) - np.log(max(batch, 1)))))
-        return self.rows[i].kernels_at(ctx, default)
+        # (the batches are >= 1, so their logs are what _NearestLog takes; max(batch, 1) likewise)
+        return self.rows[self._near.index(max(batch, 1))].kernels_at(ctx, default)
 
     def fast(self, batch: int, ctx_sums: np.ndarray) -> tuple[np.ndarray, int]:
         """Compiled equivalent of :meth:`many` (the hot path), from total (not mean) contexts."""

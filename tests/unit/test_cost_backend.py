@@ -125,3 +125,35 @@ def test_compiled_interp_is_numpys_bit_for_bit(xp, fp, xs):
     vals = np.array(fp[:grid.size])
     for x in xs + list(grid):
         assert np.float64(_interp1(float(x), grid, vals)).tobytes() == np.float64(np.interp(x, grid, vals)).tobytes()
+
+
+@given(grid=st.lists(st.floats(1e-3, 1e7, allow_nan=False), min_size=1, max_size=20, unique=True),
+       xs=st.lists(st.floats(0.0, 2e7, allow_nan=False), min_size=1, max_size=20))
+def test_nearest_grid_point_in_log_space_is_argmins(grid, xs):
+    """Kernel counts come from the grid point nearest in log x; the bisection that finds it answers
+    what ``np.argmin`` over the log distances does, for any x (grid points and log midpoints
+    included: near a tie it asks argmin)."""
+    from sim.costs.table import _NearestLog
+
+    g = np.array(sorted(grid))
+    near = _NearestLog(g)
+    logs = np.log(np.maximum(g, 1e-9))
+    mids = np.sqrt(g[:-1] * g[1:]).tolist()
+    for x in xs + g.tolist() + mids:
+        assert near.index(x) == int(np.argmin(np.abs(logs - np.log(max(x, 1e-9))))), x
+
+
+def test_kernel_counts_at_every_token_count_of_the_shipped_table(h100):
+    """The shipped H100 table's kernel counts, at every token count from 1 to past its grids, are
+    the argmin lookups' (the nearest grid point in log x, per op)."""
+    ops, gpu, table = h100
+    for curve in table.curves.values():
+        if curve.ks is None:
+            continue
+        logs = np.log(np.maximum(curve.xs, 1e-9))
+        for x in np.unique(np.geomspace(1, curve.xs[-1] * 2, 3000).round()):
+            want = (curve.xs.shape[0] - 1 if x >= curve.xs[-1]
+                    else int(np.argmin(np.abs(logs - np.log(max(x, 1e-9))))))
+            assert curve._near.index(x) == want or x >= curve.xs[-1]
+            k = curve.ks[want]
+            assert curve.kernels_at(float(x), -1) == (int(round(k)) if np.isfinite(k) and k > 0 else -1)
