@@ -184,6 +184,23 @@ def _allocate(out, take, victims, use_lru, now, owner, m, free, ht, bits, c, ev_
 
 
 @numba.njit(cache=True, nogil=True)
+def _take_free(out, times, owners, m, free, c):
+    """:func:`_allocate` when the free stack covers every block (nothing is evicted), with the k-th
+    block's access time and owner ``times[k]`` and ``owners[k]``."""
+    nf = c[C_FREE]
+    for i in range(out.shape[0]):
+        b = free[nf - 1 - i]
+        out[i] = b
+        m[b].rc = 1
+        m[b].hits = 0
+        m[b].last = times[i]
+        m[b].owner = owners[i]
+        m[b].ready = 1
+    c[C_FREE] = nf - out.shape[0]
+    c[C_NEV] = 0
+
+
+@numba.njit(cache=True, nogil=True)
 def _release(blocks, now, m, free, c):
     """Drop one reference to each block, tail first; returns the number that became unreferenced,
     or -(1 + index) of a block released more often than held (nothing changes then)."""
@@ -562,12 +579,16 @@ class BlockPool:
             raise RuntimeError(f"{self.tier}: a run allocated more blocks than were available")
         take = min(n, int(c[C_FREE]))
         rest = n - take
+        out = np.empty(n, dtype=np.int64)
+        if not rest:            # the common case: the free stack covers the run
+            _take_free(out, np.asarray(times, dtype=np.float64), np.asarray(owners, dtype=np.int64), self.m,
+                       self.free, c)
+            return out.tolist()
         victims = _NO_BLOCKS
         use_lru = True
-        if rest and choose_victims is not None:
+        if choose_victims is not None:
             victims = self._victims(choose_victims(self, rest, float(times[take])), rest)
             use_lru = False
-        out = np.empty(n, dtype=np.int64)
         _allocate(out, take, victims, use_lru, float(times[0]) if n else 0.0, -1, self.m, self.free, self.ht,
                   self.bits, c, self._ev_keys, self._ev_pos)
         self.last_access[out] = times
