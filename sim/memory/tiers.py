@@ -106,6 +106,20 @@ def lookup_tiers(keys, limit, ht0, b0, ht1, b1, ht2, b2, ht3, b3, out, counts):
     return limit, (lead if lead >= 0 else limit)
 
 
+@numba.njit(cache=True, nogil=True)
+def fresh_for_hits(tiers, keys, hit, ht, bits, m):
+    """Available HBM blocks that taking the first ``hit`` found prompt blocks consumes: one per block
+    found below HBM (it is loaded into a fresh block) and one per HBM hit nobody holds (a cached
+    block stops being available once taken)."""
+    n = 0
+    for j in range(hit):
+        if tiers[j] != 0:
+            n += 1
+        elif m[ht_find(ht, bits, keys[j])].rc == 0:
+            n += 1
+    return n
+
+
 @dataclass(frozen=True, slots=True)
 class PrefixLookup:
     """Where a waiting request's prompt blocks are: ``found`` leading blocks held by some tier,
@@ -398,8 +412,8 @@ class TieredKV:
                 if lk.tiers is None:
                     fresh += self.hbm.num_unreferenced(req.hash_keys[:hit])
                 else:
-                    in_hbm = lk.tiers[:hit] == HBM
-                    fresh += int((~in_hbm).sum()) + self.hbm.num_unreferenced(req.hash_keys[:hit][in_hbm])
+                    hbm = self.hbm
+                    fresh += int(fresh_for_hits(lk.tiers, req.hash_keys, hit, hbm.ht, hbm.bits, hbm.m))
             return fresh
         return -(-(req.num_computed + new_tokens) // bs) - len(req.blocks)
 
