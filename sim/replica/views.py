@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from policies.base import StepPlan
+from sim.memory.tiers import TIERS
 from sim.request import FrozenRequest, Request, unwrap
+
+_TIER_INDEX = {t: i for i, t in enumerate(TIERS)}
 
 if TYPE_CHECKING:
     from sim.replica.loop import Replica
@@ -220,8 +223,6 @@ class ResidencyViewImpl:
     __slots__ = ("_r", "_g", "preemption_mode", "block_size", "tier_mode", "tiers")
 
     def __init__(self, replica: Replica, preemption_mode: str, guarded: bool = False) -> None:
-        from sim.memory.tiers import TIERS
-
         self._r = replica
         self._g = _Guard(guarded)
         self.preemption_mode = preemption_mode
@@ -231,9 +232,10 @@ class ResidencyViewImpl:
         self.tiers = tuple(t for t, p in zip(TIERS, kv.all_pools) if p.num_blocks)
 
     def _pool(self, tier: str):
-        from sim.memory.tiers import TIERS
-
-        return self._r.kv.all_pools[TIERS.index(tier)]
+        i = _TIER_INDEX.get(tier)
+        if i is None:
+            raise KeyError(f"residency view: no tier {tier!r} (tiers: {', '.join(TIERS)})")
+        return self._r.kv.all_pools[i]
 
     @property
     def num_free_dram_blocks(self) -> int:
@@ -264,8 +266,6 @@ class ResidencyViewImpl:
 
     def lower_hit_blocks(self, req) -> dict[str, int]:
         """Prompt blocks of a waiting request found in each lower tier (the prefix found, across tiers)."""
-        from sim.memory.tiers import TIERS
-
         c = self._r.kv.lookup(unwrap(req)).counts
         return {t: c[i] for i, t in enumerate(TIERS) if i and c[i]}
 
