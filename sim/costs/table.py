@@ -269,14 +269,17 @@ class Curve1D:
                  kernels: np.ndarray | None = None) -> None:
         order = np.argsort(xs, kind="stable")
         xs, ts = np.asarray(xs, float)[order], np.asarray(ts, float)[order]
-        ux, inv = np.unique(xs, return_inverse=True)
+        # repeated x (sorted, so each value's points are one slice) merge by their median
+        ux, first, counts = np.unique(xs, return_index=True, return_counts=True)
         self.xs = ux
-        self.ts = np.array([np.median(ts[inv == i]) for i in range(ux.size)])
+        unique = ux.size == xs.size
+        groups = [] if unique else [slice(a, a + c) for a, c in zip(first.tolist(), counts.tolist())]
+        self.ts = ts.copy() if unique else np.array([np.median(ts[g]) for g in groups])
         self.ks = None
         if kernels is not None:
             k = np.asarray(kernels, float)[order]
-            self.ks = np.array([np.nanmedian(k[inv == i]) if np.isfinite(k[inv == i]).any() else np.nan
-                                for i in range(ux.size)])
+            self.ks = (np.where(np.isfinite(k), k, np.nan) if unique else
+                       np.array([np.nanmedian(k[g]) if np.isfinite(k[g]).any() else np.nan for g in groups]))
         self._near = _NearestLog(ux, self.ks)
         if tail is not None:
             self.slope = max(tail.per_x_s, 0.0)

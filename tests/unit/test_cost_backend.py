@@ -157,3 +157,24 @@ def test_kernel_counts_at_every_token_count_of_the_shipped_table(h100):
             assert curve._near.index(x) == want or x >= curve.xs[-1]
             k = curve.ks[want]
             assert curve.kernels_at(float(x), -1) == (int(round(k)) if np.isfinite(k) and k > 0 else -1)
+
+
+@given(pts=st.lists(st.tuples(st.integers(1, 12), st.floats(0, 1), st.sampled_from([1.0, 2.0, 3.0, np.nan, np.inf])),
+                    min_size=1, max_size=40))
+def test_a_curve_merges_repeated_points_by_their_median(pts):
+    """Grid points at the same x merge into their median time (and their nan-median kernel count,
+    unknown when none is finite): per x, what the points there give, in any input order."""
+    import warnings
+
+    from sim.costs.table import Curve1D
+
+    xs, ts, ks = (np.array(c, dtype=float) for c in zip(*pts))
+    c = Curve1D(xs, ts, None, ks)
+    assert c.xs.tolist() == sorted(set(xs.tolist()))
+    for x, t, k in zip(c.xs, c.ts, c.ks):
+        at = xs == x
+        assert t == np.median(ts[at])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = np.nanmedian(ks[at]) if np.isfinite(ks[at]).any() else np.nan
+        assert (np.isnan(k) and np.isnan(want)) or k == want
