@@ -154,9 +154,11 @@ def _check_victims(victims, m, mark, epoch):
 
 
 @numba.njit(cache=True, nogil=True)
-def _allocate(out, take, victims, use_lru, now, owner, m, free, ht, bits, c, ev_keys, ev_pos):
+def _allocate(out, take, victims, use_lru, now, owner, times, owners, m, free, ht, bits, c, ev_keys, ev_pos):
     """Fill ``out``: ``take`` blocks off the free stack (top first), then evict the rest — the LRU
-    head when ``use_lru``, else ``victims`` (validated by the caller)."""
+    head when ``use_lru``, else ``victims`` (validated by the caller). Each block's access time and
+    owner are ``now`` and ``owner``, or, when ``times`` is not empty, ``times[k]`` and ``owners[k]``
+    (a decode run's allocations)."""
     n = out.shape[0]
     nf = c[C_FREE]
     for i in range(take):
@@ -174,30 +176,14 @@ def _allocate(out, take, victims, use_lru, now, owner, m, free, ht, bits, c, ev_
         c[C_CACHED] -= rest
         c[C_EVICTED] += rest
         c[C_VERSION] += 1
+    each = times.shape[0] > 0
     for i in range(n):
         b = out[i]
         m[b].rc = 1
         m[b].hits = 0
-        m[b].last = now
-        m[b].owner = owner
+        m[b].last = times[i] if each else now
+        m[b].owner = owners[i] if each else owner
         m[b].ready = 1
-
-
-@numba.njit(cache=True, nogil=True)
-def _take_free(out, times, owners, m, free, c):
-    """:func:`_allocate` when the free stack covers every block (nothing is evicted), with the k-th
-    block's access time and owner ``times[k]`` and ``owners[k]``."""
-    nf = c[C_FREE]
-    for i in range(out.shape[0]):
-        b = free[nf - 1 - i]
-        out[i] = b
-        m[b].rc = 1
-        m[b].hits = 0
-        m[b].last = times[i]
-        m[b].owner = owners[i]
-        m[b].ready = 1
-    c[C_FREE] = nf - out.shape[0]
-    c[C_NEV] = 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -528,8 +514,8 @@ class BlockPool:
             victims = self._victims(choose_victims(self, rest, now), rest)
             use_lru = False
         out = np.empty(n, dtype=np.int64)
-        _allocate(out, take, victims, use_lru, now, owner, self.m, self.free, self.ht, self.bits, c,
-                  self._ev_keys, self._ev_pos)
+        _allocate(out, take, victims, use_lru, now, owner, _NO_TIMES, _NO_BLOCKS, self.m, self.free, self.ht,
+                  self.bits, c, self._ev_keys, self._ev_pos)
         return out
 
     def _victims(self, chosen, rest: int) -> np.ndarray:
@@ -579,20 +565,15 @@ class BlockPool:
             raise RuntimeError(f"{self.tier}: a run allocated more blocks than were available")
         take = min(n, int(c[C_FREE]))
         rest = n - take
-        out = np.empty(n, dtype=np.int64)
-        if not rest:            # the common case: the free stack covers the run
-            _take_free(out, np.asarray(times, dtype=np.float64), np.asarray(owners, dtype=np.int64), self.m,
-                       self.free, c)
-            return out.tolist()
         victims = _NO_BLOCKS
         use_lru = True
-        if choose_victims is not None:
+        if rest and choose_victims is not None:
             victims = self._victims(choose_victims(self, rest, float(times[take])), rest)
             use_lru = False
-        _allocate(out, take, victims, use_lru, float(times[0]) if n else 0.0, -1, self.m, self.free, self.ht,
-                  self.bits, c, self._ev_keys, self._ev_pos)
-        self.last_access[out] = times
-        self.owner[out] = owners
+        out = np.empty(n, dtype=np.int64)
+        _allocate(out, take, victims, use_lru, 0.0, -1, np.asarray(times, dtype=np.float64),
+                  np.asarray(owners, dtype=np.int64), self.m, self.free, self.ht, self.bits, c, self._ev_keys,
+                  self._ev_pos)
         return out.tolist()
 
     def last_evicted(self) -> tuple[np.ndarray, np.ndarray]:
@@ -795,3 +776,4 @@ class BlockPool:
 
 
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
+_NO_TIMES = np.empty(0, dtype=np.float64)

@@ -113,7 +113,7 @@ def fresh_for_hits(tiers, keys, hit, ht, bits, m):
     block stops being available once taken)."""
     n = 0
     for j in range(hit):
-        if tiers[j] != 0:
+        if tiers[j] != HBM:
             n += 1
         elif m[ht_find(ht, bits, keys[j])].rc == 0:
             n += 1
