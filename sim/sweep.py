@@ -27,7 +27,11 @@ once (seeded) and crossed with the grid, so every grid point sees the same draws
 Each run writes its directory in a staging folder (``.tmp/``) with temp-and-rename files and a
 ``DONE`` marker last (``sim.results_io``), then renames it into place: a run is done when its marker
 verifies, and anything partial is redone on resume. A worker that dies (killed, out of memory) breaks
-the pool: the driver starts a new one and resubmits what was in flight, up to ``MAX_ATTEMPTS`` times.
+the pool, and every run in the pool with it. The driver cannot tell from the pool which run killed its
+worker, so the runs that had started (each marks ``.tmp/run-HASH`` while it runs) are rerun one at a
+time, each alone in a fresh one-worker pool: a run that takes its worker down there is the culprit,
+and is retried alone up to ``MAX_ATTEMPTS`` times before it is recorded as failed; the runs that had
+not started go back to the parallel pool. A run that kills its worker never fails the others.
 """
 from __future__ import annotations
 
@@ -342,6 +346,8 @@ def execute(task: dict) -> dict:
     t0 = time.perf_counter()
     sweep_dir, rel = Path(task["sweep_dir"]), task["run"]
     row = {"run": rel, "config_hash": task["config_hash"], "params": task["params"]}
+    started = sweep_dir / ".tmp" / f"run-{task['config_hash'][:16]}"      # in flight (see _run_pool)
+    started.mkdir(parents=True, exist_ok=True)
     try:
         cfg = from_dict(task["config"], "sweep")
         cb = None
@@ -359,6 +365,9 @@ def execute(task: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - one failed run must not cost the others
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc(limit=8)[-3000:], wall_s=time.perf_counter() - t0)
+    finally:
+        with contextlib.suppress(OSError):
+            started.rmdir()
     return row
 
 
@@ -606,36 +615,54 @@ def _run_pool(tasks: list[dict], jobs: int, record: Callable[[dict], None], prog
         threading.Thread(target=pump, daemon=True).start()
     attempts: dict[str, int] = {}
     pending = list(tasks)
+    alone: list[dict] = []      # runs in flight when a worker died: rerun one at a time to find the culprit
+
+    def pool_round(batch: list[dict], workers: int) -> tuple[list[dict], list[dict]]:
+        """Run ``batch``; returns (runs that had started when a worker died, runs that had not)."""
+        sweep_dir = Path(batch[0]["sweep_dir"])
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+        futs = {ex.submit(execute, t): t for t in batch}
+        done_runs: set[str] = set()
+        started, waiting = [], []
+        try:
+            for f in as_completed(futs):
+                row = f.result()
+                done_runs.add(futs[f]["run"])
+                record(row)
+        except BrokenProcessPool:
+            for f, t in futs.items():
+                if t["run"] in done_runs:
+                    continue
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    record(f.result())
+                    continue
+                marker = sweep_dir / ".tmp" / f"run-{t['config_hash'][:16]}"
+                (started if marker.is_dir() else waiting).append(t)
+                with contextlib.suppress(OSError):
+                    marker.rmdir()
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+        _reap_staging(sweep_dir)
+        results_io.reap_spill_dirs()
+        return started, waiting
+
     try:
-        while pending:
-            ex = ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
-                                     initializer=_init_worker, initargs=(queue,))
-            futs = {ex.submit(execute, t): t for t in pending}
-            pending = []
-            done_runs: set[str] = set()
-            try:
-                for f in as_completed(futs):
-                    row = f.result()
-                    done_runs.add(futs[f]["run"])
-                    record(row)
-            except BrokenProcessPool:
-                for f, t in futs.items():
-                    if t["run"] in done_runs:
-                        continue
-                    if f.done() and not f.cancelled() and f.exception() is None:
-                        record(f.result())
-                        continue
+        while pending or alone:
+            if alone:       # one suspect alone in its own pool: if the worker dies now, this run killed it
+                t = alone.pop(0)
+                died, _ = pool_round([t], 1)
+                if died:
                     attempts[t["run"]] = attempts.get(t["run"], 0) + 1
                     if attempts[t["run"]] >= MAX_ATTEMPTS:
                         record({"run": t["run"], "config_hash": t["config_hash"], "params": t["params"],
                                 "status": "failed", "error": f"the worker process died {MAX_ATTEMPTS} times "
-                                                             "running it (killed, or out of memory?)"})
+                                                             "running it alone (killed, or out of memory?)"})
                     else:
-                        pending.append(t)
-            finally:
-                ex.shutdown(wait=True, cancel_futures=True)
-            _reap_staging(Path(tasks[0]["sweep_dir"]))
-            results_io.reap_spill_dirs()
+                        alone.insert(0, t)
+                continue
+            started, waiting = pool_round(pending, min(jobs, len(pending)))
+            alone += started
+            pending = waiting
     finally:
         stop.set()
 

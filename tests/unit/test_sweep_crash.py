@@ -106,3 +106,44 @@ def test_parallel_sweep_survives_a_killed_worker_and_a_killed_driver(tmp_path, r
     rc, err = _sweep(tmp_path, out2, jobs=2)
     assert rc == 0, err
     _check_resumed(tmp_path, out2, reference)
+
+
+KILLER = '''
+import multiprocessing, os, signal
+from policies import registry
+from policies.scheduling.fcfs import FCFS
+
+
+@registry.register("scheduling", "test-killer")
+class Killer(FCFS):
+    """Takes down the worker process that runs it, every time (a run that is OOM-killed)."""
+    def schedule(self, *a, **k):
+        if multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().schedule(*a, **k)
+'''
+
+
+@pytest.mark.slow
+def test_a_run_that_kills_its_worker_every_time_fails_alone_after_three_attempts(tmp_path):
+    # the pool breaks with every run in it; the driver reruns the runs that had started one at a time,
+    # so only the culprit is charged: it fails after MAX_ATTEMPTS, and the runs beside it finish
+    from sim.sweep import MAX_ATTEMPTS
+
+    (tmp_path / "killer.py").write_text(KILLER)
+    (tmp_path / "sweep.toml").write_text(f'plugins = ["{tmp_path / "killer.py"}"]\n' + SWEEP.replace(
+        '"policies.scheduling.name" = ["fcfs", "chunked-prefill"]',
+        '"policies.scheduling.name" = ["fcfs", "test-killer", "chunked-prefill"]'))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    rc, err = _sweep(tmp_path, out, jobs=2)
+    assert rc == 1, err                        # a failed run: the sweep says so in its exit status
+    rows = {(r["params"]["scheduling_name"], r["params"]["replica_block_size_tokens"]): r for r in read_index(out)}
+    assert len(rows) == 6
+    for (sched, _), r in rows.items():
+        if sched == "test-killer":
+            assert r["status"] == "failed" and f"died {MAX_ATTEMPTS} times running it alone" in r["error"]
+        else:
+            assert r["status"] == "done", r
+            assert results_io.verify(out / "runs" / r["run"]) is None
+    assert not (out / ".tmp").exists()
