@@ -67,6 +67,13 @@ def _lines(key_values: dict[str, Any], comments: dict[str, str]) -> list[str]:
     return rows
 
 
+def _hidden(shown: dict, every: dict, comments: dict[str, str]) -> list[str]:
+    """The keys ``SimConfig.to_dict`` leaves out while they hold their defaults (``plugins``, the
+    decoupled-lanes keys), commented out: writing them would change the config's hash."""
+    rest = {k: (list(v) if isinstance(v, tuple) else v) for k, v in every.items() if k not in shown}
+    return ["# " + line for line in _lines(rest, comments)]
+
+
 def documented_toml(config: SimConfig | None = None) -> str:
     """The config (default: the defaults) as a commented TOML file that ``tiersim run --config`` reads."""
     from policies import registry
@@ -77,6 +84,7 @@ def documented_toml(config: SimConfig | None = None) -> str:
            "# Every key is optional; a file needs only the keys it changes.", ""]
     top = {"seed": d["seed"], **({"plugins": d["plugins"]} if "plugins" in d else {})}
     out += _lines(top, field_comments(SimConfig))
+    out += _hidden(top, {"plugins": list(config.plugins)}, field_comments(SimConfig))
     for name, cls in SECTIONS.items():
         if name == "output":
             continue
@@ -85,6 +93,9 @@ def documented_toml(config: SimConfig | None = None) -> str:
         if doc and not doc.startswith(cls.__name__ + "("):
             out += [f"# {line}" for line in textwrap.wrap(" ".join(doc.split()), 100)]
         out += _lines(d[name], field_comments(cls))
+        section = getattr(config, name)
+        out += _hidden(d[name], {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)},
+                       field_comments(cls))
     for kind in registry.KINDS:
         pc = d["policies"][kind]
         params_cls = getattr(registry.lookup(kind, pc["name"]), "Params", None)

@@ -188,6 +188,16 @@ def test_config_defaults_document_every_key(capsys):
     assert rc == 0 and "slo_itl_stat = \"p99\"" in out and "# tokens per paged-KV block" in out
     assert from_dict(tomllib.loads(out)).hash() == SimConfig().hash()    # the printout is a valid config
     assert undocumented_keys() == []
+    # every key is printed, those to_dict leaves out at their defaults (plugins, the lanes keys) commented
+    import dataclasses
+
+    from sim.config import SECTIONS
+    keys = {line.lstrip("# ").split(" = ")[0] for line in out.splitlines() if " = " in line}
+    for name, cls in {**SECTIONS, "": SimConfig}.items():
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(f.default):
+                assert f.name in keys, f"{name}.{f.name} missing from tiersim config --defaults"
+    assert "# lanes = " in out and "# plugins = " in out
 
 
 def test_per_token_goodput_slo_counts_a_long_stall_that_the_mean_hides(tmp_path, capsys):
