@@ -108,6 +108,21 @@ def test_backpressure_holds_the_kv_on_the_prefill_replica_until_the_decode_repli
     assert ho["decode_prefill_tokens"] == 0
 
 
+def test_a_decode_replica_that_preempts_prefills_the_request_again_itself():
+    # two 100-token prompts (7 blocks each) decode 150 tokens each on a 20-block decode replica: they
+    # outgrow it, the later one is recompute-preempted there, and that replica prefills its prompt
+    # and the tokens it had generated again (no second hand-off)
+    tr = make_trace([0.0, 0.001], [100, 100], [150, 150])
+    sim, res = run_checked(_disagg(**{"replica.num_hbm_blocks": 20}), tr)
+    r = res.requests
+    assert (r.status == "finished").all() and r.decode_replica.tolist() == [1, 1]
+    assert r.preemptions.tolist() == [0, 1]
+    again = res.summary["handoff"]["decode_prefill_tokens"]
+    steps = res.steps
+    assert again == steps[steps.replica == 1].prefill_tokens.sum() > 100     # the prompt and what it had made
+    assert res.summary["handoff"]["requests"] == 2 and len(res.transfers[res.transfers.what == "handoff"]) == 2
+
+
 def test_bulk_decode_runs_on_the_decode_replica_match_single_steps():
     rng = np.random.default_rng(3)
     n = 30

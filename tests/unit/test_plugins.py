@@ -67,3 +67,18 @@ def test_tenant_fair_scheduling_protects_a_light_tenant_from_a_flood():
         assert (light["status"] == "finished").all()
         ttft[sched] = float(light["ttft_s"].mean())
     assert ttft["tenant-fair"] < 0.3 * ttft["fcfs"]
+
+
+def test_a_second_plugin_with_a_registered_name_is_refused_and_an_unknown_name_lists_the_known(tmp_path):
+    from sim.errors import PolicyError
+    from sim.config import with_overrides
+    from sim.engine import Simulation
+
+    copy = tmp_path / "prefix_affinity_copy.py"
+    copy.write_text((PLUGINS / "prefix_affinity.py").read_text())
+    with pytest.raises(PolicyError, match="'prefix-affinity' is already registered by"):
+        registry.load_plugin(str(copy))
+    assert registry.lookup("routing", "prefix-affinity").__module__ != "prefix_affinity_copy"
+    with pytest.raises(PolicyError, match="least-loaded") as err:
+        Simulation(with_overrides(small_config(), {"policies.routing.name": "least-lodaed"}))
+    assert "prefix-affinity" in str(err.value)

@@ -236,6 +236,31 @@ def test_a_tree_verifies_width_times_depth_tokens_and_accepts_more():
     assert sp["tree"]["proposed_tokens"] == 3 * sp["tree"]["draft_depth_tokens"]
 
 
+def test_eagle_re_reads_the_accepted_tokens_a_draft_model_keeps(monkeypatch):
+    # EAGLE's KV after a step covers only the token before it (it re-feeds every accepted token with
+    # the target's features), so each draft pass 0 is a multi-token catch-up row: turning the re-read
+    # off (the draft model's rule) makes the same run's drafting cheaper, and changes nothing at alpha 0
+    from sim.replica import drafting
+
+    base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    runs = {}
+    for refeed in (True, False):
+        if not refeed:
+            init = drafting.Drafting.__init__
+
+            def no_refeed(self, *a, **k):
+                init(self, *a, **k)
+                self.refeeds_accepted = False
+
+            monkeypatch.setattr(drafting.Drafting, "__init__", no_refeed)
+        for alpha in (0.0, 0.9):
+            cfg = small_config(**base, **spec(name="fixed-k", k=3, drafter="eagle", alpha=alpha))
+            runs[refeed, alpha] = run_checked(cfg, _decode_trace(out=80))[1]
+    draft = {k: _mean_verify_step(r)[1] for k, r in runs.items()}
+    assert draft[True, 0.9] > draft[False, 0.9] > 0
+    assert runs[True, 0.0].steps.equals(runs[False, 0.0].steps)      # nothing accepted: nothing to re-read
+
+
 # ------------------------------------------------------------------------------- the KV of drafts
 def test_lookahead_kv_is_reserved_before_verifying_and_released_after():
     tr = make_trace([0.0], [30], [40])
