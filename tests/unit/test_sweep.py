@@ -106,6 +106,27 @@ def test_dataset_reads_in_one_call_with_parameter_columns(tmp_path):
         run_sweep(other, out_dir=tmp_path / "sw", jobs=1)
 
 
+def test_a_path_valued_axis_is_percent_encoded_and_pyarrow_and_duckdb_decode_it(tmp_path):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    src = tmp_path / "a b=c"          # a directory name that needs encoding ("/", " ", "=")
+    src.mkdir()
+    path = src / "conv.csv"
+    rows = [f"2023-11-16 18:15:{i:02d}.0000000,{100 + 7 * i},{20 + i}" for i in range(20)]
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    f = tmp_path / "s.toml"
+    f.write_text('[set]\n"model.name" = "llama-3.2-1b"\n"costs.backend" = "roofline"\n'
+                 '"replica.num_hbm_blocks" = 64\n"trace.format" = "azure"\n'
+                 f'[grid]\n"trace.path" = ["{path}"]\n"seed" = [1, 2]\n')
+    table = run_sweep(load_sweep_file(f), out_dir=tmp_path / "sw", jobs=1)
+    assert (table["status"] == "done").all()
+    got = ds.dataset(tmp_path / "sw" / "requests", partitioning="hive").to_table(columns=["trace_path"])
+    assert set(got.column("trace_path").to_pylist()) == {str(path)}
+    rows = duckdb.sql(f"select distinct trace_path from '{tmp_path}/sw/requests/**/*.parquet'").fetchall()
+    assert rows == [(str(path),)]
+
+
 def test_plugins_load_in_workers_of_the_parallel_path(tmp_path):
     from pathlib import Path
 
