@@ -349,6 +349,10 @@ def cmd_plot(args) -> int:
 
     if is_sweep(args.dir):      # a sweep: its runs' latency CDFs overlaid
         from sim.compare import plot_cdfs
+        from sim.results_io import FIGURE_SUFFIXES, check_output_file
+
+        if args.out:
+            check_output_file(args.out, "--out", FIGURE_SUFFIXES)
 
         print(plot_cdfs(_runs_of([args.dir]), args.out or Path(args.dir) / "overview.png"))
         return 0
@@ -596,6 +600,10 @@ def _runs_of(paths: list[str]):
 def cmd_compare(args) -> int:
     from sim.compare import plot_cdfs, print_table
 
+    if args.out != "none":
+        from sim.results_io import FIGURE_SUFFIXES, check_output_file
+
+        check_output_file(args.out, "--out", FIGURE_SUFFIXES)
     runs = _runs_of(args.runs)
     if args.labels:
         names = args.labels.split(",")
@@ -611,7 +619,12 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from sim.report import export_figures, write_report
+    from sim.results_io import check_output_file
 
+    if args.out:
+        check_output_file(args.out, "--out", (".html", ".htm"))
+    if args.figures and Path(args.figures).exists() and not Path(args.figures).is_dir():
+        raise TiersimError(f"--figures {args.figures}: is a file; name a folder (it is created if missing)")
     out = write_report(args.dir, args.out)
     print(f"report: {out}")
     if args.figures:

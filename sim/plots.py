@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.errors import TiersimError
 
 MAX_POINTS = 2000
 
@@ -52,11 +51,13 @@ def plot_run(results_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    d = Path(results_dir)
+    from sim.results_data import load_run
+    from sim.results_io import FIGURE_SUFFIXES, check_output_file
+
+    d = load_run(results_dir).path       # a finished run (its DONE marker verifies), or a clear error
+    if out is not None:
+        check_output_file(out, "--out", FIGURE_SUFFIXES)
     need = [d / "requests.parquet", d / "steps.parquet", d / "summary.json"]
-    missing = [p.name for p in need if not p.exists()]
-    if missing:
-        raise TiersimError(f"{d}: not a tiersim results directory (missing {', '.join(missing)})")
     summary = json.loads((d / "summary.json").read_text())
     req = pd.read_parquet(need[0])
     steps = pd.read_parquet(need[1], columns=["replica", "start_s", "num_seqs", "hbm_active_bytes",

@@ -94,9 +94,11 @@ def load_run(path: str | Path, label: str = "") -> Run:
     if why is not None:
         if not (path / "summary.json").exists():
             raise TiersimError(f"{path}: not a tiersim results directory ({why})")
-        if (path / results_io.MARKER).exists() or why != f"no {results_io.MARKER} marker":
-            raise TiersimError(f"{path}: an incomplete results directory ({why})")
-        # a directory written before the marker existed: readable, its files unverified
+        if why == f"no {results_io.MARKER} marker":
+            raise TiersimError(f"{path}: not a finished run (no {results_io.MARKER} marker: it was interrupted, or "
+                               "is still being written); rerun it (tiersim run --config "
+                               f"{path / 'config.toml'} --out NEW)")
+        raise TiersimError(f"{path}: an incomplete results directory ({why}); rerun it")
     return Run(path=path, label=label or path.name)
 
 

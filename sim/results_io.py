@@ -140,6 +140,27 @@ def read_marker(out: str | Path) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps")
+
+
+def check_output_file(path: str | Path, option: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """``path`` as a file a command may write (before it does any work), or a TiersimError naming
+    ``option``: its folder must exist, it must not be a directory, and its suffix must be one of
+    ``suffixes`` when given."""
+    from sim.errors import TiersimError
+
+    path = Path(path)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise TiersimError(f"{option} {path}: cannot write a {path.suffix or 'suffix-less'} file; "
+                           f"use {', '.join(suffixes)}")
+    if path.is_dir():
+        raise TiersimError(f"{option} {path}: is a directory; name a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise TiersimError(f"{option} {path}: folder {parent} does not exist; create it or choose another path")
+    return path
+
+
 def verify(out: str | Path, *, checksums: bool = True) -> str | None:
     """None when ``out`` holds a complete results directory, else why not (one line)."""
     out = Path(out)
