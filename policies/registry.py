@@ -107,6 +107,8 @@ def load_plugin(module: str) -> None:
     """Import a user module whose decorators register policies: a dotted module name (importable
     from the current directory or the environment) or the path of a ``.py`` file. Loading the same
     file or module again in a process does nothing (a sweep worker loads each run's plugins)."""
+    import importlib
+    import importlib.util
     import sys
     from pathlib import Path
 
@@ -119,8 +121,6 @@ def load_plugin(module: str) -> None:
     if module.endswith(".py") or path.is_file():
         if not path.is_file():
             raise PolicyError(f"--plugin {module}: no such file")
-        import importlib.util
-
         name = f"tiersim_plugin_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
@@ -140,7 +140,8 @@ def load_plugin(module: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as exc:
-        raise PolicyError(f"--plugin {module}: cannot import ({exc})") from None
+        raise PolicyError(f"--plugin {module}: cannot import ({exc}); give a module importable from the current "
+                          "directory or the environment, or the path of a .py file") from None
     _LOADED_PLUGINS[key] = _entries() - before
 
 

@@ -76,9 +76,12 @@ def test_a_second_plugin_with_a_registered_name_is_refused_and_an_unknown_name_l
 
     copy = tmp_path / "prefix_affinity_copy.py"
     copy.write_text((PLUGINS / "prefix_affinity.py").read_text())
+    first = registry.lookup("routing", "prefix-affinity")
     with pytest.raises(PolicyError, match="'prefix-affinity' is already registered by"):
         registry.load_plugin(str(copy))
-    assert registry.lookup("routing", "prefix-affinity").__module__ != "prefix_affinity_copy"
+    assert registry.lookup("routing", "prefix-affinity") is first
+    with pytest.raises(PolicyError, match="no_such_plugin_module: cannot import"):
+        registry.load_plugin("no_such_plugin_module")
     with pytest.raises(PolicyError, match="least-loaded") as err:
         Simulation(with_overrides(small_config(), {"policies.routing.name": "least-lodaed"}))
     assert "prefix-affinity" in str(err.value)
