@@ -94,9 +94,20 @@ def load_measurements(files: list[Path], parts: tuple[str, ...] = ("validation",
     ``tp``, mixed-step ``chunk`` and ``cached``, its ``point`` id and where it was measured (``source``)."""
     import pandas as pd
 
+    from sim.errors import CostTableError
+
     frames = []
+    need = {"part", "op", "variant", "key", "x", "y", "z", "median_s", "extra"}
     for f in files:
-        d = pd.read_parquet(f)
+        try:
+            d = pd.read_parquet(f)
+        except Exception as exc:  # noqa: BLE001 - not Parquet, truncated: the user's file, said in one line
+            raise CostTableError(f"{f}: cannot read as Parquet ({type(exc).__name__}: {str(exc)[:120]}); "
+                                 "--measurements takes the raw/*.parquet that tiersim calibrate writes") from None
+        missing = sorted(need - set(d.columns))
+        if missing:
+            raise CostTableError(f"{f}: not a calibration measurements file (no column {', '.join(missing)}); "
+                                 "--measurements takes the raw/*.parquet that tiersim calibrate writes")
         d = d[d["part"].isin(parts) & d["op"].isin(("prefill", "decode", "mixed"))].copy()
         run = f.parent.parent if f.parent.name == "raw" else f.parent
         d["source"] = "table run" if run.parent.name != "runs" else f"runs/{run.name}"
