@@ -100,6 +100,11 @@ class TraceConfig:
                f"must be in [{lo:g}, {hi:g}] (got {self.rate_scale:g}): a change of rate beyond a million-fold "
                "collapses inter-arrival gaps or stretches the trace past the 1e9 s float64 time resolves steps in")
         _check(self.max_requests >= 0, "trace.max_requests", f"must be >= 0 (got {self.max_requests})")
+        if self.synthetic:      # a run replays one workload: a synthetic one does not quietly replace a named trace
+            named = self.path or (self.bundled if self.bundled != "azure-conv" else "")
+            _check(not named, "trace.synthetic",
+                   f"is set and so is the trace {named!r} (trace.{'path' if self.path else 'bundled'}); a run "
+                   "replays one workload: drop --trace (or set trace.path = \"\") to run the synthetic one")
         _check(self.start_s >= 0, "trace.start_s", f"must be >= 0 (got {self.start_s})")
         _check(self.end_s >= 0, "trace.end_s", f"must be >= 0 (got {self.end_s})")
         for key in ("start_s", "end_s"):

@@ -137,10 +137,32 @@ class Simulation:
                               f"{tp} drive(s) on {self.server.name}")
         self.dram_blocks = rc.dram_kv_bytes // self.host_bytes_per_block
         self.nvme_blocks = rc.nvme_kv_bytes // self.host_bytes_per_block
+        self._check_tiers_named(probes["residency"])
         self.budget = budget
         # ---- trace
         self.trace = trace if trace is not None else load_trace_for(config)
         self._ran = False
+
+    def _check_tiers_named(self, residency) -> None:
+        """A tier the config sends KV to must exist: swap needs DRAM, and an explicit tier in the config
+        residency's parameters (not ``auto``, which picks among those configured) needs that tier; else
+        the KV would silently be dropped or recomputed."""
+        from policies.residency.config import ConfigResidency
+
+        rc, bpb = self.config.replica, self.host_bytes_per_block
+        size = {"dram": ("replica.dram_kv_bytes", self.dram_blocks),
+                "nvme": ("replica.nvme_kv_bytes", self.nvme_blocks),
+                "store": ("cluster.shared_kv_bytes", self.config.cluster.shared_kv_bytes // bpb)}
+        if rc.preemption_mode == "swap" and not self.dram_blocks:
+            raise ConfigError(f"replica.preemption_mode = 'swap' needs DRAM to swap to, but replica.dram_kv_bytes = "
+                              f"{rc.dram_kv_bytes} holds no {bpb}-byte block; raise it, or preempt by 'recompute'")
+        if not isinstance(residency, ConfigResidency):
+            return
+        for key in ("offload_to", "hbm_evict_to", "dram_evict_to", "nvme_evict_to"):
+            tier = getattr(residency.p, key)
+            if tier in size and not size[tier][1]:
+                raise ConfigError(f"policies.residency.{key} = {tier!r}, but {size[tier][0]} = 0 configures no "
+                                  f"{tier} tier; size it, or use 'auto' (the next tier configured below)")
 
     # ------------------------------------------------------------------ building
     def _lanes_summary(self) -> dict:

@@ -122,7 +122,40 @@ def test_plot_draws_a_run_and_refuses_a_directory_that_is_not_one(tmp_path, caps
     rc, out, _ = run_cli(capsys, "plot", str(tmp_path / "r"), "--out", str(tmp_path / "again.png"))
     assert rc == 0 and (tmp_path / "again.png").exists()
     rc, _, err = run_cli(capsys, "plot", str(tmp_path))
-    assert rc == 2 and "not a tiersim results directory" in err and "steps.parquet" in err
+    assert rc == 2 and "not a tiersim results directory" in err
+    # figure paths are checked before any work: the suffix, the folder
+    for cmd in (["plot", str(tmp_path / "r")], ["compare", str(tmp_path / "r")]):
+        rc, out, err = run_cli(capsys, *cmd, "--out", str(tmp_path / "x.jpg2"))
+        assert rc == 2 and "cannot write a .jpg2 file; use .png" in err and out == ""
+        rc, _, err = run_cli(capsys, *cmd, "--out", str(tmp_path / "nodir" / "x.png"))
+        assert rc == 2 and "nodir does not exist" in err
+    rc, _, err = run_cli(capsys, "report", str(tmp_path / "r"), "--out", str(tmp_path / "nodir" / "r.html"))
+    assert rc == 2 and "nodir does not exist" in err
+    (tmp_path / "afile").write_text("")
+    rc, _, err = run_cli(capsys, "report", str(tmp_path / "r"), "--figures", str(tmp_path / "afile"))
+    assert rc == 2 and "is a file; name a folder" in err
+    # a run without its DONE marker (killed, or still being written) is not a finished run, for every reader
+    (tmp_path / "r" / "DONE").unlink()
+    for cmd in (["plot", str(tmp_path / "r")], ["compare", str(tmp_path / "r"), "--out", "none"],
+                ["report", str(tmp_path / "r")]):
+        rc, _, err = run_cli(capsys, *cmd)
+        assert rc == 2 and "not a finished run (no DONE marker" in err, cmd
+
+
+def test_settings_that_would_quietly_do_something_else_are_refused(tmp_path, capsys):
+    cases = {
+        ("--set", "replica.preemption_mode=swap", "--set", "replica.dram_kv_bytes=0"): "needs DRAM to swap to",
+        ("--set", "policies.residency.hbm_evict_to=dram", "--set", "replica.dram_kv_bytes=0"):
+            "policies.residency.hbm_evict_to = 'dram', but replica.dram_kv_bytes = 0",
+        ("--set", "policies.residency.name=tiered", "--set", "policies.residency.dram_evict_to=nvme"):
+            "policies.residency.dram_evict_to = 'nvme', but replica.nvme_kv_bytes = 0",
+        ("--trace", "azure-code", "--set", "trace.synthetic=poisson rate=5 n=50"): "a run replays one workload",
+        ("--plugin", "no_such_plugin_module"): "cannot import",
+    }
+    for args, want in cases.items():
+        rc, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "o"), *SMALL, *args)
+        assert rc == 2 and want in err, (args, err)
+        assert not (tmp_path / "o").exists()
 
 
 def test_version_and_every_option_states_its_default(capsys):
@@ -233,3 +266,10 @@ def test_compare_prints_differences_and_draws_token_level_itl_cdfs(tmp_path, cap
     x, y = run.itl_cdf()
     p99 = run.summary["itl_s"]["p99"]
     assert abs(np.interp(0.99, y, x) / p99 - 1) < 0.01     # the CDF is the quantity the summary reports
+
+
+def test_validate_names_a_measurements_file_it_cannot_read(tmp_path, capsys):
+    bad = tmp_path / "m.csv"
+    bad.write_text("a,b\n1,2\n")
+    rc, _, err = run_cli(capsys, "validate", "--measurements", str(bad), "--out", str(tmp_path / "v"))
+    assert rc == 2 and f"{bad}: cannot read as Parquet" in err and "raw/*.parquet" in err
