@@ -565,6 +565,10 @@ def cmd_sweep(args) -> int:
         cols = params + [c for c in ("status", "ttft_p99_s", "itl_p99_s", "throughput_tok_s", "goodput_fraction")
                          if c in table]
         print(table[cols].to_string(index=False))
+        if "error" in table:
+            for run, status, error in table[["run", "status", "error"]].itertuples(index=False):
+                if status not in ("done", "done (resumed)") and isinstance(error, str) and error:
+                    print(f"{run}: {status}: {error}")
         print(f"results: {args.out}/ (summary.parquet, runs/, requests/ and steps/ datasets; tiersim report "
               f"{args.out})")
     return 0 if (table["status"].str.startswith("done")).all() else 1

@@ -123,6 +123,10 @@ class SweepProgress:
         else:
             self.console.print(f"sweep: {total} runs, {already_done} already done", highlight=False)
 
+    def note(self, text: str) -> None:
+        """A line above the bars (a point of the sweep that will not run, and why)."""
+        (self.progress.console if self.progress is not None else self.console).print(text, highlight=False)
+
     def run_update(self, key: str, finished: int, total: int, sim_s: float, last_arrival_s: float) -> None:
         if self.progress is None:
             return

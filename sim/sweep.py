@@ -298,9 +298,13 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
         grid[k] = [rel(x) if k in SPECIAL_AXES and isinstance(x, str) else x for x in v]
     points = [{k: rel(x) if k in SPECIAL_AXES and isinstance(x, str) else x for k, x in p.items()}
               for p in data.get("points", [])]
+    plugins = [rel(p) for p in data.get("plugins", [])]
+    for i, p in enumerate(plugins):
+        if p.endswith(".py") and not Path(p).is_file():
+            raise ConfigError(f"{path}: plugins[{i}] = {p!r}: no such file (a relative path is read against the "
+                              f"sweep file's folder, {here.resolve()}, then the current directory)")
     return SweepSpec(base=base, grid=grid, random=dict(data.get("random", {})), samples=int(data.get("samples", 0)),
-                     points=points,
-                     sample_seed=int(data.get("sample_seed", 0)), plugins=[rel(p) for p in data.get("plugins", [])])
+                     points=points, sample_seed=int(data.get("sample_seed", 0)), plugins=plugins)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -333,9 +337,26 @@ def grid(axes: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
 _QUEUE = None
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, driver: int | None = None) -> None:
     global _QUEUE
     _QUEUE = queue
+    if driver is not None:
+        _exit_with_driver(driver)
+
+
+def _exit_with_driver(driver: int, poll_s: float = 1.0) -> None:
+    """A pool worker ends when its driver does (a killed driver's workers would otherwise wait on their
+    call queue forever). What it was running is partial, and a resumed sweep redoes it. ``driver`` is
+    the driver's pid, passed in: a worker still starting when the driver died is already re-parented."""
+    import threading
+
+    def watch():
+        while True:
+            if os.getppid() != driver:
+                os._exit(1)
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, daemon=True, name="tiersim-parent-watch").start()
 
 
 def execute(task: dict) -> dict:
@@ -491,9 +512,19 @@ def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | N
     """
     if isinstance(spec, SimConfig):     # run_sweep(base, variants, out): each override dict is a point
         spec, variants = _spec_from_variants(spec, variants or [{}])
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be >= 1 (1 runs in this process; leave it out for one per CPU)")
     out = Path(out_dir)
-    _prepare(out, spec, force)
     variants = spec.variants() if variants is None else variants
+    bad = []
+    for values in variants:
+        try:
+            spec.config_for(values)
+        except Exception as exc:  # noqa: BLE001 - said below, or recorded per point
+            bad.append(f"{type(exc).__name__}: {exc}")
+    if variants and len(bad) == len(variants):      # nothing to run: say why once, write nothing
+        raise ConfigError(f"every point of the sweep is invalid ({len(bad)} of {len(variants)}); the first: {bad[0]}")
+    _prepare(out, spec, force)
     rows: dict[str, dict] = {}
     order: list[str] = []
     tasks: list[dict] = []
@@ -524,7 +555,11 @@ def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | N
         tasks.append({"sweep_dir": str(out.resolve()), "run": rel, "config_hash": h, "params": params,
                       "config": cfg.to_dict()})
     if progress is not None:
-        progress.start(len(order), len(order) - len(tasks))
+        n_invalid = sum(1 for r in rows.values() if r["status"] == "invalid")
+        progress.start(len(order), len(order) - len(tasks) - n_invalid)
+        for rel, r in rows.items():
+            if r["status"] == "invalid":
+                progress.note(f"{rel}: invalid, not run ({r['error']})")
 
     def record(row: dict) -> None:
         row = {k: v for k, v in row.items()}
@@ -620,7 +655,8 @@ def _run_pool(tasks: list[dict], jobs: int, record: Callable[[dict], None], prog
     def pool_round(batch: list[dict], workers: int) -> tuple[list[dict], list[dict]]:
         """Run ``batch``; returns (runs that had started when a worker died, runs that had not)."""
         sweep_dir = Path(batch[0]["sweep_dir"])
-        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(queue, os.getpid()))
         futs = {ex.submit(execute, t): t for t in batch}
         done_runs: set[str] = set()
         started, waiting = [], []

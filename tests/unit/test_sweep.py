@@ -150,3 +150,17 @@ def test_the_same_sweep_on_a_dask_local_cluster_gives_byte_identical_runs(tmp_pa
         for f in ("requests.parquet", "steps.parquet", "itl_hist.parquet", "summary.json", "config.toml", "DONE"):
             a, b = (tmp_path / d / "runs" / rel / f for d in ("local", "dask"))
             assert a.read_bytes() == b.read_bytes(), f"{rel}/{f}"
+
+
+def test_a_sweep_with_nothing_to_run_says_why_once_and_writes_nothing(tmp_path):
+    spec = SweepSpec(grid={"replica.block_size_token": [16, 32]})
+    with pytest.raises(ConfigError, match=r"every point of the sweep is invalid \(2 of 2\).*did you mean "
+                                          r"'block_size_tokens'"):
+        run_sweep(spec, out_dir=tmp_path / "sw", jobs=1)
+    assert not (tmp_path / "sw").exists()
+    with pytest.raises(ConfigError, match="--jobs 0: must be >= 1"):
+        run_sweep(SweepSpec(grid={"seed": [1, 2]}), out_dir=tmp_path / "sw", jobs=0)
+    f = tmp_path / "s.toml"
+    f.write_text('plugins = ["nope.py"]\n[grid]\n"seed" = [1, 2]\n')
+    with pytest.raises(ConfigError, match=r"plugins\[0\] = 'nope.py': no such file"):
+        load_sweep_file(f)

@@ -147,3 +147,41 @@ def test_a_run_that_kills_its_worker_every_time_fails_alone_after_three_attempts
             assert r["status"] == "done", r
             assert results_io.verify(out / "runs" / r["run"]) is None
     assert not (out / ".tmp").exists()
+
+
+@pytest.mark.slow
+def test_the_workers_of_a_killed_driver_exit(tmp_path):
+    import time
+
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "sweep.toml").write_text(SWEEP.replace('"trace.max_requests" = 40', '"trace.max_requests" = 4000'))
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "sim.cli", "sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "o"),
+           "--jobs", "2", "--quiet"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    deadline = time.monotonic() + 60
+    while len(children()) < 2 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    workers = children()
+    assert workers and p.poll() is None, "the sweep ended before its workers could be seen"
+    p.kill()          # the driver alone, not its process group
+    p.wait()
+    def running(pid):          # a zombie no one reaped (PID 1 of a container may not) has exited
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(running(w) for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if running(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their driver"
