@@ -20,7 +20,7 @@ from importlib import metadata
 from typing import Any
 
 from policies.base import BASES
-from sim.errors import PolicyError
+from sim.errors import PolicyError, did_you_mean
 
 KINDS = ("scheduling", "eviction", "residency", "speculation", "execution", "routing", "sparsity")
 DEFAULTS = {"scheduling": "fcfs", "eviction": "lru", "residency": "config", "speculation": "none",
@@ -160,7 +160,7 @@ def lookup(kind: str, name: str) -> type:
     try:
         return table[name]
     except KeyError:
-        raise PolicyError(f"policies.{kind}.name: unknown {kind} policy {name!r} "
+        raise PolicyError(f"policies.{kind}.name: unknown {kind} policy {name!r}{did_you_mean(name, table)} "
                           f"(known: {', '.join(sorted(table))})") from None
 
 
@@ -181,8 +181,8 @@ def build(kind: str, name: str, params: Mapping[str, Any] | None = None):
     fields = {f.name: f for f in dataclasses.fields(param_cls)}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise PolicyError(f"policies.{kind}.{unknown[0]}: unknown parameter of {kind} policy {name!r} "
-                          f"(known: {', '.join(sorted(fields)) or 'none'})")
+        raise PolicyError(f"policies.{kind}.{unknown[0]}: unknown parameter of {kind} policy {name!r}"
+                          f"{did_you_mean(unknown[0], fields)} (known: {', '.join(sorted(fields)) or 'none'})")
     for key, value in params.items():
         ftype = str(fields[key].type).replace("Optional[", "").rstrip("]")
         ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),

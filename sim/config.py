@@ -33,7 +33,7 @@ from typing import Any
 
 from policies.registry import DEFAULTS as DEFAULT_POLICIES
 from policies.registry import KINDS as POLICY_KINDS
-from sim.errors import ConfigError
+from sim.errors import ConfigError, did_you_mean
 
 # bytes per KV element; int4 carries an fp16 scale and zero point per group of 32 (KIVI, ICML 2024)
 KV_DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5 + 4.0 / 32}
@@ -451,7 +451,8 @@ def _section(cls, data: Any, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys of [{where}]: {', '.join(names)})")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], names)} (known keys of "
+                          f"[{where}]: {', '.join(names)})")
     values = {k: _coerce(cls, f"{where}.{k}", k, v) for k, v in data.items()}
     return cls(**values)
 

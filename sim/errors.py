@@ -20,3 +20,11 @@ class PolicyError(ConfigError):
 
 class CostTableError(TiersimError, ValueError):
     """A missing or malformed calibration table, or a lookup the table cannot serve."""
+
+
+def did_you_mean(name: str, known) -> str:
+    """ ``"; did you mean 'x'?"`` for the closest of ``known`` to a misspelt ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
