@@ -1,4 +1,5 @@
-"""A run that needs no pandas imports none, nor the calibration package or matplotlib (issue 14): the trace from the npz cache, the cost table,
+"""A run that needs no pandas imports none, nor the calibration package or matplotlib (issue 14): the
+trace from the npz cache, the cost table,
 the error bars and the results files all go through NumPy and pyarrow; and the Arrow columns built
 without pandas equal the ones pandas builds."""
 import subprocess

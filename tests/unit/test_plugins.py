@@ -70,9 +70,9 @@ def test_tenant_fair_scheduling_protects_a_light_tenant_from_a_flood():
 
 
 def test_a_second_plugin_with_a_registered_name_is_refused_and_an_unknown_name_lists_the_known(tmp_path):
-    from sim.errors import PolicyError
     from sim.config import with_overrides
     from sim.engine import Simulation
+    from sim.errors import PolicyError
 
     copy = tmp_path / "prefix_affinity_copy.py"
     copy.write_text((PLUGINS / "prefix_affinity.py").read_text())

@@ -243,15 +243,15 @@ def test_eagle_re_reads_the_accepted_tokens_a_draft_model_keeps(monkeypatch):
     from sim.replica import drafting
 
     base = {"model.name": "llama-3.1-8b", "replica.num_hbm_blocks": 2000}
+    init = drafting.Drafting.__init__
+
+    def no_refeed(self, *a, **k):
+        init(self, *a, **k)
+        self.refeeds_accepted = False
+
     runs = {}
     for refeed in (True, False):
         if not refeed:
-            init = drafting.Drafting.__init__
-
-            def no_refeed(self, *a, **k):
-                init(self, *a, **k)
-                self.refeeds_accepted = False
-
             monkeypatch.setattr(drafting.Drafting, "__init__", no_refeed)
         for alpha in (0.0, 0.9):
             cfg = small_config(**base, **spec(name="fixed-k", k=3, drafter="eagle", alpha=alpha))
