@@ -113,7 +113,9 @@ def detect_format(path: Path) -> str:
         return "mooncake"
     try:
         header = csv_header(path)
-    except TraceError:   # not text: reported below without a header
+    except TraceError as exc:   # not UTF-8 text: that is the error to fix, not the format
+        if not is_gzip(path):
+            raise
         header = []
     columns = set(header)
     if {"TIMESTAMP", "ContextTokens"} <= columns:

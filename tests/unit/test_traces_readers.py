@@ -464,3 +464,17 @@ def test_length_file_is_not_a_trace():
         load_trace("sharegpt-lengths")
     with pytest.raises(TraceError, match="length distribution with no arrival times"):
         load_trace(bundled_path("sharegpt-lengths"))
+
+
+def test_format_detection_reports_an_encoding_error_not_an_unknown_format(tmp_path):
+    from traces import load_trace
+    from traces.schema import TraceError
+
+    bad = tmp_path / "t.csv"
+    bad.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n\xff\n")
+    with pytest.raises(TraceError, match="line 3: not UTF-8 text: byte 0xff"):
+        load_trace(bad)
+    wide = tmp_path / "w.csv"
+    wide.write_bytes("TIMESTAMP,ContextTokens,GeneratedTokens\n".encode("utf-16"))
+    with pytest.raises(TraceError, match="UTF-16 text; save the file as UTF-8"):
+        load_trace(wide)
