@@ -104,6 +104,7 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
                      + " rows of the file (see summary.json: trace.dropped_rows)")
     lines += kv_tier_lines(summary)
     lines += cost_notes_lines(costs)
+    lines += rejection_advice(rq)
     tail = []
     if out_dir:
         tail.append(f"results: {out_dir}/ (summary.json, requests.parquet, steps.parquet)")
@@ -112,6 +113,27 @@ def format_summary(summary: dict, out_dir: str | None, wall_s: float | None) -> 
     if tail:
         lines.append(" | ".join(tail))
     return "\n".join(lines)
+
+
+# what to raise for each reason a request is rejected (sim.metrics.requests.REJECT_REASONS)
+_REJECT_ADVICE = {
+    "exceeds max_model_len": "replica.max_model_len (the model's context window caps it)",
+    "exceeds KV capacity": "the KV pool: replica.gpu_memory_utilization, replica.num_hbm_blocks, or "
+                           "replica.tensor_parallel_size",
+    "exceeds scheduler token budget": "policies.scheduling.max_num_batched_tokens, or use chunked-prefill",
+    "could not be scheduled": "the KV pool (replica.num_hbm_blocks, replica.gpu_memory_utilization)",
+}
+
+
+def rejection_advice(requests: dict) -> list[str]:
+    """A warning when a run rejected at least 1 % of its requests: the reason and the key to raise."""
+    n, rejected = requests.get("total", 0), requests.get("rejected", 0)
+    if not n or rejected < max(1, 0.01 * n):
+        return []
+    reason, count = max((requests.get("rejected_by_reason") or {"": rejected}).items(), key=lambda kv: kv[1])
+    advice = _REJECT_ADVICE.get(reason)
+    return [f"warning: {rejected:,} of {n:,} requests ({100 * rejected / n:.0f} %) were rejected, {count:,} as "
+            f"'{reason}'" + (f"; to serve them raise {advice}" if advice else "")]
 
 
 def kv_tier_lines(summary: dict) -> list[str]:

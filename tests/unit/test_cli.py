@@ -273,3 +273,12 @@ def test_validate_names_a_measurements_file_it_cannot_read(tmp_path, capsys):
     bad.write_text("a,b\n1,2\n")
     rc, _, err = run_cli(capsys, "validate", "--measurements", str(bad), "--out", str(tmp_path / "v"))
     assert rc == 2 and f"{bad}: cannot read as Parquet" in err and "raw/*.parquet" in err
+
+
+def test_a_run_that_rejects_requests_says_which_key_to_raise(tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "run", "--out", str(tmp_path / "o"), *SMALL, "--set", "trace.max_requests=20",
+                         "--set", "policies.scheduling.max_num_batched_tokens=64")
+    assert rc == 0 and "were rejected" in out and "as 'exceeds scheduler token budget'" in out
+    assert "raise policies.scheduling.max_num_batched_tokens" in out
+    rc, out, _ = run_cli(capsys, "run", "--out", str(tmp_path / "p"), *SMALL, "--set", "trace.max_requests=20")
+    assert rc == 0 and "warning" not in out
