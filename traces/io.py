@@ -113,7 +113,7 @@ def detect_format(path: Path) -> str:
         return "mooncake"
     try:
         header = csv_header(path)
-    except TraceError as exc:   # not UTF-8 text: that is the error to fix, not the format
+    except TraceError:   # not UTF-8 text: that is the error to fix, not the format
         if not is_gzip(path):
             raise
         header = []
