@@ -299,6 +299,8 @@ def cmd_run(args) -> int:
     from sim.config import SimConfig, with_overrides
     from sim.engine import Simulation
 
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out: an empty path; name the results directory (or leave --out out for output.dir)")
     scenario = None
     if args.preset:
         from sim.scenarios import load_scenario
@@ -613,7 +615,16 @@ def _runs_of(paths: list[str]):
     runs = []
     for p in paths:
         if is_sweep(p):
-            runs += load_sweep(p).runs()
+            sw = load_sweep(p)
+            got = sw.runs()
+            left = len(sw.summary) - len(got)
+            if not got:
+                raise TiersimError(f"{p}: the sweep has no finished run ({left} failed or invalid: see "
+                                   f"{Path(p) / 'index.jsonl'})")
+            if left:
+                print(f"{p}: {left} of {len(sw.summary)} runs did not finish and are left out (see "
+                      f"{Path(p) / 'index.jsonl'})", file=sys.stderr)
+            runs += got
         else:
             runs.append(load_run(p))
     labels = [r.label for r in runs]
@@ -851,7 +862,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tiersim: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tiersim: interrupted", file=sys.stderr)
+        hint = ""
+        if getattr(args, "func", None) is cmd_sweep:
+            from sim.sweep import read_index
+
+            with contextlib.suppress(Exception):
+                done = len({r["run"] for r in read_index(Path(args.out)) if r.get("status") == "done"})
+                hint = f" ({done} finished run{'' if done == 1 else 's'} kept; rerun the same command to resume)"
+        elif getattr(args, "func", None) is cmd_run:
+            hint = " (nothing was written: a run's results appear only when it finishes)"
+        print(f"tiersim: interrupted{hint}", file=sys.stderr)
         return 130
 
 

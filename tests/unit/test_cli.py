@@ -282,3 +282,16 @@ def test_a_run_that_rejects_requests_says_which_key_to_raise(tmp_path, capsys):
     assert "raise policies.scheduling.max_num_batched_tokens" in out
     rc, out, _ = run_cli(capsys, "run", "--out", str(tmp_path / "p"), *SMALL, "--set", "trace.max_requests=20")
     assert rc == 0 and "warning" not in out
+
+
+def test_compare_says_which_sweep_runs_it_left_out_and_an_empty_out_is_refused(tmp_path, capsys):
+    from sim.sweep import SweepSpec, run_sweep
+    from tests.conftest import small_config
+
+    spec = SweepSpec(base=small_config(**{"trace.max_requests": 20}),
+                     grid={"policies.scheduling.name": ["fcfs", "no-such-scheduler"]})
+    run_sweep(spec, out_dir=tmp_path / "sw", jobs=1)
+    rc, _, err = run_cli(capsys, "compare", str(tmp_path / "sw"), "--out", "none")
+    assert rc == 0 and "1 of 2 runs did not finish and are left out" in err
+    rc, _, err = run_cli(capsys, "run", "--out", "", *SMALL)
+    assert rc == 2 and "--out: an empty path" in err
