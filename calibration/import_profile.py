@@ -69,8 +69,16 @@ def _open(path: Path):
 def read_trace(path: Path, *, mode: str = "graph", model: str | None = None, phase: str | None = None,
                batch: int | None = None, length: int | None = None) -> list[Step]:
     """The steps of a Kineto/Chrome trace or of a ``calibration.diagnose`` trace."""
-    with _open(path) as fh:
-        data = json.load(fh)
+    try:
+        with _open(path) as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path}: not a JSON profiler trace ({exc}); give a Kineto/Chrome trace "
+                         "(torch.profiler export_chrome_trace, .json or .json.gz) or a calibration.diagnose "
+                         "trace") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON {type(data).__name__}, not a Kineto/Chrome trace (an object with "
+                         "traceEvents) or a calibration.diagnose trace (with points)")
     if "points" in data:
         steps = []
         for p in data["points"]:

@@ -210,7 +210,7 @@ def synthetic_trace(spec: str, seed: int) -> Trace:
         return traces.synthesize(rate_per_s=rate, num_requests=n, duration_s=duration, arrival=arrival, cv=cv,
                                  seed=run_seed, **lengths)
     except TraceError as exc:   # a bad length spec or a drawn length out of range: the spec names it
-        raise ConfigError(f"trace.synthetic: {exc.detail}") from None
+        raise ConfigError(f"trace.synthetic: {exc if exc.path else exc.detail}") from None   # a file: where in it
 
 
 def _number(opts: dict[str, str], key: str, *, whole: bool = False, above: float | None = None,

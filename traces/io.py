@@ -93,6 +93,8 @@ def _resolve(path: str | Path) -> tuple[Path, str | None]:
         return bundled_path(entry.name), entry.format
     hint = "" if ("/" in str(path) or "." in candidate.name) else (
         f" and not a bundled trace name (bundled: {', '.join(BUNDLED)})")
+    if not Path(path).is_absolute() and ("/" in str(path) or "." in candidate.name):
+        hint += f" (a relative path is read against the current directory, {Path.cwd()})"
     raise TraceError(f"no such file{hint}", label=str(path), path=path)
 
 
