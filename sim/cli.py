@@ -477,6 +477,14 @@ def cmd_predict_step(args) -> int:
     B = args.batch
     if B < 1:
         raise TiersimError(f"--batch must be >= 1 (got {B})")
+    window = model.max_context_tokens
+    longest = {"prefill": args.tokens, "decode": args.context + 1,
+               "mixed": max(args.chunk_context + args.tokens, args.context + 1)}[args.phase]
+    if longest > window:
+        raise TiersimError(f"a sequence of {longest:,} tokens exceeds {model.name}'s context window of {window:,}")
+    if args.phase == "decode" and args.tokens:
+        raise TiersimError("--tokens is the prefill length (prefill) or chunk (mixed); a decode step's requests "
+                           "have --context tokens cached and add one each")
     if args.phase == "prefill":
         if args.tokens < 1:
             raise TiersimError("--tokens (each request's prompt length) must be >= 1 for --phase prefill")

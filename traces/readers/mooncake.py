@@ -58,7 +58,7 @@ def read_mooncake(path: str | Path, *, name: str | None = None, block_tokens: in
     if hashes is not None:
         offsets, values, missing, malformed = hashes
         cols.check("hash_ids", missing, lambda i: "empty or missing value")
-        cols.check("hash_ids", malformed, lambda i: "must be a list of integers")
+        cols.check("hash_ids", malformed, lambda i: "must be a list of integers, each within int64 (|h| < 2**63)")
         counts = np.diff(offsets)
         expected = -(-prompt // block_tokens)
         cols.check("hash_ids", (counts != expected) & ~missing & ~malformed,
