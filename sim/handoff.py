@@ -141,7 +141,7 @@ class HandOffs:
         def landed(t: float) -> None:
             self._landed(src, dst, req, blocks, t)
 
-        src.transfers.start_over(channel, "network", nbytes, landed, what="handoff", request=i, after=after)
+        src.transfers.start_over(channel, "network", nbytes, landed, what="handoff", request=i, after=after, now=now)
 
     def _landed(self, src: Replica, dst: Replica, req: Request, blocks: list[int], now: float) -> None:
         src.sync(now)

@@ -12,6 +12,7 @@ time.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,6 +53,13 @@ class TransferLog:
         return pa.table({c: pa.nulls(0, typed.get(c, pa.null())) for c in self.COLUMNS})
 
 
+def _exact(now: float, end: float) -> float:
+    """A copy's landing time: its computed end, where SimPy's clock sits within a few ulps of it (no
+    delay made now + d land on it exactly), so that paths that reached the start by different delays
+    land alike; SimPy's clock otherwise."""
+    return end if abs(now - end) <= 4.0 * math.ulp(end) else now
+
+
 class Transfers:
     """The links of one replica by name, and the moves over them."""
 
@@ -86,32 +94,39 @@ class Transfers:
         return self.env.process(self._chain(hops, int(nbytes), done, what, request, tuple(after)))
 
     def start_over(self, channel: Channel, name: str, nbytes: int, done: Callable[[float], None], *, what: str,
-                   request: int = -1, after: Sequence[simpy.Event] = ()) -> simpy.Process:
+                   request: int = -1, after: Sequence[simpy.Event] = (), now: float | None = None) -> simpy.Process:
         """Move ``nbytes`` over ``channel``, a link this replica shares with others (the cluster's
-        network between two replicas), logged under ``name``, after the events in ``after``."""
-        return self.env.process(self._chain(((channel, name),), int(nbytes), done, what, request, tuple(after)))
+        network between two replicas), logged under ``name``, after the events in ``after``. ``now``:
+        the exact time the move was decided, when another replica's clock decided it (a hand-off sent
+        at a decode replica's step end: SimPy's clock may sit an ulp off it, and this replica's clock,
+        not at a step end of its own, would take SimPy's)."""
+        return self.env.process(self._chain(((channel, name),), int(nbytes), done, what, request, tuple(after),
+                                            now))
 
     def backlog_s(self, link: str) -> float:
         """Seconds of bytes queued or in flight on ``link`` (at its bandwidth)."""
         ch = self.link(link)
         return ch.queued_bytes / ch.bandwidth_bytes_per_s
 
-    def _chain(self, hops, nbytes: int, done, what: str, request: int, after):
+    def _chain(self, hops, nbytes: int, done, what: str, request: int, after, now: float | None = None):
         pending = [e for e in after if not e.processed]
         if pending:
             yield self.env.all_of(pending)
+            now = None
+        end = self.env.now
         for channel, name in hops:
-            yield from self._hop(channel, name, nbytes, what, request)
-        done(self.env.now)
+            end = yield from self._hop(channel, name, nbytes, what, request, now)
+            now = None
+        done(_exact(self.env.now, end))
 
     def _move(self, channel: Channel, name: str, nbytes: int, done, what: str, request: int):
-        yield from self._hop(channel, name, nbytes, what, request)
-        done(self.env.now)
+        end = yield from self._hop(channel, name, nbytes, what, request)
+        done(_exact(self.env.now, end))
 
-    def _hop(self, channel: Channel, name: str, nbytes: int, what: str, request: int):
+    def _hop(self, channel: Channel, name: str, nbytes: int, what: str, request: int, now: float | None = None):
         env = self.env
         t0 = env.now
-        queued = self.clock()
+        queued = self.clock() if now is None else now
         channel.queued_bytes += nbytes
         with channel.resource.request() as slot:
             yield slot
@@ -124,6 +139,7 @@ class Transfers:
         channel.bytes_moved += nbytes
         channel.num_transfers += 1
         self.log.add(self.replica_id, name, what, request, nbytes, queued, start, end)
+        return end
 
     def stats(self) -> dict[str, dict]:
         """Bytes, transfers and busy seconds per link."""

@@ -170,3 +170,18 @@ def test_decode_runs_equal_single_stepping_in_a_disaggregated_cluster(trace, sch
                        "cluster.decode_max_running": max_running, "cluster.handoff_bandwidth_bytes_per_s": 2e9,
                        "replica.preemption_mode": preemption, "replica.num_hbm_blocks": blocks,
                        "replica.prefix_caching": prefix}, trace)
+
+
+def test_a_hand_off_sent_at_a_decode_run_s_end_is_timed_from_that_end():
+    """Found by the thorough Hypothesis profile: a backpressured hand-off sent when a decode run ends
+    started its copy at SimPy's clock, one ulp past the run's exact end (the sender's clock is not at a
+    step end), so its landing and the request's finish differed from single stepping by an ulp."""
+    from tests.conftest import make_trace
+
+    trace = make_trace([0.0] * 5, [1, 1, 1, 7, 5], [1, 1, 5, 2, 4])
+    runs = assert_equivalent({"policies.scheduling.name": "chunked-prefill", "cluster.num_replicas": 3,
+                              "cluster.prefill_replicas": 2, "cluster.decode_routing": "most-free-kv",
+                              "cluster.decode_max_running": 2, "cluster.handoff_bandwidth_bytes_per_s": 2e9,
+                              "replica.preemption_mode": "recompute", "replica.num_hbm_blocks": 24,
+                              "replica.prefix_caching": False}, trace)
+    assert runs > 0
