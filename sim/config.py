@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -568,13 +569,31 @@ def with_overrides(config: SimConfig, overrides: Mapping[str, Any] | list[str]) 
     return from_dict(data, "--set")
 
 
+_SURROGATE_PAIR = re.compile(r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def _toml_string(v: str) -> str:
+    """A TOML basic string: JSON's escapes (all TOML accepts), except that a character beyond the BMP,
+    which JSON writes as a surrogate pair TOML rejects, is written \\UXXXXXXXX, and DEL, which JSON
+    leaves raw and TOML forbids, \\u007f."""
+    text = json.dumps(v).replace("\x7f", "\\u007f")
+    if "\\ud" not in text:
+        return text
+
+    def astral(m: re.Match) -> str:
+        hi, lo = int(m.group(1), 16), int(m.group(2), 16)
+        return f"\\U{0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00):08X}"
+
+    return _SURROGATE_PAIR.sub(astral, text)
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return _toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

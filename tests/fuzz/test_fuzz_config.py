@@ -84,13 +84,15 @@ def test_a_written_config_reads_back_the_same(workdir, key, value):
     assert load_config(path) == config
 
 
-@pytest.mark.xfail(strict=True, reason="config._toml_value writes strings with json.dumps, which escapes a "
-                   "character beyond the BMP as a surrogate pair that TOML rejects (left for the config's owner)")
-def test_a_written_config_with_an_emoji_reads_back(workdir):
-    config = with_overrides(SimConfig(), {"trace.path": "runs/\U0001f680.csv"})
-    path = workdir / "c.toml"
-    path.write_text(config.to_toml())
-    assert load_config(path) == config
+def test_a_written_config_with_an_emoji_or_a_control_character_reads_back(workdir):
+    # JSON escapes a character beyond the BMP as a surrogate pair, which TOML rejects, and leaves DEL raw,
+    # which TOML forbids: config files write \UXXXXXXXX and \u007f instead
+    for name in ("runs/\U0001f680.csv", "a\x7fb\u00e9\U0001d11e\n.csv"):
+        config = with_overrides(SimConfig(), {"trace.path": name})
+        path = workdir / "c.toml"
+        path.write_text(config.to_toml(), encoding="utf-8")
+        assert load_config(path) == config
+        assert path.read_text(encoding="utf-8").isascii()
 
 
 @FUZZ
