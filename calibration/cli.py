@@ -106,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else \
         suite.DEFAULT_MODELS
     budget = args.budget_s
-    if budget is not None and not budget > 0:
-        print(f"calibrate: error: --budget-s {budget:g}: must be > 0 seconds (leave it out for no budget)",
-              file=sys.stderr)
+    if budget is not None and not budget >= 0:      # (NaN too)
+        print(f"calibrate: error: --budget-s {budget:g}: must be >= 0 seconds (0: no budget)", file=sys.stderr)
         return 2
-    if budget is not None and budget <= 0:
+    if budget == 0:
         budget = math.inf
     try:
         parts = suite.resolve_parts(args.parts) if args.parts is not None else None

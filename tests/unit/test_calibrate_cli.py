@@ -51,3 +51,11 @@ def test_the_simulator_loads_it_and_names_what_it_lacks(table_dir):
     msg = str(err.value)
     assert "has no entry for" in msg and "gemm dtype=bf16,k=4096,n=6144" in msg
     assert "tiersim calibrate --models llama-3.1-8b" in msg
+
+
+def test_budget_s_refuses_a_negative_budget(tmp_path, capsys):
+    from sim.cli import main
+
+    assert main(["calibrate", "--out", str(tmp_path / "c"), "--budget-s", "-5"]) == 2
+    assert "--budget-s -5: must be >= 0 seconds (0: no budget)" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
