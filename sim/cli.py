@@ -599,7 +599,7 @@ def cmd_sweep(args) -> int:
         print(table[cols].to_string(index=False))
         if "error" in table:
             for run, status, error in table[["run", "status", "error"]].itertuples(index=False):
-                if status not in ("done", "done (resumed)") and isinstance(error, str) and error:
+                if not status.startswith("done") and isinstance(error, str) and error:
                     print(f"{run}: {status}: {error}")
         print(f"results: {args.out}/ (summary.parquet, runs/, requests/ and steps/ datasets; tiersim report "
               f"{args.out})")

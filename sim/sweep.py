@@ -359,6 +359,12 @@ def _exit_with_driver(driver: int, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="tiersim-parent-watch").start()
 
 
+def _in_flight_marker(sweep_dir: Path, config_hash: str) -> Path:
+    """The directory a run holds while it runs (``_run_pool`` reads which runs had started when a
+    worker died); under ``.tmp/``, so a resumed sweep reaps any a kill left."""
+    return sweep_dir / ".tmp" / f"run-{config_hash[:16]}"
+
+
 def execute(task: dict) -> dict:
     """Run one variant in this process and publish its results directory; returns its index row.
     A simulation that raises is a ``failed`` row; this process dying is the driver's business."""
@@ -367,7 +373,7 @@ def execute(task: dict) -> dict:
     t0 = time.perf_counter()
     sweep_dir, rel = Path(task["sweep_dir"]), task["run"]
     row = {"run": rel, "config_hash": task["config_hash"], "params": task["params"]}
-    started = sweep_dir / ".tmp" / f"run-{task['config_hash'][:16]}"      # in flight (see _run_pool)
+    started = _in_flight_marker(sweep_dir, task["config_hash"])
     started.mkdir(parents=True, exist_ok=True)
     try:
         cfg = from_dict(task["config"], "sweep")
@@ -516,28 +522,25 @@ def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | N
         raise ConfigError(f"--jobs {jobs}: must be >= 1 (1 runs in this process; leave it out for one per CPU)")
     out = Path(out_dir)
     variants = spec.variants() if variants is None else variants
-    bad = []
+    built = []          # (values, run path, config, error): each variant's config, built once
     for values in variants:
         try:
-            spec.config_for(values)
-        except Exception as exc:  # noqa: BLE001 - said below, or recorded per point
-            bad.append(f"{type(exc).__name__}: {exc}")
-    if variants and len(bad) == len(variants):      # nothing to run: say why once, write nothing
-        raise ConfigError(f"every point of the sweep is invalid ({len(bad)} of {len(variants)}); the first: {bad[0]}")
+            built.append((values, spec.run_path(values), spec.config_for(values), None))
+        except Exception as exc:  # noqa: BLE001 - a bad variant is recorded, not fatal
+            built.append((values, None, None, f"{type(exc).__name__}: {exc}"))
+    bad = [error for *_, error in built if error is not None]
+    if built and len(bad) == len(built):      # nothing to run: say why once, write nothing
+        raise ConfigError(f"every point of the sweep is invalid ({len(bad)} of {len(built)}); the first: {bad[0]}")
     _prepare(out, spec, force)
     rows: dict[str, dict] = {}
     order: list[str] = []
     tasks: list[dict] = []
     indexed_done = {(r.get("run"), r.get("config_hash")) for r in read_index(out) if r.get("status") == "done"}
-    for values in variants:
+    for values, rel, cfg, error in built:
         params = {column_name(k): v for k, v in values.items()}
-        try:
-            rel = spec.run_path(values)
-            cfg = spec.config_for(values)
-        except Exception as exc:  # noqa: BLE001 - a bad variant is recorded, not fatal
+        if error is not None:
             rel = spec.run_path(values) if values else "all"
-            row = {"run": rel, "config_hash": "", "params": params, "status": "invalid",
-                   "error": f"{type(exc).__name__}: {exc}"}
+            row = {"run": rel, "config_hash": "", "params": params, "status": "invalid", "error": error}
             _append_index(out, row)
             rows[rel] = row
             order.append(rel)
@@ -672,7 +675,7 @@ def _run_pool(tasks: list[dict], jobs: int, record: Callable[[dict], None], prog
                 if f.done() and not f.cancelled() and f.exception() is None:
                     record(f.result())
                     continue
-                marker = sweep_dir / ".tmp" / f"run-{t['config_hash'][:16]}"
+                marker = _in_flight_marker(sweep_dir, t["config_hash"])
                 (started if marker.is_dir() else waiting).append(t)
                 with contextlib.suppress(OSError):
                     marker.rmdir()
