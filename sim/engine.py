@@ -150,9 +150,10 @@ class Simulation:
         from policies.residency.config import ConfigResidency
 
         rc, bpb = self.config.replica, self.host_bytes_per_block
-        size = {"dram": ("replica.dram_kv_bytes", self.dram_blocks),
-                "nvme": ("replica.nvme_kv_bytes", self.nvme_blocks),
-                "store": ("cluster.shared_kv_bytes", self.config.cluster.shared_kv_bytes // bpb)}
+        cc = self.config.cluster
+        size = {"dram": ("replica.dram_kv_bytes", rc.dram_kv_bytes, self.dram_blocks),
+                "nvme": ("replica.nvme_kv_bytes", rc.nvme_kv_bytes, self.nvme_blocks),
+                "store": ("cluster.shared_kv_bytes", cc.shared_kv_bytes, cc.shared_kv_bytes // bpb)}
         if rc.preemption_mode == "swap" and not self.dram_blocks:
             raise ConfigError(f"replica.preemption_mode = 'swap' needs DRAM to swap to, but replica.dram_kv_bytes = "
                               f"{rc.dram_kv_bytes} holds no {bpb}-byte block; raise it, or preempt by 'recompute'")
@@ -160,9 +161,10 @@ class Simulation:
             return
         for key in ("offload_to", "hbm_evict_to", "dram_evict_to", "nvme_evict_to"):
             tier = getattr(residency.p, key)
-            if tier in size and not size[tier][1]:
-                raise ConfigError(f"policies.residency.{key} = {tier!r}, but {size[tier][0]} = 0 configures no "
-                                  f"{tier} tier; size it, or use 'auto' (the next tier configured below)")
+            if tier in size and not size[tier][2]:
+                name, nbytes, _ = size[tier]
+                raise ConfigError(f"policies.residency.{key} = {tier!r}, but {name} = {nbytes} holds no {bpb}-byte "
+                                  f"block: no {tier} tier; size it, or use 'auto' (the next tier configured below)")
 
     # ------------------------------------------------------------------ building
     def _lanes_summary(self) -> dict:

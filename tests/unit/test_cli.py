@@ -156,6 +156,14 @@ def test_settings_that_would_quietly_do_something_else_are_refused(tmp_path, cap
         rc, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "o"), *SMALL, *args)
         assert rc == 2 and want in err, (args, err)
         assert not (tmp_path / "o").exists()
+    # a tier too small for one block is no tier either, and the message gives the bytes set
+    rc, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "o"), *SMALL, "--set", "replica.dram_kv_bytes=1000",
+                         "--set", "policies.residency.hbm_evict_to=dram")
+    assert rc == 2 and "replica.dram_kv_bytes = 1000 holds no" in err, err
+    # every reason a request can be rejected has its advice
+    from sim.cli import _REJECT_ADVICE
+    from sim.metrics.requests import REJECT_REASONS
+    assert set(_REJECT_ADVICE) == set(REJECT_REASONS) - {""}
 
 
 def test_version_and_every_option_states_its_default(capsys):
