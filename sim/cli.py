@@ -573,8 +573,12 @@ def cmd_sweep(args) -> int:
     if overrides:
         base = with_overrides(base, overrides)
     grid_axes = dict(spec.grid)
+    given = set()
     for a in args.grid or []:
         k, v = parse_axis(a)
+        if k in given:
+            raise ConfigError(f"--grid {k}: given twice; list every value once, --grid {k}=V1,V2,...")
+        given.add(k)
         grid_axes[k] = v
     if len(traces_given) > 1:
         grid_axes["trace"] = traces_given
@@ -583,12 +587,17 @@ def cmd_sweep(args) -> int:
         k, _, dist = a.partition("=")
         random_axes[k] = parse_distribution(dist)
     plugins = list(spec.plugins) + [_plugin_ref(m) for m in args.plugin or [] if _plugin_ref(m) not in spec.plugins]
+    for m in args.plugin or []:
+        if m.endswith(".py") and not Path(m).is_file():
+            raise ConfigError(f"--plugin {m}: no such file")
     spec = SweepSpec(base=base, grid=grid_axes, random=random_axes, points=spec.points,
                      samples=args.samples if args.samples is not None else spec.samples,
                      sample_seed=args.sample_seed if args.sample_seed is not None else spec.sample_seed,
                      plugins=plugins)
     if not spec.axes:
         raise ConfigError("tiersim sweep: no axes; give a sweep file, --grid KEY=V1,V2 or --sample KEY=DIST")
+    if not args.out.strip():
+        raise ConfigError("--out: an empty path; name the sweep directory")
     progress = None if args.quiet else SweepProgress()
     table = run_sweep(spec, out_dir=args.out, jobs=args.jobs, scheduler=args.scheduler, progress=progress,
                       force=args.force)
@@ -597,10 +606,11 @@ def cmd_sweep(args) -> int:
         cols = params + [c for c in ("status", "ttft_p99_s", "itl_p99_s", "throughput_tok_s", "goodput_fraction")
                          if c in table]
         print(table[cols].to_string(index=False))
-        if "error" in table:
-            for run, status, error in table[["run", "status", "error"]].itertuples(index=False):
-                if not status.startswith("done") and isinstance(error, str) and error:
-                    print(f"{run}: {status}: {error}")
+    if "error" in table:    # errors reach stderr even with --quiet: a sweep that failed says why
+        for run, status, error in table[["run", "status", "error"]].itertuples(index=False):
+            if not status.startswith("done") and isinstance(error, str) and error:
+                print(f"{run}: {status}: {error}", file=sys.stderr)
+    if not args.quiet:
         print(f"results: {args.out}/ (summary.parquet, runs/, requests/ and steps/ datasets; tiersim report "
               f"{args.out})")
     return 0 if (table["status"].str.startswith("done")).all() else 1

@@ -139,6 +139,10 @@ class SweepSpec:
         for k, v in self.grid.items():
             if not v:
                 raise ConfigError(f"grid.{k}: no values")
+            dup = next((x for i, x in enumerate(v) if x in v[:i]), None)
+            if dup is not None:
+                raise ConfigError(f"grid.{k}: the value {dup!r} is given twice (1 and 1.0 are one value); "
+                                  "each value runs once")
         self.random = {k: _check_dist(v, f"random.{k}") for k, v in self.random.items()}
         if self.random and self.samples < 1:
             raise ConfigError("random: set samples = N (>= 1) to draw random axes")
@@ -285,12 +289,10 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
 
     if "config" in data and "base" in data:
         raise ConfigError(f"{path}: give config = FILE or a [base] table, not both")
+    _check_types(path, data)
     base = load_config(rel(data["config"])) if "config" in data else from_dict(data.get("base", {}), f"{path}: base")
     if data.get("set"):
         base = with_overrides(base, dict(_flatten(data["set"])))
-    for section in ("grid", "random"):
-        if not isinstance(data.get(section, {}), Mapping):
-            raise ConfigError(f"{path}: [{section}] must be a table of key = ...")
     grid = {}
     for k, v in data.get("grid", {}).items():
         if not isinstance(v, list):
@@ -307,6 +309,24 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
                      points=points, sample_seed=int(data.get("sample_seed", 0)), plugins=plugins)
 
 
+def _check_types(path: Path, data: Mapping) -> None:
+    """Each top-level key of a sweep file has the type its example in the docs has."""
+    def want(key: str, ok: bool, what: str) -> None:
+        if key in data and not ok:
+            raise ConfigError(f"{path}: {key}: expected {what} (got {data[key]!r})")
+
+    want("config", isinstance(data.get("config"), str), "a file name, config = \"base.toml\"")
+    for section in ("base", "set", "grid", "random"):
+        want(section, isinstance(data.get(section), Mapping), f"a table, [{section}]")
+    want("points", isinstance(data.get("points"), list) and all(isinstance(x, Mapping) for x in data["points"]),
+         "tables, [[points]]")
+    want("plugins", isinstance(data.get("plugins"), list) and all(isinstance(x, str) for x in data["plugins"]),
+         'a list of files or modules, plugins = ["my_policy.py"]')
+    for key in ("samples", "sample_seed"):
+        v = data.get(key)
+        want(key, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
+
+
 def _flatten(d: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -320,11 +340,38 @@ def _flatten(d: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 
 def parse_axis(text: str) -> tuple[str, list[Any]]:
-    """``key=v1,v2,v3`` -> (key, [v1, v2, v3]) with TOML-literal values."""
+    """``key=v1,v2,v3`` -> (key, [v1, v2, v3]) with TOML-literal values; commas inside brackets, braces
+    or quotes belong to their value (``capture_sizes=[1,2,4],[8,16]`` is two values)."""
     key, _, values = text.partition("=")
     if not values:
         raise ConfigError(f"--grid {text!r}: expected key=value1,value2,...")
-    return key, [parse_override(f"{key}={v}")[1] for v in values.split(",")]
+    parts = _split_top_level(values)
+    if parts is None:
+        raise ConfigError(f"--grid {text!r}: unbalanced brackets or quotes in the values")
+    return key, [parse_override(f"{key}={v}")[1] for v in parts]
+
+
+def _split_top_level(text: str) -> list[str] | None:
+    """``text`` split at the commas outside brackets, braces and quotes; None if they do not balance."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        return None
+    return parts + [text[start:]]
 
 
 def grid(axes: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
@@ -525,13 +572,23 @@ def run_sweep(spec: SweepSpec | SimConfig, variants: list[Mapping[str, Any]] | N
     built = []          # (values, run path, config, error): each variant's config, built once
     for values in variants:
         try:
-            built.append((values, spec.run_path(values), spec.config_for(values), None))
+            cfg = spec.config_for(values)
+            _check_inputs_exist(cfg, check_policies=not spec.plugins)
+            built.append((values, spec.run_path(values), cfg, None))
         except Exception as exc:  # noqa: BLE001 - a bad variant is recorded, not fatal
             built.append((values, None, None, f"{type(exc).__name__}: {exc}"))
     bad = [error for *_, error in built if error is not None]
+    seen: dict[str, str] = {}
+    for _, rel, cfg, error in built:
+        if error is None:
+            first = seen.setdefault(cfg.hash(), rel)
+            if first != rel:
+                raise ConfigError(f"runs {first} and {rel} have the same config (their axis values resolve to "
+                                  "one setting); drop one of the values")
     if built and len(bad) == len(built):      # nothing to run: say why once, write nothing
         raise ConfigError(f"every point of the sweep is invalid ({len(bad)} of {len(built)}); the first: {bad[0]}")
     _prepare(out, spec, force)
+    _check_inputs(out, [cfg for _, _, cfg, error in built if error is None], spec.plugins, force)
     rows: dict[str, dict] = {}
     order: list[str] = []
     tasks: list[dict] = []
@@ -603,8 +660,10 @@ def _prepare(out: Path, spec: SweepSpec, force: bool) -> None:
         if stored.read_text() != text:
             raise SweepError(f"{out}: holds a different sweep (its sweep.toml differs); use another --out, or "
                              "--force to start over there")
-    elif out.exists() and any(out.iterdir()) and not force:
-        raise SweepError(f"{out}: exists and is not a sweep directory; use another --out, or --force")
+    elif out.exists() and not stored.exists() and any(out.iterdir()):
+        # never cleared, even with --force: it may hold anything (a thesis, a repository, a home directory)
+        raise SweepError(f"{out}: exists, is not empty and is not a sweep directory (no sweep.toml); "
+                         "use a new or empty --out")
     if force and out.exists():
         for p in out.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -613,6 +672,66 @@ def _prepare(out: Path, spec: SweepSpec, force: bool) -> None:
     _reap_staging(out)
     _reap_dataset_tmp(out)
     results_io.write_text_atomic(stored, text)
+
+
+def _check_inputs_exist(cfg: SimConfig, check_policies: bool) -> None:
+    """What a run would fail on at once, found before any run starts: a trace file that does not exist,
+    and (when no plugin could register more) an unknown policy or policy parameter."""
+    import traces
+    from policies import registry
+
+    tc = cfg.trace
+    if tc.path and not tc.synthetic and not Path(tc.path).is_file() and tc.path not in traces.BUNDLED:
+        traces.load_trace(tc.path)      # raises: no such file (with its hint), or a directory
+    if check_policies:
+        for kind in registry.KINDS:
+            pc = getattr(cfg.policies, kind)
+            registry.build(kind, pc.name, pc.params)
+
+
+# config fields that may name a file (or a calibrate directory) whose contents a run depends on
+_INPUT_FIELDS = (("trace", "path"), ("model", "name"), ("hardware", "gpu"), ("hardware", "server"),
+                 ("costs", "table"), ("costs", "recipe"))
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_inputs(out: Path, configs: list[SimConfig], plugins: list[str], force: bool) -> None:
+    """The sweep's input files (traces, model/GPU files, calibrate tables, plugin files) by sha256 in
+    ``inputs.json``: a config hash covers a file's path, not its contents, so a resumed sweep whose
+    trace was edited in between would otherwise mix runs of two traces."""
+    paths = set()
+    for cfg in configs:
+        for section, key in _INPUT_FIELDS:
+            v = getattr(getattr(cfg, section), key)
+            if isinstance(v, str) and v and Path(v).exists():
+                paths.add(str(Path(v).resolve()))
+    paths.update(str(Path(p).resolve()) for p in plugins if Path(p).is_file())
+    now = {p: _digest(Path(p)) for p in sorted(paths)}
+    stored = out / "inputs.json"
+    if stored.exists() and not force:
+        try:
+            before = json.loads(stored.read_text())
+        except ValueError:
+            before = {}
+        changed = [p for p in now if p in before and before[p] != now[p]]
+        if changed:
+            raise SweepError(f"{changed[0]}: changed since this sweep's finished runs were made (its sha256 "
+                             f"differs from {stored}); resuming would mix runs of two versions of it. Restore "
+                             f"the file, use another --out, or --force to start over")
+        now = {**before, **now}
+    results_io.write_text_atomic(stored, json.dumps(now, indent=1, sort_keys=True) + "\n")
 
 
 def _run_serial(tasks: list[dict], record: Callable[[dict], None], progress) -> None:
@@ -728,6 +847,28 @@ def _run_dask(tasks: list[dict], scheduler: str, jobs: int | None, record: Calla
             cluster.close()
 
 
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "str"
+    if isinstance(v, (list, tuple)):
+        return "list" if all(_kind(x) == "number" for x in v) else "other"
+    return "other"
+
+
+def _mixed_kinds(values) -> bool:
+    kinds = {_kind(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    return len(kinds) > 1 or "other" in kinds
+
+
+def _param_text(v: Any) -> str:
+    """A parameter value as the text a summary column shows: strings as they are, the rest as JSON."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
 def write_summary(out: Path, rows: list[dict]):
     """``summary.parquet`` and ``summary.csv``: one row per run, from the runs' own ``summary.json``."""
     import pandas as pd
@@ -745,6 +886,10 @@ def write_summary(out: Path, rows: list[dict]):
         params += [k for k in (r.get("params") or {}) if k not in params]
     df = pd.DataFrame(table)
     df = df[[*params, *(c for c in df.columns if c not in params)]]
+    for c in params:
+        if _mixed_kinds(df[c]):
+            # Parquet holds one type per column: an axis mixing kinds ("all" and [1, 2, 4]) becomes text
+            df[c] = [None if v is None or v is pd.NA else _param_text(v) for v in df[c]]
     with results_io.atomic_path(out / "summary.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     with results_io.atomic_path(out / "summary.csv") as tmp:
