@@ -83,9 +83,13 @@ def _measurement_files(table_dir: Path, given: list[str] | None,
     missing = [f for f in files if not f.exists()]
     if missing:
         raise CostTableError(f"{missing[0]}: validation measurements not found")
-    if not files:
+    if not files and parts == ("validation",):
         raise CostTableError(f"{table_dir}: no validation measurements (raw/validation.parquet); measure them "
                              f"with `tiersim calibrate --parts validation --out DIR` on a GPU")
+    if not files:   # --predictions: the parts calibration.gpu16 measures, not the table's validation part
+        raise CostTableError(f"{table_dir}: no measurements of {', '.join(parts)} (raw/PART*.parquet, here or in "
+                             "runs/*/) to compare --predictions with; give them with --measurements FILE, or the "
+                             "table they belong to with --table")
     return files
 
 
@@ -193,6 +197,27 @@ def predict(m: pd.DataFrame, table_dir: Path) -> pd.DataFrame:
     out["kernels_predicted"] = kern
     out["extrapolated"] = ext
     return _with_errors(out)
+
+
+def load_predictions(path: str | Path) -> pd.DataFrame:
+    """The committed predictions of ``--predictions``, or a one-line error naming the file and what it lacks."""
+    import pandas as pd
+
+    from sim.errors import CostTableError
+
+    path = Path(path)
+    hint = "--predictions takes the Parquet of point, mode, predicted_s that calibration.gpu16.predict writes"
+    if not path.is_file():
+        raise CostTableError(f"--predictions {path}: {'is a directory' if path.is_dir() else 'no such file'}; {hint}")
+    try:
+        d = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - not Parquet, truncated: the user's file, said in one line
+        raise CostTableError(f"--predictions {path}: cannot read as Parquet ({type(exc).__name__}: "
+                             f"{str(exc).split('. ')[0][:120]}); {hint}") from None
+    missing = [c for c in ("point", "mode", "predicted_s") if c not in d.columns]
+    if missing:
+        raise CostTableError(f"--predictions {path}: not a predictions file (no column {', '.join(missing)}); {hint}")
+    return d
 
 
 def with_committed(m: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
@@ -340,24 +365,51 @@ def write_report(points: pd.DataFrame, summary: list[dict], out: Path, table_dir
                                                   "summary": summary}, indent=2) + "\n")
 
 
+def _check_options(args) -> None:
+    """Refuse options the chosen mode would ignore: those of --e2e without it, and the step options with it."""
+    from sim.errors import TiersimError
+
+    if getattr(args, "e2e", None):
+        given = [o for o, v in (("--measurements", args.measurements), ("--predictions", args.predictions)) if v]
+        if given:
+            raise TiersimError(f"{', '.join(given)}: not used with --e2e (it compares a reference-server run's "
+                               "requests); leave them out, or drop --e2e to validate engine steps")
+        return
+    # step validation prices each point on the GPU its --table was measured on, in both execution modes
+    given = [o for o, v in (("--gpu", args.gpu), ("--execution", args.execution != "auto"), ("--costs", args.costs),
+                            ("--cases", args.cases)) if v]
+    if given:
+        raise TiersimError(f"{', '.join(given)}: only with --e2e RUN_DIR (whole-run validation); step validation "
+                           "takes the GPU from --table and checks both execution modes")
+
+
 def main(args) -> int:
     from sim.costs.table import resolve_table_dir
+    from sim.results_io import check_output_dir
 
+    _check_options(args)
     if getattr(args, "e2e", None):
         from calibration import validate_e2e
 
+        if args.out:    # before any work: a report directory that cannot be written fails now, in one line
+            check_output_dir(args.out, "--out")
         return validate_e2e.main(args)
+    out = check_output_dir(args.out or "validation-report", "--out")     # likewise
     table_dir = resolve_table_dir(args.table)
     committed = getattr(args, "predictions", None)
+    predictions = load_predictions(committed) if committed else None
     files = _measurement_files(table_dir, args.measurements,
                                tuple(p for p in STEP_PARTS if p != "validation") if committed else ("validation",))
     note = ""
     if committed:
         measured = load_measurements(files, parts=STEP_PARTS)
-        import pandas as pd
-
-        predictions = pd.read_parquet(committed)
         points = with_committed(measured, predictions)
+        if not len(points):
+            from sim.errors import CostTableError
+
+            raise CostTableError(f"--predictions {committed}: none of the {len(measured)} measured steps of "
+                                 f"{', '.join(str(f) for f in files)} has a prediction there (joined on point, "
+                                 "mode); give the measurements these predictions were made for")
         note = (f"Predictions: `{committed}`, made before the measurement (table sha256 "
                 f"`{str(predictions['table_sha256'].iloc[0])[:16]}…`); {len(points)} of {len(measured)} measured "
                 f"steps have one." if "table_sha256" in predictions.columns and len(predictions) else
@@ -365,7 +417,6 @@ def main(args) -> int:
     else:
         points = predict(load_measurements(files), table_dir)
     summary = summarize(points, by_group=bool(committed))
-    out = Path(args.out or "validation-report")
     write_report(points, summary, out, table_dir, files, note)
     if args.json:
         print(json.dumps(summary, indent=2))

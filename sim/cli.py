@@ -674,12 +674,12 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from sim.report import export_figures, write_report
-    from sim.results_io import check_output_file
+    from sim.results_io import check_output_dir, check_output_file
 
     if args.out:
         check_output_file(args.out, "--out", (".html", ".htm"))
-    if args.figures and Path(args.figures).exists() and not Path(args.figures).is_dir():
-        raise TiersimError(f"--figures {args.figures}: is a file; name a folder (it is created if missing)")
+    if args.figures:    # before the report is written: a bad --figures leaves nothing behind
+        check_output_dir(args.figures, "--figures")
     out = write_report(args.dir, args.out)
     print(f"report: {out}")
     if args.figures:

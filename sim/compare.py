@@ -100,6 +100,9 @@ def plot_cdfs(runs: list[Run], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sim.results_io import FIGURE_SUFFIXES, check_output_file
+
+    out = check_output_file(out, "--out", FIGURE_SUFFIXES)     # before drawing (the CLI checks it earlier too)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for r in runs:
         fin = r.finished()
@@ -119,7 +122,6 @@ def plot_cdfs(runs: list[Run], out: str | Path) -> Path:
     axes[1].set_ylabel("fraction of token gaps")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

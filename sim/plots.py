@@ -9,7 +9,6 @@ shows each bin's maximum) so a million-step run plots in about a second.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +47,16 @@ def plot_run(results_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
-    from sim.results_data import load_run
+    from sim.results_data import COLUMNS, load_run
     from sim.results_io import FIGURE_SUFFIXES, check_output_file
 
-    d = load_run(results_dir).path       # a finished run (its DONE marker verifies), or a clear error
-    if out is not None:
-        check_output_file(out, "--out", FIGURE_SUFFIXES)
-    need = [d / "requests.parquet", d / "steps.parquet", d / "summary.json"]
-    summary = json.loads((d / "summary.json").read_text())
-    req = pd.read_parquet(need[0])
-    steps = pd.read_parquet(need[1], columns=["replica", "start_s", "num_seqs", "hbm_active_bytes",
-                                               "hbm_cached_bytes", "dram_used_bytes", "nvme_used_bytes"])
+    run = load_run(results_dir)       # a finished run (its DONE marker verifies), or a clear error
+    d = run.path
+    path = check_output_file(out if out is not None else d / "overview.png", "--out", FIGURE_SUFFIXES)
+    summary = run.summary
+    req = run.requests
+    steps = run.read("steps.parquet", columns=list(COLUMNS["steps.parquet"]))
     fin = req[req["status"] == "finished"]
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -84,9 +80,7 @@ def plot_run(results_dir: str | Path, out: str | Path | None = None) -> Path:
 
     ax = axes[0, 1]
     if (d / "itl_hist.parquet").exists():
-        from sim.results_data import Run
-
-        x, y = Run(path=d).itl_cdf()
+        x, y = run.itl_cdf()
         ax.step(x * 1e3, y, where="post", lw=1.2, label="every token gap")
     _cdf(ax, fin["tpot_s"].to_numpy(), "TPOT (per request)", 1e3)
     ax.set_xscale("log")
@@ -129,7 +123,6 @@ def plot_run(results_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_k.legend(fontsize=7)
 
     fig.tight_layout()
-    path = Path(out) if out else d / "overview.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

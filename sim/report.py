@@ -278,11 +278,13 @@ def sweep_html(sw: Sweep) -> str:
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    path = Path(path)
-    text = sweep_html(load_sweep(path)) if is_sweep(path) else run_html(load_run(path))
-    dest = Path(out) if out else path / "report.html"
     from sim import results_io
 
+    path = Path(path)
+    data = load_sweep(path) if is_sweep(path) else load_run(path)
+    # before the page is built: a report beside a run on a read-only disk fails now, in one line
+    dest = results_io.check_output_file(out if out else path / "report.html", "--out")
+    text = sweep_html(data) if isinstance(data, Sweep) else run_html(data)
     results_io.write_text_atomic(dest, text)
     return dest
 
@@ -295,7 +297,10 @@ def export_figures(path: str | Path, out_dir: str | Path, fmt: str = "pdf") -> l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sim.results_io import check_output_dir
+
     path = Path(path)
+    out = check_output_dir(out_dir, "--figures")     # before drawing anything
     if is_sweep(path):
         sw = load_sweep(path)
         runs = sw.runs()
@@ -303,7 +308,6 @@ def export_figures(path: str | Path, out_dir: str | Path, fmt: str = "pdf") -> l
     else:
         cdfs, tl = run_specs(load_run(path))
         specs = cdfs + tl
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for spec in specs:

@@ -8,7 +8,9 @@
     best = sw.run(scheduling_max_num_batched_tokens=512)   # one run, picked by its parameters
 
 A run directory is one ``tiersim run`` wrote, or ``SWEEP/runs/...``; it is read only when its
-``DONE`` marker is there (a run still being written, or killed, is refused with the reason).
+``DONE`` marker is there (a run still being written, or killed, is refused with the reason) and was
+written in this version's results format. Each file is checked against the marker's checksum when it is
+first read, and a Parquet file against the columns tiersim reads from it (:data:`COLUMNS`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,17 @@ import numpy as np
 from sim import results_io
 from sim.errors import TiersimError
 
+# the columns the compare, plot and report commands read, per results file: a file without one is
+# refused naming the file and the column, not a KeyError where a figure first needs it
+COLUMNS = {
+    "requests.parquet": ("status", "arrival_s", "first_scheduled_s", "finish_s", "ttft_s", "tpot_s", "e2e_s",
+                         "prompt_tokens", "prefix_hit_tokens"),
+    "steps.parquet": ("replica", "start_s", "num_seqs", "hbm_active_bytes", "hbm_cached_bytes", "dram_used_bytes",
+                      "nvme_used_bytes"),
+    "transfers.parquet": ("replica", "link", "start_s", "end_s"),
+    "itl_hist.parquet": ("lo_s", "hi_s", "count"),
+}
+
 
 def is_sweep(path: str | Path) -> bool:
     return (Path(path) / "sweep.toml").is_file()
@@ -32,10 +45,36 @@ def is_sweep(path: str | Path) -> bool:
 class Run:
     path: Path
     label: str = ""
+    marker: dict | None = None    # the DONE marker load_run verified: what file() checks checksums against
+
+    def file(self, name: str) -> Path:
+        """``path/name``, refused when its bytes do not match the marker's checksum (damaged since the run
+        wrote it: one line here, not a Parquet or JSON traceback). Checked when a file is read, so a
+        sweep's report hashes only the files it reads."""
+        p = self.path / name
+        want = (self.marker or {}).get("files", {}).get(name)
+        if want and results_io.sha256_file(p) != want.get("sha256"):
+            raise TiersimError(f"{p}: cannot be read: it does not match its checksum in {results_io.MARKER} "
+                               "(damaged since the run wrote it); rerun the run")
+        return p
+
+    def read(self, name: str, columns: list[str] | None = None):
+        """The results Parquet file ``name`` as a DataFrame (only ``columns``, when given), once it matches
+        its checksum and has the columns tiersim reads from it."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        p = self.file(name)
+        have = set(pq.read_schema(p).names)
+        missing = [c for c in dict.fromkeys([*COLUMNS.get(name, ()), *(columns or ())]) if c not in have]
+        if missing:
+            raise TiersimError(f"{p}: no column {', '.join(missing)} (not written by this version of tiersim); "
+                               "rerun the run")
+        return pd.read_parquet(p, columns=columns)
 
     @cached_property
     def summary(self) -> dict:
-        return json.loads((self.path / "summary.json").read_text())
+        return json.loads(self.file("summary.json").read_text())
 
     @property
     def config(self) -> dict:
@@ -47,30 +86,24 @@ class Run:
 
     @cached_property
     def requests(self):
-        import pandas as pd
-
-        return pd.read_parquet(self.path / "requests.parquet")
+        return self.read("requests.parquet")
 
     @cached_property
     def steps(self):
-        import pandas as pd
-
-        return pd.read_parquet(self.path / "steps.parquet")
+        return self.read("steps.parquet")
 
     @cached_property
     def transfers(self):
-        import pandas as pd
-
-        p = self.path / "transfers.parquet"
-        return pd.read_parquet(p) if p.exists() else None
+        return self.read("transfers.parquet") if (self.path / "transfers.parquet").exists() else None
 
     @cached_property
     def itl_hist(self):
         """The token-level ITL histogram (lo_s, hi_s, count): every gap between two tokens of a request."""
         import pandas as pd
 
-        p = self.path / "itl_hist.parquet"
-        return pd.read_parquet(p) if p.exists() else pd.DataFrame({"lo_s": [], "hi_s": [], "count": []})
+        if (self.path / "itl_hist.parquet").exists():
+            return self.read("itl_hist.parquet")
+        return pd.DataFrame({"lo_s": [], "hi_s": [], "count": []})
 
     def itl_cdf(self) -> tuple[np.ndarray, np.ndarray]:
         """(seconds, fraction of token gaps <= seconds) at the histogram's bin edges (0.2 % wide): the
@@ -90,8 +123,13 @@ class Run:
 
 def load_run(path: str | Path, label: str = "") -> Run:
     path = Path(path)
-    why = results_io.verify(path, checksums=False)
+    why = results_io.verify(path, checksums=False)     # sizes only: Run.file checks a file's checksum on read
     if why is not None:
+        if path.is_file():
+            raise TiersimError(f"{path}: is a file, not a results directory; name the directory tiersim run "
+                               "wrote (its --out)")
+        if why.startswith("written by an incompatible"):
+            raise TiersimError(f"{path}: {why}; rerun it")
         if not (path / "summary.json").exists():
             raise TiersimError(f"{path}: not a tiersim results directory ({why})")
         if why == f"no {results_io.MARKER} marker":
@@ -99,7 +137,7 @@ def load_run(path: str | Path, label: str = "") -> Run:
                                "is still being written); rerun it (tiersim run --config "
                                f"{path / 'config.toml'} --out NEW)")
         raise TiersimError(f"{path}: an incomplete results directory ({why}); rerun it")
-    return Run(path=path, label=label or path.name)
+    return Run(path=path, label=label or path.name, marker=results_io.read_marker(path))
 
 
 @dataclasses.dataclass

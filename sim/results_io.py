@@ -143,10 +143,23 @@ def read_marker(out: str | Path) -> dict | None:
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps")
 
 
+def _probe_writable(folder: Path, path: Path, option: str) -> None:
+    """Create and remove a temporary file in ``folder`` (what ``tiersim run`` does with its --out): a
+    read-only or full file system fails here, before any work, not when the result is written."""
+    from sim.errors import TiersimError
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise TiersimError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
+                           f"choose another {option}") from None
+
+
 def check_output_file(path: str | Path, option: str, suffixes: tuple[str, ...] | None = None) -> Path:
     """``path`` as a file a command may write (before it does any work), or a TiersimError naming
-    ``option``: its folder must exist, it must not be a directory, and its suffix must be one of
-    ``suffixes`` when given."""
+    ``option``: its folder must exist and be writable, it must not be a directory, and its suffix must be
+    one of ``suffixes`` when given."""
     from sim.errors import TiersimError
 
     path = Path(path)
@@ -156,8 +169,27 @@ def check_output_file(path: str | Path, option: str, suffixes: tuple[str, ...] |
     if path.is_dir():
         raise TiersimError(f"{option} {path}: is a directory; name a file")
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise TiersimError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
     if not parent.is_dir():
         raise TiersimError(f"{option} {path}: folder {parent} does not exist; create it or choose another path")
+    _probe_writable(parent, path, option)
+    return path
+
+
+def check_output_dir(path: str | Path, option: str) -> Path:
+    """``path`` as a folder a command may create or write into (before it does any work), or a
+    TiersimError naming ``option``: it and its existing parents must be folders, and the deepest
+    existing one writable. Creates nothing."""
+    from sim.errors import TiersimError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TiersimError(f"{option} {path}: is a file; name a folder (it is created if missing)")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise TiersimError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+    _probe_writable(existing, path, option)
     return path
 
 
@@ -165,10 +197,13 @@ def verify(out: str | Path, *, checksums: bool = True) -> str | None:
     """None when ``out`` holds a complete results directory, else why not (one line)."""
     out = Path(out)
     if not out.is_dir():
-        return "no such directory"
+        return "a file, not a directory" if out.exists() else "no such directory"
     marker = read_marker(out)
     if marker is None:
         return f"no {MARKER} marker" if not (out / MARKER).exists() else f"unreadable {MARKER} marker"
+    if marker.get("format") != MARKER_FORMAT:    # its files may lack or rename what this version reads
+        return (f"written by an incompatible tiersim (results format {marker.get('format', 'unknown')}; this "
+                f"version reads {MARKER_FORMAT})")
     for name, want in marker["files"].items():
         p = out / name
         try:
