@@ -18,16 +18,28 @@ from sim.errors import ConfigError
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+class _OutOfRange(ConfigError):
+    """A spec value out of its range, ``owner.detail``; a spec read from a user's own file names the file
+    instead (see :func:`_build`), since ``owner`` is the ``name`` inside it, which may be a preset's."""
+
+    def __init__(self, owner: str, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"{owner}.{detail}")
+
+    def __reduce__(self):  # to another process (a sweep's worker) as the plain ConfigError it reads as
+        return ConfigError, self.args
+
+
 def _positive(owner: str, **values: float) -> None:
     for key, value in values.items():
         if not value > 0:
-            raise ConfigError(f"{owner}.{key} must be > 0 (got {value!r})")
+            raise _OutOfRange(owner, f"{key} must be > 0 (got {value!r})")
 
 
 def _non_negative(owner: str, **values: float) -> None:
     for key, value in values.items():
         if not value >= 0:
-            raise ConfigError(f"{owner}.{key} must be >= 0 (got {value!r})")
+            raise _OutOfRange(owner, f"{key} must be >= 0 (got {value!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,8 +129,8 @@ class ModelSpec:
                   max_context_tokens=self.max_context_tokens, bytes_per_weight=self.bytes_per_weight,
                   bytes_per_kv=self.bytes_per_kv)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{owner}.num_heads ({self.num_heads}) must be a multiple of "
-                              f"num_kv_heads ({self.num_kv_heads})")
+            raise _OutOfRange(owner, f"num_heads ({self.num_heads}) must be a multiple of "
+                                     f"num_kv_heads ({self.num_kv_heads})")
 
     @property
     def param_count(self) -> int:
@@ -139,7 +151,7 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.bytes_per_kv
 
 
-def _build(cls, data: Mapping[str, Any], source: str):
+def _build(cls, data: Mapping[str, Any], source: str, preset: bool = False):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -157,6 +169,10 @@ def _build(cls, data: Mapping[str, Any], source: str):
         return cls(**data)
     except TypeError as exc:  # a type the checks above do not know
         raise ConfigError(f"{source}: {exc}") from None
+    except _OutOfRange as exc:  # a preset is known by its name; a user's file by its path
+        if preset:
+            raise
+        raise ConfigError(f"{source}: {exc.detail}") from None
 
 
 def _check_type(source: str, key: str, ftype: str, value: Any) -> None:
@@ -186,6 +202,10 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def _is_preset(kind: str, path: Path) -> bool:
+    return path.resolve().parent == (PRESET_DIR / kind).resolve()
+
+
 def available_presets(kind: str) -> list[str]:
     return sorted(p.stem for p in (PRESET_DIR / kind).glob("*.toml"))
 
@@ -211,21 +231,21 @@ def _resolve(kind: str, name_or_path: str) -> Path:
 
 def load_gpu(name_or_path: str) -> GPUSpec:
     path = _resolve("gpus", name_or_path)
-    data = _read_toml(path)
-    pcie = _build(PCIeSpec, data.pop("pcie", {}), f"{path} [pcie]")
-    return _build(GPUSpec, {**data, "pcie": pcie}, str(path))
+    data, preset = _read_toml(path), _is_preset("gpus", path)
+    pcie = _build(PCIeSpec, data.pop("pcie", {}), f"{path} [pcie]", preset)
+    return _build(GPUSpec, {**data, "pcie": pcie}, str(path), preset)
 
 
 def load_model(name_or_path: str) -> ModelSpec:
     path = _resolve("models", name_or_path)
-    return _build(ModelSpec, _read_toml(path), str(path))
+    return _build(ModelSpec, _read_toml(path), str(path), _is_preset("models", path))
 
 
 def load_server(name_or_path: str) -> ServerSpec:
     path = _resolve("servers", name_or_path)
-    data = _read_toml(path)
-    nvme = _build(NVMeSpec, data.pop("nvme", {}), f"{path} [nvme]")
-    return _build(ServerSpec, {**data, "nvme": nvme}, str(path))
+    data, preset = _read_toml(path), _is_preset("servers", path)
+    nvme = _build(NVMeSpec, data.pop("nvme", {}), f"{path} [nvme]", preset)
+    return _build(ServerSpec, {**data, "nvme": nvme}, str(path), preset)
 
 
 def spec_to_dict(spec) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 
 from traces.schema import Trace
 
-FORMAT_VERSION = 2     # 2: the acceptance_rate column (entries written before it are parsed again)
+FORMAT_VERSION = 3     # 2: the acceptance_rate column; 3: meta["out_of_order_rows"] (older entries are parsed again)
 _ARRAYS = ("arrival_s", "prompt_tokens", "output_tokens", "request_id", "hash_offsets", "hash_values",
            "session_id", "priority", "tenant", "acceptance_rate")
 

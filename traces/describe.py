@@ -114,6 +114,7 @@ def describe(trace: Trace) -> dict[str, Any]:
         "tenants": None,
         "dropped": {k.removeprefix("dropped_"): v for k, v in trace.meta.items() if k.startswith("dropped_")},
         "transforms": list(trace.meta.get("transforms", [])),
+        "out_of_order_rows": int(trace.meta.get("out_of_order_rows", 0)),
     }
     if trace.tenant is not None:
         names, counts = np.unique(trace.tenant, return_counts=True)
@@ -161,6 +162,10 @@ def format_description(d: dict[str, Any]) -> str:
         rows.append(("tenants", ", ".join(f"{k} {_num(v)}" for k, v in d["tenants"].items())))
     for reason, count in d.get("dropped", {}).items():
         rows.append(("dropped rows", f"{_num(count)} {reason}"))
+    if d.get("out_of_order_rows"):
+        count = d["out_of_order_rows"]
+        rows.append(("arrival order", f"{_num(count)} row{'' if count == 1 else 's'} given earlier than the row "
+                                      "before; re-sorted by arrival (stable)"))
     if d.get("transforms"):
         rows.append(("transforms", "; ".join(
             t["op"] + "(" + ", ".join(f"{k}={v}" for k, v in t.items() if k != "op") + ")"

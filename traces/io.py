@@ -100,7 +100,7 @@ def _resolve(path: str | Path) -> tuple[Path, str | None]:
 
 def detect_format(path: Path) -> str:
     """Guess the format from the suffix (``.gz`` ignored), the first bytes and a CSV header."""
-    from traces.readers.columns import csv_header, is_gzip, read_head
+    from traces.readers.columns import csv_header, is_gzip, read_head, refuse_other_delimiter
 
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(_JSON_SUFFIXES):
@@ -129,6 +129,7 @@ def detect_format(path: Path) -> str:
     if _LENGTHS_HEADER <= columns:
         raise TraceError("this is a length distribution with no arrival times; use it for synthetic traces "
                          f"(e.g. trace.synthetic = \"poisson rate=5 n=1000 lengths=empirical:{path}\")", path=path)
+    refuse_other_delimiter(path, header)
     kind = "gzip " if is_gzip(path) else ""
     shown = ", ".join(header)
     shown = shown if len(shown) <= 120 else shown[:120] + "..."

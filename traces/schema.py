@@ -287,7 +287,8 @@ class Trace:
 
     Invariants (checked on construction, see :meth:`validate`): all per-request arrays have the same
     length n; ``arrival_s`` is finite, >= 0 and non-decreasing (unsorted input is sorted stably by
-    arrival and ``meta["sorted"]`` is set); token counts are >= 1; request ids are unique; when hashes
+    arrival, ``meta["sorted"]`` is set and ``meta["out_of_order_rows"]`` counts the rows given earlier
+    than the row before them); token counts are >= 1; request ids are unique; when hashes
     are present, ``hash_offsets`` is a CSR index of length n + 1 into ``hash_values`` starting at 0,
     and request i has at most ceil(prompt_tokens[i] / hash_block_tokens) blocks.
 
@@ -348,13 +349,15 @@ class Trace:
             self._fail(f"meta must be a mapping (got {type(self.meta).__name__})")
         meta = copy.deepcopy(dict(self.meta))
         meta.setdefault("transforms", [])
-        if n > 1 and np.any(arrival[1:] < arrival[:-1]):
+        early = int(np.count_nonzero(arrival[1:] < arrival[:-1])) if n > 1 else 0
+        if early:
             order = np.argsort(arrival, kind="stable")
             columns = {k: v[order] for k, v in columns.items()}
             optional = {k: None if v is None else v[order] for k, v in optional.items()}
             if offsets is not None:
                 offsets, values = _take_csr(offsets, values, order)
             meta["sorted"] = True
+            meta["out_of_order_rows"] = early
         for key, arr in {**columns, **optional, "hash_offsets": offsets, "hash_values": values}.items():
             put(self, key, None if arr is None else _frozen(arr))
         put(self, "meta", meta)

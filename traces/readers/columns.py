@@ -136,6 +136,20 @@ def csv_header(path: Path, data: bytes | None = None) -> list[str]:
     return _first_csv_row(path, check_utf8(path, head, final=len(head) < size))
 
 
+def refuse_other_delimiter(path: Path, header: Sequence[str]) -> None:
+    """A header that is one field holding ';' or a tab: the file is separated by that, not by commas,
+    and every column would be reported missing; say so, with a conversion that keeps quoted values."""
+    if len(header) != 1 or not (sep := next((c for c in (";", "\t") if c in header[0]), None)):
+        return
+    base = path.name.removesuffix(".gz")
+    stem = base.rsplit(".", 1)[0] if base.lower().endswith((".csv", ".tsv", ".txt")) else base
+    out = path.with_name(stem + ("-comma.csv" if f"{stem}.csv" == base else ".csv"))
+    shown, code = ("';'", ";") if sep == ";" else ("tabs", "\\t")
+    raise TraceError(f"the header is separated by {shown}, not ','; tiersim reads comma-separated files: "
+                     f"convert it (e.g. python -c \"import pandas as pd; pd.read_csv('{path}', sep='{code}')"
+                     f".to_csv('{out}', index=False)\")", path=path)
+
+
 def csv_line_of_row(path: Path, row_index: int) -> int | None:
     """The 1-based file line on which 0-based data row ``row_index`` ends (blank lines skipped, as pandas
     does); None when it cannot be told (e.g. a field longer than the csv module reads)."""
@@ -205,6 +219,7 @@ def read_csv_columns(path: Path, required: Sequence[str], optional: Sequence[str
     if not data.strip():
         raise TraceError("the file is empty (no header, no rows)", path=path)
     header = csv_header(path, data)
+    refuse_other_delimiter(path, header)
     _refuse_bare_cr(path, data, header)
     wanted = [c for c in (*required, *optional) if c in header]
     for col in wanted:

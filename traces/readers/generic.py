@@ -23,7 +23,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from traces.readers.columns import SourceColumns, csv_header, csv_line_of_row, default_name, read_csv_columns
+from traces.readers.columns import (
+    SourceColumns,
+    csv_header,
+    csv_line_of_row,
+    default_name,
+    read_csv_columns,
+    refuse_other_delimiter,
+)
 from traces.schema import (
     CANONICAL_COLUMNS,
     MAX_TOKENS,
@@ -47,6 +54,7 @@ def read_csv_trace(path: str | Path, *, columns: Mapping[str, str] | None = None
     header = csv_header(path)
     if not header:
         raise TraceError("the file is empty (no header, no rows)", path=path)
+    refuse_other_delimiter(path, header)
     mapping = _resolve_mapping(path, columns, header, time_unit, time_format)
     if "block_hashes" in mapping:
         raise TraceError("CSV has no list type for block hashes; store them in Parquet", path=path,

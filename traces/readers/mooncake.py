@@ -100,9 +100,12 @@ def _parse_with_python(data: bytes) -> tuple[pd.DataFrame, _Hashes | None, np.nd
         lines.append(line_no)
         repeated: list[str] = []
         try:
-            obj = json.loads(text, object_pairs_hook=lambda pairs, seen=repeated: _object(pairs, seen))
+            # without its line ending, so a problem at the end of the line is placed there (not at
+            # column 1 of the next line) and the column is the one within this line
+            obj = json.loads(text.rstrip(b"\r\n"),
+                             object_pairs_hook=lambda pairs, seen=repeated: _object(pairs, seen))
         except json.JSONDecodeError as exc:
-            problems.setdefault(None, {})[row] = f"invalid JSON: {exc.msg} at column {exc.colno}"
+            problems.setdefault(None, {})[row] = f"invalid JSON: {_json_problem(exc)}"
             obj = {}
         except RecursionError:
             problems.setdefault(None, {})[row] = "invalid JSON: nested too deeply"
@@ -138,6 +141,15 @@ def _parse_with_python(data: bytes) -> tuple[pd.DataFrame, _Hashes | None, np.nd
                               for v in h), dtype=np.int64, count=int(offsets[-1]))
         hashes = (offsets, values, missing, malformed)
     return frame, hashes, np.asarray(lines, np.int64), syntax
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """What is wrong and where in the line (one line of JSON is decoded at a time), e.g. "Expecting ','
+    delimiter at the end of the line (column 56); is the line cut short?"."""
+    what = exc.msg.removesuffix(" at")   # "Invalid control character at": json's wording ends in "at"
+    if exc.pos >= len(exc.doc):
+        return f"{what} at the end of the line (column {exc.colno}); is the line cut short?"
+    return f"{what} at column {exc.colno}"
 
 
 def _object(pairs: list[tuple[str, object]], repeated: list[str]) -> dict:
