@@ -21,6 +21,7 @@ import simpy
 
 from policies import registry
 from sim.clock import exact_delay
+from sim.errors import PolicyAnswerError
 from sim.handoff import HandOffs
 from sim.hardware.gpu import GPUGroup
 from sim.hardware.links import Channel, PCIeLink
@@ -68,7 +69,7 @@ class _Unread:
         self.replica_id = replica_id
 
     def __getattr__(self, name: str):
-        raise RuntimeError(f"a routing policy with reads_state = False read {name!r} of a replica view; "
+        raise PolicyAnswerError(f"a routing policy with reads_state = False read {name!r} of a replica view; "
                            f"declare reads_state = True")
 
 
@@ -231,7 +232,8 @@ class Cluster:
     def _route(self, req: Request, views, now: float) -> int:
         k = self.router.route(FrozenRequest(req) if self.guarded else req, views, now)
         if not 0 <= k < len(self.entry):
-            raise RuntimeError(f"routing policy {self.router.name!r} chose replica {k} of {len(self.entry)}")
+            raise PolicyAnswerError(f"routing policy {self.router.name!r} chose replica {k} of {len(self.entry)} "
+                                    f"(replicas are 0 to {len(self.entry) - 1}); fix its route()")
         return k
 
     def start(self) -> None:

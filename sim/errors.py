@@ -18,6 +18,12 @@ class PolicyError(ConfigError):
     """An unknown policy name, a duplicate registration, or bad policy parameters."""
 
 
+class PolicyAnswerError(TiersimError, RuntimeError):
+    """A policy (often a ``--plugin``) answered something impossible: a replica that does not exist, a
+    request it may not schedule, a tree of width 0, a block that is not evictable. The message names the
+    policy and its answer; ``TIERSIM_DEBUG=1`` shows where it was asked."""
+
+
 class CostTableError(TiersimError, ValueError):
     """A missing or malformed calibration table, or a lookup the table cannot serve."""
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policies.base import RequestState
+from sim.errors import PolicyAnswerError
 from sim.request import FrozenRequest, Request
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class HandOffs:
             shown = FrozenRequest(req) if self.guarded else req
             k = self.router.route(shown, [self.views[i] for i in cands], now)
             if not 0 <= k < len(cands):
-                raise RuntimeError(f"decode routing policy {self.router.name!r} chose replica {k} of "
+                raise PolicyAnswerError(f"decode routing policy {self.router.name!r} chose replica {k} of "
                                    f"{len(cands)} with room")
             dst = self.decode[cands[k]]
             blocks = dst.kv.reserve_import(need, now, req.idx)

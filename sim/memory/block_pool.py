@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from sim.errors import PolicyAnswerError
 from sim.jit import numba
 
 FREE, CACHED, ACTIVE = 0, 1, 2
@@ -521,13 +522,13 @@ class BlockPool:
     def _victims(self, chosen, rest: int) -> np.ndarray:
         victims = np.asarray(chosen, dtype=np.int64).reshape(-1)
         if victims.shape[0] != rest:
-            raise RuntimeError(f"{self.tier}: eviction policy returned {victims.shape[0]} blocks, {rest} needed")
+            raise PolicyAnswerError(f"{self.tier}: eviction policy returned {victims.shape[0]} blocks, {rest} needed")
         self._epoch += 1
         bad = _check_victims(victims, self.m, self._mark, self._epoch)
         if bad:
             b = int(victims[bad - 1])
             state = self.state(b) if 0 <= b < self.num_blocks else "no such block"
-            raise RuntimeError(f"{self.tier}: eviction policy chose block {b}, which is not evictable or "
+            raise PolicyAnswerError(f"{self.tier}: eviction policy chose block {b}, which is not evictable or "
                                f"chosen twice (state {state})")
         return victims
 

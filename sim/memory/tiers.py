@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.base import RequestState
+from sim.errors import PolicyAnswerError
 from sim.jit import numba
 from sim.memory.block_pool import C_KEYS, C_NEV, C_VERSION, BlockPool, ht_find
 from sim.memory.cache_view import PoolCacheView
@@ -343,7 +344,7 @@ class TieredKV:
             else:
                 choice = self.residency.load_or_recompute(self.res_view, self._shown(req), self._now)
                 if choice not in ("load", "recompute"):
-                    raise RuntimeError(f"residency policy {self.residency.name!r} answered {choice!r} to "
+                    raise PolicyAnswerError(f"residency policy {self.residency.name!r} answered {choice!r} to "
                                        f"load_or_recompute (expected 'load' or 'recompute')")
                 load = choice == "load"
             self._decisions[req.idx] = (sig, load)
@@ -453,7 +454,7 @@ class TieredKV:
         if name == "drop":
             return -1
         if name not in TIERS or TIERS.index(name) <= t:
-            raise RuntimeError(f"residency policy {self.residency.name!r}: demote_to({TIERS[t]!r}) answered "
+            raise PolicyAnswerError(f"residency policy {self.residency.name!r}: demote_to({TIERS[t]!r}) answered "
                                f"{name!r}; expected 'drop' or a lower tier ({', '.join(TIERS[t + 1:])})")
         d = TIERS.index(name)
         return d if self._pools[d].num_blocks else -1
@@ -772,7 +773,7 @@ class TieredKV:
 
     def _offload(self, req: Request, dest: str, now: float) -> None:
         if dest not in TIERS[1:]:
-            raise RuntimeError(f"residency policy {self.residency.name!r}: offload_to answered {dest!r}; "
+            raise PolicyAnswerError(f"residency policy {self.residency.name!r}: offload_to answered {dest!r}; "
                                f"expected 'none' or a lower tier ({', '.join(TIERS[1:])})")
         d = TIERS.index(dest)
         if not self._pools[d].num_blocks:
@@ -835,7 +836,7 @@ class TieredKV:
                 for victim in self.eviction.drop_swapped(SwapView(tuple(shown)), short, now):
                     victim = unwrap(victim)
                     if victim.state != RequestState.SWAPPED:
-                        raise RuntimeError(f"eviction policy dropped request {victim.req_id}, which is "
+                        raise PolicyAnswerError(f"eviction policy dropped request {victim.req_id}, which is "
                                            f"not swapped out")
                     self.drop_dram_copy(victim, now)
                     dropped.append(victim)

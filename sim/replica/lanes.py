@@ -64,6 +64,7 @@ import numpy as np
 
 from policies.base import StepOutcome
 from sim.clock import exact_delay, woken_or_at
+from sim.errors import PolicyAnswerError
 from sim.replica.step import log_step
 from sim.replica.views import LaneView
 
@@ -286,7 +287,7 @@ class DecoupledLanes:
         plan = view.unwrap_plan(r.scheduler.schedule(view, now))
         wrong = plan.decode if lane == PREFILL else plan.prefill
         if wrong or plan.swap_in:
-            raise RuntimeError(f"scheduling policy {r.scheduler.name!r} planned "
+            raise PolicyAnswerError(f"scheduling policy {r.scheduler.name!r} planned "
                                f"{'decodes' if lane == PREFILL else 'prefill chunks or swap-ins'} for the "
                                f"{'prefill' if lane == PREFILL else 'decode'} lane (replica.lanes = 'decoupled')")
         return plan
@@ -338,7 +339,7 @@ class DecoupledLanes:
                 if pre.busy:
                     yield from self._wait(lane)
                     continue
-                raise RuntimeError(f"replica {r.replica_id}: scheduling policy {r.scheduler.name!r} planned no "
+                raise PolicyAnswerError(f"replica {r.replica_id}: scheduling policy {r.scheduler.name!r} planned no "
                                    f"work for the decode lane's {len(self.requests(DECODE))} requests")
             yield from self._run(lane, step)
 

@@ -34,6 +34,7 @@ import simpy
 
 from policies.base import RequestState, StepOutcome, StepPlan
 from sim.clock import exact_delay, woken_or_at
+from sim.errors import PolicyAnswerError
 from sim.memory.tiers import TieredKV
 from sim.memory.transfers import Transfers
 from sim.metrics import REASON_CODE, RequestLog, StepLog, TokenLog
@@ -221,7 +222,7 @@ class Replica:
         """The scheduler planned nothing although work is queued and nothing is in flight: if the
         head of the queue can never run, reject it rather than wait forever."""
         if self.running:
-            raise RuntimeError(f"replica {self.replica_id}: scheduling policy {self.scheduler.name!r} planned "
+            raise PolicyAnswerError(f"replica {self.replica_id}: scheduling policy {self.scheduler.name!r} planned "
                                f"no work for {len(self.running)} running requests")
         if self.waiting:
             self._reject(self.waiting.popleft(), "could not be scheduled", now)
@@ -236,7 +237,7 @@ class Replica:
         preempted = []
         for req in plan.preempt:
             if req.state != RUNNING:
-                raise RuntimeError(f"scheduling policy {self.scheduler.name!r} preempted request "
+                raise PolicyAnswerError(f"scheduling policy {self.scheduler.name!r} preempted request "
                                    f"{req.req_id}, which is not running")
             self.preemption.preempt(req, now)
             preempted.append(req)
@@ -269,7 +270,7 @@ class Replica:
                 if n > 0 and kv.grow(req, n, now):
                     prefill.append((req, n))
             else:
-                raise RuntimeError(f"scheduling policy {self.scheduler.name!r} scheduled request "
+                raise PolicyAnswerError(f"scheduling policy {self.scheduler.name!r} scheduled request "
                                    f"{req.req_id} in state {RequestState(req.state).name}")
         if admitted:
             self._dequeue_admitted(admitted)
@@ -277,7 +278,7 @@ class Replica:
         bs = kv.block_size
         for req in plan.decode:
             if req.state != RUNNING or req.prompt_tokens + req.num_generated - req.num_computed != 1:
-                raise RuntimeError(f"scheduling policy {self.scheduler.name!r} put request {req.req_id} "
+                raise PolicyAnswerError(f"scheduling policy {self.scheduler.name!r} put request {req.req_id} "
                                    f"in the decode list but it is not decoding")
             if req.num_computed < len(req.blocks) * bs or kv.grow(req, 1, now):
                 decode.append(req)
@@ -286,7 +287,7 @@ class Replica:
             draft_plan = spec.propose(self.view.frozen(decode), now, self.spec_view.of(decode))
             width = int(draft_plan.width)
             if width < 1:
-                raise RuntimeError(f"speculation policy {spec.name!r} proposed a tree of width {width}")
+                raise PolicyAnswerError(f"speculation policy {spec.name!r} proposed a tree of width {width}")
             drafts = self._reserve_drafts(decode, draft_plan.draft_tokens, width, now)
             accepted = [max(0, min(int(spec.accepted(self.rng, self.view.show(r), d)), d)) if d else 0
                         for r, d in zip(decode, drafts)]
@@ -315,7 +316,7 @@ class Replica:
         a request whose lookahead does not fit drafts as deep as the blocks it can get allow, or not
         at all."""
         if len(depths) > len(decode):
-            raise RuntimeError(f"speculation policy {self.speculation.name!r} proposed drafts for "
+            raise PolicyAnswerError(f"speculation policy {self.speculation.name!r} proposed drafts for "
                                f"{len(depths)} of {len(decode)} decodes")
         k = list(depths) + [0] * (len(decode) - len(depths))
         kv = self.kv

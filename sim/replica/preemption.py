@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from policies.base import RequestState
+from sim.errors import PolicyAnswerError
 from sim.replica.views import ResidencyViewImpl
 from sim.request import Request
 
@@ -103,7 +104,7 @@ class Preemption:
     def start_swap_in(self, req: Request, now: float) -> None:
         r = self.r
         if req.state != SWAPPED:
-            raise RuntimeError(f"scheduling policy {r.scheduler.name!r} swapped in request {req.req_id}, "
+            raise PolicyAnswerError(f"scheduling policy {r.scheduler.name!r} swapped in request {req.req_id}, "
                                f"which is not swapped out")
         if not r.kv.reserve_hbm_for_swap_in(req, now):
             return

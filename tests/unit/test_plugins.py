@@ -85,3 +85,21 @@ def test_a_second_plugin_with_a_registered_name_is_refused_and_an_unknown_name_l
     with pytest.raises(PolicyError, match="least-loaded") as err:
         Simulation(with_overrides(small_config(), {"policies.routing.name": "least-lodaed"}))
     assert "prefix-affinity" in str(err.value)
+
+
+def test_a_plugin_that_answers_the_impossible_gets_one_line_naming_it(tmp_path, capsys):
+    from tests.unit.test_cli import run_cli
+
+    plugin = tmp_path / "bad_route.py"
+    plugin.write_text("from policies.base import RoutingPolicy\nfrom policies.registry import register\n\n\n"
+                      "@register('routing', 'bad-route')\nclass BadRoute(RoutingPolicy):\n"
+                      "    def route(self, request, replicas, now):\n        return 99\n")
+    try:
+        rc, _, err = run_cli(capsys, "run", "--plugin", str(plugin), "--set", "policies.routing.name=bad-route",
+                             "--set", "cluster.num_replicas=2", "--set", "trace.max_requests=5", "--set",
+                             "model.name=llama-3.2-1b", "--set", "costs.backend=roofline", "--quiet",
+                             "--no-progress", "--out", str(tmp_path / "out"))
+    finally:
+        registry.unregister("routing", "bad-route")
+    assert rc == 2 and "Traceback" not in err
+    assert "routing policy 'bad-route' chose replica 99 of 2 (replicas are 0 to 1)" in err
