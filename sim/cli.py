@@ -477,6 +477,15 @@ def cmd_predict_step(args) -> int:
     B = args.batch
     if B < 1:
         raise TiersimError(f"--batch must be >= 1 (got {B})")
+    for option, value in (("--context", args.context), ("--chunk-context", args.chunk_context)):
+        if value < 0:
+            raise TiersimError(f"{option} must be >= 0 (got {value})")
+    if args.phase == "prefill" and args.context:
+        raise TiersimError("--context is the decodes' cached context (decode, mixed); a prefill step's prompts "
+                           "start with nothing cached (for a chunk after cached tokens: --phase mixed "
+                           "--chunk-context N)")
+    if args.phase != "mixed" and args.chunk_context:
+        raise TiersimError("--chunk-context is for --phase mixed (tokens cached before its prefill chunk)")
     window = model.max_context_tokens
     longest = {"prefill": args.tokens, "decode": args.context + 1,
                "mixed": max(args.chunk_context + args.tokens, args.context + 1)}[args.phase]
@@ -490,8 +499,6 @@ def cmd_predict_step(args) -> int:
             raise TiersimError("--tokens (each request's prompt length) must be >= 1 for --phase prefill")
         shape = StepShape.prefill(B, args.tokens)
     elif args.phase == "decode":
-        if args.context < 0:
-            raise TiersimError("--context must be >= 0")
         shape = StepShape.decode(B, args.context)
     else:
         if args.tokens < 1:
@@ -620,9 +627,16 @@ def cmd_config(args) -> int:
     from sim.config import SimConfig, with_overrides
     from sim.config_docs import documented_toml
 
-    config = _config_file(args.config) if args.config and not args.defaults else SimConfig()
-    if args.set and not args.defaults:
+    if args.defaults and (args.config or args.set):
+        raise ConfigError(f"{'--config' if args.config else '--set'}: has no effect with --defaults, which prints "
+                          "the defaults; drop --defaults to print your config resolved")
+    config = _config_file(args.config) if args.config else SimConfig()
+    if args.set:
         config = with_overrides(config, list(args.set))
+    if not args.defaults:
+        from sim.engine import Simulation
+
+        Simulation(config)      # what run would refuse (policy parameters, tiers, cross-checks) is refused here
     print(documented_toml(config), end="")
     return 0
 
@@ -762,7 +776,7 @@ def build_parser(calibration: bool = True) -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     cf = parser("config", help="print a config with every key's meaning (--defaults: the defaults)")
-    cf.add_argument("--defaults", action="store_true", help="the default config (ignores --config and --set)")
+    cf.add_argument("--defaults", action="store_true", help="the default config (not with --config or --set)")
     cf.add_argument("--config", help="a config file to resolve and print (default: none, the defaults)")
     cf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (default: none)")
     cf.set_defaults(func=cmd_config)

@@ -200,6 +200,12 @@ class ClusterConfig:
                f"must be > 0 (got {self.shared_kv_bandwidth_bytes_per_s})")
         _check(self.shared_kv_latency_s >= 0, "cluster.shared_kv_latency_s",
                f"must be >= 0 (got {self.shared_kv_latency_s})")
+        if self.prefill_replicas == 0:      # hand-off settings would be silently unused
+            for f in dataclasses.fields(self):
+                if f.name.startswith(("handoff_", "decode_")) and getattr(self, f.name) != f.default:
+                    raise ConfigError(f"cluster.{f.name}: configures the KV hand-off from prefill to decode "
+                                      "replicas, and cluster.prefill_replicas = 0 (mixed replicas) makes none; "
+                                      "set cluster.prefill_replicas, or remove the key")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,6 +260,10 @@ class ReplicaConfig:
                "'adaptive' partitions decoupled lanes: set replica.lanes = 'decoupled'")
         _check(math.isfinite(self.lanes_itl_slo_s) and self.lanes_itl_slo_s > 0, "replica.lanes_itl_slo_s",
                f"must be a positive number of seconds (got {self.lanes_itl_slo_s})")
+        slo_default = next(f.default for f in dataclasses.fields(self) if f.name == "lanes_itl_slo_s")
+        _check(self.lanes_partition == "adaptive" or self.lanes_itl_slo_s == slo_default, "replica.lanes_itl_slo_s",
+               "is the step time an adaptive partition holds decodes to; with replica.lanes_partition = "
+               "'static' it is unused: set lanes_partition = 'adaptive', or remove the key")
         if self.lanes == "decoupled":
             if self.lanes_partition == "static":
                 _check(self.prefill_sm_fraction > 0.0, "replica.prefill_sm_fraction",
@@ -354,6 +364,9 @@ class MetricsConfig:
         _check(self.slo_itl_s >= 0, "metrics.slo_itl_s", f"must be >= 0 (0 = off) (got {self.slo_itl_s})")
         _check(self.slo_itl_stat in ITL_STATS, "metrics.slo_itl_stat",
                f"must be one of {', '.join(ITL_STATS)} (got {self.slo_itl_stat!r})")
+        _check(self.slo_itl_s > 0 or self.slo_itl_stat == "p99", "metrics.slo_itl_stat",
+               f"= {self.slo_itl_stat!r} picks the statistic metrics.slo_itl_s bounds, and slo_itl_s = 0 "
+               "(no ITL SLO); set metrics.slo_itl_s")
 
 
 ITL_STATS = ("p99", "max", "p50", "mean")   # per-request ITL statistics (requests.parquet: itl_<stat>_s)
@@ -565,8 +578,28 @@ def with_overrides(config: SimConfig, overrides: Mapping[str, Any] | list[str]) 
             if not isinstance(nxt, dict):
                 raise ConfigError(f"{'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
             node = nxt
-        node[parts[-1]] = value
+        old = node.get(parts[-1])
+        if isinstance(value, dict) and isinstance(old, dict) and _is_section(parts):
+            # a table given for a whole section sets those keys and keeps the rest, as a second
+            # [section] in a file would not: --set 'replica={block_size_tokens=32}' changes one key
+            _merge(old, value)
+        else:
+            node[parts[-1]] = value
     return from_dict(data, "--set")
+
+
+def _is_section(parts: list[str]) -> bool:
+    """A config section (``replica``, ``policies.scheduling``), not a key whose value is a table
+    (``trace.columns``, which a table replaces)."""
+    return len(parts) == 1 or (len(parts) == 2 and parts[0] == "policies")
+
+
+def _merge(into: dict, new: Mapping) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 _SURROGATE_PAIR = re.compile(r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")

@@ -157,6 +157,11 @@ class Simulation:
         if rc.preemption_mode == "swap" and not self.dram_blocks:
             raise ConfigError(f"replica.preemption_mode = 'swap' needs DRAM to swap to, but replica.dram_kv_bytes = "
                               f"{rc.dram_kv_bytes} holds no {bpb}-byte block; raise it, or preempt by 'recompute'")
+        if not (self.dram_blocks or self.nvme_blocks or size["store"][2]) and \
+                self.config.policies.residency.name != "config":
+            raise ConfigError(f"policies.residency.name = {self.config.policies.residency.name!r} places KV below "
+                              "HBM, and no lower tier is sized (replica.dram_kv_bytes, replica.nvme_kv_bytes, "
+                              "cluster.shared_kv_bytes hold no block); size one, or use the default 'config'")
         if not isinstance(residency, ConfigResidency):
             return
         for key in ("offload_to", "hbm_evict_to", "dram_evict_to", "nvme_evict_to"):

@@ -836,7 +836,12 @@ def _run_dask(tasks: list[dict], scheduler: str, jobs: int | None, record: Calla
                                dashboard_address=None)
         client = Client(cluster)
     else:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, ValueError, TimeoutError) as exc:
+            raise SweepError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({exc}); start one "
+                             "(dask scheduler) and give its tcp://HOST:PORT, or --scheduler local. Rerunning "
+                             "the same command resumes this sweep") from None
     try:
         futs = [client.submit(execute, t, pure=False, key=f"tiersim-run-{t['config_hash'][:16]}") for t in tasks]
         for f in as_completed(futs):

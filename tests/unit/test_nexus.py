@@ -186,12 +186,16 @@ def test_lockstep_configs_keep_their_hash():
     assert small_config(**DECOUPLED).hash() != a.hash()
 
 
-def test_a_lanes_key_set_under_lockstep_lanes_reads_back_the_same(tmp_path):
+def test_a_lanes_key_set_reads_back_the_same_and_an_unused_one_is_refused(tmp_path):
     """Found by the config fuzz test: lock-step configs dropped the lanes keys when written, so a set
-    ``replica.lanes_itl_slo_s`` was lost on the way through TOML."""
+    ``replica.lanes_itl_slo_s`` was lost on the way through TOML. Under lock-step lanes it is unused
+    and now refused; set with adaptive lanes it reads back."""
     from sim.config import load_config
 
-    c = small_config(**{"replica.lanes_itl_slo_s": 1.0})
+    with pytest.raises(ConfigError, match="replica.lanes_itl_slo_s"):
+        small_config(**{"replica.lanes_itl_slo_s": 1.0})
+    c = small_config(**{"replica.lanes": "decoupled", "replica.lanes_partition": "adaptive",
+                        "replica.lanes_itl_slo_s": 1.0})
     (tmp_path / "c.toml").write_text(c.to_toml())
     assert load_config(tmp_path / "c.toml") == c and c.hash() != small_config().hash()
 

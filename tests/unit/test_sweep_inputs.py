@@ -105,3 +105,10 @@ def test_quiet_sweeps_still_say_why_a_run_failed(tmp_path, capsys):
                            "--out", str(tmp_path / "sw"))
     assert rc == 1 and out == ""
     assert "preemption_mode=swap: failed:" in err
+
+
+def test_an_unreachable_dask_scheduler_is_one_line_and_the_sweep_resumes_later(tmp_path, capsys):
+    pytest.importorskip("distributed")
+    rc, _, err = run_cli(capsys, "sweep", *SMALL_SET, "--grid", "trace.rate_scale=1,2", "--scheduler", "foo://bar",
+                         "--quiet", "--out", str(tmp_path / "sw"))
+    assert rc == 2 and "--scheduler foo://bar: cannot reach a Dask scheduler" in err and "Traceback" not in err
