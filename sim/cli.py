@@ -591,7 +591,9 @@ def cmd_sweep(args) -> int:
         grid_axes["trace"] = traces_given
     random_axes = dict(spec.random)
     for a in args.sample or []:
-        k, _, dist = a.partition("=")
+        k, eq, dist = a.partition("=")
+        if not eq:
+            raise ConfigError(f"--sample {a!r}: expected KEY=DIST, e.g. --sample trace.rate_scale=uniform(1,8)")
         random_axes[k] = parse_distribution(dist)
     plugins = list(spec.plugins) + [_plugin_ref(m) for m in args.plugin or [] if _plugin_ref(m) not in spec.plugins]
     for m in args.plugin or []:

@@ -295,7 +295,7 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
         base = with_overrides(base, dict(_flatten(data["set"])))
     grid = {}
     for k, v in data.get("grid", {}).items():
-        if not isinstance(v, list):
+        if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: grid.{k}: expected a list of values (got {v!r})")
         grid[k] = [rel(x) if k in SPECIAL_AXES and isinstance(x, str) else x for x in v]
     points = [{k: rel(x) if k in SPECIAL_AXES and isinstance(x, str) else x for k, x in p.items()}

@@ -112,3 +112,13 @@ def test_an_unreachable_dask_scheduler_is_one_line_and_the_sweep_resumes_later(t
     rc, _, err = run_cli(capsys, "sweep", *SMALL_SET, "--grid", "trace.rate_scale=1,2", "--scheduler", "foo://bar",
                          "--quiet", "--out", str(tmp_path / "sw"))
     assert rc == 2 and "--scheduler foo://bar: cannot reach a Dask scheduler" in err and "Traceback" not in err
+
+
+def test_a_sample_without_a_distribution_and_an_empty_grid_axis_say_where(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "sweep", *SMALL_SET, "--sample", "trace.rate_scale", "--samples", "2",
+                         "--out", str(tmp_path / "sw"))
+    assert rc == 2 and "--sample 'trace.rate_scale': expected KEY=DIST" in err
+    f = tmp_path / "s.toml"
+    f.write_text('[grid]\n"trace.rate_scale" = []\n')
+    with pytest.raises(ConfigError, match="s.toml: grid.trace.rate_scale: expected a list of values"):
+        load_sweep_file(f)
