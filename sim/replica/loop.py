@@ -205,15 +205,19 @@ class Replica:
         if t < math.inf and not (self.num_swapping_in or self.num_swapping_out or self.moves.loading
                                  or self.moves.in_flight or self.handing_off):
             yield env.timeout(exact_delay(env.now, t))      # nothing in flight can wake it sooner
+            self.t_end = t      # the arrival's exact time: SimPy's clock can land one ulp off it
             return
         self._wake = env.event()
         yield from woken_or_at(env, self._wake, t)
         self._wake = None
+        if t < math.inf and abs(env.now - t) <= 4.0 * math.ulp(t):
+            self.t_end = t
 
     def clock(self) -> float:
-        """The replica's time: the exact end of its last step when it has just finished one (SimPy's
-        clock can sit one ulp off it: for some pairs no delay d makes now + d round to the planned
-        end), otherwise SimPy's. Step arithmetic thus never depends on how SimPy rounded."""
+        """The replica's time: the exact end of its last step when it has just finished one, or the exact
+        arrival time it slept until (SimPy's clock can sit one ulp off either: for some pairs no delay d
+        makes now + d round to the planned time), otherwise SimPy's. Step arithmetic thus never depends
+        on how SimPy rounded."""
         now = self.env.now
         t = self.t_end
         return t if abs(now - t) <= 4.0 * math.ulp(t) else now

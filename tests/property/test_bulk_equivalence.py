@@ -157,6 +157,23 @@ def test_a_write_through_at_a_runs_last_step_starts_at_that_steps_exact_end():
                        **tier_overrides("hbm", "inclusive", "when-faster", "tiered")}, trace)
 
 
+def test_a_replica_that_sleeps_until_an_arrival_schedules_it_at_the_arrivals_exact_time():
+    """Found by the thorough fuzz campaign (seed 3): a decode run ended where SimPy's clock sat one ulp
+    past its exact end, the replica slept from there to the next arrival and woke one ulp past that
+    too, so the arrivals' first_scheduled_s differed from single stepping's by an ulp. A replica that
+    sleeps until an arrival now takes the arrival's exact time as its clock."""
+    from tests.conftest import make_trace
+
+    a0, a1 = float.fromhex("0x1.99604f00de99cp-7"), float.fromhex("0x1.8ccb027806f4dp-2")
+    trace = make_trace([a0, a0, a1, a1, a1, a1, a1], [1, 197, 1, 1, 1, 1, 1], [4, 31, 1, 1, 1, 1, 1])
+    assert_equivalent({"policies.scheduling.name": "chunked-prefill", "policies.execution.name": "persistent",
+                       "replica.preemption_mode": "recompute", "replica.num_hbm_blocks": 24,
+                       "replica.prefix_caching": True, "policies.scheduling.admission": "chunk",
+                       "policies.eviction.name": "2q", "policies.residency.name": "tiered",
+                       "replica.kv_tier_mode": "inclusive", "replica.dram_kv_bytes": 41943040,
+                       "policies.residency.load": "when-faster"}, trace)
+
+
 @settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=traces_(), scheduling=st.sampled_from(bulk_schedulers()), prefill=st.sampled_from([1, 2]),
        preemption=st.sampled_from(["recompute", "swap"]), blocks=st.integers(24, 120), prefix=st.booleans(),
