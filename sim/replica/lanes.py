@@ -280,6 +280,8 @@ class DecoupledLanes:
         lane.wake = env.event()
         yield from woken_or_at(env, lane.wake, t)
         lane.wake = None
+        if t < math.inf and abs(env.now - t) <= 4.0 * math.ulp(t):
+            lane.t_end = t      # the arrival's exact time (as ``Replica._wait``): SimPy's can be an ulp off
 
     def _plan(self, lane: int, now: float):
         r = self.r

@@ -250,3 +250,17 @@ def test_decoupled_runs_are_deterministic():
     a, b = run_checked(cfg, tr)[1], run_checked(cfg, tr)[1]
     assert a.summary["ttft_s"] == b.summary["ttft_s"] and a.summary["itl_s"] == b.summary["itl_s"]
     assert a.steps.equals(b.steps)
+
+
+def test_a_lane_that_sleeps_until_an_arrival_schedules_it_at_the_arrivals_exact_time():
+    """Found by a search over small traces: the prefill lane slept from a step end to the next arrival
+    and woke one ulp past it, so the request's first_scheduled_s was an ulp after its arrival (the
+    replica's own sleep had the same defect, fixed in 6381368). The lane now takes the arrival's exact
+    time as its clock."""
+    arrival = [float.fromhex(x) for x in ("0x1.0f865ac5d0d78p-8", "0x1.7cca43b308abdp-2", "0x1.19f37b74af474p+0")]
+    tr = make_trace(arrival, [192, 45, 225], [33, 7, 11])
+    res = run_checked(small_config(**DECOUPLED, **{"policies.scheduling.name": "chunked-prefill"}), tr)[1]
+    wait = res.requests.first_scheduled_s.to_numpy() - res.requests.arrival_s.to_numpy()
+    ulps = 4 * np.spacing(res.requests.arrival_s.to_numpy())
+    assert ((wait == 0) | (wait > ulps)).all(), wait
+    assert (wait == 0).any()
