@@ -391,7 +391,10 @@ def cmd_trace(args) -> int:
 
     if args.trace_cmd != "describe":
         raise TiersimError("usage: tiersim trace describe FILE")
+    from sim.workload import refuse_empty
+
     trace = traces.load_trace(args.file, format=args.format)
+    refuse_empty(trace, args.file)
     d = traces.describe(trace)
     if args.json:
         print(json.dumps(d, indent=2, default=float))

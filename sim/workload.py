@@ -65,12 +65,17 @@ def _read(tc: TraceConfig) -> tuple[Trace, str]:
         path = traces.bundled_path(name)
         fmt = tc.format or entry.format
     trace = traces.load_trace(path, format=fmt, **_options(tc, fmt, path))
+    refuse_empty(trace, path)
+    return trace, path.name
+
+
+def refuse_empty(trace: Trace, path: Any) -> None:
+    """A file that holds no requests (only a header, or every row dropped) is an error naming the file."""
     if len(trace) == 0:
         dropped = trace.dropped_rows
         why = (" (all rows were dropped: " + ", ".join(f"{v:,} {k}" for k, v in dropped.items()) + ")"
                if dropped else "")
         raise TraceError(f"the file holds no requests{why}", path=path)
-    return trace, path.name
 
 
 def _implied_format(tc: TraceConfig, path: Path) -> str:
