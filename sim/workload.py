@@ -80,11 +80,19 @@ def refuse_empty(trace: Trace, path: Any) -> None:
 
 def _implied_format(tc: TraceConfig, path: Path) -> str:
     """The format of a file the config does not name one for: detected, except that a column mapping
-    means the generic reader (parquet for a Parquet file, csv for anything else)."""
+    means the generic reader (parquet for a Parquet file, csv for anything else). trace.time_unit or
+    trace.time_format without a mapping means it only for a file of no detected format: an Azure file
+    stays azure, so the key is refused by name rather than by the generic reader's missing columns."""
     if tc.columns or tc.time_unit or tc.time_format:
         with open(path, "rb") as fh:
             head = fh.read(4)
-        return "parquet" if head == b"PAR1" or path.suffix.lower() in (".parquet", ".pq") else "csv"
+        generic = "parquet" if head == b"PAR1" or path.suffix.lower() in (".parquet", ".pq") else "csv"
+        if tc.columns:
+            return generic
+        try:
+            return traces.detect_format(path)
+        except TraceError:
+            return generic
     return traces.detect_format(path)
 
 
@@ -95,9 +103,14 @@ def _options(tc: TraceConfig, fmt: str | None, path: Any) -> dict[str, Any]:
         value = getattr(tc, key)
         if not value:
             continue
-        if fmt not in _GENERIC:
+        if fmt not in _GENERIC and key == "columns":
             raise ConfigError(f"trace.{key}: only the csv and parquet formats read it, and {Path(path).name} is "
                               f"read as {fmt}; set trace.format = \"csv\" (or \"parquet\") to use the column mapping")
+        if fmt not in _GENERIC:     # time_unit, time_format: how the generic readers read the arrival column
+            raise ConfigError(f"trace.{key}: only the csv and parquet formats read it (how their arrival column is "
+                              f"read), and {Path(path).name} is read as {fmt}, whose reader converts its own "
+                              f"timestamps; remove trace.{key}" + ("" if fmt == "mooncake" else
+                              ' (or read the file as a generic table: trace.format = "csv" with trace.columns)'))
         opts[key] = value
     if tc.hash_block_tokens:
         if fmt == "mooncake":

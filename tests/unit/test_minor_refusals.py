@@ -2,6 +2,11 @@
 silent default or another part's error."""
 from __future__ import annotations
 
+import pytest
+
+from sim.config import SimConfig, with_overrides
+from sim.errors import ConfigError
+from sim.workload import load_trace_for
 from tests.unit.test_cli import run_cli
 
 
@@ -11,3 +16,20 @@ def test_trace_describe_refuses_a_file_with_only_a_header(tmp_path, capsys):
     rc, out, err = run_cli(capsys, "trace", "describe", str(path))
     assert rc == 2 and out == ""
     assert err == "tiersim: error: empty.csv: the file holds no requests\n"   # as tiersim run says it
+
+
+@pytest.mark.parametrize("name, text, fmt", [
+    ("", "", "azure"),       # the default bundled Azure trace
+    ("az.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n", "azure"),
+    ("m.jsonl", '{"timestamp": 0, "input_length": 7, "output_length": 4}\n', "mooncake"),
+], ids=["bundled-azure", "azure-file", "mooncake-file"])
+def test_time_unit_with_a_trace_of_another_format_names_the_key(tmp_path, name, text, fmt):
+    overrides = {"trace.time_unit": "ms"}
+    if name:
+        (tmp_path / name).write_text(text)
+        overrides["trace.path"] = str(tmp_path / name)
+    with pytest.raises(ConfigError) as err:      # not the generic reader's "missing column 'arrival_s'"
+        load_trace_for(with_overrides(SimConfig(), overrides))
+    msg = str(err.value)
+    assert msg.startswith("trace.time_unit: only the csv and parquet formats read it"), msg
+    assert f"is read as {fmt}, whose reader converts its own timestamps; remove trace.time_unit" in msg
