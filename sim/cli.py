@@ -598,6 +598,11 @@ def cmd_sweep(args) -> int:
         if not eq:
             raise ConfigError(f"--sample {a!r}: expected KEY=DIST, e.g. --sample trace.rate_scale=uniform(1,8)")
         random_axes[k] = parse_distribution(dist)
+    if args.samples is not None and args.samples < (1 if random_axes else 0):   # the option, not the file's key
+        need = "1 to draw the random axes" if random_axes else "0"
+        raise ConfigError(f"--samples must be >= {need} (got {args.samples})")
+    if args.sample_seed is not None and args.sample_seed < 0:
+        raise ConfigError(f"--sample-seed must be >= 0 (got {args.sample_seed})")
     plugins = list(spec.plugins) + [_plugin_ref(m) for m in args.plugin or [] if _plugin_ref(m) not in spec.plugins]
     for m in args.plugin or []:
         if m.endswith(".py") and not Path(m).is_file():

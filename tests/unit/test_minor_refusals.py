@@ -33,3 +33,18 @@ def test_time_unit_with_a_trace_of_another_format_names_the_key(tmp_path, name, 
     msg = str(err.value)
     assert msg.startswith("trace.time_unit: only the csv and parquet formats read it"), msg
     assert f"is read as {fmt}, whose reader converts its own timestamps; remove trace.time_unit" in msg
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sample", "trace.rate_scale=uniform(1,8)", "--samples", "-3"],
+     "--samples must be >= 1 to draw the random axes (got -3)"),
+    (["--sample", "trace.rate_scale=uniform(1,8)", "--samples", "0"],
+     "--samples must be >= 1 to draw the random axes (got 0)"),
+    (["--grid", "trace.rate_scale=1,2", "--samples", "-3"], "--samples must be >= 0 (got -3)"),
+    (["--sample", "trace.rate_scale=uniform(1,8)", "--samples", "1", "--sample-seed", "-3"],
+     "--sample-seed must be >= 0 (got -3)"),        # was numpy's ValueError with a traceback
+], ids=["negative", "zero-with-random-axes", "negative-grid-only", "negative-seed"])
+def test_sweep_sampling_options_are_refused_by_their_option_name(tmp_path, capsys, args, needle):
+    rc, _, err = run_cli(capsys, "sweep", *args, "--out", str(tmp_path / "sw"))
+    assert rc == 2 and err == f"tiersim: error: {needle}\n", err
+    assert not (tmp_path / "sw").exists()
