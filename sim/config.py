@@ -376,6 +376,11 @@ ITL_STATS = ("p99", "max", "p50", "mean")   # per-request ITL statistics (reques
 class OutputConfig:
     dir: str = "tiersim-results"    # results directory of tiersim run (--out); never overwritten without --force
 
+    def __post_init__(self) -> None:     # "" would be the current directory, which is never meant
+        _check(str(self.dir).strip() != "", "output.dir",
+               "an empty path; name the results directory (or leave output.dir out for the default, "
+               "tiersim-results)")
+
 
 _LANES_KEYS = ("lanes", "lanes_partition", "lanes_itl_slo_s")
 _LANES_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReplicaConfig) if f.name in _LANES_KEYS}

@@ -48,3 +48,18 @@ def test_sweep_sampling_options_are_refused_by_their_option_name(tmp_path, capsy
     rc, _, err = run_cli(capsys, "sweep", *args, "--out", str(tmp_path / "sw"))
     assert rc == 2 and err == f"tiersim: error: {needle}\n", err
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("value", ['""', '"  "'])
+def test_an_empty_output_dir_is_refused_and_the_default_is_kept(tmp_path, capsys, value):
+    needle = ("output.dir: an empty path; name the results directory (or leave output.dir out for the default, "
+              "tiersim-results)")
+    with pytest.raises(ConfigError) as err:
+        with_overrides(SimConfig(), [f"output.dir={value}"])
+    assert str(err.value) == needle
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[output]\ndir = {value}\n")
+    rc, _, err_text = run_cli(capsys, "run", "--config", str(cfg))
+    assert rc == 2 and err_text == f"tiersim: error: {needle}\n"
+    assert SimConfig().output.dir == "tiersim-results"
+    assert with_overrides(SimConfig(), ['output.dir="elsewhere"']).output.dir == "elsewhere"
