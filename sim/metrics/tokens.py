@@ -24,6 +24,8 @@ per-token ITL (``summary["speculation"]["itl_per_step_s"]``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sim.jit import numba
@@ -108,6 +110,79 @@ def _bin(x):
 
 
 @numba.njit(cache=True, nogil=True)
+def _kth(a, k):
+    """The k-th smallest of ``a[0:n]`` (0-based), reordering ``a`` so that ``a[:k] <= a[k] <= a[k+1:]``
+    (Hoare-partition quickselect, median-of-three pivot: average O(n), and even splits on runs of
+    equal gaps, which decode steps make many of)."""
+    lo = 0
+    hi = a.shape[0] - 1
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _percentile(a, q):
+    """``np.percentile(a, q)`` as Numba computes it (0 < q < 100, no NaN; reorders ``a``): linear
+    interpolation between the order statistics around rank ``1 + (n - 1) q / 100``, in the same float
+    operations as ``numba.np.arraymath._collect_percentiles_inner``, so the values are bit-identical.
+    Written out because compiling Numba's own ``np.percentile`` (with its NaN, infinity and argument
+    checks) took most of a first run's compile time."""
+    n = a.shape[0]
+    if n == 1:
+        return a[0]
+    rank = 1 + (n - 1) * (q / 100.0)
+    f = math.floor(rank)
+    m = rank - f
+    k = int(f - 1)
+    lower = _kth(a, k)
+    upper = a[k + 1]
+    for j in range(k + 2, n):       # the (k+1)-th smallest: the least of what lies above the k-th
+        if a[j] < upper:
+            upper = a[j]
+    return lower * (1 - m) + upper * m
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin_of_rank(cum, r):
+    """``np.searchsorted(cum, r, side="right")`` on the histogram's cumulative counts: the bin that
+    holds the value of rank ``r`` (a bisection; Numba's ``searchsorted`` is slow to compile)."""
+    lo = 0
+    hi = cum.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if cum[mid] <= r:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(cache=True, nogil=True)
 def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, offsets, done, qs, out,
                    per_step=False):
     """Per request (finished ones): ``out[i]`` = (mean, p50, p99, max) of its inter-token gaps.
@@ -130,15 +205,21 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
         if m == 0:
             continue
         g = buf[:m]
-        out[i, 0] = g.mean()
-        out[i, 1] = np.percentile(g, 50.0)
-        out[i, 2] = np.percentile(g, 99.0)
-        out[i, 3] = g.max()
+        c = 0.0         # the mean as Numba's ``g.mean()`` sums: in order, from 0
+        gm = g[0]
         for j in range(m):
-            hist[_bin(g[j])] += 1
-            ssum += g[j]
-            if g[j] > gmax:
-                gmax = g[j]
+            x = g[j]
+            c += x
+            if x > gm:
+                gm = x
+            hist[_bin(x)] += 1
+            ssum += x
+            if x > gmax:
+                gmax = x
+        out[i, 0] = c / m
+        out[i, 3] = gm
+        out[i, 1] = _percentile(g, 50.0)    # (reorders the request's gaps: after every in-order sum)
+        out[i, 2] = _percentile(g, 99.0)
         total += m
     res = np.full(qs.shape[0], np.nan)
     if total == 0:
@@ -152,7 +233,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
         r0 = int(np.floor(pos))
         lo_rank[k] = r0
         for r in (r0, min(r0 + 1, total - 1)):
-            want[np.searchsorted(cum, r, side="right")] = True
+            want[_bin_of_rank(cum, r)] = True
     # second pass: collect the values in the wanted bins
     kept = 0
     for b in range(_NB):
@@ -169,8 +250,6 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
             if want[b]:
                 vals[v] = buf[j]
                 v += 1
-    # ascending values: bins are monotone in value, so lower wanted bins come first
-    vals = np.sort(vals)
     for k in range(qs.shape[0]):
         pos = qs[k] / 100.0 * (total - 1)
         r0 = lo_rank[k]
@@ -178,14 +257,15 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
         got0 = np.nan
         got1 = np.nan
         for r, which in ((r0, 0), (r1, 1)):
-            b = np.searchsorted(cum, r, side="right")
+            b = _bin_of_rank(cum, r)
             before = cum[b - 1] if b > 0 else 0
             # index of rank r among the collected values: values of lower wanted bins come first
             idx = 0
             for bb in range(b):
                 if want[bb]:
                     idx += hist[bb]
-            x = vals[idx + (r - before)]
+            # bins are monotone in value, so the values of lower wanted bins are the smaller ones
+            x = _kth(vals, idx + (r - before))
             if which == 0:
                 got0 = x
             else:
