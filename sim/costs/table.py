@@ -35,7 +35,7 @@ from sim.costs.backend import BackendBase, stretch
 from sim.costs.model import OpDef, StepShape, TransformerOps, parse_key
 from sim.costs.roofline import RooflineBackend
 from sim.errors import CostTableError
-from sim.jit import numba
+from sim.jit import numba, searchsorted_left, searchsorted_right
 from sim.specs import GPUSpec
 
 TABLE_FORMAT = "tiersim-cost-table/1"
@@ -344,7 +344,7 @@ def _interp1(x, xp, fp):
         return fp[0]
     if x >= xp[n - 1]:
         return fp[n - 1]
-    j = np.searchsorted(xp, x, side="right") - 1
+    j = searchsorted_right(xp, x) - 1
     if xp[j] == x:
         return fp[j]
     slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j])
@@ -391,7 +391,7 @@ def _decode_eval(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx_sums):
                 out[i] = out[i] + per * extra * ctx_mean[i]
             n_ext = n
         return out, n_ext
-    hi = np.searchsorted(batches, batch)
+    hi = searchsorted_left(batches, batch)
     a, b = row_ptr[hi], row_ptr[hi + 1]
     if batches[hi] == batch:
         n_ext = _row_eval(xs[a:b], ts[a:b], slopes[hi], ctx_mean, out)
@@ -501,7 +501,7 @@ def _prefill_eval(cs, ptr, lq, lt, eff_lq, eff_tab, q, c):
             t, e = _prefill_row(lq[ptr[0]:ptr[1]], lt[ptr[0]:ptr[1]], qi)
             e = e or (nc == 1 and ci > cs[0])
         else:
-            hi = np.searchsorted(cs, ci)
+            hi = searchsorted_left(cs, ci)
             if hi >= nc:
                 t1, e1 = _prefill_row(lq[ptr[nc - 2]:ptr[nc - 1]], lt[ptr[nc - 2]:ptr[nc - 1]], qi)
                 t2, e2 = _prefill_row(lq[ptr[nc - 1]:ptr[nc]], lt[ptr[nc - 1]:ptr[nc]], qi)

@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from sim.jit import numba
+from sim.jit import numba, searchsorted_right
 from sim.metrics.step_log import Growable
 from sim.request import STEP_ID_BITS, Request
 
@@ -168,21 +168,6 @@ def _percentile(a, q):
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin_of_rank(cum, r):
-    """``np.searchsorted(cum, r, side="right")`` on the histogram's cumulative counts: the bin that
-    holds the value of rank ``r`` (a bisection; Numba's ``searchsorted`` is slow to compile)."""
-    lo = 0
-    hi = cum.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if cum[mid] <= r:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@numba.njit(cache=True, nogil=True)
 def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, offsets, done, qs, out,
                    per_step=False):
     """Per request (finished ones): ``out[i]`` = (mean, p50, p99, max) of its inter-token gaps.
@@ -225,15 +210,17 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
     if total == 0:
         return total, np.nan, np.nan, res, hist
     # ranks needed: floor(pos) and floor(pos) + 1 for each quantile
-    cum = np.cumsum(hist)
+    cum = hist.copy()
+    for b in range(1, _NB):
+        cum[b] += cum[b - 1]
     lo_rank = np.empty(qs.shape[0], np.int64)
     want = np.zeros(_NB, np.bool_)
     for k in range(qs.shape[0]):
         pos = qs[k] / 100.0 * (total - 1)
-        r0 = int(np.floor(pos))
+        r0 = int(math.floor(pos))
         lo_rank[k] = r0
         for r in (r0, min(r0 + 1, total - 1)):
-            want[_bin_of_rank(cum, r)] = True
+            want[searchsorted_right(cum, r)] = True
     # second pass: collect the values in the wanted bins
     kept = 0
     for b in range(_NB):
@@ -257,7 +244,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
         got0 = np.nan
         got1 = np.nan
         for r, which in ((r0, 0), (r1, 1)):
-            b = _bin_of_rank(cum, r)
+            b = searchsorted_right(cum, r)
             before = cum[b - 1] if b > 0 else 0
             # index of rank r among the collected values: values of lower wanted bins come first
             idx = 0
