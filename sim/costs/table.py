@@ -241,11 +241,20 @@ class _NearestLog:
     neighbouring log grid points; within 1e-9 of a midpoint (a near tie, where rounding could decide)
     it asks ``argmin`` itself, so the answer is always argmin's."""
 
-    __slots__ = ("logs", "mids", "last", "kint")
+    __slots__ = ("logs", "mids", "last", "kint", "first")
 
     def __init__(self, xs: np.ndarray, ks: np.ndarray | None = None) -> None:
-        self.logs = np.log(np.maximum(np.asarray(xs, float), 1e-9))
-        self.mids = ((self.logs[:-1] + self.logs[1:]) / 2.0).tolist()
+        self.logs = logs = np.log(np.maximum(np.asarray(xs, float), 1e-9))
+        self.mids = ((logs[:-1] + logs[1:]) / 2.0).tolist()
+        # grid points whose logs are equal (distinct x a few ulps apart, or several clamped to 1e-9) are
+        # equally near any x, and argmin takes the first of them
+        self.first = None
+        if logs.size > 1 and bool((logs[1:] == logs[:-1]).any()):
+            first = list(range(logs.size))
+            for j in range(1, logs.size):
+                if logs[j] == logs[j - 1]:
+                    first[j] = first[j - 1]
+            self.first = first
         self.last = float(xs[-1]) if len(xs) else math.inf
         # each grid point's kernel count as Curve1D.kernels_at rounds it, -1 where unknown
         self.kint = None if ks is None else [int(round(k)) if np.isfinite(k) and k > 0 else -1 for k in ks]
@@ -256,7 +265,7 @@ class _NearestLog:
         i = bisect_left(mids, lx)
         if (i and lx - mids[i - 1] < 1e-9) or (i < len(mids) and mids[i] - lx < 1e-9):
             return int(np.argmin(np.abs(self.logs - np.log(max(x, 1e-9)))))
-        return i
+        return i if self.first is None else self.first[i]
 
 
 class Curve1D:

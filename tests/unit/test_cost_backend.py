@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from policies import registry
@@ -129,6 +129,8 @@ def test_compiled_interp_is_numpys_bit_for_bit(xp, fp, xs):
 
 @given(grid=st.lists(st.floats(1e-3, 1e7, allow_nan=False), min_size=1, max_size=20, unique=True),
        xs=st.lists(st.floats(0.0, 2e7, allow_nan=False), min_size=1, max_size=20))
+@example(grid=[10000000.0, 9999999.999999998], xs=[10000001.0])     # two points, one log: argmin takes the first
+@example(grid=[1e-12, 1e-10, 5.0], xs=[3.0, 1e-11])                  # clamped to 1e-9: three points, two logs
 def test_nearest_grid_point_in_log_space_is_argmins(grid, xs):
     """Kernel counts come from the grid point nearest in log x; the bisection that finds it answers
     what ``np.argmin`` over the log distances does, for any x (grid points and log midpoints
