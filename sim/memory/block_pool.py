@@ -515,7 +515,8 @@ class BlockPool:
             victims = self._victims(choose_victims(self, rest, now), rest)
             use_lru = False
         out = np.empty(n, dtype=np.int64)
-        _allocate(out, take, victims, use_lru, now, owner, _NO_TIMES, _NO_BLOCKS, self.m, self.free, self.ht,
+        # (float: SimPy's clock starts at int 0, and an int would compile the kernel a second time)
+        _allocate(out, take, victims, use_lru, float(now), owner, _NO_TIMES, _NO_BLOCKS, self.m, self.free, self.ht,
                   self.bits, c, self._ev_keys, self._ev_pos)
         return out
 
