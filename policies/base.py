@@ -718,6 +718,15 @@ class ExecutionPolicy(Policy):
         t = self.step_times(seq, np.array([var], dtype=np.float64), launch)
         return float(t.duration_s[0]), t.launches, t.syncs
 
+    def linear_step(self, seq: KernelSequence, launch: LaunchCosts) -> tuple[float, tuple, int, int] | None:
+        """``(base, terms, launches, syncs)`` when :meth:`step_times` of ``seq`` is, for every step,
+        ``base + var[v0] * w0 + var[v1] * w1 ...`` over ``terms`` = ``((v0, w0), ...)``, added in that
+        order with ``base`` joining the first product, and the same launches and syncs each step;
+        None otherwise. The cost model then prices a run of such steps in one compiled pass with
+        exactly those operations (the bulk-equivalence test and ``test_linear_step_pass_is_exact``
+        check that it rounds like :meth:`step_times`). Default: None (always the general way)."""
+        return None
+
 
 class RoutingPolicy(Policy):
     reads_state: ClassVar[bool] = True

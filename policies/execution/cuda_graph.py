@@ -118,6 +118,13 @@ class CudaGraph(HostOverhead, ExecutionPolicy):
             d = var[v] * w + base if d is None else d + var[v] * w
         return (base if d is None else d), 1, 1
 
+    def linear_step(self, seq: KernelSequence, launch: LaunchCosts) -> tuple[float, tuple, int, int] | None:
+        # what step_times computes for a graphed step: the terms added to the base left to right (a
+        # subclass that prices steps its own way has not said its step is linear)
+        if type(self).step_times is not CudaGraph.step_times or not self.graphed(seq):
+            return None
+        return self._base(seq, launch), seq.var_terms, 1, 1
+
     def step_times(self, seq: KernelSequence, var_s: np.ndarray, launch: LaunchCosts) -> StepTiming:
         if not self.graphed(seq):
             return self._eager.step_times(seq, var_s, launch)

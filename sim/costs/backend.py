@@ -85,6 +85,14 @@ class CostBackend(Protocol):
         than 1 for a speculative verify step). Vectorised over ``ctx_sums`` (float64 array)."""
         ...
 
+    def decode_linear_run(self, batch: int, ctx0: int, step: int, k: int, weight: float, base: float
+                          ) -> np.ndarray | None:
+        """``decode_attention_times(batch, ctx_sums) * weight + base`` for the ``k`` steps whose context
+        totals are ``ctx0 + step * j`` (integers), bit for bit and with the same extrapolation
+        counts, in one compiled pass; None where the backend has no such pass (the cost model then
+        takes the general way). A dense decode run's steps, priced at the cost of one call."""
+        ...
+
     def selection_time(self, num_seqs: int, units_per_seq: float, k: int) -> float:
         """Seconds of one top-``k`` selection over ``units_per_seq`` scored units (KV blocks, pages)
         for each of ``num_seqs`` sequences (one call; 0 when nothing is selected)."""
@@ -341,6 +349,10 @@ class BackendBase:
             got = self._shares[f] = SharedBackend(self, f)
         return got
 
+    def decode_linear_run(self, batch: int, ctx0: int, step: int, k: int, weight: float, base: float
+                          ) -> np.ndarray | None:
+        return None
+
     # -- selection
     def selection_time(self, num_seqs: int, units_per_seq: float, k: int) -> float:
         t = self.selection.time(num_seqs, units_per_seq, k)
@@ -428,6 +440,10 @@ class SharedBackend:
             m.bytes_per_weight
         f = share_factor(flops, nbytes, self.gpu, self.curves, self.fraction)
         return stretch(t, np.ones_like(t), f, self.curves.floor_s)
+
+    def decode_linear_run(self, batch: int, ctx0: int, step: int, k: int, weight: float, base: float
+                          ) -> np.ndarray | None:
+        return None     # (the share's stretch is a vector expression of its own)
 
     def selection_time(self, num_seqs: int, units_per_seq: float, k: int) -> float:
         # one block per row: rows beyond the SMs left run in more waves

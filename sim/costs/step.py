@@ -71,6 +71,7 @@ class StepCostModel:
         self._pad = execution.padded_batch
         self._overhead = execution.with_step_overhead
         self._shares: dict[float, StepCostModel] = {}
+        self._linear: dict[int, tuple | None] = {}   # per padded decode batch: ExecutionPolicy.linear_step
         self.steps_priced = 0
 
     def subset(self, repeat: np.ndarray) -> "StepCostModel":
@@ -188,6 +189,26 @@ class StepCostModel:
         timing = self.execution.step_times(seq, var, self.launch)
         self.steps_priced += k
         return self._overhead(timing.duration_s, batch, batch, seq, self.launch), timing.launches, timing.syncs
+
+    def dense_decode_run(self, batch: int, ctx0: int, k: int) -> tuple[np.ndarray, int, int]:
+        """:meth:`decode_run` at the context totals ``ctx0 + batch * j`` (j < k: every sequence of a
+        dense decode run attends one more token each step), in one compiled pass where the execution
+        policy's step is linear in the attention time (``ExecutionPolicy.linear_step``) and the
+        backend has the pass (``CostBackend.decode_linear_run``); the same floats either way."""
+        nd = self._pad(batch, False)
+        seq = self.sequence(nd, nd, False, True, nd)
+        lin = self._linear.get(nd, False)
+        if lin is False:
+            got = self.execution.linear_step(seq, self.launch)
+            lin = self._linear[nd] = got if got is not None and len(got[1]) == 1 and got[1][0][0] == VAR_DECODE \
+                else None
+        if lin is not None:
+            base, terms, launches, syncs = lin
+            d = self.backend.decode_linear_run(nd, ctx0, batch, k, terms[0][1], base)
+            if d is not None:
+                self.steps_priced += k
+                return self._overhead(d, batch, batch, seq, self.launch), launches, syncs
+        return self.decode_run(batch, np.arange(ctx0, ctx0 + batch * k, batch, dtype=np.float64))
 
     def chunk_run(self, num_decode: int, ctx_sums: np.ndarray, chunk: int, cached: np.ndarray
                   ) -> tuple[np.ndarray, int, int]:

@@ -416,6 +416,19 @@ def _decode_eval(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx_sums):
     return out, max(n_lo, n_hi)
 
 
+@numba.njit(cache=True, nogil=True)
+def _decode_linear(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx0, step, k, weight, base):
+    """``_decode_eval`` at the context totals ``ctx0 + step * j`` (j < k), each time then taken to
+    ``t * weight + base``: a dense decode run's step durations (``TableBackend.decode_linear_run``)."""
+    ctx = np.empty(k)
+    for j in range(k):
+        ctx[j] = float(ctx0 + step * j)
+    out, n_ext = _decode_eval(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx)
+    for j in range(k):
+        out[j] = out[j] * weight + base
+    return out, n_ext
+
+
 @dataclass(frozen=True, slots=True)
 class _AboveGrids:
     """The token-row ops' (``idx``) curve ends, for steps of more tokens than every such op's grid
@@ -1177,6 +1190,19 @@ class TableBackend(BackendBase):
             rows = float(np.sum(q))
             t = (t + self._attn_extra_time(self._ip, rows)) * float(rec.scale_at(rows))
         return t
+
+    def decode_linear_run(self, batch: int, ctx0: int, step: int, k: int, weight: float, base: float
+                          ) -> np.ndarray | None:
+        # what decode_attention_times computes for one query per sequence, when it is the grid alone
+        if self.decode is None or self._dec_r != 1.0 or self._attn_scale.get(self._ia) is not None:
+            return None
+        out, n_ext = _decode_linear(*self.decode._flat, float(batch), ctx0, step, k, weight, base)
+        if n_ext:
+            lo, hi = (ctx0, ctx0 + step * (k - 1)) if step >= 0 else (ctx0 + step * (k - 1), ctx0)
+            self._note("attn_decode", n_ext,
+                       max(float(hi) / batch / self._dec_ctx_max, batch * 1.0 / self._dec_batch_max),
+                       min(float(lo) / batch / self._dec_ctx_min, batch * 1.0))
+        return out
 
     def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
         if self.decode is None:

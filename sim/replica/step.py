@@ -222,8 +222,7 @@ class StepBuilder:
 
     def dense_decode_run(self, B: int, nc_sum: int, K: int, first: int) -> tuple[np.ndarray, int, int]:
         """:meth:`decode_run` under dense attention, from the batch size and its KV total alone."""
-        s0 = first + 1
-        return self.cost.decode_run(B, np.arange(nc_sum + B * s0, nc_sum + B * (s0 + K), B, dtype=np.float64))
+        return self.cost.dense_decode_run(B, nc_sum + B * (first + 1), K)
 
     def chunk_run(self, nc: np.ndarray, nc_sum: int, K: int, c0: int, n: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -180,3 +180,58 @@ def test_a_curve_merges_repeated_points_by_their_median(pts):
             warnings.simplefilter("ignore")
             want = np.nanmedian(ks[at]) if np.isfinite(ks[at]).any() else np.nan
         assert (np.isnan(k) and np.isnan(want)) or k == want
+
+
+EXECUTIONS_FOR_RUNS = [("cuda-graph", {}), ("cuda-graph", {"capture_sizes": "vllm"}),
+                       ("cuda-graph", {"host": "reference-h200", "host_overlap": True}),
+                       ("cuda-graph", {"capture_sizes": [1, 2, 4, 8]}),      # eager above 8: the general way
+                       ("host-launched", {}), ("persistent", {})]
+
+
+@pytest.mark.parametrize("name,params", EXECUTIONS_FOR_RUNS)
+@given(batch=st.integers(1, 300), per_seq=st.integers(0, 140_000), k=st.integers(1, 64),
+       share=st.sampled_from([1.0, 0.5]))
+def test_linear_step_pass_is_exact(h100, name, params, batch, per_seq, k, share):
+    """A dense decode run priced in one compiled pass (``ExecutionPolicy.linear_step`` with
+    ``CostBackend.decode_linear_run``) equals the general way (attention times, then the execution
+    policy's ``step_times`` and step overhead) bit for bit, launches, syncs and the extrapolation
+    counts included; policies and backends without the pass take the general way."""
+    ops, gpu, _ = h100
+    runs = []
+    for fast in (True, False):
+        table = TableBackend(ops, gpu, CostTable(resolve_table_dir("h100-sxm-80gb")))
+        cost = StepCostModel(ops, table, registry.build("execution", name, params)).for_share(share)
+        ctx0 = batch * per_seq
+        if fast:
+            d, lc, sc = cost.dense_decode_run(batch, ctx0, k)
+        else:
+            d, lc, sc = cost.decode_run(batch, np.arange(ctx0, ctx0 + batch * k, batch, dtype=np.float64))
+        runs.append((np.asarray(d).tobytes(), lc, sc, dict(table.extrapolations), dict(table.ext_over),
+                     dict(table.ext_under), cost.steps_priced))
+    assert runs[0] == runs[1]
+
+
+def test_the_cuda_graph_policy_offers_the_linear_pass_and_the_table_backend_takes_it(h100):
+    """The fast pass is used where it applies (a graphed decode step on the full GPU), not only declared."""
+    ops, gpu, table = h100
+    graph = registry.build("execution", "cuda-graph", {})
+    cost = StepCostModel(ops, table, graph)
+    seq = cost.sequence(8, 8, False, True, 8)
+    base, terms, launches, syncs = graph.linear_step(seq, table.launch)
+    assert (launches, syncs) == (1, 1) and len(terms) == 1
+    d = table.decode_linear_run(8, 8 * 1000, 8, 5, terms[0][1], base)
+    want = table.decode_attention_times(8, np.arange(8000, 8040, 8, dtype=np.float64)) * terms[0][1] + base
+    assert d is not None and d.tobytes() == want.tobytes()
+    assert registry.build("execution", "host-launched", {}).linear_step(seq, table.launch) is None
+    assert table.for_share(0.5).decode_linear_run(8, 8000, 8, 5, terms[0][1], base) is None
+
+    class Slower(type(graph)):      # a plugin that prices graphed steps its own way
+        def step_times(self, seq, var_s, launch):
+            t = super().step_times(seq, var_s, launch)
+            return type(t)(duration_s=t.duration_s * 1.1, launches=t.launches, syncs=t.syncs)
+
+    slower = Slower()
+    assert slower.linear_step(seq, table.launch) is None
+    d_slow = StepCostModel(ops, table, slower).dense_decode_run(8, 8000, 5)[0]
+    assert np.allclose(d_slow, 1.1 * StepCostModel(ops, table, graph).dense_decode_run(8, 8000, 5)[0], rtol=1e-12)
+    assert table.for_share(0.5).decode_linear_run(8, 8000, 8, 5, terms[0][1], base) is None
