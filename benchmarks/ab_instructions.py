@@ -11,8 +11,9 @@ change that removes work shows as fewer instructions even where the clock cannot
 not time (a cache miss costs more than an add), so quote them beside interleaved wall times
 (``ab_process.py``, ``bench_replay.py``), not instead of them.
 
-Per checkout: one uncounted run under valgrind first (Numba keys its on-disk cache on the CPU, and
-the CPU valgrind presents differs from the host's: without it the count is mostly compilation), then
+Per checkout: one uncounted run of the same requests under valgrind first (Numba keys its on-disk
+cache on the CPU, and the CPU valgrind presents differs from the host's: without it the count is
+mostly compilation, and a shorter warm-up leaves the functions only longer runs call uncompiled), then
 a run of ``--requests`` requests and one of a single request; the difference is the simulation's
 own instructions (the loop and the results), the single-request run the start (imports, the trace,
 the table). About a minute per run on the development VM for 3,000 requests; the JSON goes to
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, tree in (("before", args.before), ("after", args.after)):
             work = Path(tmp) / name
             work.mkdir()
-            count(tree, 1, extra, work)       # warms Numba's cache for the CPU valgrind presents
+            count(tree, args.requests, extra, work)     # warms Numba's cache for valgrind's CPU, every function
             total, start = count(tree, args.requests, extra, work), count(tree, 1, extra, work)
             res[name] = {"tree": str(tree), "total": total, "start": start, "simulation": total - start}
             print(f"{name:6s} {tree}: {total:,} instructions, start {start:,}, simulation {total - start:,}")
