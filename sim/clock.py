@@ -16,6 +16,19 @@ def woken_or_at(env, wake, t: float):
         yield wake
 
 
+def on_time(now: float, t: float) -> bool:
+    """Whether SimPy's clock ``now`` is the planned time ``t`` up to its rounding: within a few ulps,
+    where no delay ``d`` made ``now + d`` land on ``t`` exactly."""
+    return abs(now - t) <= 4.0 * math.ulp(t)
+
+
+def exact_time(now: float, t: float) -> float:
+    """The planned time ``t`` where SimPy's clock ``now`` sits on it up to rounding, else ``now``: so
+    that step arithmetic, and paths that reached ``t`` by different delays, never depend on how SimPy
+    rounded."""
+    return t if on_time(now, t) else now
+
+
 def exact_delay(now: float, target: float) -> float:
     """A delay ``d`` with ``now + d == target`` in floating point (SimPy schedules at now + delay)."""
     d = target - now

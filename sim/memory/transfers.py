@@ -12,13 +12,12 @@ time.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import simpy
 
-from sim.clock import exact_delay
+from sim.clock import exact_delay, exact_time
 from sim.hardware.links import Channel
 
 LINK_NAMES = ("pcie_h2d", "pcie_d2h", "nvme_read", "nvme_write", "net_read", "net_write")
@@ -51,13 +50,6 @@ class TransferLog:
             return pa.Table.from_pandas(self.frame(), preserve_index=False)
         typed = {"replica": pa.int16(), "request": pa.int64(), "bytes": pa.int64()}
         return pa.table({c: pa.nulls(0, typed.get(c, pa.null())) for c in self.COLUMNS})
-
-
-def _exact(now: float, end: float) -> float:
-    """A copy's landing time: its computed end, where SimPy's clock sits within a few ulps of it (no
-    delay made now + d land on it exactly), so that paths that reached the start by different delays
-    land alike; SimPy's clock otherwise."""
-    return end if abs(now - end) <= 4.0 * math.ulp(end) else now
 
 
 class Transfers:
@@ -117,11 +109,11 @@ class Transfers:
         for channel, name in hops:
             end = yield from self._hop(channel, name, nbytes, what, request, now)
             now = None
-        done(_exact(self.env.now, end))
+        done(exact_time(self.env.now, end))
 
     def _move(self, channel: Channel, name: str, nbytes: int, done, what: str, request: int):
         end = yield from self._hop(channel, name, nbytes, what, request)
-        done(_exact(self.env.now, end))
+        done(exact_time(self.env.now, end))
 
     def _hop(self, channel: Channel, name: str, nbytes: int, what: str, request: int, now: float | None = None):
         env = self.env

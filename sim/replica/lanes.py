@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policies.base import StepOutcome
-from sim.clock import exact_delay, woken_or_at
+from sim.clock import exact_delay, exact_time, on_time, woken_or_at
 from sim.errors import PolicyAnswerError
 from sim.replica.step import log_step
 from sim.replica.views import LaneView
@@ -264,9 +264,7 @@ class DecoupledLanes:
     def clock(self, lane: Lane) -> float:
         """The lane's time: the exact end of its last step when it has just finished one, else SimPy's
         (as ``Replica.clock``)."""
-        now = self.env.now
-        t = lane.t_end
-        return t if abs(now - t) <= 4.0 * math.ulp(t) else now
+        return exact_time(self.env.now, lane.t_end)
 
     def notify(self) -> None:
         for lane in self.lanes:
@@ -280,7 +278,7 @@ class DecoupledLanes:
         lane.wake = env.event()
         yield from woken_or_at(env, lane.wake, t)
         lane.wake = None
-        if t < math.inf and abs(env.now - t) <= 4.0 * math.ulp(t):
+        if t < math.inf and on_time(env.now, t):
             lane.t_end = t      # the arrival's exact time (as ``Replica._wait``): SimPy's can be an ulp off
 
     def _plan(self, lane: int, now: float):

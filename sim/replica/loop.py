@@ -33,7 +33,7 @@ import numpy as np
 import simpy
 
 from policies.base import RequestState, StepOutcome, StepPlan
-from sim.clock import exact_delay, woken_or_at
+from sim.clock import exact_delay, exact_time, on_time, woken_or_at
 from sim.errors import PolicyAnswerError
 from sim.memory.tiers import TieredKV
 from sim.memory.transfers import Transfers
@@ -210,7 +210,7 @@ class Replica:
         self._wake = env.event()
         yield from woken_or_at(env, self._wake, t)
         self._wake = None
-        if t < math.inf and abs(env.now - t) <= 4.0 * math.ulp(t):
+        if t < math.inf and on_time(env.now, t):
             self.t_end = t
 
     def clock(self) -> float:
@@ -218,9 +218,7 @@ class Replica:
         arrival time it slept until (SimPy's clock can sit one ulp off either: for some pairs no delay d
         makes now + d round to the planned time), otherwise SimPy's. Step arithmetic thus never depends
         on how SimPy rounded."""
-        now = self.env.now
-        t = self.t_end
-        return t if abs(now - t) <= 4.0 * math.ulp(t) else now
+        return exact_time(self.env.now, self.t_end)
 
     def unblock(self, now: float) -> None:
         """The scheduler planned nothing although work is queued and nothing is in flight: if the
