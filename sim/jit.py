@@ -26,36 +26,22 @@ if "numba.np.arraymath" not in sys.modules and _BLAS not in sys.modules:
         del sys.modules[_BLAS]
 
 
-
-# np.searchsorted for the compiled hot paths. Numba's own overload (NaN-aware comparisons, every dtype,
-# both sides) is slow to compile, and each distinct use compiles it again on a first run; these take a
-# sorted array without NaN and a non-NaN value, and return what np.searchsorted does for them.
+# np.searchsorted for the compiled hot paths. Numba's own overload (NaN-aware comparisons, every dtype)
+# is slow to compile, and each distinct use compiles it again on a first run; this takes a sorted array
+# without NaN and a non-NaN value, and returns what np.searchsorted does for them.
 @numba.njit(cache=True, nogil=True)
-def searchsorted_left(a, x):
-    """``np.searchsorted(a, x)``: the number of elements of ``a`` less than ``x``."""
+def searchsorted(a, x, right=False):
+    """``np.searchsorted(a, x, side="right" if right else "left")``: the number of elements of ``a``
+    less than ``x`` (at most ``x`` with ``right``)."""
     lo = 0
     hi = a.shape[0]
     while lo < hi:
         mid = (lo + hi) >> 1
-        if a[mid] < x:
+        if a[mid] < x or (right and a[mid] == x):
             lo = mid + 1
         else:
             hi = mid
     return lo
 
 
-@numba.njit(cache=True, nogil=True)
-def searchsorted_right(a, x):
-    """``np.searchsorted(a, x, side="right")``: the number of elements of ``a`` at most ``x``."""
-    lo = 0
-    hi = a.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] <= x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-__all__ = ["searchsorted_left", "searchsorted_right", "numba"]
+__all__ = ["numba", "searchsorted"]

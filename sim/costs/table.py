@@ -35,7 +35,7 @@ from sim.costs.backend import BackendBase, stretch
 from sim.costs.model import OpDef, StepShape, TransformerOps, parse_key
 from sim.costs.roofline import RooflineBackend
 from sim.errors import CostTableError
-from sim.jit import numba, searchsorted_left, searchsorted_right
+from sim.jit import numba, searchsorted
 from sim.specs import GPUSpec
 
 TABLE_FORMAT = "tiersim-cost-table/1"
@@ -353,7 +353,7 @@ def _interp1(x, xp, fp):
         return fp[0]
     if x >= xp[n - 1]:
         return fp[n - 1]
-    j = searchsorted_right(xp, x) - 1
+    j = searchsorted(xp, x, True) - 1
     if xp[j] == x:
         return fp[j]
     slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j])
@@ -400,7 +400,7 @@ def _decode_eval(batches, row_ptr, xs, ts, slopes, per_xy, batch, ctx_sums):
                 out[i] = out[i] + per * extra * ctx_mean[i]
             n_ext = n
         return out, n_ext
-    hi = searchsorted_left(batches, batch)
+    hi = searchsorted(batches, batch)
     a, b = row_ptr[hi], row_ptr[hi + 1]
     if batches[hi] == batch:
         n_ext = _row_eval(xs[a:b], ts[a:b], slopes[hi], ctx_mean, out)
@@ -523,7 +523,7 @@ def _prefill_eval(cs, ptr, lq, lt, eff_lq, eff_tab, q, c):
             t, e = _prefill_row(lq[ptr[0]:ptr[1]], lt[ptr[0]:ptr[1]], qi)
             e = e or (nc == 1 and ci > cs[0])
         else:
-            hi = searchsorted_left(cs, ci)
+            hi = searchsorted(cs, ci)
             if hi >= nc:
                 t1, e1 = _prefill_row(lq[ptr[nc - 2]:ptr[nc - 1]], lt[ptr[nc - 2]:ptr[nc - 1]], qi)
                 t2, e2 = _prefill_row(lq[ptr[nc - 1]:ptr[nc]], lt[ptr[nc - 1]:ptr[nc]], qi)
@@ -1198,11 +1198,15 @@ class TableBackend(BackendBase):
             return None
         out, n_ext = _decode_linear(*self.decode._flat, float(batch), ctx0, step, k, weight, base)
         if n_ext:
-            lo, hi = (ctx0, ctx0 + step * (k - 1)) if step >= 0 else (ctx0 + step * (k - 1), ctx0)
-            self._note("attn_decode", n_ext,
-                       max(float(hi) / batch / self._dec_ctx_max, batch * 1.0 / self._dec_batch_max),
-                       min(float(lo) / batch / self._dec_ctx_min, batch * 1.0))
+            ends = (ctx0, ctx0 + step * (k - 1))
+            self._note_decode(n_ext, batch, 1.0, float(max(ends)), float(min(ends)))
         return out
+
+    def _note_decode(self, n_ext: int, batch: int, r: float, ctx_max: float, ctx_min: float) -> None:
+        """Decode attention looked up outside its grid ``n_ext`` times, at ``batch`` sequences (times
+        ``r``: see ``_dec_r``) whose context totals spanned ``ctx_min .. ctx_max``."""
+        self._note("attn_decode", n_ext, max(ctx_max / batch / self._dec_ctx_max, batch * r / self._dec_batch_max),
+                   min(ctx_min / batch / self._dec_ctx_min, batch * r))
 
     def decode_attention_times(self, batch: int, ctx_sums: np.ndarray, query_tokens: int = 1) -> np.ndarray:
         if self.decode is None:
@@ -1215,9 +1219,7 @@ class TableBackend(BackendBase):
             # under one sequence, one sequence over r times the context
             t, n_ext = self.decode.fast(max(batch * r, 1.0), np.asarray(ctx_sums, np.float64) * r)
         if n_ext:
-            self._note("attn_decode", n_ext, max(float(np.max(ctx_sums)) / batch / self._dec_ctx_max,
-                                                 batch * r / self._dec_batch_max),
-                       min(float(np.min(ctx_sums)) / batch / self._dec_ctx_min, batch * r))
+            self._note_decode(n_ext, batch, r, float(np.max(ctx_sums)), float(np.min(ctx_sums)))
         if query_tokens > 1:
             # The table holds one query per sequence; several (speculative verify) cost what the
             # roofline says they add on top of one, since the KV is read once either way.

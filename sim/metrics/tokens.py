@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from sim.jit import numba, searchsorted_right
+from sim.jit import numba, searchsorted
 from sim.metrics.step_log import Growable
 from sim.request import STEP_ID_BITS, Request
 
@@ -199,10 +199,10 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
                 gm = x
             hist[_bin(x)] += 1
             ssum += x
-            if x > gmax:
-                gmax = x
         out[i, 0] = c / m
         out[i, 3] = gm
+        if gm > gmax:
+            gmax = gm
         out[i, 1] = _percentile(g, 50.0)    # (reorders the request's gaps: after every in-order sum)
         out[i, 2] = _percentile(g, 99.0)
         total += m
@@ -220,7 +220,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
         r0 = int(math.floor(pos))
         lo_rank[k] = r0
         for r in (r0, min(r0 + 1, total - 1)):
-            want[searchsorted_right(cum, r)] = True
+            want[searchsorted(cum, r, True)] = True
     # second pass: collect the values in the wanted bins
     kept = 0
     for b in range(_NB):
@@ -244,7 +244,7 @@ def itl_statistics(seg_off, seg_cnt, seg_first, seg_last, seg_tokens, step_end, 
         got0 = np.nan
         got1 = np.nan
         for r, which in ((r0, 0), (r1, 1)):
-            b = searchsorted_right(cum, r)
+            b = searchsorted(cum, r, True)
             before = cum[b - 1] if b > 0 else 0
             # index of rank r among the collected values: values of lower wanted bins come first
             idx = 0

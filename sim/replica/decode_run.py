@@ -29,7 +29,7 @@ import simpy
 
 from policies.base import StepOutcome
 from sim.clock import exact_delay
-from sim.jit import numba, searchsorted_right
+from sim.jit import numba, searchsorted
 from sim.metrics import fill_run_rows
 from sim.request import unwrap
 
@@ -142,7 +142,7 @@ def run_ends(now, durations, t_next):
         ends[s] = t
     keep = K
     if t_next <= ends[K - 1]:
-        k_arr = searchsorted_right(ends, t_next) + 1
+        k_arr = searchsorted(ends, t_next, True) + 1
         if k_arr < K:
             keep = k_arr
     return ends, keep

@@ -235,3 +235,16 @@ def test_the_cuda_graph_policy_offers_the_linear_pass_and_the_table_backend_take
     d_slow = StepCostModel(ops, table, slower).dense_decode_run(8, 8000, 5)[0]
     assert np.allclose(d_slow, 1.1 * StepCostModel(ops, table, graph).dense_decode_run(8, 8000, 5)[0], rtol=1e-12)
     assert table.for_share(0.5).decode_linear_run(8, 8000, 8, 5, terms[0][1], base) is None
+
+
+@given(a=st.lists(st.sampled_from([0.0, 1.0, 2.5, 7.0]) | st.floats(-1e6, 1e6), min_size=1, max_size=40),
+       x=st.sampled_from([0.0, 1.0, 2.5, 7.0]) | st.floats(-2e6, 2e6))
+def test_compiled_searchsorted_answers_numpys(a, x):
+    """The bisection the compiled paths use in place of Numba's ``np.searchsorted`` (ties included)."""
+    from sim.jit import searchsorted
+
+    s = np.sort(np.array(a))
+    assert searchsorted(s, x) == np.searchsorted(s, x)
+    assert searchsorted(s, x, True) == np.searchsorted(s, x, side="right")
+    c = np.cumsum(np.abs(s).astype(np.int64) % 3)       # the ITL pass's cumulative histogram counts
+    assert searchsorted(c, int(x) % 50, True) == np.searchsorted(c, int(x) % 50, side="right")
