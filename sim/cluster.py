@@ -125,6 +125,8 @@ class Cluster:
                                      block_size=rc.block_size_tokens, bytes_per_block=sim.host_bytes_per_block,
                                      eviction=sim.build_policy("eviction", -1, tier=3))
         futures = self._futures(sim) if sim.eviction_needs_future else None
+        if futures is not None:     # the future is the whole cluster's: runs elsewhere catch up before it moves
+            futures.before_admit = self._sync_all
         decoupled = rc.lanes == "decoupled"
         lanes = (dict(mode=rc.lanes_partition, fraction=rc.prefill_sm_fraction, itl_slo_s=rc.lanes_itl_slo_s)
                  if decoupled else None)
@@ -198,6 +200,11 @@ class Cluster:
             for r in self.replicas:
                 r.handoffs = self.handoffs
         self.num_arrived = 0
+
+    def _sync_all(self, now: float) -> None:
+        """Bring every replica's decode run in progress up to ``now``."""
+        for r in self.replicas:
+            r.sync(now)
 
     def _futures(self, sim: Simulation) -> FutureUses:
         """Every request's prefix keys, computed offline, for an eviction policy that needs the trace's

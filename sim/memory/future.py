@@ -84,12 +84,17 @@ class FutureUses:
         self.ht, self.bits = new_table(uniq.shape[0])
         _build_table(uniq, self.ht, self.bits)
         self.admitted = np.zeros(n, dtype=np.bool_)
+        self.before_admit = None
         self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
         self.num_keys = int(uniq.shape[0])
         self._block_ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def admit(self, idx: int) -> None:
-        """Request ``idx`` has been admitted: its keys' next uses move past it."""
+    def admit(self, idx: int, now: float) -> None:
+        """Request ``idx`` has been admitted at ``now``: its keys' next uses move past it. Every other
+        replica's decode run first catches up to ``now`` (``before_admit``, set by the cluster): the
+        allocations of its steps started by then chose their victims by the next uses before this one."""
+        if self.before_admit is not None:
+            self.before_admit(now)
         self.admitted[idx] = True
 
     def next_use_s(self, keys: np.ndarray) -> np.ndarray:

@@ -566,7 +566,7 @@ class TieredKV:
         self._lookups.pop(req.idx, None)
         self._decisions.pop(req.idx, None)
         if self.futures is not None:
-            self.futures.admit(req.idx)
+            self.futures.admit(req.idx, now)
         held = self._holds.pop(req.idx, None)
         served = None          # the tier each hit block came from (prefetched ones: their source)
         if not hit:

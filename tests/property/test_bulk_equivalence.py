@@ -189,6 +189,31 @@ def test_decode_runs_equal_single_stepping_in_a_disaggregated_cluster(trace, sch
                        "replica.prefix_caching": prefix}, trace)
 
 
+def test_belady_on_two_replicas_sees_the_other_replicas_admissions_in_order():
+    """Found by the suite under a newer Hypothesis: Belady ranks blocks by the next use of their
+    prefix after the requests admitted so far, cluster-wide. One replica admitted a request while the
+    other was in a decode run whose allocations were not yet made; made later, they ranked victims
+    with that admission already counted and chose other blocks than single stepping. An admission now
+    first brings every replica's run up to its time."""
+    from tests.conftest import make_trace
+
+    vals = [10000, 10100, 10200, 10300, 10400, 10500, 10600, 10700, 10701, 10702, 10703, 10704, 10705, 10800,
+            10900, 11000, 11100, 11200, 1000, 1001, 1002, 1003, 11400, 11500, 11600, 11700, 11800, 11900, 11901,
+            11902, 11903, 1000, 1001, 1002, 12000, 12001, 12002]
+    off = [0, 1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 16, 17, 18, 22, 23, 24, 25, 26, 27, 31, 37]
+    trace = make_trace([0.0] * 15 + [0.32576264] * 5 + [0.52159948],
+                       [1, 1, 1, 1, 1, 1, 1, 380, 1, 1, 1, 1, 1, 240, 1, 1, 1, 1, 1, 213, 374],
+                       [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 47, 75, 76, 26, 78, 23, 55, 67, 63, 18],
+                       hashes=[vals[off[i]:off[i + 1]] for i in range(len(off) - 1)], hash_block_tokens=64)
+    assert_equivalent({"policies.scheduling.name": "chunked-prefill", "policies.execution.name": "cuda-graph",
+                       "policies.execution.capture_sizes": "vllm", "policies.execution.host_step_s": 0.003,
+                       "policies.execution.host_per_seq_s": 0.0001, "policies.execution.host_overlap": True,
+                       "replica.preemption_mode": "recompute", "replica.num_hbm_blocks": 47,
+                       "cluster.num_replicas": 2, "replica.prefix_caching": True,
+                       "policies.scheduling.admission": "chunk", "policies.eviction.name": "belady",
+                       **tier_overrides("hbm", "inclusive", "when-faster", "config")}, trace)
+
+
 def test_a_hand_off_sent_at_a_decode_run_s_end_is_timed_from_that_end():
     """Found by the thorough Hypothesis profile: a backpressured hand-off sent when a decode run ends
     started its copy at SimPy's clock, one ulp past the run's exact end (the sender's clock is not at a
