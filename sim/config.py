@@ -524,6 +524,18 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> SimConfig:
     return SimConfig(**kwargs)
 
 
+def from_file_data(data: Mapping[str, Any], path: str | Path) -> SimConfig:
+    """:func:`from_dict` for data read from the file ``path``: an error names the file before the key,
+    so a user with several config files knows which one to fix."""
+    try:
+        return from_dict(data, str(path))
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith(f"{path}:"):
+            raise
+        raise type(exc)(f"{path}: {msg}") from None
+
+
 def load_config(path: str | Path) -> SimConfig:
     """Read and validate a TOML config file (UTF-8; a BOM and CRLF line endings are accepted)."""
     path = Path(path)
@@ -550,7 +562,7 @@ def load_config(path: str | Path) -> SimConfig:
     if isinstance(plugins, list):   # a plugin file is found relative to the config file that names it
         data["plugins"] = [str((path.parent / p).resolve()) if isinstance(p, str) and p.endswith(".py")
                            and not Path(p).is_absolute() and (path.parent / p).is_file() else p for p in plugins]
-    return from_dict(data, str(path))
+    return from_file_data(data, path)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from sim.config import SimConfig, from_dict
+from sim.config import SimConfig, from_file_data
 from sim.errors import ConfigError
 from sim.specs import PRESET_DIR
 
@@ -51,4 +51,4 @@ def load_scenario(name_or_path: str) -> Scenario:
     unknown = sorted(set(meta) - {"measures"})
     if unknown:
         raise ConfigError(f"{path}: preset.{unknown[0]}: unknown key (known: measures)")
-    return Scenario(path.stem, meta["measures"], path, from_dict(data, str(path)))
+    return Scenario(path.stem, meta["measures"], path, from_file_data(data, path))

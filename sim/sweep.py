@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from sim import results_io
-from sim.config import SimConfig, _dump_toml, from_dict, parse_override, with_overrides
+from sim.config import SimConfig, _dump_toml, from_dict, from_file_data, parse_override, with_overrides
 from sim.errors import ConfigError, TiersimError
 
 MAX_ATTEMPTS = 3
@@ -290,7 +290,8 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     if "config" in data and "base" in data:
         raise ConfigError(f"{path}: give config = FILE or a [base] table, not both")
     _check_types(path, data)
-    base = load_config(rel(data["config"])) if "config" in data else from_dict(data.get("base", {}), f"{path}: base")
+    base = load_config(rel(data["config"])) if "config" in data else \
+        from_file_data(data.get("base", {}), f"{path}: base")
     if data.get("set"):
         base = with_overrides(base, dict(_flatten(data["set"])))
     grid = {}

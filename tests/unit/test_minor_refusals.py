@@ -60,6 +60,29 @@ def test_an_empty_output_dir_is_refused_and_the_default_is_kept(tmp_path, capsys
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"[output]\ndir = {value}\n")
     rc, _, err_text = run_cli(capsys, "run", "--config", str(cfg))
-    assert rc == 2 and err_text == f"tiersim: error: {needle}\n"
+    assert rc == 2 and err_text == f"tiersim: error: {cfg}: {needle}\n"
     assert SimConfig().output.dir == "tiersim-results"
     assert with_overrides(SimConfig(), ['output.dir="elsewhere"']).output.dir == "elsewhere"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[replica]\nnum_blockz = 5\n", "replica.num_blockz: unknown key"),
+    ("[replica]\ndram_kv_bytes = \"abc\"\n", "replica.dram_kv_bytes: expected int"),
+], ids=["unknown-key", "wrong-type"])
+def test_a_config_file_error_names_the_file_then_the_key(tmp_path, capsys, text, key):
+    # with a base config, a sweep file and --set in one command, the key alone does not say which to fix
+    path = tmp_path / "base.toml"
+    path.write_text(text)
+    rc, out, err = run_cli(capsys, "run", "--config", str(path), "--out", str(tmp_path / "out"))
+    assert rc == 2 and not (tmp_path / "out").exists()
+    assert err.startswith(f"tiersim: error: {path}: {key}")
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(text.replace("[", "[base.", 1) + '[grid]\n"replica.block_size_tokens" = [16, 32]\n')
+    rc, out, err = run_cli(capsys, "sweep", str(sweep), "--out", str(tmp_path / "sw"))
+    assert rc == 2 and err.startswith(f"tiersim: error: {sweep}: base: {key}")
+
+
+def test_an_override_error_still_names_only_the_key():
+    with pytest.raises(ConfigError) as err:
+        with_overrides(SimConfig(), ["replica.dram_kv_bytes=abc"])
+    assert str(err.value).startswith("replica.dram_kv_bytes: expected int")
