@@ -569,7 +569,8 @@ def cmd_sweep(args) -> int:
     from sim.sweep import SweepSpec, load_sweep_file, parse_axis, parse_distribution, run_sweep
 
     if args.file:
-        spec = load_sweep_file(args.file)
+        # --samples completes a file whose [random] axes have no samples key
+        spec = load_sweep_file(args.file, samples=args.samples if args.samples and args.samples > 0 else None)
         base = spec.base
     else:
         spec = SweepSpec()

@@ -262,10 +262,11 @@ def _toml_inline(v: Any) -> str:
     return json.dumps(str(v))
 
 
-def load_sweep_file(path: str | Path) -> SweepSpec:
+def load_sweep_file(path: str | Path, samples: int | None = None) -> SweepSpec:
     """A sweep TOML file: ``config`` (a base config file, relative to this file) or a ``[base]`` table,
     ``[set]`` overrides of the base, ``[grid]`` key = [values], ``[random]`` key = {uniform = [lo, hi]},
-    ``samples``, ``sample_seed`` and ``plugins`` (relative to this file)."""
+    ``samples``, ``sample_seed`` and ``plugins`` (relative to this file). ``samples`` (``--samples``)
+    replaces the file's."""
     import tomllib
 
     from sim.config import load_config
@@ -306,7 +307,11 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
         if p.endswith(".py") and not Path(p).is_file():
             raise ConfigError(f"{path}: plugins[{i}] = {p!r}: no such file (a relative path is read against the "
                               f"sweep file's folder, {here.resolve()}, then the current directory)")
-    return SweepSpec(base=base, grid=grid, random=dict(data.get("random", {})), samples=int(data.get("samples", 0)),
+    if samples is None:
+        samples = int(data.get("samples", 0))
+    if data.get("random") and samples < 1:
+        raise ConfigError(f"{path}: [random] axes need draws: add samples = N (>= 1) to the file or give --samples N")
+    return SweepSpec(base=base, grid=grid, random=dict(data.get("random", {})), samples=samples,
                      points=points, sample_seed=int(data.get("sample_seed", 0)), plugins=plugins)
 
 

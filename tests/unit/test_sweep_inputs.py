@@ -122,3 +122,14 @@ def test_a_sample_without_a_distribution_and_an_empty_grid_axis_say_where(tmp_pa
     f.write_text('[grid]\n"trace.rate_scale" = []\n')
     with pytest.raises(ConfigError, match="s.toml: grid.trace.rate_scale: expected a list of values"):
         load_sweep_file(f)
+
+
+def test_samples_on_the_command_line_completes_a_file_with_random_axes_and_no_samples(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[random]\n"replica.num_hbm_blocks" = {int = [2000, 24000]}\n')
+    with pytest.raises(ConfigError, match=r"s.toml: \[random\] axes need draws: add samples = N .* --samples N"):
+        load_sweep_file(f)
+    spec = load_sweep_file(f, samples=3)
+    assert spec.samples == 3 and len(spec.draws()) == 3
+    f.write_text('samples = 5\n[random]\n"replica.num_hbm_blocks" = {int = [2000, 24000]}\n')
+    assert load_sweep_file(f).samples == 5 and load_sweep_file(f, samples=2).samples == 2   # the option wins
