@@ -577,6 +577,35 @@ class LaunchCosts:
     graph_gap_source: str = ""
 
 
+def _numpy_sum(x: list[float], lo: int = 0, n: int = -1) -> float:
+    """``float(np.sum(np.array(x)))`` for a list of floats, in NumPy's order (its pairwise summation of
+    a contiguous float64 array: eight running sums per block of up to 128, halves above that), so the
+    result is the same float."""
+    if n < 0:
+        n = len(x)
+        return 0.0 + _numpy_sum(x, 0, n)
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += x[i]
+        return res
+    if n <= 128:
+        r = x[lo:lo + 8]
+        i = lo + 8
+        end = lo + n - n % 8
+        while i < end:
+            for j in range(8):
+                r[j] += x[i + j]
+            i += 8
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        for i in range(end, lo + n):
+            res += x[i]
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _numpy_sum(x, lo, n2) + _numpy_sum(x, lo + n2, n - n2)
+
+
 class KernelSequence:
     """The kernels of one step, described per op and expanded to launch order on demand.
 
@@ -609,16 +638,26 @@ class KernelSequence:
         self.op_gpu_s, self.op_kernels, self.op_var = op_gpu_s, op_kernels, op_var
         self.op_host_s, self.op_repeat = op_host_s, op_repeat
         self.switch_s, self.lead_s = float(switch_s), float(lead_s)
-        runs = op_kernels > 0
-        calls = np.where(runs, op_repeat, 0)
-        self.num_kernels = int((op_kernels * calls).sum())
-        fixed = np.where(op_var < 0, op_gpu_s, 0.0)
-        self.total_gpu_s = float((calls * (fixed + op_kernels * switch_s)).sum())
-        self.var_weight = np.zeros(num_var)
-        for v in range(num_var):
-            self.var_weight[v] = float(calls[op_var == v].sum())
+        # The aggregates over a few dozen ops, in Python numbers: each NumPy call on arrays this small
+        # costs more than its arithmetic, and a step shape's first use builds one. Op i runs
+        # calls_i = repeat_i times when it has kernels; the GPU total adds calls_i x (fixed time + its
+        # kernels' switches) in NumPy's summation order (``_numpy_sum``), so it is the float
+        # ``(calls * (fixed + kernels * switch_s)).sum()`` gives.
+        sw = self.switch_s
+        num_kernels = 0
+        terms = []
+        weight = [0] * num_var
+        for k, r, v, g in zip(op_kernels.tolist(), op_repeat.tolist(), op_var.tolist(), op_gpu_s.tolist()):
+            c = r if k > 0 else 0
+            num_kernels += k * c
+            terms.append(c * ((g if v < 0 else 0.0) + k * sw))
+            if 0 <= v < num_var:
+                weight[v] += c
+        self.num_kernels = num_kernels
+        self.total_gpu_s = _numpy_sum(terms)
+        self.var_weight = np.array(weight, dtype=np.float64)
         # (variable op, weight) pairs with a nonzero weight, as Python numbers for per-step arithmetic
-        self.var_terms = tuple((v, float(w)) for v, w in enumerate(self.var_weight) if w)
+        self.var_terms = tuple((v, float(w)) for v, w in enumerate(weight) if w)
         self._arrays = None
 
     def _expand(self):

@@ -58,6 +58,7 @@ class StepCostModel:
         self._tail = list(range(last + 1, len(ops.ops)))
         self._var = {ops.index["attn_prefill"]: VAR_PREFILL, ops.index["attn_decode"]: VAR_DECODE}
         self._var_idx = np.array([self._var.get(i, -1) for i in range(len(ops.ops))], dtype=np.int64)
+        self._var_list = self._var_idx.tolist()
         self._subset = repeat
         if repeat is None:
             self._repeat = np.array([self.num_layers if op.per_layer else 1 for op in ops.ops], dtype=np.int64)
@@ -106,12 +107,15 @@ class StepCostModel:
         if seq is not None:
             return seq
         backend = self.backend
-        fixed = backend.fixed_times(tokens, sampled)
-        kernels = np.asarray(backend.kernel_counts(tokens, sampled, has_prefill, has_decode), dtype=np.int64)
+        fixed = np.asarray(backend.fixed_times(tokens, sampled), dtype=np.float64)
         # variable ops run only when their phase is in the step; fixed ops only when they take time
-        kernels = np.where(self._var_idx == VAR_PREFILL, kernels * has_prefill,
-                           np.where(self._var_idx == VAR_DECODE, kernels * has_decode,
-                                    np.where(fixed > 0, kernels, 0)))
+        # (Python numbers: a few dozen ops, where each NumPy call costs more than the arithmetic)
+        kernels = np.array([k * has_prefill if v == VAR_PREFILL else k * has_decode if v == VAR_DECODE
+                            else (k if t > 0 else 0)
+                            for k, v, t in zip(np.asarray(backend.kernel_counts(tokens, sampled, has_prefill,
+                                                                                  has_decode), dtype=np.int64
+                                                          ).tolist(), self._var_list, fixed.tolist())],
+                           dtype=np.int64)
         if self._runs is not None:
             kernels = kernels * self._runs
         seq = KernelSequence(op_gpu_s=fixed, op_kernels=kernels, op_var=self._var_idx,
@@ -136,7 +140,8 @@ class StepCostModel:
         nd = self._pad(num_decode, has_p) if num_decode else 0
         pad = (nd - num_decode) * decode_query_tokens
         dtok = own + pad
-        ptok = int(prefill_q.sum()) if has_p else 0
+        # (one chunk, the common case: an int, not a NumPy reduction, which costs more than the lookup)
+        ptok = (int(prefill_q[0]) if prefill_q.shape[0] == 1 else int(prefill_q.sum())) if has_p else 0
         tokens = ptok + dtok if has_p else dtok
         seq = self.sequence(tokens, num_sampled + pad, has_p, num_decode > 0, nd)
         pre = float(self.backend.prefill_attention_time(prefill_q, prefill_c)) if has_p else 0.0

@@ -248,3 +248,37 @@ def test_compiled_searchsorted_answers_numpys(a, x):
     assert searchsorted(s, x, True) == np.searchsorted(s, x, side="right")
     c = np.cumsum(np.abs(s).astype(np.int64) % 3)       # the ITL pass's cumulative histogram counts
     assert searchsorted(c, int(x) % 50, True) == np.searchsorted(c, int(x) % 50, side="right")
+
+
+@given(x=st.lists(st.floats(-1e12, 1e12) | st.sampled_from([0.0, -0.0, 1e-300, 3.0]), max_size=400))
+def test_the_python_sum_adds_in_numpys_order(x):
+    """``policies.base._numpy_sum`` gives the float ``np.sum`` does (its pairwise order), on both
+    sides of the 8-term and 128-term blocks."""
+    from policies.base import _numpy_sum
+
+    got = _numpy_sum(list(x))
+    want = float(np.sum(np.array(x, dtype=np.float64)))
+    assert got == want and np.signbit(got) == np.signbit(want)
+
+
+@given(n=st.integers(1, 60), data=st.data())
+def test_a_kernel_sequences_aggregates_are_the_numpy_formulas(n, data):
+    """KernelSequence's aggregates, computed in Python numbers, equal the array formulas they replace,
+    bit for bit (GPU total, kernel count, variable-op weights)."""
+    from policies.base import KernelSequence
+
+    ints = st.integers(0, 40)
+    gpu = np.array(data.draw(st.lists(st.floats(0, 1e-2) | st.just(0.0), min_size=n, max_size=n)))
+    kernels = np.array(data.draw(st.lists(ints, min_size=n, max_size=n)), dtype=np.int64)
+    var = np.array(data.draw(st.lists(st.sampled_from([-1, -1, -1, 0, 1]), min_size=n, max_size=n)), dtype=np.int64)
+    repeat = np.array(data.draw(st.lists(st.sampled_from([0, 1, 32, 80]), min_size=n, max_size=n)), dtype=np.int64)
+    switch = data.draw(st.floats(0, 1e-5))
+    seq = KernelSequence(op_gpu_s=gpu, op_kernels=kernels, op_var=var, op_host_s=np.zeros(n), op_repeat=repeat,
+                         switch_s=switch)
+    calls = np.where(kernels > 0, repeat, 0)
+    assert seq.num_kernels == int((kernels * calls).sum())
+    total = float((calls * (np.where(var < 0, gpu, 0.0) + kernels * switch)).sum())
+    assert seq.total_gpu_s == total
+    want = [float(calls[var == v].sum()) for v in range(2)]
+    assert seq.var_weight.tolist() == want and seq.var_weight.dtype == np.float64
+    assert seq.var_terms == tuple((v, w) for v, w in enumerate(want) if w)
