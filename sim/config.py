@@ -470,8 +470,12 @@ def _section(cls, data: Any, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key{did_you_mean(unknown[0], names)} (known keys of "
-                          f"[{where}]: {', '.join(names)})")
+        hint = did_you_mean(unknown[0], names)
+        # a close match is the answer; the whole list only when there is none (`tiersim config
+        # --defaults` prints every key with its default and meaning)
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key{hint}" + (
+            " (tiersim config --defaults lists every key)" if hint else
+            f" (known keys of [{where}]: {', '.join(names)})"))
     values = {k: _coerce(cls, f"{where}.{k}", k, v) for k, v in data.items()}
     return cls(**values)
 
