@@ -293,6 +293,28 @@ def _config_file(path: str, option: str = "--config"):
     return load_config(p)
 
 
+def _from_file(exc: ConfigError, path: str | None, overrides: list[str]) -> ConfigError:
+    """``exc``, raised while the run was built (a policy name, a model's context window), with the
+    config file's name in front when the key it names was set in that file and not by ``--set``."""
+    import re
+    import tomllib
+
+    msg = str(exc)
+    key = re.match(r"([A-Za-z_][\w-]*(?:\.[\w-]+)+)[:= ]", msg)
+    if path is None or key is None or msg.startswith(f"{path}:"):
+        return exc
+    parts = key.group(1).split(".")
+    if any(o.split("=", 1)[0].strip() == key.group(1) for o in overrides):
+        return exc
+    try:
+        node = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+        for part in parts:
+            node = node[part]
+    except (OSError, ValueError, KeyError, TypeError):
+        return exc
+    return type(exc)(f"{path}: {msg}")
+
+
 # ====================================================================== commands
 def cmd_run(args) -> int:
     from policies import registry
@@ -331,7 +353,10 @@ def cmd_run(args) -> int:
     option = "--out" if args.out else "output.dir"
     with _output_dir(Path(config.output.dir), option, args.force) as out, \
             (contextlib.nullcontext() if args.quiet or args.no_progress else RunProgress()) as progress:
-        sim = Simulation(config, progress=progress)
+        try:
+            sim = Simulation(config, progress=progress)
+        except ConfigError as exc:
+            raise _from_file(exc, args.config, overrides) from None
         results = sim.run()
     out = _write_results(results, out, option, config.to_toml())
     wall = time.perf_counter() - t0

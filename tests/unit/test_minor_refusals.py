@@ -86,3 +86,22 @@ def test_an_override_error_still_names_only_the_key():
     with pytest.raises(ConfigError) as err:
         with_overrides(SimConfig(), ["replica.dram_kv_bytes=abc"])
     assert str(err.value).startswith("replica.dram_kv_bytes: expected int")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[policies.scheduling]\nname = "fcfz"\n', "policies.scheduling.name: unknown scheduling policy 'fcfz'"),
+    ('[policies.scheduling]\nname = "fcfs"\nmax_num_seqz = 3\n', "policies.scheduling.max_num_seqz: unknown parameter"),
+    ("[replica]\nmax_model_len = 10000000\n", "replica.max_model_len=10000000 exceeds the context window"),
+], ids=["policy-name", "policy-parameter", "context-window"])
+def test_an_error_found_while_the_run_is_built_names_the_file_that_set_the_key(tmp_path, capsys, text, key):
+    # policy names and parameters are checked once the plugins are loaded, after the file was read
+    path = tmp_path / "base.toml"
+    path.write_text(text)
+    rc, _, err = run_cli(capsys, "run", "--config", str(path), "--out", str(tmp_path / "out"))
+    assert rc == 2 and not (tmp_path / "out").exists()
+    assert err.startswith(f"tiersim: error: {path}: {key}"), err
+    # the same key given by --set is the option's error, not the file's
+    name, value = ("policies.scheduling.name", '"fcfx"') if "fcfz" in text else ("trace.max_requests", "5")
+    rc, _, err = run_cli(capsys, "run", "--config", str(path), "--set", f"{name}={value}", "--out",
+                         str(tmp_path / "out"))
+    assert rc == 2 and err.startswith("tiersim: error: ") and (str(path) in err) == (name != "policies.scheduling.name")
